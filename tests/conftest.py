@@ -1,0 +1,24 @@
+"""Shared fixtures: where the real EM data lives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_data_root() -> Path | None:
+    """The real-data folder: ``$CEM_DATA`` if set, else ``<repo>/../shared/data``."""
+    candidate = Path(os.environ.get("CEM_DATA", REPO.parent / "shared" / "data"))
+    return candidate if candidate.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = find_data_root()
+    if root is None:
+        pytest.skip("real EM data not found: set CEM_DATA or place it at ../shared/data (see README)")
+    return root
