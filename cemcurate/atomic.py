@@ -1,0 +1,41 @@
+"""Atomic file output: write under a temporary name in the same folder, then rename.
+
+A crash or Ctrl-C while writing leaves the previous file (or nothing) in place, never a
+half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; on success rename it over ``path``.
+
+    Works for files and directories (e.g. a zarr store). On error the temporary is removed
+    and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():
+            # A directory cannot be replaced in one rename; move the old one aside first.
+            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
