@@ -1,0 +1,84 @@
+"""Command line of the curation stage: ``cemcurate build | export``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cemcurate.config import add_config_arguments, load_config
+
+DEFAULT_OUT = "cemcurate_out"
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from cemcurate.pipeline import BuildConfig, build
+    from cemcurate.sample import default_input
+
+    cfg = load_config(BuildConfig, args.config, vars(args))
+    raw = args.raw
+    if raw is None:
+        raw, sidecar = default_input()
+        if cfg.sources is None and sidecar is not None:
+            cfg.sources = str(sidecar)
+        print(f"no RAW folder given: using {raw}")
+    summary = build(raw, args.out, cfg, progress=not args.quiet)
+    print(f"{summary.n_sources} source(s) ({summary.reused} reused from an earlier run, {summary.skipped} file(s) skipped), "
+          f"{summary.n_raw} raw patches, {summary.n_kept} kept -> {summary.out_dir}")
+    print(f"report: {summary.out_dir / 'report.html'}")
+    if summary.failed:
+        print(f"{len(summary.failed)} source(s) failed:", file=sys.stderr)
+        for name, error in summary.failed.items():
+            print(f"  {name}: {error.splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cemcurate.export import export_patches
+
+    n = export_patches(args.out, args.dest, args.format)
+    print(f"wrote {n} patches to {args.dest}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from cemcurate.pipeline import BuildConfig
+
+    parser = argparse.ArgumentParser(prog="cemcurate", description="Curate EM images into a deduplicated, filtered patch dataset (CEM500K-style).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="read every EM file in RAW and write curated 224x224 patches to OUT",
+                       description="Read every EM file in RAW (tif/tiff, png, jpg, bmp, mrc/map/rec/st, nii/nii.gz, h5, zarr, avi/mp4), "
+                                   "convert to uint8, slice volumes, crop patches, remove near-duplicates and write the patch store, "
+                                   "manifest.parquet, sources.parquet and report.html to OUT. Re-running resumes.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("raw", nargs="?", type=Path, default=None,
+                   help="folder of EM files (or one file); default: $CEM_DATA, ../shared/data, else a small public sample downloaded once")
+    b.add_argument("out", nargs="?", type=Path, default=Path(DEFAULT_OUT), help="output folder")
+    b.add_argument("--config", type=Path, default=None, help="YAML file with build settings (keys as the flags below, with underscores); flags override it")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_arguments(b, BuildConfig)
+    b.set_defaults(func=_cmd_build)
+
+    e = sub.add_parser("export", help="write every kept patch as an image file (CEM500K-style folder)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("out", type=Path, help="a cemcurate build output folder")
+    e.add_argument("dest", type=Path, help="folder to write the images to")
+    e.add_argument("--format", choices=("tiff", "png"), default="tiff", help="image file format")
+    e.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:
+        print(f"cemcurate {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""``cemcurate build``: RAW files in, curated patch store + manifest out.
+
+Each source (a file, or a folder read as a stack) is processed on its own, in parallel:
+read -> standardise -> slice -> tile -> hash -> group near-duplicates -> write its shard
+and a *part* (its manifest rows and source-table rows) under ``OUT/parts``. A finished
+part is never redone unless its files or the settings that shape its patches change, so
+re-running the same command resumes, and files added to RAW are added. The merge step
+then assigns stable ``patch_id`` values and writes ``manifest.parquet``,
+``sources.parquet``, ``store.json`` and ``report.html``, each atomically.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from cemcurate.atomic import atomic_path
+from cemcurate.config import config_to_dict
+from cemcurate.io import ReadError, Volume, open_file, open_series
+from cemcurate.manifest import write_manifest
+from cemcurate.patches import crop_patches, tile_grid
+from cemcurate.slicing import iter_planes, planes_for_spacing
+from cemcurate.sources import SourceSpec, discover_sources
+from cemcurate.standardize import IntensityWindow, compute_window, sample_slice_indices
+from cemcurate.store import ShardWriter, open_shard, write_store_info
+
+PART_FORMAT = 1
+
+
+@dataclass
+class BuildConfig:
+    """Settings of ``cemcurate build``; the defaults are the CEM500K paper's."""
+
+    patch_size: int = field(default=224, metadata={"help": "edge of the square patches in pixels"})
+    min_edge: int = field(default=112, metadata={"help": "an edge crop is kept only if both its sides are at least this many pixels (it is then resized to patch-size)"})
+    low_percentile: float = field(default=0.1, metadata={"help": "percentile mapped to 0 when converting non-uint8 data to uint8"})
+    high_percentile: float = field(default=99.9, metadata={"help": "percentile mapped to 255 when converting non-uint8 data to uint8"})
+    window_sample_slices: int = field(default=32, metadata={"help": "number of z slices, spread over the volume, sampled to compute the intensity window"})
+    isotropy_tolerance: float = field(default=0.2, metadata={"help": "cut xz and yz planes too when |z - xy| / xy spacing is at most this (0.2 = within 20%%)"})
+    dedup: bool = field(default=True, metadata={"help": "remove near-duplicate patches (difference hash + greedy grouping)"})
+    dedup_scope: str = field(default="source", metadata={"help": "'source': group near-duplicates inside each source (the paper); 'corpus': also across sources"})
+    max_hamming: int = field(default=11, metadata={"help": "patches whose 64-bit dHashes differ in at most this many bits are near-duplicates (inclusive: 11 is the paper's '< 12'; the released CEM500K code used <= 12)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random order in which near-duplicate groups pick their exemplar"})
+    workers: int = field(default=0, metadata={"help": "sources processed in parallel (0 = all CPU cores)"})
+    sources: str | None = field(default=None, metadata={"help": "sidecar YAML with per-source options (default: RAW/cemcurate.yaml if present)", "metavar": "FILE"})
+    montage_patches: int = field(default=48, metadata={"help": "random kept patches shown in report.html"})
+
+    def __post_init__(self) -> None:
+        if self.patch_size < 16:
+            raise ValueError(f"patch_size must be at least 16, got {self.patch_size}")
+        if not 1 <= self.min_edge <= self.patch_size:
+            raise ValueError(f"min_edge must be between 1 and patch_size ({self.patch_size}), got {self.min_edge}")
+        if not 0 <= self.low_percentile < self.high_percentile <= 100:
+            raise ValueError(f"need 0 <= low_percentile < high_percentile <= 100, got {self.low_percentile}, {self.high_percentile}")
+        if self.dedup_scope not in ("source", "corpus"):
+            raise ValueError(f"dedup_scope must be 'source' or 'corpus', got {self.dedup_scope!r}")
+        if not 0 <= self.max_hamming <= 64:
+            raise ValueError(f"max_hamming must be between 0 and 64, got {self.max_hamming}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.window_sample_slices < 1:
+            raise ValueError(f"window_sample_slices must be >= 1, got {self.window_sample_slices}")
+
+    def patch_settings(self) -> dict:
+        """The settings that change which pixels a source's part holds."""
+        keys = ("patch_size", "min_edge", "low_percentile", "high_percentile", "window_sample_slices",
+                "isotropy_tolerance", "dedup", "max_hamming", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class BuildSummary:
+    """What a build did: counts and the sources that failed (name -> error)."""
+
+    out_dir: Path
+    n_sources: int
+    n_raw: int
+    n_kept: int
+    failed: dict[str, str]
+    skipped: int
+    reused: int
+
+
+# ----------------------------------------------------------------------------- reading
+
+def open_volumes(spec: SourceSpec) -> list[Volume]:
+    """Open the volume(s) of one source, with the sidecar's voxel size applied."""
+    volumes = [open_series(spec.files)] if spec.options.stack else open_file(spec.files[0], dataset=spec.options.dataset)
+    if spec.options.voxel_size is not None:
+        for vol in volumes:
+            vol.voxel_size, vol.voxel_size_from = spec.options.voxel_size, "sidecar"
+    return volumes
+
+
+def volume_window(vol: Volume, cfg: BuildConfig, invert: bool) -> IntensityWindow:
+    """The uint8 mapping of a volume, from evenly spread sample slices (subsampled in-plane)."""
+    if vol.dtype == np.uint8:
+        return IntensityWindow(None, None, invert)
+    # Every k-th pixel of up to N slices: ~1e6 values are plenty for 0.1/99.9 percentiles.
+    indices = sample_slice_indices(vol.shape[0], cfg.window_sample_slices)
+    step = max(1, int(np.sqrt(vol.shape[1] * vol.shape[2] * len(indices) / 2e6)))
+    sample = np.concatenate([vol.read_slices(int(z), int(z) + 1)[0, ::step, ::step].ravel() for z in indices])
+    return compute_window(sample, cfg.low_percentile, cfg.high_percentile, invert)
+
+
+def iter_standard_planes(vol: Volume, window: IntensityWindow, planes: tuple[str, ...],
+                         scratch: Path) -> Iterator[tuple[str, int, np.ndarray]]:
+    """Yield ``(plane, slice_index, uint8 image)`` for every cross-section to tile.
+
+    xy-only volumes are streamed a slab at a time. Volumes cut in three planes are first
+    standardised into a uint8 memory map at ``scratch`` (removed afterwards), from which
+    xz and yz sections are read in bounded blocks.
+    """
+    z, y, x = vol.shape
+    slab = max(1, (64 << 20) // max(1, y * x * vol.dtype.itemsize))
+    if planes == ("xy",):
+        for z0 in range(0, z, slab):
+            block = window.apply(vol.read_slices(z0, min(z, z0 + slab)))
+            for k in range(block.shape[0]):
+                yield "xy", z0 + k, block[k]
+        return
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        std = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(z, y, x))
+        for z0 in range(0, z, slab):
+            std[z0:z0 + slab] = window.apply(vol.read_slices(z0, min(z, z0 + slab)))
+        std.flush()
+        del std
+        std = np.load(scratch, mmap_mode="r")
+        for plane in planes:
+            for index, image in iter_planes(std, plane):
+                yield plane, index, image
+        del std
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- one source
+
+def _fingerprint(spec: SourceSpec, cfg: BuildConfig) -> str:
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else (f.name, 0, 0) for f in spec.files]
+    blob = json.dumps([spec.name, files, dataclasses.asdict(spec.options), cfg.patch_settings()], default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def _part_paths(out_dir: Path, key: str) -> tuple[Path, Path]:
+    return out_dir / "parts" / f"{key}.json", out_dir / "parts" / f"{key}.parquet"
+
+
+def _source_row(spec: SourceSpec, name: str, **values) -> dict:
+    row = {"source": name, "files": json.dumps([str(p) for p in spec.files]) if len(spec.files) > 1 else str(spec.files[0]),
+           "reader": "", "shape": "", "dtype": "", "voxel_size": "", "voxel_size_from": "", "planes": "",
+           "window_low": np.nan, "window_high": np.nan, "invert": spec.options.invert,
+           "n_raw": 0, "n_unique": 0, "status": "ok", "error": "", "notes": ""}
+    row.update(values)
+    return row
+
+
+def _process_volume(vol: Volume, name: str, shard_name: str, spec: SourceSpec, cfg: BuildConfig,
+                    raw_rel: str, out_dir: Path) -> tuple[dict, pd.DataFrame]:
+    """Cut, hash and deduplicate one volume; write its shard; return its source row and manifest rows."""
+    from cemcurate.dedup import group_near_duplicates
+    from cemcurate.dhash import dhash64, dhash_hex
+
+    notes = list(vol.notes)
+    planes, note = planes_for_spacing(vol.voxel_size, vol.shape[0], cfg.isotropy_tolerance, vol.xy_only)
+    if note:
+        notes.append(note)
+    window = volume_window(vol, cfg, spec.options.invert)
+    work = out_dir / "parts" / "work"
+    all_path = work / f"{shard_name}.all.u8"
+    rows: list[np.ndarray] = []
+    meta: list[tuple[str, int]] = []
+    hashes: list[np.ndarray] = []
+    sums: list[np.ndarray] = []
+    with ShardWriter(all_path, cfg.patch_size) as writer:
+        for plane, index, image in iter_standard_planes(vol, window, planes, work / f"{shard_name}.std.npy"):
+            grid = tile_grid(*image.shape, cfg.patch_size, cfg.min_edge)
+            if len(grid) == 0:
+                continue
+            patches = crop_patches(image, grid, cfg.patch_size)
+            writer.append(patches)
+            rows.append(grid)
+            meta.append((plane, index, len(grid)))
+            hashes.append(dhash64(patches))
+            flat = patches.reshape(len(patches), -1).astype(np.float64) / 255.0
+            sums.append(np.stack([flat.mean(1), flat.std(1)], 1))
+    n = writer.count
+    if n == 0:
+        all_path.unlink(missing_ok=True)
+        if min(vol.shape[1:]) < cfg.min_edge:
+            notes.append(f"slices of {vol.shape[1]}x{vol.shape[2]} px are smaller than min-edge {cfg.min_edge}: no patches")
+    grid = np.concatenate(rows) if rows else np.zeros((0, 4), np.int64)
+    hash_arr = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    stats = np.concatenate(sums) if sums else np.zeros((0, 2))
+    exemplar = (group_near_duplicates(hash_arr, cfg.max_hamming, seed=cfg.seed)
+                if cfg.dedup and n else np.arange(n, dtype=np.int64))
+    unique = exemplar == np.arange(n)
+    shard_row = np.full(n, -1, np.int64)
+    if n:
+        shard_path = out_dir / "store" / f"{shard_name}.u8"
+        if unique.all():
+            os.replace(all_path, shard_path)
+            shard_row[:] = np.arange(n)
+        else:
+            source_patches = open_shard(all_path, cfg.patch_size)
+            with ShardWriter(shard_path, cfg.patch_size) as final:
+                keep = np.flatnonzero(unique)
+                for start in range(0, len(keep), 4096):
+                    chunk = keep[start:start + 4096]
+                    shard_row[chunk] = final.append(np.asarray(source_patches[chunk]))
+            del source_patches
+            all_path.unlink()
+    manifest = pd.DataFrame({
+        "local_id": np.arange(n, dtype=np.int64),
+        "source": name, "file": raw_rel,
+        "plane": np.repeat([m[0] for m in meta], [m[2] for m in meta]).astype(object) if meta else np.array([], object),
+        "slice": np.repeat([m[1] for m in meta], [m[2] for m in meta]).astype(np.int64) if meta else np.array([], np.int64),
+        "y": grid[:, 0], "x": grid[:, 1], "h": grid[:, 2], "w": grid[:, 3],
+        "shard": shard_name, "shard_row": shard_row,
+        "dhash": dhash_hex(hash_arr) if n else [],
+        "group_local": exemplar, "duplicate": ~unique,
+        "pixel_mean": stats[:, 0].astype(np.float32), "pixel_std": stats[:, 1].astype(np.float32),
+    })
+    row = _source_row(
+        spec, name, reader=vol.reader, shape=str(tuple(vol.shape)), dtype=str(vol.dtype),
+        voxel_size=str(tuple(vol.voxel_size)) if vol.voxel_size else "", voxel_size_from=vol.voxel_size_from,
+        planes=",".join(planes), window_low=np.nan if window.low is None else window.low,
+        window_high=np.nan if window.high is None else window.high, n_raw=n, n_unique=int(unique.sum()),
+        notes="; ".join(notes))
+    return row, manifest
+
+
+def process_source(spec: SourceSpec, cfg: BuildConfig, out_dir: str | Path, raw: str | Path) -> dict:
+    """Process one source and write its part; return the part record (also on failure).
+
+    Errors in reading or processing are caught and recorded with the file name so that a
+    single bad file never stops the build.
+    """
+    out_dir, raw = Path(out_dir), Path(raw)
+    record = {"format": PART_FORMAT, "key": spec.key, "name": spec.name,
+              "fingerprint": _fingerprint(spec, cfg), "status": "ok", "sources": []}
+    json_path, parquet_path = _part_paths(out_dir, spec.key)
+    raw_rel = spec.name
+    try:
+        volumes = open_volumes(spec)
+        frames = []
+        for i, vol in enumerate(volumes):
+            name = spec.name if len(volumes) == 1 else f"{spec.name}:{vol.dataset or i}"
+            row, manifest = _process_volume(vol, name, f"{spec.key}-{i}", spec, cfg, raw_rel, out_dir)
+            record["sources"].append(row)
+            frames.append(manifest)
+        part = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        part["local_id"] = np.arange(len(part), dtype=np.int64)
+        if spec.options.stack and len(part):
+            # xy patches of a stack come from one file each: name it, not just the folder.
+            rel = np.array([f.relative_to(raw).as_posix() if f.is_relative_to(raw) else f.name for f in spec.files], object)
+            xy = (part["plane"] == "xy").to_numpy()
+            files = part["file"].to_numpy(object).copy()
+            files[xy] = rel[part["slice"].to_numpy()[xy]]
+            part["file"] = files
+        with atomic_path(parquet_path) as tmp:
+            part.to_parquet(tmp, index=False)
+    except Exception as exc:  # one bad source must not stop the build
+        message = str(exc) if isinstance(exc, (ReadError, ValueError)) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, (ReadError, ValueError)):
+            message += "\n" + traceback.format_exc(limit=3)
+        if spec.name not in message and str(spec.files[0]) not in message:
+            message = f"{spec.name}: {message}"
+        record["status"] = "failed"
+        record["sources"] = [_source_row(spec, spec.name, status="failed", error=message)]
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(record, default=str))
+    return record
+
+
+def _load_part(out_dir: Path, spec: SourceSpec, cfg: BuildConfig) -> dict | None:
+    """A finished, successful part of ``spec`` made with the same files and settings, else None."""
+    json_path, parquet_path = _part_paths(out_dir, spec.key)
+    if not (json_path.is_file() and parquet_path.is_file()):
+        return None
+    try:
+        record = json.loads(json_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("format") != PART_FORMAT or record.get("status") != "ok":
+        return None
+    if record.get("fingerprint") != _fingerprint(spec, cfg):
+        return None
+    return record
+
+
+# ----------------------------------------------------------------------------- merge
+
+def _assign_patch_ids(out_dir: Path, records: list[dict], counts: dict[str, int]) -> dict[str, int]:
+    """First ``patch_id`` of each part; a part keeps its ids while its fingerprint is unchanged."""
+    registry_path = out_dir / "parts" / "patch_ids.json"
+    registry = json.loads(registry_path.read_text()) if registry_path.is_file() else {}
+    next_id = max((b["start"] + b["count"] for b in registry.values()), default=0)
+    starts = {}
+    for rec in records:
+        block = registry.get(rec["key"])
+        n = counts.get(rec["key"], 0)
+        if block is None or block["fingerprint"] != rec["fingerprint"] or block["count"] != n:
+            block = {"fingerprint": rec["fingerprint"], "start": next_id, "count": n}
+            registry[rec["key"]] = block
+            next_id += n
+        starts[rec["key"]] = block["start"]
+    with atomic_path(registry_path) as tmp:
+        tmp.write_text(json.dumps(registry, indent=1))
+    return starts
+
+
+def merge_parts(out_dir: Path, records: list[dict], cfg: BuildConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Combine parts into the manifest and the source table (not yet written)."""
+    frames = {}
+    for rec in records:
+        if rec["status"] == "ok":
+            frames[rec["key"]] = pd.read_parquet(_part_paths(out_dir, rec["key"])[1])
+    starts = _assign_patch_ids(out_dir, records, {k: len(f) for k, f in frames.items()})
+    parts = []
+    for key, frame in frames.items():
+        if len(frame) == 0:
+            continue
+        frame = frame.copy()
+        frame.insert(0, "patch_id", starts[key] + frame["local_id"].to_numpy())
+        frame["group"] = starts[key] + frame["group_local"].to_numpy()
+        parts.append(frame.drop(columns=["local_id", "group_local"]))
+    manifest = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        {c: pd.Series(dtype=t) for c, t in [("patch_id", "int64"), ("source", object), ("file", object), ("plane", object),
+                                           ("slice", "int64"), ("y", "int64"), ("x", "int64"), ("h", "int64"), ("w", "int64"),
+                                           ("shard", object), ("shard_row", "int64"), ("dhash", object), ("duplicate", bool),
+                                           ("pixel_mean", "float32"), ("pixel_std", "float32"), ("group", "int64")]})
+    if cfg.dedup and cfg.dedup_scope == "corpus" and len(manifest):
+        from cemcurate.dedup import group_near_duplicates
+        from cemcurate.dhash import hex_to_dhash
+
+        unique = np.flatnonzero(~manifest["duplicate"].to_numpy())
+        exemplar = group_near_duplicates(hex_to_dhash(manifest["dhash"].iloc[unique].tolist()), cfg.max_hamming, seed=cfg.seed)
+        dup = exemplar != np.arange(len(unique))
+        group = manifest["group"].to_numpy().copy()
+        ids = manifest["patch_id"].to_numpy()
+        group[unique[dup]] = ids[unique[exemplar[dup]]]
+        manifest["group"] = group
+        manifest.loc[manifest.index[unique[dup]], "duplicate"] = True
+    manifest["kept"] = ~manifest["duplicate"].astype(bool)
+    manifest["reason"] = np.where(manifest["duplicate"], "duplicate", "")
+    manifest = manifest.sort_values("patch_id", kind="stable").reset_index(drop=True)
+    sources = pd.DataFrame([row for rec in records for row in rec["sources"]])
+    return manifest, sources
+
+
+# ----------------------------------------------------------------------------- build
+
+def build(raw: str | Path, out_dir: str | Path, cfg: BuildConfig | None = None, progress: bool = True) -> BuildSummary:
+    """Run ``cemcurate build RAW OUT``; see the module docstring. Returns a summary."""
+    cfg = cfg or BuildConfig()
+    raw, out_dir = Path(raw), Path(out_dir)
+    specs, skipped = discover_sources(raw, cfg.sources)
+    names = [s.name for s in specs]
+    if len(set(s.key for s in specs)) != len(specs):
+        raise ValueError(f"{raw}: two sources map to the same id; rename one of them")
+    for sub in ("parts", "store"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    records: dict[str, dict] = {}
+    todo = []
+    for spec in specs:
+        record = _load_part(out_dir, spec, cfg)
+        if record is None:
+            todo.append(spec)
+        else:
+            records[spec.key] = record
+    reused = len(records)
+    workers = cfg.workers or os.cpu_count() or 1
+    bar = tqdm(total=len(todo), desc="sources", unit="src", disable=not progress or not todo)
+    if workers == 1 or len(todo) <= 1:
+        for spec in todo:
+            records[spec.key] = process_source(spec, cfg, out_dir, raw)
+            bar.update()
+    else:
+        with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+            futures = {pool.submit(process_source, spec, cfg, out_dir, raw): spec for spec in todo}
+            for future in cf.as_completed(futures):
+                spec = futures[future]
+                try:
+                    records[spec.key] = future.result()
+                except Exception as exc:  # a crashed worker process
+                    records[spec.key] = {"key": spec.key, "name": spec.name, "fingerprint": "", "status": "failed",
+                                         "sources": [_source_row(spec, spec.name, status="failed", error=f"{spec.name}: worker crashed: {exc}")]}
+                bar.update()
+    bar.close()
+    shutil.rmtree(out_dir / "parts" / "work", ignore_errors=True)
+    ordered = [records[s.key] for s in specs]
+    manifest, sources = merge_parts(out_dir, ordered, cfg)
+    sources = pd.concat([sources, pd.DataFrame([{"source": s.name, "files": s.name, "status": "skipped", "error": s.reason}
+                                                for s in skipped])], ignore_index=True)
+    _remove_stale_shards(out_dir, manifest)
+    write_manifest(manifest, out_dir / "manifest.parquet")
+    with atomic_path(out_dir / "sources.parquet") as tmp:
+        sources.astype({"voxel_size": str, "shape": str}).to_parquet(tmp, index=False)
+    kept = manifest[manifest["kept"]]
+    mean = float(kept["pixel_mean"].mean()) if len(kept) else 0.0
+    # Pooled std of equal-sized patches: E[x^2] - E[x]^2 with E[x^2] = std^2 + mean^2 per patch.
+    sq = float((kept["pixel_std"].astype(np.float64) ** 2 + kept["pixel_mean"].astype(np.float64) ** 2).mean()) if len(kept) else 0.0
+    write_store_info(out_dir, cfg.patch_size, mean, float(np.sqrt(max(sq - mean * mean, 0.0))))
+    with atomic_path(out_dir / "build_config.yaml") as tmp:
+        import yaml
+
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    from cemcurate.report import write_report
+
+    write_report(out_dir, manifest, sources, cfg)
+    failed = {r["name"]: r["sources"][0]["error"] for r in ordered if r["status"] != "ok"}
+    return BuildSummary(out_dir, len(specs), len(manifest), int(manifest["kept"].sum()), failed, len(skipped), reused)
+
+
+def _remove_stale_shards(out_dir: Path, manifest: pd.DataFrame) -> None:
+    """Delete shards no manifest row points to (sources removed from RAW or redone)."""
+    live = set(manifest["shard"].unique()) if len(manifest) else set()
+    for path in (out_dir / "store").glob("*.u8"):
+        if path.stem not in live:
+            path.unlink()
