@@ -259,7 +259,10 @@ def process_source(spec: SourceSpec, cfg: BuildConfig, out_dir: str | Path, raw:
         frames = []
         for i, vol in enumerate(volumes):
             name = spec.name if len(volumes) == 1 else f"{spec.name}:{vol.dataset or i}"
-            row, manifest = _process_volume(vol, name, f"{spec.key}-{i}", spec, cfg, raw_rel, out_dir)
+            # The fingerprint in the shard name keeps the shard an older manifest points to
+            # until a new manifest replaces it, so an interrupted re-run corrupts nothing.
+            shard_name = f"{spec.key}-{record['fingerprint'][:8]}-{i}"
+            row, manifest = _process_volume(vol, name, shard_name, spec, cfg, raw_rel, out_dir)
             record["sources"].append(row)
             frames.append(manifest)
         part = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -406,8 +409,8 @@ def build(raw: str | Path, out_dir: str | Path, cfg: BuildConfig | None = None, 
     manifest, sources = merge_parts(out_dir, ordered, cfg)
     sources = pd.concat([sources, pd.DataFrame([{"source": s.name, "files": s.name, "status": "skipped", "error": s.reason}
                                                 for s in skipped])], ignore_index=True)
-    _remove_stale_shards(out_dir, manifest)
     write_manifest(manifest, out_dir / "manifest.parquet")
+    _remove_stale_shards(out_dir, manifest)
     with atomic_path(out_dir / "sources.parquet") as tmp:
         sources.astype({"voxel_size": str, "shape": str}).to_parquet(tmp, index=False)
     kept = manifest[manifest["kept"]]
