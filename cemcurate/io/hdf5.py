@@ -1,0 +1,75 @@
+"""HDF5 (``.h5 .hdf5 .hdf``) via h5py.
+
+Every dataset that is 2D or 3D (optionally with a trailing RGB axis or leading
+singleton axes) becomes a volume with ``dataset`` set to its key (``"stack"``,
+``"volumes/raw"``); other datasets are skipped with a note, or are a
+:class:`ReadError` when asked for by name. Opening reads only the metadata; chunks are
+read by ``read_slices`` through an h5py file kept open in :mod:`cemcurate.io.handles`.
+Voxel-size attributes: see :mod:`cemcurate.io.containers`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import handles
+from .base import ReadError, Volume
+from .containers import array_volumes, not_found
+
+
+def _open_file(path):
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise ReadError(path, f"h5py could not open it as HDF5 ({exc}); the file is corrupt or not HDF5") from exc
+
+
+class _H5Array:
+    """Picklable opener: the h5py dataset ``key`` of ``path`` from the handle cache."""
+
+    def __init__(self, path: str, key: str):
+        self.path, self.key = path, key
+
+    def __call__(self):
+        f = handles.get("hdf5", self.path, lambda: (lambda h: (h, h.close))(_open_file(self.path)))
+        return f[self.key]
+
+
+def read_hdf5(path: Path, dataset: str | None = None) -> list[Volume]:
+    """Volumes for the 2D/3D datasets of an HDF5 file (or just ``dataset``)."""
+    import h5py
+
+    wanted = dataset.strip("/").split(":")[0] if dataset else None
+    with _open_file(path) as f:
+        found: list[tuple[str, h5py.Dataset]] = []
+        f.visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+        if wanted is not None:
+            chosen = [(n, d) for n, d in found if n == wanted]
+            if not chosen:
+                raise not_found(path, dataset, [n for n, d in found if d.ndim >= 2])
+        else:
+            chosen = found
+        volumes, skipped = [], []
+        for name, ds in chosen:
+            chain = [ds.attrs]
+            parent = ds.parent
+            while True:
+                chain.append(parent.attrs)
+                if parent.name == "/":
+                    break
+                parent = parent.parent
+            chain = [dict(a) for a in chain]
+            vols, reason = array_volumes(path, name, ds.shape, ds.dtype, chain, "hdf5",
+                                         _H5Array(str(path), name), explicit=wanted is not None)
+            volumes += vols
+            if reason:
+                skipped.append(reason)
+    if not volumes:
+        why = "; ".join(skipped) if skipped else "the file holds no datasets"
+        raise ReadError(path, f"no 2D/3D image dataset found ({why})")
+    if skipped:
+        for v in volumes:
+            v.notes.append("skipped: " + "; ".join(skipped)[:300])
+    return volumes
