@@ -416,6 +416,18 @@ def test_ome_tiff_physical_size(tmp_path, small_stack):
     assert math.isnan(vol.voxel_size[0]) and vol.voxel_size[1:] == pytest.approx((4.6, 4.6))
 
 
+def test_lzw_tif_stack_without_imagecodecs(tmp_path, small_stack):
+    """LZW (common from microscopes) is decoded even though tifffile would need imagecodecs."""
+    pages = [Image.fromarray(p) for p in small_stack]
+    pages[0].save(tmp_path / "lzw.tif", save_all=True, append_images=pages[1:], compression="tiff_lzw")
+    vol = one(tmp_path / "lzw.tif")
+    assert vol.shape == small_stack.shape
+    assert_ranges_match(vol, small_stack)
+    wide = (small_stack[0].astype(np.uint16) * 257)
+    Image.fromarray(wide).save(tmp_path / "lzw16.tif", compression="tiff_lzw")
+    np.testing.assert_array_equal(full(one(tmp_path / "lzw16.tif"))[0], wide)
+
+
 def test_rgb_tif_becomes_gray(tmp_path, patch):
     rgb = np.stack([patch, patch.T, patch[::-1]], axis=-1)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
@@ -522,6 +534,24 @@ def test_error_messages_name_file_and_problem(tmp_path, data_root):
     folder.mkdir()
     with pytest.raises(ReadError, match="directory"):
         open_file(folder)
+
+
+@pytest.mark.parametrize("name", ["t.tif", "t.png", "t.jpg", "t.bmp", "t.mrc", "t.map", "t.nii", "t.nii.gz",
+                                  "t.h5", "t.mp4", "t.avi"])
+def test_text_file_with_image_extension(tmp_path, name):
+    (tmp_path / name).write_text("a text file saved under an image name\n" * 20)
+    with pytest.raises(ReadError, match="(corrupt|not a valid|rejected)") as err:
+        open_file(tmp_path / name)
+    assert str(err.value).startswith(str(tmp_path / name) + ": ")
+
+
+def test_zarr_directory_problems(tmp_path, small_stack):
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(ReadError, match="empty.zarr: not a readable zarr store"):
+        open_file(tmp_path / "empty.zarr")
+    write_volume(tmp_path / "v.zarr", small_stack)
+    with pytest.raises(ReadError, match="'raw' not found.*'0'"):
+        open_file(tmp_path / "v.zarr", dataset="raw")
 
 
 @pytest.mark.parametrize("rel", ["cryoet_tomo_napari_bio/tomo.tif", "cylindra_cryoet/13pf_MT.tif",

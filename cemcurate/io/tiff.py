@@ -4,7 +4,8 @@ Every image series in the file becomes one volume, split further by channel/time
 described in :mod:`cemcurate.io.axes`. Uncompressed contiguous data are memory-mapped
 (``read_slices`` touches only the requested pages); anything else (compressed, tiled,
 scattered pages) is read page by page through tifffile's zarr view, whose open file
-handle is kept in :mod:`cemcurate.io.handles`.
+handle is kept in :mod:`cemcurate.io.handles`. Codecs tifffile cannot decode without the
+optional ``imagecodecs`` package (LZW, JPEG) are decoded page by page with Pillow.
 
 Voxel size, in order: OME-XML ``PhysicalSizeX/Y/Z`` with their units (default µm);
 ImageJ ``unit`` with the X/YResolution tags (pixels per unit) and ``spacing`` (z);
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import handles
 from .axes import AxisPlan, plan_axes
-from .base import NAN, ReadError, Slicer, Volume, nm_per_unit, spacing_nm
+from .base import NAN, ReadError, Slicer, Volume, nm_per_unit, spacing_nm, to_grayscale
 
 
 class _Collect(logging.Handler):
@@ -87,7 +88,7 @@ def _series_volumes(path, tif, index, series, file_size, prefix, notes) -> list[
         source = ("memmap", int(offset), dtype.newbyteorder(tif.byteorder).str, shape)
     else:
         _check_pages(path, series, file_size)
-        source = ("pages", index)
+        source = ("pages", index) if _tifffile_decodes(series.keyframe) else _pillow_source(path, tif, series)
     voxel, vnotes = _voxel_size(tif, index, series)
     volumes = []
     for name, plan, xy_only in plan_axes(axes, shape, path):
@@ -111,6 +112,27 @@ def _check_pages(path, series, file_size: int) -> None:
                             f"{file_size} bytes")
 
 
+def _tifffile_decodes(page) -> bool:
+    from tifffile import TIFF
+
+    return page.compression in TIFF.DECOMPRESSORS and page.predictor in TIFF.UNPREDICTORS
+
+
+def _pillow_source(path, tif, series) -> tuple:
+    """Decode with Pillow when tifffile lacks the codec (LZW, JPEG need 'imagecodecs').
+
+    Pillow numbers pages by their order in the file, so this works when the series is
+    the whole file, which is the case for the stacks microscopes and Fiji write.
+    """
+    codec = f"{series.keyframe.compression!r}"
+    if len(tif.series) != 1 or len(series.pages) != len(tif.pages) or series.keyframe.planarconfig != 1:
+        raise ReadError(path, f"{codec} TIFF data need the 'imagecodecs' package, which is not installed; "
+                        "install it or re-save the file uncompressed")
+    page_axes = "".join(a for a in series.axes if a not in "YXS")
+    page_shape = tuple(n for a, n in zip(series.axes, series.shape) if a not in "YXS")
+    return ("pillow", page_axes, page_shape)
+
+
 class _TiffSlicer(Slicer):
     def __init__(self, path, shape, dtype, source: tuple, plan: AxisPlan):
         super().__init__(path, shape, dtype)
@@ -122,10 +144,31 @@ class _TiffSlicer(Slicer):
             data = np.memmap(self.path, dtype=np.dtype(file_dtype), mode="r", offset=offset, shape=stored_shape)
             part = np.array(data[self.plan.index(z0, z1)])
             del data
+        elif self.source[0] == "pillow":
+            return self._read_pillow(z0, z1)
         else:
             array = handles.get("tiff", self.path, self._open_pages, self.source[1])
             part = np.asarray(array[self.plan.index(z0, z1)])
         return self.plan.arrange(part, self.path)
+
+    def _read_pillow(self, z0: int, z1: int) -> np.ndarray:
+        from .images import _pil_image
+
+        _, page_axes, page_shape = self.source
+
+        def open_image():
+            ctx = _pil_image(self.path)
+            return ctx.__enter__(), lambda: ctx.__exit__(None, None, None)
+
+        image = handles.get("tiff-pillow", self.path, open_image)
+        planes = []
+        for z in range(z0, z1):
+            index = self.plan.index(z, z + 1)
+            page = [i.start if isinstance(i, slice) else i
+                    for a, i in zip(self.plan.axes, index) if a not in "YXS"]
+            image.seek(int(np.ravel_multi_index(page, page_shape)) if page_shape else 0)
+            planes.append(np.asarray(image))
+        return to_grayscale(np.stack(planes), self.path)
 
     def _open_pages(self):
         import tifffile
