@@ -396,9 +396,11 @@ def test_imagej_hyperstack_with_channels_and_micron_unit(tmp_path, small_stack):
 
 
 def test_imagej_time_series_without_z_is_xy_only(tmp_path, small_stack):
-    tifffile.imwrite(tmp_path / "movie.tif", small_stack, imagej=True, metadata={"axes": "TYX"})
+    tifffile.imwrite(tmp_path / "movie.tif", small_stack, imagej=True, resolution=(1 / 4.6, 1 / 4.6),
+                     metadata={"axes": "TYX", "unit": "nm", "finterval": 2.0})
     vol = one(tmp_path / "movie.tif")
     assert vol.shape == small_stack.shape and vol.xy_only
+    assert math.isnan(vol.voxel_size[0]) and vol.voxel_size[1:] == pytest.approx((4.6, 4.6))
     np.testing.assert_array_equal(full(vol), small_stack)
 
 
@@ -432,6 +434,12 @@ def test_rgb_tif_becomes_gray(tmp_path, patch):
     rgb = np.stack([patch, patch.T, patch[::-1]], axis=-1)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
     np.testing.assert_array_equal(full(one(tmp_path / "rgb.tif"))[0], luma(rgb))
+    # planar RGB stack: samples stored before y, x (axes QSYX)
+    planar = np.stack([np.moveaxis(rgb, -1, 0), np.moveaxis(rgb[::-1], -1, 0)])
+    tifffile.imwrite(tmp_path / "planar.tif", planar, photometric="rgb", planarconfig="separate")
+    vol = one(tmp_path / "planar.tif")
+    assert vol.shape == (2, 64, 64)
+    np.testing.assert_array_equal(vol.read_slices(1, 2)[0], luma(rgb[::-1]))
 
 
 def test_plain_zarr_v2_and_v3(tmp_path, data_root):
@@ -511,6 +519,24 @@ def test_hdf5_voxel_attributes_rgb_and_4d(tmp_path, small_stack, patch):
     assert any("four" in n and "4D" in n for n in vols["raw"].notes)
     with pytest.raises(ReadError, match=r"v\.h5.*'four'.*4D"):
         open_file(path, dataset="four")
+
+
+def test_only_4d_data_is_an_error(tmp_path, small_stack):
+    with h5py.File(tmp_path / "only4d.h5", "w") as f:
+        f["channels"] = np.stack([small_stack, small_stack])
+    with pytest.raises(ReadError, match=r"only4d\.h5: no 2D/3D image dataset.*'channels'.*4D"):
+        open_file(tmp_path / "only4d.h5")
+
+
+def test_unit_spellings():
+    from cemcurate.io import nm_per_unit
+
+    for unit, nm in (("nm", 1), ("micron", 1000), ("microns", 1000), ("um", 1000), ("µm", 1000),
+                     ("\\u00B5m", 1000), ("μm", 1000), ("micrometer", 1000), ("Å", 0.1), ("angstrom", 0.1),
+                     ("mm", 1e6), ("nanometer", 1)):
+        assert nm_per_unit(unit) == nm, unit
+    for unit in ("pixel", "pixels", "", None, "inch"):
+        assert nm_per_unit(unit) is None, unit
 
 
 # --------------------------------------------------------------------------- bad input
@@ -605,8 +631,10 @@ def test_imod_tilt_series_is_xy_only(tmp_path, small_stack):
     with mrcfile.new(tmp_path / "tilt.st") as m:
         m.set_data(small_stack.astype(np.int16))
         m.set_image_stack()
+        m.voxel_size = 46.0  # Å
     vol = one(tmp_path / "tilt.st")
     assert vol.xy_only and vol.shape == small_stack.shape
+    assert math.isnan(vol.voxel_size[0]) and vol.voxel_size[1:] == pytest.approx((4.6, 4.6))
 
 
 def test_tiny_constant_and_nan_images_are_readable(tmp_path, isbi0, tomo):
@@ -735,7 +763,7 @@ def test_write_volume_2d_and_refusals(tmp_path, isbi0, small_stack):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "a.png", "b.png"]
 
 
-@pytest.mark.parametrize("suffix", [".zarr", ".npy", ".tif", ".mrc"])
+@pytest.mark.parametrize("suffix", [".zarr", ".npy", ".raw", ".tif", ".mrc", ".nii.gz"])
 def test_chunked_output_streams_and_finalises(tmp_path, small_stack, suffix):
     path = tmp_path / f"pred{suffix}"
     with open_chunked_output(path, small_stack.shape, np.uint8, chunks=(2, 48, 64),
@@ -746,6 +774,9 @@ def test_chunked_output_streams_and_finalises(tmp_path, small_stack, suffix):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     if suffix == ".npy":
         np.testing.assert_array_equal(np.load(path), small_stack)
+        return
+    if suffix == ".raw":  # headerless C-order samples
+        np.testing.assert_array_equal(np.fromfile(path, np.uint8).reshape(small_stack.shape), small_stack)
         return
     vol = one(path)
     assert vol.voxel_size == pytest.approx((50.0, 4.6, 4.6))

@@ -8,7 +8,8 @@ hyperstacks, OME-Zarr and HDF5/zarr arrays:
 - singleton axes are dropped;
 - ``S`` of size 2/3/4 is collapsed to gray (:func:`to_grayscale`);
 - the stack axis (the volume's z) is ``Z`` if present, else the first non-singleton of
-  ``Q``, ``I``, ``T`` (``T`` makes the volume ``xy_only``: time is not a spatial axis);
+  ``Q``, ``I``, ``T`` (``T`` makes the volume ``xy_only`` with a ``NaN`` z spacing: time
+  is not a spatial axis);
 - every other non-singleton axis (a real channel axis, or time next to ``Z``) is split:
   one volume per index, named ``"c0"``, ``"c1"``, ``"t0:c1"`` ... in ``Volume.dataset``.
 """

@@ -206,3 +206,8 @@ def spacing_nm(values: tuple[float, ...], scale: float | None) -> tuple[float, f
     if not (math.isfinite(z) and z > 0):
         z = NAN
     return (z, y, x)
+
+
+def lateral_only(voxel: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+    """``voxel`` with z set to ``NaN``: for stacks whose z is not spatial (time, tilt)."""
+    return None if voxel is None else (NAN, voxel[1], voxel[2])

@@ -60,7 +60,7 @@ def read_hdf5(path: Path, dataset: str | None = None) -> list[Volume]:
                 if parent.name == "/":
                     break
                 parent = parent.parent
-            chain = [dict(a) for a in chain]
+            chain = [_readable_attrs(a) for a in chain]
             vols, reason = array_volumes(path, name, ds.shape, ds.dtype, chain, "hdf5",
                                          _H5Array(str(path), name), explicit=wanted is not None)
             volumes += vols
@@ -73,3 +73,14 @@ def read_hdf5(path: Path, dataset: str | None = None) -> list[Volume]:
         for v in volumes:
             v.notes.append("skipped: " + "; ".join(skipped)[:300])
     return volumes
+
+
+def _readable_attrs(attrs) -> dict:
+    """Attributes as a dict, leaving out those h5py cannot decode (references, odd types)."""
+    out = {}
+    for key in attrs:
+        try:
+            out[key] = attrs[key]
+        except Exception:  # one undecodable attribute must not make the image unreadable
+            continue
+    return out

@@ -12,7 +12,7 @@ copies only the requested sections, so opening never loads the data.
 - Mode 0 is signed int8 by the standard, but IMOD writes unsigned bytes and says so in
   its header stamp; such files are read as uint8.
 - An image stack (ISPG 0) named ``.st``/``.mrcs`` is a tilt series or a set of
-  particles, not a volume: ``xy_only`` is set.
+  particles, not a volume: ``xy_only`` is set and the z spacing is ``NaN``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import NAN, ReadError, Slicer, Volume
+from .base import NAN, ReadError, Slicer, Volume, lateral_only
 
 IMOD_STAMP = 1146047817  # "IMOD" as int32
 _IMOD_OFFSET = 152  # imodStamp, then imodFlags (bit 0 set = bytes are signed)
@@ -65,7 +65,7 @@ def read_mrc(path: Path, dataset: str | None = None) -> list[Volume]:
     dtype = file_dtype.newbyteorder("=")
     slicer = _MrcSlicer(path, shape, dtype, offset, file_dtype.str)
     return [Volume(shape=shape, dtype=dtype, read_slices=slicer, reader="mrc",
-                   voxel_size=None if xy_only else voxel, xy_only=xy_only, notes=notes + vnotes)]
+                   voxel_size=lateral_only(voxel) if xy_only else voxel, xy_only=xy_only, notes=notes + vnotes)]
 
 
 def _imod_unsigned(header_bytes: bytes, byteorder: str) -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import handles
 from .axes import AxisPlan, plan_axes
-from .base import NAN, ReadError, Slicer, Volume, nm_per_unit, spacing_nm, to_grayscale
+from .base import NAN, ReadError, Slicer, Volume, lateral_only, nm_per_unit, spacing_nm, to_grayscale
 
 
 class _Collect(logging.Handler):
@@ -97,7 +97,7 @@ def _series_volumes(path, tif, index, series, file_size, prefix, notes) -> list[
         slicer = _TiffSlicer(path, vshape, dtype, source, plan)
         key = ":".join(p for p in (prefix, name) if p) or None
         volumes.append(Volume(shape=vshape, dtype=dtype, read_slices=slicer, reader="tiff",
-                              voxel_size=None if xy_only else voxel, xy_only=xy_only, dataset=key,
+                              voxel_size=lateral_only(voxel) if xy_only else voxel, xy_only=xy_only, dataset=key,
                               notes=notes + vnotes))
     return volumes
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import handles
 from .axes import plan_axes
-from .base import ReadError, Volume, nm_per_unit, spacing_nm
+from .base import ReadError, Volume, lateral_only, nm_per_unit, spacing_nm
 from .containers import ContainerSlicer, array_volumes, not_found
 
 _AXIS_LETTER = {"t": "T", "c": "C", "z": "Z", "y": "Y", "x": "X"}
@@ -169,7 +169,7 @@ def _ome_volumes(path: Path, key: str, array, ms: dict) -> list[Volume]:
         vshape = (plan.z_size(shape), shape[letters.index("Y")], shape[letters.index("X")])
         slicer = ContainerSlicer(path, vshape, dtype, _ZarrArray(str(path), key), plan)
         volumes.append(Volume(shape=vshape, dtype=dtype, read_slices=slicer, reader="ome-zarr",
-                              voxel_size=None if xy_only else voxel, xy_only=xy_only,
+                              voxel_size=lateral_only(voxel) if xy_only else voxel, xy_only=xy_only,
                               dataset=key if name is None else f"{key}:{name}", notes=list(notes)))
     return volumes
 
