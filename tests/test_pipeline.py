@@ -30,8 +30,8 @@ def make_raw(root: Path, data_root: Path) -> Path:
     for i in range(6):  # 6 sections keep the test fast
         os.symlink(data_root / f"drosophila_vnc_gerhard/stack1/raw/{i:02d}.tif", raw / "vnc" / f"{i:02d}.tif")
     (raw / "neuroproof").mkdir()
-    for i in range(250):
-        os.symlink(data_root / f"neuroproof_flyem/training_sample2/grayscale_maps/iso.{i:05d}.png", raw / "neuroproof" / f"iso.{i:05d}.png")
+    for p in sorted((data_root / "neuroproof_flyem/training_sample2/grayscale_maps").glob("*.png")):
+        os.symlink(p, raw / "neuroproof" / p.name)
     os.symlink(data_root / "sem_plate_databar/plateImage2D.tif", raw / "plate.tif")
     os.symlink(data_root / "cryoet_tomo_napari_bio/tomo.tif", raw / "tomo.tif")
     os.symlink(data_root / "mrcfile_testdata/EMD-3001.map", raw / "emd3001.map")
@@ -89,7 +89,7 @@ def test_full_crops_are_bit_identical_to_source_pixels(built, data_root):
         assert np.array_equal(store[i], image[r.y:r.y + 224, r.x:r.x + 224])
     # An xz patch of the isotropic volume equals the same cut of the stacked pngs.
     npf = rows[(rows.source == "neuroproof") & (rows.plane == "xz")].iloc[0]
-    volume = np.stack([iio.imread(raw / "neuroproof" / f"iso.{z:05d}.png") for z in range(224)])
+    volume = np.stack([iio.imread(p) for p in sorted((raw / "neuroproof").glob("*.png"))[:224]])
     i = int(np.flatnonzero(rows.patch_id == npf.patch_id)[0])
     assert np.array_equal(store[i], volume[npf.y:npf.y + 224, npf.slice, npf.x:npf.x + 224])
 
@@ -180,8 +180,8 @@ def test_bad_files_fail_alone_with_clear_messages(tmp_path, data_root):
     iio.imwrite(raw / "constant.png", np.full((300, 300), 77, np.uint8))
     nan_vol = good[None, :256, :256].astype(np.float32).repeat(3, 0)
     nan_vol[1, 10:50, 10:50] = np.nan
-    tifffile.imwrite(raw / "nan_float.tif", nan_vol)
-    tifffile.imwrite(raw / "four_d.tif", np.zeros((2, 3, 240, 240), np.uint8))
+    tifffile.imwrite(raw / "nan_float.tif", nan_vol, photometric="minisblack")
+    tifffile.imwrite(raw / "four_d.tif", np.zeros((2, 3, 240, 240), np.uint8), photometric="minisblack")
     mrc = (data_root / "mrcfile_testdata/EMD-3197.map").read_bytes()
     (raw / "bad_header.mrc").write_bytes(b"\x00" * 212 + mrc[212:])
     out = tmp_path / "out"
