@@ -521,6 +521,12 @@ def test_hdf5_voxel_attributes_rgb_and_4d(tmp_path, small_stack, patch):
         open_file(path, dataset="four")
 
 
+def test_4d_tif_without_axis_names_is_an_error(tmp_path, small_stack):
+    tifffile.imwrite(tmp_path / "four_d.tif", np.stack([small_stack] * 3), photometric="minisblack")
+    with pytest.raises(ReadError, match=r"four_d\.tif: 4D data"):
+        open_file(tmp_path / "four_d.tif")
+
+
 def test_only_4d_data_is_an_error(tmp_path, small_stack):
     with h5py.File(tmp_path / "only4d.h5", "w") as f:
         f["channels"] = np.stack([small_stack, small_stack])

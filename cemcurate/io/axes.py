@@ -10,8 +10,11 @@ hyperstacks, OME-Zarr and HDF5/zarr arrays:
 - the stack axis (the volume's z) is ``Z`` if present, else the first non-singleton of
   ``Q``, ``I``, ``T`` (``T`` makes the volume ``xy_only`` with a ``NaN`` z spacing: time
   is not a spatial axis);
-- every other non-singleton axis (a real channel axis, or time next to ``Z``) is split:
-  one volume per index, named ``"c0"``, ``"c1"``, ``"t0:c1"`` ... in ``Volume.dataset``.
+- every other non-singleton ``C`` or ``T`` axis (a real channel axis, or time next to
+  ``Z``) is split: one volume per index, named ``"c0"``, ``"c1"``, ``"t0:c1"`` ... in
+  ``Volume.dataset``;
+- any other non-singleton axis (e.g. a second unnamed stack axis, as in a 4D array
+  without metadata) is a :class:`ReadError`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from .base import ReadError, to_grayscale
 
 MAX_SPLITS = 256
 _STACK_PREFERENCE = "QIT"
+_SPLIT_LETTERS = "CT"
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,11 @@ def plan_axes(axes: str, shape: tuple[int, ...], path: Path | str) -> list[tuple
                 stack = hits[0]
                 break
     split = [i for i in extra if i != stack]
+    unknown = [axes[i] for i in split if axes[i] not in _SPLIT_LETTERS]
+    if unknown:
+        raise ReadError(path, f"{len(shape)}D data with axes {axes!r} and shape {tuple(shape)} are not supported: "
+                        f"besides y, x and one stack axis only channel (C) and time (T) axes can be split, "
+                        f"not {''.join(unknown)!r}; save one 3D volume per file")
     combos = int(np.prod([shape[i] for i in split])) if split else 1
     if combos > MAX_SPLITS:
         raise ReadError(path, f"axes {axes!r} with shape {tuple(shape)} would split into {combos} volumes "

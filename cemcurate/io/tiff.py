@@ -128,9 +128,8 @@ def _pillow_source(path, tif, series) -> tuple:
     if len(tif.series) != 1 or len(series.pages) != len(tif.pages) or series.keyframe.planarconfig != 1:
         raise ReadError(path, f"{codec} TIFF data need the 'imagecodecs' package, which is not installed; "
                         "install it or re-save the file uncompressed")
-    page_axes = "".join(a for a in series.axes if a not in "YXS")
     page_shape = tuple(n for a, n in zip(series.axes, series.shape) if a not in "YXS")
-    return ("pillow", page_axes, page_shape)
+    return ("pillow", page_shape)
 
 
 class _TiffSlicer(Slicer):
@@ -154,7 +153,7 @@ class _TiffSlicer(Slicer):
     def _read_pillow(self, z0: int, z1: int) -> np.ndarray:
         from .images import _pil_image
 
-        _, page_axes, page_shape = self.source
+        page_shape = self.source[1]  # pages in file order = C order over the non-YXS axes
 
         def open_image():
             ctx = _pil_image(self.path)
