@@ -88,7 +88,7 @@ def make_big_volume(data: Path, path: Path, gigabytes: float) -> tuple[int, int,
     side = 1000  # 4 x 4 sections of 250 px
     depth = int(gigabytes * 1e9 / (side * side * 2))
     out = tifffile.memmap(path, shape=(depth, side, side), dtype=np.uint16, imagej=True,
-                          resolution=(1 / 0.01, 1 / 0.01), metadata={"spacing": 0.01, "unit": "micron"})
+                          resolution=(1 / 0.01, 1 / 0.01), metadata={"axes": "ZYX", "spacing": 0.01, "unit": "micron"})
     for z in range(depth):
         tile = sections[z % len(sections)].astype(np.uint16) * 200 + 1000
         out[z] = np.tile(tile, (4, 4))

@@ -116,13 +116,14 @@ class PatchStore:
         kept = manifest[manifest["kept"]].sort_values("patch_id").reset_index(drop=True)
         self.manifest = kept
         self.patch_ids = kept["patch_id"].to_numpy(np.int64)
-        self._shards = {name: open_shard(out_dir / "store" / f"{name}.u8", self.patch_size)
-                        for name in kept["shard"].unique()}
-        self._shard_of = kept["shard"].to_numpy()
+        # Integer shard codes keep batch lookups in fast numeric numpy code.
+        codes, names = pd.factorize(kept["shard"])
+        self._shard_of = codes.astype(np.int64)
+        self._shards = [open_shard(out_dir / "store" / f"{name}.u8", self.patch_size) for name in names]
         self._row_of = kept["shard_row"].to_numpy(np.int64)
-        for name, shard in self._shards.items():
-            rows = self._row_of[self._shard_of == name]
-            if len(rows) and rows.max() >= len(shard):
+        for code, (name, shard) in enumerate(zip(names, self._shards)):
+            rows = self._row_of[self._shard_of == code]
+            if len(rows) and (rows.max() >= len(shard) or rows.min() < 0):
                 raise StoreError(f"{out_dir}: shard {name} has {len(shard)} patches but the manifest refers to row {rows.max()}")
 
     def __len__(self) -> int:
@@ -135,14 +136,16 @@ class PatchStore:
                 raise IndexError(f"patch index {i} out of range for {len(self)} patches")
             return np.asarray(self._shards[self._shard_of[i]][self._row_of[i]])
         indices = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, np.int64)
-        out = np.empty((len(indices), self.patch_size, self.patch_size), np.uint8)
         shards = self._shard_of[indices]
         rows = self._row_of[indices]
-        for name in np.unique(shards):
-            sel = np.flatnonzero(shards == name)
-            # Sorted row order turns random access into forward reads of the memory map.
-            order = np.argsort(rows[sel], kind="stable")
-            out[sel[order]] = self._shards[name][rows[sel][order]]
+        if len(self._shards) == 1:
+            return self._shards[0][rows] if len(rows) else np.zeros((0, self.patch_size, self.patch_size), np.uint8)
+        out = np.empty((len(indices), self.patch_size, self.patch_size), np.uint8)
+        order = np.lexsort((rows, shards))
+        bounds = np.flatnonzero(np.diff(shards[order])) + 1
+        for sel in np.split(order, bounds):
+            if len(sel):
+                out[sel] = self._shards[shards[sel[0]]][rows[sel]]
         return out
 
 
