@@ -1,0 +1,406 @@
+"""3D U-Net with an inflated ResNet encoder (2D pretrained weights into 3D segmentation).
+
+The building blocks are written once for ``dim`` 2 or 3 (``nn.Conv2d``/``nn.Conv3d``,
+``BatchNorm2d``/``BatchNorm3d``): :class:`ResNetEncoder` has the parameter names of the
+timm/torchvision ResNet (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``,
+...), so ``dim=2`` loads a 2D state dict and ``dim=3`` loads its inflation
+(:func:`finetune.models.inflate.inflate_state_dict`), both with ``strict=True``.
+:class:`UNetDecoder` mirrors the decoder of ``segmentation_models_pytorch.Unet``: five
+blocks with (by default) 256, 128, 64, 32, 16 channels, each upsampling to the size of the
+next skip feature, concatenating it and applying two conv-BN-ReLU; a 3x3(x3) convolution
+head gives the logits.
+
+In 3D the kernel depth and the z stride of every encoder stage come from a
+:class:`~finetune.models.inflate.StageGeometry` (isotropic by default, anisotropic keeps
+the first stages in-plane). Decoder blocks use the kernel depth of the encoder stage whose
+resolution they restore, and upsample z only where the encoder strided z.
+
+Axes are ``(z, y, x)``; tensors are ``(batch, channel, z, y, x)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from finetune.encoders import EncoderWeights, load_into_encoder
+from finetune.models.inflate import STAGES, StageGeometry, inflate_state_dict
+from finetune.models.registry import get_arch, register_model
+from finetune.models.unet2d import DEFAULT_MEAN, DEFAULT_STD, output_channels
+
+UPSAMPLE_MODES = ("trilinear", "nearest", "transpose")
+DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
+# Output channels of conv1 and layer1..4 for (basic, bottleneck) blocks.
+_WIDTHS = (64, 128, 256, 512)
+
+
+def _conv_cls(dim: int) -> type[nn.Module]:
+    if dim not in (2, 3):
+        raise ValueError(f"dim must be 2 or 3, got {dim}")
+    return nn.Conv2d if dim == 2 else nn.Conv3d
+
+
+def _bn_cls(dim: int) -> type[nn.Module]:
+    return nn.BatchNorm2d if dim == 2 else nn.BatchNorm3d
+
+
+def conv_nd(dim: int, cin: int, cout: int, k: int, kz: int = 1, stride: int = 1, z_stride: int = 1,
+            bias: bool = False) -> nn.Module:
+    """A ``k x k`` (2D) or ``kz x k x k`` (3D) convolution with 'same' padding for stride 1.
+
+    Args:
+        k: in-plane kernel size (odd). kz: kernel depth (3D only, odd).
+        stride: in-plane stride. z_stride: z stride (3D only).
+    """
+    if dim == 2:
+        return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias)
+    return nn.Conv3d(cin, cout, (kz, k, k), stride=(z_stride, stride, stride), padding=(kz // 2, k // 2, k // 2),
+                     bias=bias)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two ``3x3`` (``kz x 3 x 3``) convolutions and a shortcut."""
+
+    expansion = 1
+
+    def __init__(self, dim: int, cin: int, planes: int, stride: int = 1, z_stride: int = 1, kz: int = 3):
+        super().__init__()
+        bn = _bn_cls(dim)
+        self.conv1 = conv_nd(dim, cin, planes, 3, kz, stride, z_stride)
+        self.bn1 = bn(planes)
+        self.conv2 = conv_nd(dim, planes, planes, 3, kz)
+        self.bn2 = bn(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(dim, cin, planes, stride, z_stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck (torchvision v1.5: stride on the ``3x3``): 1x1, 3x3, 1x1 (x4 channels)."""
+
+    expansion = 4
+
+    def __init__(self, dim: int, cin: int, planes: int, stride: int = 1, z_stride: int = 1, kz: int = 3):
+        super().__init__()
+        bn = _bn_cls(dim)
+        self.conv1 = conv_nd(dim, cin, planes, 1)
+        self.bn1 = bn(planes)
+        self.conv2 = conv_nd(dim, planes, planes, 3, kz, stride, z_stride)
+        self.bn2 = bn(planes)
+        self.conv3 = conv_nd(dim, planes, planes * 4, 1)
+        self.bn3 = bn(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(dim, cin, planes * 4, stride, z_stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def _shortcut(dim: int, cin: int, cout: int, stride: int, z_stride: int) -> nn.Module | None:
+    """``downsample`` = 1x1(x1) strided conv + BN when the block changes shape, else None (identity)."""
+    if stride == 1 and z_stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(conv_nd(dim, cin, cout, 1, 1, stride, z_stride), _bn_cls(dim)(cout))
+
+
+class ResNetEncoder(nn.Module):
+    """ResNet feature extractor for one grey channel, in 2D or 3D, with timm key names.
+
+    Args:
+        arch: a registered arch (resnet18/34/50/101/152, see
+            :data:`finetune.models.registry.ARCHS`).
+        dim: 2 or 3.
+        geometry: per-stage kernel depth and z stride (3D only; default isotropic).
+
+    ``forward(x)`` with ``x`` ``(B, 1, z, y, x)`` (3D) or ``(B, 1, y, x)`` (2D) returns six
+    features ``[x, stem, layer1, layer2, layer3, layer4]``, the same list as an smp encoder:
+    in-plane strides 1, 2, 4, 8, 16, 32, z strides the running products of
+    ``geometry.z_stride``; channels :attr:`out_channels`.
+    """
+
+    def __init__(self, arch: str = "resnet50", dim: int = 3, geometry: StageGeometry | str | Mapping | None = None):
+        super().__init__()
+        info = get_arch(arch)
+        _conv_cls(dim)
+        self.arch, self.dim = arch, dim
+        self.geometry = StageGeometry.from_any(geometry) if dim == 3 else StageGeometry.preset("planar")
+        block = BasicBlock if info.block == "basic" else Bottleneck
+        depth, zs = self.geometry.kernel_depth, self.geometry.z_stride
+        self.conv1 = conv_nd(dim, 1, 64, 7, depth[0], 2, zs[0])
+        self.bn1 = _bn_cls(dim)(64)
+        self.relu = nn.ReLU(inplace=True)
+        if dim == 2:
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            # Pool across slices only where z is downsampled.
+            pz = 3 if zs[1] == 2 else 1
+            self.maxpool = nn.MaxPool3d((pz, 3, 3), stride=(zs[1], 2, 2), padding=(pz // 2, 1, 1))
+        cin = 64
+        for i, (width, n_blocks) in enumerate(zip(_WIDTHS, info.layers)):
+            stage = i + 1  # index into STAGES
+            stride = 1 if i == 0 else 2
+            z_stride = 1 if i == 0 else zs[stage]  # layer1's z stride is the max-pool's
+            blocks = []
+            for b in range(n_blocks):
+                blocks.append(block(dim, cin, width, stride if b == 0 else 1, z_stride if b == 0 else 1, depth[stage]))
+                cin = width * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.out_channels = (1, 64) + tuple(w * block.expansion for w in _WIDTHS)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # He initialisation (fan-out) as in torchvision, so a random encoder is the same
+        # kind of network as a 2D random one.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = [x]
+        x = self.relu(self.bn1(self.conv1(x)))
+        feats.append(x)
+        x = self.layer1(self.maxpool(x))
+        feats.append(x)
+        for layer in (self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, dim: int, cin: int, cout: int, kz: int = 3):
+        super().__init__(conv_nd(dim, cin, cout, 3, kz), _bn_cls(dim)(cout), nn.ReLU(inplace=True))
+
+
+class DecoderBlock(nn.Module):
+    """Upsample to the skip's size, concatenate the skip, two conv-BN-ReLU.
+
+    Args:
+        factor: upsampling factor per spatial axis (used by ``transpose``; interpolation
+            goes to the skip's exact size).
+        kz: kernel depth of the convolutions (3D).
+    """
+
+    def __init__(self, dim: int, cin: int, cskip: int, cout: int, factor: tuple[int, ...], kz: int,
+                 upsample: str = "trilinear"):
+        super().__init__()
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"unknown upsampling {upsample!r}; valid: {', '.join(UPSAMPLE_MODES)}")
+        self.upsample = upsample
+        self.dim = dim
+        if upsample == "transpose":
+            tconv = nn.ConvTranspose2d if dim == 2 else nn.ConvTranspose3d
+            self.up = tconv(cin, cin, kernel_size=factor, stride=factor)
+        self.conv1 = ConvBNReLU(dim, cin + cskip, cout, kz)
+        self.conv2 = ConvBNReLU(dim, cout, cout, kz)
+
+    def forward(self, x: torch.Tensor, size: Sequence[int], skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.upsample == "transpose":
+            x = self.up(x)
+            if tuple(x.shape[2:]) != tuple(size):
+                raise ValueError(f"transposed upsampling gave {tuple(x.shape[2:])}, expected {tuple(size)}; "
+                                 "the input size must be a multiple of the total stride")
+        elif self.upsample == "nearest":
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="bilinear" if self.dim == 2 else "trilinear",
+                              align_corners=False)
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.conv2(self.conv1(x))
+
+
+class UNetDecoder(nn.Module):
+    """The smp UNet decoder in 2D or 3D: five blocks from the deepest feature to full resolution.
+
+    Args:
+        encoder_channels: the encoder's six feature channels (the first, the input, is not
+            used as a skip, as in smp).
+        decoder_channels: output channels of the five blocks.
+        geometry: the encoder's geometry (3D): block ``i`` upsamples z by the stride of
+            stage ``4 - i`` and uses the kernel depth of the stage it returns to.
+    """
+
+    def __init__(self, dim: int, encoder_channels: Sequence[int], decoder_channels: Sequence[int],
+                 geometry: StageGeometry, upsample: str = "trilinear"):
+        super().__init__()
+        if len(decoder_channels) != 5 or any(int(c) < 1 for c in decoder_channels):
+            raise ValueError(f"decoder_channels must be 5 positive ints, got {list(decoder_channels)}")
+        enc = list(encoder_channels)
+        ins = [enc[5]] + list(decoder_channels[:4])
+        skips = [enc[4], enc[3], enc[2], enc[1], 0]
+        blocks = []
+        for i in range(5):
+            stage = 4 - i  # the stage whose striding this block undoes
+            factor = (2, 2) if dim == 2 else (geometry.z_stride[stage], 2, 2)
+            kz = geometry.kernel_depth[max(stage - 1, 0)]
+            blocks.append(DecoderBlock(dim, ins[i], skips[i], decoder_channels[i], factor, kz, upsample))
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = feats[5]
+        for i, block in enumerate(self.blocks):
+            target = feats[4 - i]
+            x = block(x, target.shape[2:], target if i < 4 else None)
+        return x
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Pad the spatial axes of ``x`` symmetrically up to multiples; returns the pads per axis.
+
+    Reflection where the axis is long enough (it continues the image structure), else
+    edge replication (reflection cannot pad by more than the axis length - 1).
+    """
+    pads = []
+    for n, m in zip(x.shape[2:], multiple):
+        extra = -n % m
+        pads.append((extra // 2, extra - extra // 2))
+    if not any(a or b for a, b in pads):
+        return x, pads
+    flat = [p for a_b in reversed(pads) for p in a_b]  # F.pad wants the last axis first
+    mode = "reflect" if all(max(a, b) < n for (a, b), n in zip(pads, x.shape[2:])) else "replicate"
+    return F.pad(x, flat, mode=mode), pads
+
+
+class UNet3D(nn.Module):
+    """UNet-ResNet for one-channel volumes, with an inflatable ResNet encoder.
+
+    Args:
+        arch: encoder architecture (resnet18/34/50/...).
+        num_classes: classes including background (2 = binary, one sigmoid output).
+        geometry: per-stage kernel depth and z stride (a
+            :class:`~finetune.models.inflate.StageGeometry`, a preset name or a mapping).
+        decoder_channels: channels of the five decoder blocks.
+        upsample: ``trilinear`` (default), ``nearest`` or ``transpose`` (learned).
+        mean, std: input normalisation applied to voxels scaled to [0, 1].
+
+    ``forward(x)``: ``x`` ``(B, 1, z, y, x)`` float in [0, 1], any size; returns logits
+    ``(B, C, z, y, x)``. A size that is not a multiple of :attr:`size_multiple`
+    (``(prod(z_stride), 32, 32)``) is padded symmetrically inside ``forward`` (reflection,
+    or edge replication when the axis is shorter than the pad) and the logits are cropped
+    back, so the output always has the input's size.
+    """
+
+    def __init__(self, arch: str = "resnet50", num_classes: int = 2, geometry: StageGeometry | str | Mapping | None = None,
+                 decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS, upsample: str = "trilinear",
+                 mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD):
+        super().__init__()
+        if not std > 0:
+            raise ValueError(f"normalisation std must be > 0, got {std}")
+        self.arch = arch
+        self.num_classes = num_classes
+        self.geometry = StageGeometry.from_any(geometry)
+        self.upsample = upsample
+        self.decoder_channels = tuple(int(c) for c in decoder_channels)
+        self.encoder = ResNetEncoder(arch, 3, self.geometry)
+        self.decoder = UNetDecoder(3, self.encoder.out_channels, self.decoder_channels, self.geometry, upsample)
+        self.head = conv_nd(3, self.decoder_channels[-1], output_channels(num_classes), 3, self.geometry.kernel_depth[0],
+                            bias=True)
+        self.register_buffer("norm_mean", torch.tensor(float(mean)))
+        self.register_buffer("norm_std", torch.tensor(float(std)))
+        self.encoder_frozen = False
+        for m in list(self.decoder.modules()) + [self.head]:
+            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def size_multiple(self) -> tuple[int, int, int]:
+        """``(z, y, x)`` input-size multiple that needs no internal padding."""
+        return self.geometry.size_multiple
+
+    def freeze_encoder(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the encoder: no gradients, BatchNorm in eval mode (statistics fixed)."""
+        self.encoder_frozen = frozen
+        for p in self.encoder.parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "UNet3D":
+        super().train(mode)
+        if self.encoder_frozen:
+            # A frozen pretrained encoder keeps its running statistics, as in the paper.
+            self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise ValueError(f"UNet3D expects (batch, 1, z, y, x), got shape {tuple(x.shape)}")
+        shape = x.shape[2:]
+        x, pads = _pad_to_multiple((x - self.norm_mean) / self.norm_std, self.size_multiple)
+        logits = self.head(self.decoder(self.encoder(x)))
+        crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, shape))
+        return logits[(slice(None), slice(None)) + crop]
+
+    def config(self) -> dict:
+        """Everything :func:`build_model` (``"unet3d"``) needs to rebuild this model, weights aside."""
+        return {"model": "unet3d", "arch": self.arch, "num_classes": self.num_classes,
+                "geometry": self.geometry.to_dict(), "decoder_channels": list(self.decoder_channels),
+                "upsample": self.upsample, "mean": float(self.norm_mean), "std": float(self.norm_std)}
+
+
+@register_model("unet3d")
+def build_unet3d(arch: str = "resnet50", num_classes: int = 2,
+                 encoder_weights: EncoderWeights | Mapping[str, torch.Tensor] | None = None,
+                 geometry: StageGeometry | str | Mapping | None = None, freeze_encoder: bool = False,
+                 upsample: str = "trilinear", decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
+                 inflate_mode: str = "i3d", mean: float | None = None, std: float | None = None) -> UNet3D:
+    """Build a :class:`UNet3D`, inflating 2D encoder weights into it (loaded strictly).
+
+    Args:
+        arch: encoder architecture.
+        num_classes: classes including background.
+        encoder_weights: 2D weights: an :class:`~finetune.encoders.EncoderWeights` from
+            :func:`~finetune.encoders.resolve_encoder` (its mean/std are used unless given
+            here), a plain 2D ResNet state dict, or None (random initialisation).
+        geometry: per-stage kernel depth and z stride (preset name ``isotropic``,
+            ``anisotropic``, ``planar``, a mapping ``{"kernel_depth": [5], "z_stride": [5]}``
+            or a :class:`StageGeometry`; see :meth:`StageGeometry.from_spacing`).
+        freeze_encoder: no gradients to the encoder and its BatchNorm kept in eval mode.
+        upsample: ``trilinear``, ``nearest`` or ``transpose``.
+        decoder_channels: five decoder widths (``(256, 128, 64, 32, 16)`` as smp's UNet).
+        inflate_mode: ``i3d`` or ``center`` (see :mod:`finetune.models.inflate`).
+        mean, std: input normalisation for [0, 1] voxels; default from the weights, else 0.5/0.5.
+
+    Raises:
+        ValueError (EncoderError): the weights do not fit ``arch`` (names the source).
+    """
+    get_arch(arch)
+    if isinstance(encoder_weights, EncoderWeights):
+        weights = encoder_weights
+    elif encoder_weights is None:
+        weights = EncoderWeights("random", None, source="random")
+    elif isinstance(encoder_weights, Mapping):
+        weights = EncoderWeights("file", dict(encoder_weights), source="<2D state dict>")
+    else:
+        raise ValueError(f"encoder_weights must be EncoderWeights, a state dict or None, got "
+                         f"{type(encoder_weights).__name__}")
+    mean = mean if mean is not None else (weights.mean if weights.mean is not None else DEFAULT_MEAN)
+    std = std if std is not None else (weights.std if weights.std is not None else DEFAULT_STD)
+    model = UNet3D(arch, num_classes, geometry, decoder_channels, upsample, mean, std)
+    if weights.state is not None:
+        state3d = inflate_state_dict(weights.state, model.geometry, inflate_mode)
+        load_into_encoder(model.encoder, dataclasses.replace(weights, state=state3d), arch)
+    model.freeze_encoder(freeze_encoder)
+    return model
+
+
+__all__ = ["BasicBlock", "Bottleneck", "DecoderBlock", "ResNetEncoder", "STAGES", "UNet3D", "UNetDecoder",
+           "UPSAMPLE_MODES", "build_unet3d", "conv_nd"]
