@@ -42,6 +42,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dedup_preview(args: argparse.Namespace) -> int:
+    from cemcurate.preview import dedup_preview
+
+    page = dedup_preview(args.out, groups=args.groups, max_hamming=args.max_hamming, seed=args.seed)
+    print(f"wrote {page}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     from cemcurate.pipeline import BuildConfig
 
@@ -67,6 +75,14 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("dest", type=Path, help="folder to write the images to")
     e.add_argument("--format", choices=("tiff", "png"), default="tiff", help="image file format")
     e.set_defaults(func=_cmd_export)
+
+    d = sub.add_parser("dedup-preview", help="HTML page of near-duplicate groups and pairs near the cutoff, to choose --max-hamming by eye",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("out", type=Path, help="a cemcurate build output folder")
+    d.add_argument("--groups", type=int, default=12, help="number of random near-duplicate groups shown")
+    d.add_argument("--max-hamming", type=int, default=None, help="cutoff to illustrate (default: the one the build used)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the random choice of groups and pairs")
+    d.set_defaults(func=_cmd_dedup_preview)
     return parser
 
 

@@ -163,6 +163,7 @@ def _source_row(spec: SourceSpec, name: str, **values) -> dict:
     row = {"source": name, "files": json.dumps([str(p) for p in spec.files]) if len(spec.files) > 1 else str(spec.files[0]),
            "reader": "", "shape": "", "dtype": "", "voxel_size": "", "voxel_size_from": "", "planes": "",
            "window_low": np.nan, "window_high": np.nan, "invert": spec.options.invert,
+           "stack": spec.options.stack, "dataset": "",
            "n_raw": 0, "n_unique": 0, "status": "ok", "error": "", "notes": ""}
     row.update(values)
     return row
@@ -239,7 +240,7 @@ def _process_volume(vol: Volume, name: str, shard_name: str, spec: SourceSpec, c
         voxel_size=str(tuple(vol.voxel_size)) if vol.voxel_size else "", voxel_size_from=vol.voxel_size_from,
         planes=",".join(planes), window_low=np.nan if window.low is None else window.low,
         window_high=np.nan if window.high is None else window.high, n_raw=n, n_unique=int(unique.sum()),
-        notes="; ".join(notes))
+        dataset=vol.dataset or "", notes="; ".join(notes))
     return row, manifest
 
 

@@ -219,3 +219,22 @@ def test_source_keys_are_unique_for_similar_names():
     a = SourceSpec("a/b c.tif", [Path("x")])
     b = SourceSpec("a/b_c.tif", [Path("y")])
     assert a.key != b.key
+
+
+def test_dedup_preview_recuts_duplicates_from_the_source(built):
+    from cemcurate.preview import boundary_pairs, patch_pixels
+
+    _, out, _ = built
+    m = pd.read_parquet(out / "manifest.parquet")
+    stored = m[(m.shard_row >= 0) & m.source.isin(["vnc", "neuroproof", "tomo.tif"])].groupby(["source", "plane"]).head(2)
+    from_store = patch_pixels(out, stored)
+    recut = patch_pixels(out, stored.assign(shard_row=-1))  # force the re-cut path
+    assert np.array_equal(from_store, recut)
+    pairs = boundary_pairs(m, 11)
+    hashes = m.dhash.apply(lambda h: int(h, 16)).to_numpy()
+    for a, b, d in pairs.itertuples(index=False):
+        assert bin(int(hashes[a]) ^ int(hashes[b])).count("1") == d
+        assert m.source.iat[a] == m.source.iat[b]
+    assert main(["dedup-preview", str(out), "--groups", "3"]) == 0
+    page = (out / "dedup_preview.html").read_text()
+    assert page.count("exemplar") >= 3 and "Gini" in page and (out / "lorenz.png").stat().st_size > 0
