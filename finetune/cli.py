@@ -1,0 +1,118 @@
+"""``finetune``: train, predict, evaluate and benchmark UNet-ResNet segmentation models.
+
+Every config key is a flag (``finetune train --help`` lists them); ``--config FILE.yaml``
+fills them from a file first (configs/finetune/ holds the paper benchmarks), flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cemcurate.config import add_config_arguments, load_config
+from cemcurate.io import ReadError
+from finetune.config import EvaluateConfig, PredictConfig, TrainConfig
+
+_EPILOG_TRAIN = """examples:
+  finetune train --config configs/finetune/lucchi_pp.yaml --data-dir /data/benchmarks \\
+      --encoder cem500k:cem500k_mocov2_resnet50_200ep.pth.tar --out runs/lucchi
+  finetune train --images 'raw/*.tif' --masks 'mito/*.png' --mask-threshold 127 \\
+      --arch resnet18 --iters 500 --crop 256 --out runs/mito
+Re-running the same command after an interruption resumes from RUN/checkpoint.pth.
+"""
+
+_EPILOG_PREDICT = """examples:
+  finetune predict runs/mito volume.mrc probs.tif
+  finetune predict runs/urocell test.nii.gz seg.nii.gz --mode orthoplane --output-type labels
+  finetune predict runs/mito 'test/*.png' preds/      # one output per image
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a UNet-ResNet on labelled images or volumes",
+                       description=TrainConfig.__doc__, epilog=_EPILOG_TRAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML file with TrainConfig keys (flags override it)")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN",
+                   help="run folder: config, checkpoints, logs and the final model.pth")
+    p.add_argument("--stop-at", type=int, metavar="ITER",
+                   help="stop with a checkpoint after ITER iterations; re-run the command to continue")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_arguments(p, TrainConfig)
+
+    p = sub.add_parser("predict", help="predict a volume, a stack or a set of 2D images with a trained model",
+                       description=PredictConfig.__doc__, epilog=_EPILOG_PREDICT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", metavar="RUN", help="run folder (or its model.pth)")
+    p.add_argument("input", metavar="INPUT",
+                   help="volume file (tif, mrc, nii.gz, h5 (PATH::KEY), zarr, ...), folder or glob of 2D images")
+    p.add_argument("output", metavar="OUTPUT",
+                   help="output file, format from its suffix (.tif .zarr .nii.gz .mrc .npy ...), or a folder "
+                        "(ending in /) for one output per input file")
+    p.add_argument("--config", type=Path, help="YAML file with PredictConfig keys")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_arguments(p, PredictConfig)
+
+    p = sub.add_parser("evaluate", help="per-class IoU of a prediction against labels",
+                       description=EvaluateConfig.__doc__)
+    p.add_argument("pred", metavar="PRED", help="prediction: volume file, folder or glob of 2D images")
+    p.add_argument("labels", metavar="LABELS", help="labels: volume file, folder or glob (paired with PRED in order)")
+    p.add_argument("--config", type=Path, help="YAML file with EvaluateConfig keys")
+    add_config_arguments(p, EvaluateConfig)
+
+    from finetune.benchmark import add_benchmark_arguments
+
+    p = sub.add_parser("benchmark", help="train and score several encoder initialisations (paper Table 2 form)",
+                       description="Train, predict and evaluate every benchmark definition with every "
+                                   "initialisation and write a Table-2-style results table.")
+    add_benchmark_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from finetune.train import train
+
+            cfg = load_config(TrainConfig, args.config, overrides=vars(args))
+            result = train(cfg, args.out, stop_at=args.stop_at, progress=not args.quiet)
+            state = "finished" if result.finished else "stopped (re-run the same command to continue)"
+            print(f"{args.out}: {state} at iteration {result.iteration}/{cfg.iters} "
+                  f"after {result.seconds:.0f} s of training")
+            if result.val:
+                print(f"validation mean foreground IoU: {result.val['mean_foreground_iou']:.4f}")
+        elif args.command == "predict":
+            from finetune.predict import predict_path
+
+            cfg = load_config(PredictConfig, args.config, overrides=vars(args))
+            for path in predict_path(args.run, args.input, args.output, cfg, progress=not args.quiet):
+                print(path)
+        elif args.command == "evaluate":
+            from finetune.evaluate import evaluate_paths, format_table, write_json
+
+            cfg = load_config(EvaluateConfig, args.config, overrides=vars(args))
+            result = evaluate_paths(args.pred, args.labels, cfg)
+            print(format_table(result))
+            if cfg.json:
+                write_json(result, cfg.json)
+        else:
+            from finetune.benchmark import run_from_args
+
+            run_from_args(args)
+    except KeyboardInterrupt:
+        print("finetune: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ReadError) as exc:  # EncoderError and WeightsError are ValueErrors
+        print(f"finetune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Config schemas of the ``finetune`` commands: one dataclass per command.
+
+YAML files in ``configs/finetune/`` hold the keys of :class:`TrainConfig`; every key also
+has a ``--flag`` (flags win over the file). Paper settings (Conrad & Narayan 2021,
+"Benchmark segmentation tasks") are the defaults, except the crop scale, whose default is
+native resolution with a 0.7-1.4x zoom (see ``crop_mode``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune.labels import parse_label_map, parse_unmapped
+from finetune.models.registry import ARCHS
+
+PLANES = ("xy", "xz", "yz")
+CROP_MODES = ("native", "paper")
+WEIGHTINGS = ("auto", "prevalence", "none")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+def _check_range(name: str, values: list[float], low: float, high: float | None = None) -> None:
+    if len(values) != 2 or not low < values[0] <= values[1] or (high is not None and values[1] > high):
+        bound = f" and <= {high}" if high is not None else ""
+        raise ValueError(f"{name} must be two numbers MIN MAX with {low} < MIN <= MAX{bound}, got {values}")
+
+
+@dataclass
+class TrainConfig:
+    """``finetune train``: fine-tune a UNet-ResNet on 2D images or 3D volumes with labels."""
+
+    name: str = field(default="", metadata=_help("run/benchmark name, for logs and tables"))
+    data_dir: str = field(default="", metadata=_help(
+        "folder that relative image/mask globs are resolved against (empty: the working directory)"))
+    images: list[str] = field(default_factory=list, metadata=_help(
+        "training images: globs or files (2D images, or 3D volumes in any format the readers read); "
+        "several patterns are concatenated in order, each sorted naturally", metavar="GLOB"))
+    masks: list[str] = field(default_factory=list, metadata=_help(
+        "training labels, paired with images in the same order and of the same shapes", metavar="GLOB"))
+    val_images: list[str] = field(default_factory=list, metadata=_help(
+        "optional validation images (scored at checkpoints)", metavar="GLOB"))
+    val_masks: list[str] = field(default_factory=list, metadata=_help(
+        "validation labels paired with val_images", metavar="GLOB"))
+    planes: list[str] = field(default_factory=lambda: ["xy"], metadata=_help(
+        "planes 3D volumes are sliced along for training: xy for anisotropic data, xy xz yz for isotropic"))
+    classes: list[str] = field(default_factory=lambda: ["background", "foreground"], metadata=_help(
+        "class names, index 0 first; two classes make a binary task (one sigmoid output)"))
+    mask_threshold: float | None = field(default=None, metadata=_help(
+        "binary masks: foreground where the mask value is > T (e.g. 127 for anti-aliased 0-255 masks)"))
+    label_map: list[str] = field(default_factory=list, metadata=_help(
+        "raw label value to class, as VALUE:CLASS (name or index), e.g. 0:membrane 255:background; "
+        "empty: mask values are class indices (after mask_threshold)"))
+    unmapped: str = field(default="error", metadata=_help(
+        "label values missing from label_map: error, ignore, background, or a class name/index they all map to"))
+    ignore_label: float | None = field(default=None, metadata=_help(
+        "raw label value excluded from the loss and the metrics"))
+    background_classes: list[int] = field(default_factory=lambda: [0], metadata=_help(
+        "class indices weighted as background (0.1) by prevalence weighting"))
+    class_weighting: str = field(default="auto", metadata=_help(
+        "cross-entropy class weights: prevalence (3 for classes under 10%% of labelled pixels, 1 above, "
+        "0.1 background), none, or auto (prevalence for multi-class, none for binary)"))
+    arch: str = field(default="resnet50", metadata=_help(f"encoder architecture: {', '.join(ARCHS)}"))
+    encoder: str = field(default="random", metadata=_help(
+        "encoder weights: random, imagenet (timm; needs the Hugging Face cache or internet), "
+        "cem500k:PATH (released CEM500K MoCoV2 checkpoint) or PATH (our export, file or folder)"))
+    freeze_encoder: bool = field(default=True, metadata=_help(
+        "freeze the encoder (weights and BatchNorm statistics), as in the paper for pre-trained encoders"))
+    norm_mean: float | None = field(default=None, metadata=_help(
+        "input normalisation mean for images in [0, 1] (default: from the encoder source, else 0.5)"))
+    norm_std: float | None = field(default=None, metadata=_help(
+        "input normalisation std (default: from the encoder source, else 0.5)"))
+    iters: int = field(default=1000, metadata=_help("training iterations (optimizer steps)"))
+    batch_size: int = field(default=16, metadata=_help("crops per iteration"))
+    lr: float = field(default=0.003, metadata=_help("maximum learning rate of the one-cycle schedule (AdamW)"))
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay"))
+    crop: int = field(default=512, metadata=_help("training crop side in pixels (multiple of 32)"))
+    crop_mode: str = field(default="native", metadata=_help(
+        "native: crops at native resolution with a zoom in the zoom range (matches whole-slice "
+        "prediction); paper: RandomResizedCrop with paper_scale of the image area and paper_ratio"))
+    zoom: list[float] = field(default_factory=lambda: [0.7, 1.4], metadata=_help(
+        "native crop mode: zoom range relative to native resolution (>1 magnifies)"))
+    paper_scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata=_help(
+        "paper crop mode: crop area as a fraction of the image area"))
+    paper_ratio: list[float] = field(default_factory=lambda: [0.5, 1.5], metadata=_help(
+        "paper crop mode: crop aspect-ratio range"))
+    rotate: bool = field(default=True, metadata=_help("random rotation by any angle (0-360 degrees)"))
+    flips: bool = field(default=True, metadata=_help("random horizontal and vertical flips"))
+    brightness_contrast: float = field(default=0.3, metadata=_help(
+        "random brightness and contrast change limit (0.3 = +-30%%; 0 disables)"))
+    noise_var: list[float] = field(default_factory=list, metadata=_help(
+        "Gaussian noise variance range in 8-bit grey levels squared, e.g. 400 1200 (empty: off)"))
+    blur_sigma: float = field(default=0.0, metadata=_help("maximum Gaussian blur sigma in pixels (0: off; paper Guay: 7)"))
+    seed: int = field(default=42, metadata=_help("random seed for initialisation and data sampling"))
+    checkpoint_every: int = field(default=500, metadata=_help(
+        "save a resumable checkpoint (and score the validation set) every N iterations"))
+    log_every: int = field(default=10, metadata=_help("log the training loss every N iterations"))
+    device: str = field(default="auto", metadata=_help("auto (cuda when available), cpu or cuda"))
+    amp: bool = field(default=True, metadata=_help("mixed precision on CUDA (ignored on CPU)"))
+    workers: int = field(default=2, metadata=_help("data-loading worker processes (0: in the main process)"))
+
+    def __post_init__(self) -> None:
+        if not self.images or not self.masks:
+            raise ValueError("no training data: set images and masks in the config or pass --images GLOB --masks GLOB")
+        if bool(self.val_images) != bool(self.val_masks):
+            raise ValueError("val_images and val_masks must be given together")
+        bad = [p for p in self.planes if p not in PLANES]
+        if bad or not self.planes:
+            raise ValueError(f"planes must be a non-empty subset of {PLANES}, got {self.planes}")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must list at least two distinct names (background first), got {self.classes}")
+        parse_unmapped(self.unmapped, self.classes)
+        parse_label_map(self.label_map, self.classes)
+        if self.class_weighting not in WEIGHTINGS:
+            raise ValueError(f"class_weighting must be one of {WEIGHTINGS}, got {self.class_weighting!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; valid archs: {', '.join(ARCHS)}")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+        if self.crop < 32 or self.crop % 32:
+            raise ValueError(f"crop must be a positive multiple of 32 (the UNet stride), got {self.crop}")
+        for name in ("iters", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        _check_range("zoom", self.zoom, 0.0)
+        _check_range("paper_scale", self.paper_scale, 0.0, 1.0)
+        _check_range("paper_ratio", self.paper_ratio, 0.0)
+        if self.noise_var:
+            _check_range("noise_var", self.noise_var, 0.0)
+        if self.blur_sigma < 0 or not 0 <= self.brightness_contrast < 1:
+            raise ValueError("blur_sigma must be >= 0 and brightness_contrast in [0, 1)")
+        if self.norm_std is not None and not self.norm_std > 0:
+            raise ValueError(f"norm_std must be > 0, got {self.norm_std}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        bad_bg = [b for b in self.background_classes if not 0 <= b < len(self.classes)]
+        if bad_bg:
+            raise ValueError(f"background_classes {bad_bg} out of range for {len(self.classes)} classes")
+        if self.mask_threshold is not None and (self.label_map or len(self.classes) != 2):
+            raise ValueError("mask_threshold makes a binary task: use it with two classes and no label_map")
+
+
+# Keys that may change between an interrupted run and its resumption without changing the
+# result (logging cadence, hardware); every other key must match the checkpoint.
+RESUME_SAFE_KEYS = frozenset({"checkpoint_every", "log_every", "device", "amp", "workers", "data_dir"})
+
+
+@dataclass
+class PredictConfig:
+    """``finetune predict``: whole-volume prediction with a trained model."""
+
+    mode: str = field(default="stack", metadata=_help(
+        "stack: predict every xy slice; orthoplane: predict xy, xz and yz slices and average the "
+        "probabilities (for isotropic volumes)"))
+    output_type: str = field(default="probs", metadata=_help(
+        "probs: class probabilities (binary: foreground; multi-class: one file per class, named "
+        "OUTPUT_<class>); labels: class index per voxel"))
+    prob_dtype: str = field(default="uint8", metadata=_help("probability encoding: uint8 (0-255) or float32 (0-1)"))
+    threshold: float = field(default=0.5, metadata=_help("binary foreground threshold for output_type labels"))
+    tile: int = field(default=512, metadata=_help("largest tile side in pixels; bigger slices are tiled"))
+    overlap: int = field(default=64, metadata=_help("overlap between tiles in pixels (blended)"))
+    batch_size: int = field(default=8, metadata=_help("tiles per forward pass"))
+    chunk: int = field(default=16, metadata=_help("slices read and predicted together"))
+    memory_limit_gb: float = field(default=4.0, metadata=_help(
+        "orthoplane mode keeps the input and the probability sums in RAM up to this size, "
+        "else in memory-mapped files beside OUTPUT"))
+    suffix: str = field(default=".tif", metadata=_help(
+        "file suffix when OUTPUT is a folder (one output per input image)"))
+    device: str = field(default="auto", metadata=_help("auto (cuda when available), cpu or cuda"))
+    amp: bool = field(default=True, metadata=_help("mixed precision on CUDA (ignored on CPU)"))
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("stack", "orthoplane"):
+            raise ValueError(f"mode must be stack or orthoplane, got {self.mode!r}")
+        if self.output_type not in ("probs", "labels"):
+            raise ValueError(f"output_type must be probs or labels, got {self.output_type!r}")
+        if self.prob_dtype not in ("uint8", "float32"):
+            raise ValueError(f"prob_dtype must be uint8 or float32, got {self.prob_dtype!r}")
+        if self.tile < 32 or not 0 <= self.overlap < self.tile:
+            raise ValueError(f"need tile >= 32 and 0 <= overlap < tile, got tile={self.tile} overlap={self.overlap}")
+        if self.batch_size < 1 or self.chunk < 1 or not self.memory_limit_gb > 0:
+            raise ValueError("batch_size and chunk must be >= 1 and memory_limit_gb > 0")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if not self.suffix.startswith("."):
+            raise ValueError(f"suffix must start with a dot, e.g. .tif, got {self.suffix!r}")
+
+
+@dataclass
+class EvaluateConfig:
+    """``finetune evaluate``: IoU of a prediction against labels."""
+
+    classes: list[str] = field(default_factory=lambda: ["background", "foreground"], metadata=_help(
+        "class names, index 0 first"))
+    label_threshold: float | None = field(default=None, metadata=_help(
+        "binary labels: foreground where the label value is > T"))
+    label_map: list[str] = field(default_factory=list, metadata=_help(
+        "raw label value to class as VALUE:CLASS (see finetune train --label-map)"))
+    unmapped: str = field(default="error", metadata=_help(
+        "label values missing from label_map: error, ignore, background, or a class name/index they all map to"))
+    ignore_label: float | None = field(default=None, metadata=_help("raw label value excluded from scoring"))
+    ignore_mask: str = field(default="", metadata=_help(
+        "file/glob of a mask (non-zero = excluded from scoring), same shape as the labels"))
+    instances_only: bool = field(default=False, metadata=_help(
+        "Perez-style: ignore predicted connected regions that touch no labelled instance of their class"))
+    pred_kind: str = field(default="auto", metadata=_help(
+        "labels (class indices), probs (binary foreground probability: float 0-1 or uint8 0-255) or "
+        "auto (float: probs; integers all < number of classes: labels; else uint8 probs)"))
+    pred_threshold: float = field(default=0.5, metadata=_help("foreground threshold for probability predictions"))
+    json: str = field(default="", metadata=_help("write the scores to this JSON file"))
+
+    def __post_init__(self) -> None:
+        if len(self.classes) < 2:
+            raise ValueError(f"classes must list at least two names, got {self.classes}")
+        if self.pred_kind not in ("auto", "labels", "probs"):
+            raise ValueError(f"pred_kind must be auto, labels or probs, got {self.pred_kind!r}")
+        if not 0 < self.pred_threshold < 1:
+            raise ValueError(f"pred_threshold must be in (0, 1), got {self.pred_threshold}")
+        parse_unmapped(self.unmapped, self.classes)
+        parse_label_map(self.label_map, self.classes)

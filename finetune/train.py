@@ -1,0 +1,303 @@
+"""``finetune train``: fine-tune a UNet-ResNet with the paper's recipe, resumably.
+
+Recipe (Conrad & Narayan 2021, "Benchmark segmentation tasks"): AdamW, one-cycle
+learning rate with maximum 0.003, weight decay 0.1, batch 16, a fixed number of
+iterations, BCE-with-logits for binary tasks and prevalence-weighted cross-entropy for
+multi-class ones, seed 42, encoder frozen (including BatchNorm statistics).
+
+A run folder ``RUN`` holds:
+
+* ``config.yaml``: the resolved config;
+* ``checkpoint.pth``: resumable state (model, optimizer, scheduler, AMP scaler, iteration,
+  RNG states, elapsed time, config), written atomically every ``checkpoint_every``
+  iterations, at ``stop_at`` and on Ctrl-C. Re-running the same command continues from it
+  and ends with the same weights as an uninterrupted run: samples are a pure function of
+  ``(seed, sample index)`` (:mod:`finetune.data`), so the data stream resumes exactly too;
+* ``model.pth``: the final model (weights + what is needed to rebuild it);
+* ``train_log.csv``, ``val_log.csv``, ``tensorboard/``: loss, learning rate, validation IoU.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cemcurate.atomic import atomic_path
+from cemcurate.config import config_to_dict, save_config
+from finetune.config import RESUME_SAFE_KEYS, TrainConfig
+from finetune.data import CropSamples, LabelledVolume, label_spec, load_labelled, pair_files
+from finetune.encoders import EncoderWeights, load_into_encoder, resolve_encoder
+from finetune.losses import count_classes, prevalence_weights, segmentation_loss
+from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes
+from finetune.models import DEFAULT_MEAN, DEFAULT_STD, UNet2D, build_model
+from finetune.predict.predictor import SlicePredictor, select_device
+
+CHECKPOINT = "checkpoint.pth"
+MODEL = "model.pth"
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    Attributes:
+        run: the run folder.
+        iteration: iterations completed so far.
+        finished: ``iteration == cfg.iters`` (``model.pth`` written).
+        seconds: training wall time summed over all invocations of this run.
+        val: last validation scores (``{"iou": {...}, "mean_foreground_iou": ...}``) or None.
+    """
+
+    run: Path
+    iteration: int
+    finished: bool
+    seconds: float
+    val: dict | None
+
+
+def normalisation(cfg: TrainConfig, weights: EncoderWeights) -> tuple[float, float]:
+    """Input mean/std: config override, else the encoder source's, else 0.5/0.5."""
+    mean = cfg.norm_mean if cfg.norm_mean is not None else weights.mean
+    std = cfg.norm_std if cfg.norm_std is not None else weights.std
+    return (DEFAULT_MEAN if mean is None else mean), (DEFAULT_STD if std is None else std)
+
+
+def build_training_model(cfg: TrainConfig) -> tuple[UNet2D, EncoderWeights]:
+    """The UNet with seeded random init, encoder weights loaded strictly, frozen as configured."""
+    weights = resolve_encoder(cfg.encoder, cfg.arch)
+    mean, std = normalisation(cfg, weights)
+    # Seeding right before construction makes every randomly initialised parameter the
+    # same in every experiment with the same seed (as in the paper), whatever the source.
+    torch.manual_seed(cfg.seed)
+    model = build_model("unet2d", arch=cfg.arch, num_classes=len(cfg.classes), mean=mean, std=std)
+    load_into_encoder(model.encoder, weights, cfg.arch)
+    model.freeze_encoder(cfg.freeze_encoder)
+    return model, weights
+
+
+def class_weights(cfg: TrainConfig, items: list[LabelledVolume]) -> np.ndarray | None:
+    """Loss weights from the training labels (None for an unweighted loss).
+
+    Always checks that every class occurs in the training labels: a class that never
+    occurs points at a wrong threshold or label map, and cannot be learned.
+    """
+    counts = count_classes([it.labels for it in items], len(cfg.classes))
+    missing = [f"{i} ({cfg.classes[i]})" for i in np.flatnonzero(counts == 0)]
+    if missing:
+        raise ValueError(f"class(es) {', '.join(missing)} have no pixels in the training labels "
+                         f"(pixel counts {counts.tolist()}); check classes, mask_threshold and label_map")
+    mode = cfg.class_weighting
+    if mode == "auto":
+        mode = "prevalence" if len(cfg.classes) > 2 else "none"
+    if mode == "none":
+        return None
+    return prevalence_weights(counts, cfg.background_classes, class_names=cfg.classes)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                      int(np_state[3]), float(np_state[4])],
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(_as_tuple(state["python"]))
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _config_mismatch(saved: dict, current: dict) -> list[str]:
+    keys = (set(saved) | set(current)) - RESUME_SAFE_KEYS
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+def _truncate_csv(path: Path, last_iteration: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= last_iteration]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        csv.writer(fh).writerows(kept)
+
+
+def _append_csv(path: Path, header: list[str], row: list) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new:
+            writer.writerow(header)
+        writer.writerow(row)
+
+
+def validate(model: UNet2D, items: list[LabelledVolume], num_classes: int, device: torch.device,
+             amp: bool, batch_size: int = 8) -> dict:
+    """IoU of the model on the xy slices of ``items`` (pixels pooled over all items)."""
+    was_training = model.training
+    predictor = SlicePredictor(model, device, amp, tile=512, overlap=64, batch_size=batch_size)
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    try:
+        for item in items:
+            for z0 in range(0, item.image.shape[0], 4):
+                x = item.image[z0:z0 + 4].astype(np.float32) / np.float32(255.0)
+                probs = predictor(x).transpose(1, 0, 2, 3)
+                cm += confusion_matrix(probs_to_classes(probs), item.labels[z0:z0 + 4], num_classes)
+    finally:
+        model.train(was_training)
+    iou = iou_from_confusion(cm)
+    fg = iou[1:][~np.isnan(iou[1:])]
+    return {"iou": [None if np.isnan(v) else float(v) for v in iou],
+            "mean_foreground_iou": float(fg.mean()) if fg.size else None}
+
+
+def _save_checkpoint(run: Path, iteration: int, elapsed: float, model, optimizer, scheduler, scaler, cfg) -> None:
+    state = {"iteration": iteration, "elapsed": elapsed, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+             "rng": _rng_state(), "config": config_to_dict(cfg)}
+    with atomic_path(run / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def _save_model(run: Path, model: UNet2D, cfg: TrainConfig, weights: EncoderWeights, iteration: int,
+                elapsed: float, val: dict | None) -> None:
+    payload = {"state_dict": model.state_dict(), "model_config": model.config(), "classes": list(cfg.classes),
+               "config": config_to_dict(cfg), "encoder_source": weights.source, "iterations": iteration,
+               "seconds": elapsed, "val": val}
+    with atomic_path(run / MODEL) as tmp:
+        torch.save(payload, tmp)
+
+
+def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progress: bool = True) -> TrainResult:
+    """Train (or resume training) into the folder ``run``; see the module docstring.
+
+    Args:
+        cfg: the resolved config.
+        run: run folder (created).
+        stop_at: stop with a checkpoint once this many iterations are done (to split a
+            run over several jobs); ``None``: train to ``cfg.iters``.
+        progress: show a tqdm bar.
+    """
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    device = select_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    if device.type == "cuda":
+        # Deterministic kernels: a resumed run must equal an uninterrupted one.
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+    # Everything that can fail on bad input is checked before the first iteration.
+    spec = label_spec(cfg)
+    items = load_labelled(pair_files(cfg.images, cfg.masks, cfg.data_dir or None), spec)
+    val_items = (load_labelled(pair_files(cfg.val_images, cfg.val_masks, cfg.data_dir or None, "val "), spec)
+                 if cfg.val_images else [])
+    weights_np = class_weights(cfg, items)
+    weights_t = torch.from_numpy(weights_np) if weights_np is not None else None
+    dataset = CropSamples(items, cfg)
+    model, enc = build_training_model(cfg)
+    model.to(device)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.iters)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    start, elapsed, last_val = 0, 0.0, None
+    ckpt_path = run / CHECKPOINT
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        diff = _config_mismatch(ckpt["config"], config_to_dict(cfg))
+        if diff:
+            raise ValueError(f"{ckpt_path}: this run was started with a different config ({', '.join(diff)} "
+                             "differ); resume with the same settings or use a new --out folder")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        start, elapsed = int(ckpt["iteration"]), float(ckpt["elapsed"])
+        _truncate_csv(run / "train_log.csv", start)
+        _truncate_csv(run / "val_log.csv", start)
+    save_config(cfg, run / "config.yaml")
+    stop = cfg.iters if stop_at is None else max(start, min(cfg.iters, stop_at))
+
+    if start >= cfg.iters and (run / MODEL).is_file():
+        return TrainResult(run, start, True, elapsed, None)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    tb = SummaryWriter(str(run / "tensorboard"), purge_step=start if start else None)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
+                                         sampler=range(start * cfg.batch_size, stop * cfg.batch_size),
+                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    bar = tqdm(total=cfg.iters, initial=start, desc=f"train {cfg.name or run.name}", unit="it",
+               disable=not progress, dynamic_ncols=True)
+    it = start
+    t0 = time.perf_counter()
+    val_header = ["iteration"] + [f"iou_{c}" for c in cfg.classes] + ["mean_foreground_iou"]
+    try:
+        model.train()
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                logits = model(x)
+            loss = segmentation_loss(logits, y, weights_t)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            it += 1
+            bar.update(1)
+            if it % cfg.log_every == 0 or it == stop:
+                loss_v, lr_v = float(loss.detach()), float(scheduler.get_last_lr()[0])
+                now = elapsed + time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss_v:.4f}")
+                tb.add_scalar("train/loss", loss_v, it)
+                tb.add_scalar("train/lr", lr_v, it)
+                _append_csv(run / "train_log.csv", ["iteration", "loss", "lr", "seconds"],
+                            [it, f"{loss_v:.6f}", f"{lr_v:.6g}", f"{now:.1f}"])
+            if it % cfg.checkpoint_every == 0 or it == stop:
+                if val_items:
+                    last_val = validate(model, val_items, len(cfg.classes), device, amp)
+                    for c, v in zip(cfg.classes, last_val["iou"]):
+                        if v is not None:
+                            tb.add_scalar(f"val/iou_{c}", v, it)
+                    _append_csv(run / "val_log.csv", val_header,
+                                [it] + [("" if v is None else f"{v:.5f}") for v in last_val["iou"]]
+                                + [last_val["mean_foreground_iou"]])
+                _save_checkpoint(run, it, elapsed + time.perf_counter() - t0, model, optimizer, scheduler, scaler, cfg)
+    except KeyboardInterrupt:
+        if it > start:
+            _save_checkpoint(run, it, elapsed + time.perf_counter() - t0, model, optimizer, scheduler, scaler, cfg)
+        bar.close()
+        tb.close()
+        raise
+    bar.close()
+    tb.close()
+    elapsed += time.perf_counter() - t0
+    finished = it >= cfg.iters
+    if finished:
+        _save_model(run, model, cfg, enc, it, elapsed, last_val)
+    return TrainResult(run, it, finished, elapsed, last_val)
