@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -157,11 +158,14 @@ class _HammingRangeIndex:
         return blocks
 
     @staticmethod
+    @lru_cache(maxsize=32)
     def _flip_masks(width: int, radius: int) -> np.ndarray:
         masks = [0]
         for k in range(1, radius + 1):
             masks.extend(sum(1 << bit for bit in bits) for bits in itertools.combinations(range(width), k))
-        return np.array(masks, dtype=np.uint64)
+        masks = np.array(masks, dtype=np.uint64)
+        masks.setflags(write=False)
+        return masks
 
     def _build_table(self, shift: int, width: int):
         keys = (self.base >> np.uint64(shift)) & np.uint64((1 << width) - 1)
@@ -194,13 +198,21 @@ class _HammingRangeIndex:
             return empty, empty
         if self.blocks is None:
             return self._query_brute(queries)
+        # Real hashes are not uniform: partly flat patches share all-zero rows, so a block
+        # key can hold a large share of the base. A query whose buckets hold more candidates
+        # than a plain scan would touch is cheaper to scan, so it is moved to the brute path.
+        candidate_limit = max(1024, int(len(self.base) * self._BRUTE_NS_PER_PAIR / self._CANDIDATE_NS))
+        scanned = np.zeros(len(queries), dtype=bool)
         found_query, found_base = [], []
-        for (shift, width, radius, flips), (order, sorted_hashes, table) in zip(self.blocks, self.tables):
+        for (shift, width, _, flips), (order, sorted_hashes, table) in zip(self.blocks, self.tables):
             query_keys = (queries >> np.uint64(shift)) & np.uint64((1 << width) - 1)
             step = max(1, self._STEP_ELEMENTS // len(flips))
             for start in range(0, len(queries), step):
-                chunk = slice(start, start + step)
-                targets = (query_keys[chunk, None] ^ flips[None, :]).ravel()  # (q * n_flips,)
+                chunk_ids = np.arange(start, min(start + step, len(queries)))
+                chunk_ids = chunk_ids[~scanned[chunk_ids]]
+                if len(chunk_ids) == 0:
+                    continue
+                targets = (query_keys[chunk_ids, None] ^ flips[None, :]).ravel()  # (q * n_flips,)
                 if isinstance(table, tuple):
                     occupied_table, counts_table, starts_table = table
                     targets = targets.view(np.int64)  # keys < 2**22, so the view is exact
@@ -209,26 +221,51 @@ class _HammingRangeIndex:
                     counts = counts_table.take(hit_keys).astype(np.int64)
                     first = starts_table.take(hit_keys).astype(np.int64)
                 else:
-                    flat = targets
-                    first = np.searchsorted(table, flat, side="left")
-                    counts = np.searchsorted(table, flat, side="right") - first
+                    first = np.searchsorted(table, targets, side="left")
+                    counts = np.searchsorted(table, targets, side="right") - first
                     hit = np.flatnonzero(counts)
                     counts, first = counts[hit], first[hit]
                 if len(hit) == 0:
                     continue
-                query_of_hit = hit // len(flips) + start
-                # Expand each hit bucket into its members: position = first + 0..count-1.
-                total = int(counts.sum())
-                query_index = np.repeat(query_of_hit, counts)
-                offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-                positions = np.repeat(first, counts) + offsets
-                close = np.bitwise_count(sorted_hashes.take(positions) ^ queries.take(query_index)) <= self.max_hamming
-                found_query.append(query_index[close])
-                found_base.append(order.take(positions[close]))
+                query_of_hit = chunk_ids[hit // len(flips)]
+                per_query = np.bincount(query_of_hit - start, weights=counts, minlength=len(chunk_ids) + 1)
+                heavy = per_query > candidate_limit
+                if heavy.any():
+                    scanned[np.flatnonzero(heavy) + start] = True
+                    light = ~scanned[query_of_hit]
+                    query_of_hit, counts, first = query_of_hit[light], counts[light], first[light]
+                for part in self._bounded_parts(counts):
+                    query_index, positions = self._expand(query_of_hit[part], first[part], counts[part])
+                    close = np.bitwise_count(sorted_hashes.take(positions) ^ queries.take(query_index)) <= self.max_hamming
+                    found_query.append(query_index[close])
+                    found_base.append(order.take(positions[close]))
+        if scanned.any():
+            heavy_ids = np.flatnonzero(scanned)
+            heavy_query, heavy_base = self._query_brute(queries[heavy_ids])
+            found_query.append(heavy_ids[heavy_query])
+            found_base.append(heavy_base)
         if not found_query:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty
-        return np.concatenate(found_query), np.concatenate(found_base).astype(np.int64)
+        return np.concatenate(found_query).astype(np.int64), np.concatenate(found_base).astype(np.int64)
+
+    def _bounded_parts(self, counts: np.ndarray) -> list[slice]:
+        """Split hits into runs of at most about _STEP_ELEMENTS candidates, to bound memory."""
+        total = int(counts.sum())
+        if total <= self._STEP_ELEMENTS:
+            return [slice(None)]
+        ends = np.cumsum(counts)
+        cuts = np.searchsorted(ends, np.arange(self._STEP_ELEMENTS, total, self._STEP_ELEMENTS), side="right")
+        bounds = [0, *np.unique(cuts).tolist(), len(counts)]
+        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    @staticmethod
+    def _expand(query_of_hit: np.ndarray, first: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each hit bucket to its members: (query index, sorted position first + 0..count-1)."""
+        total = int(counts.sum())
+        query_index = np.repeat(query_of_hit, counts)
+        offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        return query_index, np.repeat(first, counts) + offsets
 
     def _query_brute(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         found_query, found_base = [], []
@@ -255,7 +292,11 @@ def _visit_order(n: int, order, seed) -> np.ndarray:
     return order_array.astype(np.int64)
 
 
-def _greedy_leaders(unique_hashes: np.ndarray, max_hamming: int, batch_size: int = 1024) -> np.ndarray:
+# Below this many indexed hashes a rebuild costs more than the smaller index saves.
+_MIN_REBUILD_SIZE = 1 << 15
+
+
+def _greedy_leaders(unique_hashes: np.ndarray, max_hamming: int, batch_size: int = 512) -> np.ndarray:
     """Greedy leader clustering of distinct hashes visited in index order.
 
     Returns int64 ``leader`` of shape (M,): the index of each hash's exemplar (itself for
@@ -318,7 +359,7 @@ def _greedy_leaders(unique_hashes: np.ndarray, max_hamming: int, batch_size: int
             first[1:] = neighbour[1:] != neighbour[:-1]
             leader[neighbour[first]] = exemplar_ids[query_index[first]]
             n_undecided -= int(first.sum())
-        if n_undecided <= len(indexed_ids) // 2:
+        if len(indexed_ids) >= _MIN_REBUILD_SIZE and n_undecided <= len(indexed_ids) // 2:
             indexed_ids = np.flatnonzero(leader < 0)
             index = _HammingRangeIndex(unique_hashes[indexed_ids], max_hamming)
     return leader

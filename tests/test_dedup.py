@@ -246,6 +246,26 @@ def test_range_index_returns_exactly_the_close_pairs(max_hamming):
         assert set(zip(found_rows.tolist(), found_cols.tolist())) == expected
 
 
+def test_range_index_with_skewed_blocks(monkeypatch):
+    # Like partly flat patches: most hashes have all-zero rows, so two 16-bit blocks each
+    # hold one giant bucket; those queries must fall back to a scan and stay exact.
+    scanned = []
+    plain_scan = _HammingRangeIndex._query_brute
+    monkeypatch.setattr(_HammingRangeIndex, "_query_brute", lambda self, q: scanned.append(len(q)) or plain_scan(self, q))
+    rng = np.random.default_rng(9)
+    base = np.unique(clustered_hashes(20000, rng))
+    base[: len(base) * 9 // 10] &= np.uint64(0xFFFFFFFF00000000)
+    base = np.unique(base)
+    queries = np.concatenate([base[rng.integers(0, len(base), 400)], clustered_hashes(100, rng)])
+    index = _HammingRangeIndex(base, 11, "blocks")
+    rows, cols = index.query(queries)
+    assert 0 < scanned[0] < len(queries)  # both the multi-index and the scan answered some
+    expected_rows, expected_cols = np.nonzero(hamming_distance(queries[:, None], base[None, :]) <= 11)
+    assert set(zip(rows.tolist(), cols.tolist())) == set(zip(expected_rows.tolist(), expected_cols.tolist()))
+    order = rng.permutation(len(base))
+    assert np.array_equal(group_near_duplicates(base, 11, order=order), reference_greedy_vectorised(base, 11, order))
+
+
 def test_large_clustered_set_matches_reference_loop():
     rng = np.random.default_rng(21)
     hashes = clustered_hashes(30000, rng)  # big enough for the multi-index path and rebuilds

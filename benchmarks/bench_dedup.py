@@ -1,0 +1,242 @@
+"""Benchmarks of batched dHash and of near-duplicate grouping.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/bench_dedup.py [--data ../shared/data] [--skip-1e6]
+
+Prints Markdown tables:
+1. dHash of real 224 x 224 EM patches: ``cemcurate.dhash.dhash64`` versus one
+   ``imagehash.dhash`` call per patch, on one core (BLAS limited to one thread); hashes are
+   asserted identical; then ``workers`` = 1 and 2.
+2. Grouping versus two plain greedy reference loops written here, on the same hashes and
+   the same visiting order (exemplars asserted identical): real hashes, synthetic N = 1e4
+   and 1e5; then our grouping alone at N = 1e5 and 1e6 (and a uniform worst case), each in
+   a fresh child process so its peak RSS is its own.
+3. Exhaustive range search with faiss ``IndexBinaryFlat`` (exact, O(N^2) popcounts in C,
+   all cores), for scale.
+
+Synthetic hashes imitate real ones, which come in clusters (neighbouring slices of a volume
+differ by a few bits): N/8 uniformly random 64-bit centres; each hash copies a random centre
+and flips k ~ Uniform{0..8} random bits (positions drawn with replacement). About 18% of the
+hashes end up as exemplars at max_hamming = 11 (CEMraw -> CEMdedup kept 21%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cemcurate.dedup import group_near_duplicates  # noqa: E402
+from cemcurate.dhash import dhash64, dhash_hex  # noqa: E402
+
+PATCH = 224
+MAX_HAMMING = 11
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def real_patches(data: Path) -> np.ndarray:
+    """Real 224 x 224 uint8 patches: VNC stack1+2 tiles, neuroproof planes, ISBI tiles."""
+    import imageio.v3 as iio
+    import tifffile
+
+    patches = []
+    for stack in ("stack1", "stack2"):
+        for f in sorted((data / "drosophila_vnc_gerhard" / stack / "raw").glob("*.tif")):
+            section = tifffile.imread(f)[: 4 * PATCH, : 4 * PATCH]
+            patches.extend(section.reshape(4, PATCH, 4, PATCH).transpose(0, 2, 1, 3).reshape(-1, PATCH, PATCH))
+    files = sorted((data / "neuroproof_flyem" / "training_sample2" / "grayscale_maps").glob("*.png"))
+    vol = np.stack([iio.imread(f) for f in files])
+    patches.extend(vol[:, :PATCH, :PATCH])
+    patches.extend(vol.transpose(1, 0, 2)[:, -PATCH:, :PATCH])
+    patches.extend(vol.transpose(2, 0, 1)[:, :PATCH, -PATCH:])
+    for split in ("train/image", "test"):
+        for f in sorted((data / "isbi2012_unet" / split).glob("*.png")):
+            image = iio.imread(f)[: 2 * PATCH, : 2 * PATCH]
+            patches.extend(image.reshape(2, PATCH, 2, PATCH).transpose(0, 2, 1, 3).reshape(-1, PATCH, PATCH))
+    return np.ascontiguousarray(np.stack(patches))
+
+
+def clustered_hashes(n: int, seed: int, mean_cluster: int = 8, max_flips: int = 8) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.integers(0, 2**64, max(1, n // mean_cluster), dtype=np.uint64, endpoint=False)
+    hashes = centres[rng.integers(0, len(centres), n)]
+    n_flips = rng.integers(0, max_flips + 1, n)
+    for k in range(max_flips):
+        chosen = n_flips > k
+        hashes[chosen] ^= np.uint64(1) << rng.integers(0, 64, chosen.sum()).astype(np.uint64)
+    return hashes
+
+
+def uniform_hashes(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def reference_per_patch(hashes: np.ndarray, max_hamming: int, order: np.ndarray) -> np.ndarray:
+    """Visit every patch; an unassigned one claims all unassigned within the threshold."""
+    exemplar = np.full(len(hashes), -1, dtype=np.int64)
+    for i in order:
+        if exemplar[i] < 0:
+            close = np.bitwise_count(hashes ^ hashes[i]) <= max_hamming
+            exemplar[(exemplar < 0) & close] = i
+    return exemplar
+
+
+def reference_shrinking(hashes: np.ndarray, max_hamming: int, order: np.ndarray) -> np.ndarray:
+    """The same rule, keeping only the unassigned patches (in visiting order) in an array."""
+    exemplar = np.full(len(hashes), -1, dtype=np.int64)
+    remaining = np.asarray(order, dtype=np.int64)
+    while len(remaining):
+        leader = remaining[0]
+        close = np.bitwise_count(hashes[remaining] ^ hashes[leader]) <= max_hamming
+        exemplar[remaining[close]] = leader
+        remaining = remaining[~close]
+    return exemplar
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def bench_dhash(data: Path) -> list[str]:
+    import imagehash
+    from PIL import Image
+    from threadpoolctl import threadpool_limits
+
+    patches = real_patches(data)
+    rows = [
+        "| dHash, real 224 x 224 patches | patches | time | patches/s | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    with threadpool_limits(1):
+        t_ref, expected = best_time(lambda: [str(imagehash.dhash(Image.fromarray(p), hash_size=8)) for p in patches], 2)
+        t_ours, hashes = best_time(lambda: dhash64(patches), 3)
+        assert dhash_hex(hashes) == expected, "dhash64 differs from imagehash.dhash"
+        rows.append(f"| imagehash.dhash, one PIL call per patch, 1 core | {len(patches)} | {t_ref:.3f} s | {len(patches) / t_ref:.0f} | 1.0 |")
+        rows.append(f"| dhash64, batched, 1 core | {len(patches)} | {t_ours:.3f} s | {len(patches) / t_ours:.0f} | {t_ref / t_ours:.1f} |")
+        big = np.concatenate([patches] * 3)
+        t_one, h_one = best_time(lambda: dhash64(big, workers=1), 3)
+        for workers in (1, 2):
+            t_w, h_w = best_time(lambda: dhash64(big, workers=workers), 3)
+            assert np.array_equal(h_w, h_one)
+            rows.append(
+                f"| dhash64, workers={workers} (BLAS 1 thread each) | {len(big)} | {t_w:.3f} s | {len(big) / t_w:.0f} | {t_ref / len(patches) * len(big) / t_w:.1f} |"
+            )
+    return rows
+
+
+def time_grouping_child(kind: str, n: int) -> dict:
+    """Run one grouping in a fresh interpreter; return its time and peak RSS before and after.
+
+    The process's RSS before the call (interpreter, imports, the hashes) is already its high
+    water mark, so the growth of the peak is the extra memory the grouping needed."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, str(n)], check=True, capture_output=True, text=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child(kind: str, n: int) -> None:
+    hashes = clustered_hashes(n, seed=n) if kind == "clustered" else uniform_hashes(n, seed=n)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    exemplar = group_near_duplicates(hashes, MAX_HAMMING, seed=0)
+    seconds = time.perf_counter() - t0
+    kept = int(np.sum(exemplar == np.arange(n)))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": seconds, "kept": kept, "rss_mb": rss / 1024, "rss_before_mb": rss_before / 1024}))
+
+
+def bench_grouping(data: Path, skip_1e6: bool) -> list[str]:
+    rows = [
+        "| grouping (max_hamming 11) | N | exemplars | time | ratio vs per-patch loop | ratio vs shrinking loop |",
+        "|---|---|---|---|---|---|",
+    ]
+    real = np.unique(dhash64(real_patches(data)), return_inverse=True)[0]
+    cases = [("real hashes (VNC, neuroproof, ISBI)", real, 3), ("synthetic clustered", clustered_hashes(10_000, 1), 3),
+             ("synthetic clustered", clustered_hashes(100_000, 2), 1)]
+    for label, hashes, repeats in cases:
+        order = np.random.default_rng(0).permutation(len(hashes))
+        t_loop, expected = best_time(lambda: reference_per_patch(hashes, MAX_HAMMING, order), repeats)
+        t_shrink, expected_shrink = best_time(lambda: reference_shrinking(hashes, MAX_HAMMING, order), repeats)
+        t_ours, exemplar = best_time(lambda: group_near_duplicates(hashes, MAX_HAMMING, order=order), max(repeats, 3))
+        assert np.array_equal(exemplar, expected) and np.array_equal(exemplar, expected_shrink)
+        kept = int(np.sum(exemplar == np.arange(len(hashes))))
+        rows.append(f"| per-patch reference loop, {label} | {len(hashes)} | {kept} | {t_loop:.3f} s | 1.0 | |")
+        rows.append(f"| shrinking reference loop, {label} | {len(hashes)} | {kept} | {t_shrink:.3f} s | | 1.0 |")
+        rows.append(f"| group_near_duplicates, {label} | {len(hashes)} | {kept} | {t_ours:.3f} s | {t_loop / t_ours:.1f} | {t_shrink / t_ours:.1f} |")
+    rows += ["", "| group_near_duplicates alone, fresh process | N | exemplars | time | peak RSS growth during the call (process peak) |", "|---|---|---|---|---|"]
+    sizes = [("clustered", 100_000), ("uniform (worst case: no duplicates)", 100_000)]
+    if not skip_1e6:
+        sizes.append(("clustered", 1_000_000))
+    for kind, n in sizes:
+        result = time_grouping_child(kind.split()[0], n)
+        growth = result["rss_mb"] - result["rss_before_mb"]
+        rows.append(f"| synthetic {kind} | {n} | {result['kept']} | {result['seconds']:.2f} s | {growth:.0f} MB ({result['rss_mb']:.0f} MB) |")
+    return rows
+
+
+def bench_faiss_brute() -> list[str]:
+    import faiss
+
+    rows = ["| exhaustive range search, faiss IndexBinaryFlat, all cores | pairs | time | pairs/s |", "|---|---|---|---|"]
+    for n_query, n_base in ((100_000, 100_000), (10_000, 1_000_000)):
+        base = clustered_hashes(n_base, seed=3)
+        index = faiss.IndexBinaryFlat(64)
+        index.add(base.view(np.uint8).reshape(-1, 8))
+        queries = base[:n_query].view(np.uint8).reshape(-1, 8)
+        t0 = time.perf_counter()
+        index.range_search(queries, MAX_HAMMING + 1)  # faiss keeps distance < radius
+        seconds = time.perf_counter() - t0
+        pairs = n_query * n_base
+        rows.append(f"| {n_query} queries x {n_base} hashes | {pairs:.0e} | {seconds:.2f} s | {pairs / seconds:.2e} |")
+    pairs_per_s = pairs / seconds
+    rows.append(f"| extrapolated: all pairs of 1e6 hashes | 1e+12 | {1e12 / pairs_per_s:.0f} s | |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("CEM_DATA", REPO.parent / "shared" / "data")))
+    parser.add_argument("--skip-1e6", action="store_true", help="skip the N = 1e6 grouping (about half a minute)")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]))
+        return
+    if not args.data.is_dir():
+        sys.exit(f"real data not found at {args.data}: pass --data or set CEM_DATA")
+    import numpy
+    import PIL
+
+    print(f"numpy {numpy.__version__}, Pillow {PIL.__version__}, {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}\n")
+    for section in (bench_dhash(args.data), bench_grouping(args.data, args.skip_1e6), bench_faiss_brute()):
+        print("\n".join(section), end="\n\n", flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
