@@ -1,0 +1,318 @@
+"""Human labels of patches (``OUT/labels.csv``) and the patches that can be labelled.
+
+``labels.csv`` has the columns ``patch_id`` (int, the manifest id), ``label`` (1 =
+informative, 0 = uninformative) and ``time`` (ISO 8601, UTC). Rows are only ever
+appended, each write flushed and fsynced, so a killed process loses at most the row being
+written; a patch labelled twice keeps its latest label. A torn last line (power loss in the
+middle of a write) is skipped with a warning when reading.
+
+Labelling candidates are the *deduplicated* patches of a build: manifest rows whose pixels
+are stored (``shard_row >= 0``) and that are not near-duplicates - kept patches and, after
+a filtered build, those dropped as ``uninformative`` (so a filter can be re-trained on its
+own mistakes).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cemcurate.store import open_shard
+
+LABEL_COLUMNS = ("patch_id", "label", "time")
+INFORMATIVE, UNINFORMATIVE = 1, 0
+# Spellings accepted in a filled-in contact-sheet CSV.
+_LABEL_WORDS = {"1": 1, "0": 0, "i": 1, "u": 0, "informative": 1, "uninformative": 0,
+                "yes": 1, "no": 0, "y": 1, "n": 0}
+
+_append_lock = threading.Lock()
+
+
+def labels_path(out_dir: str | Path) -> Path:
+    """``OUT/labels.csv``."""
+    return Path(out_dir) / "labels.csv"
+
+
+def utc_now() -> str:
+    """Current time as ISO 8601 UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def append_labels(path: str | Path, rows: Iterable[tuple[int, int]], time: str | None = None) -> int:
+    """Append ``(patch_id, label)`` rows to a labels CSV, durably; returns the number written.
+
+    The header is written when the file is new or empty. The data reach the disk
+    (``fsync``) before this returns, so a label the caller has acknowledged survives a
+    crash or ``kill -9``.
+    """
+    path = Path(path)
+    rows = [(int(p), int(lab)) for p, lab in rows]
+    for pid, lab in rows:
+        if lab not in (0, 1):
+            raise ValueError(f"{path}: label of patch {pid} must be 1 (informative) or 0 (uninformative), got {lab}")
+    if not rows:
+        return 0
+    stamp = time or utc_now()
+    with _append_lock:
+        new = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            lines = []
+            if size == 0:
+                lines.append(",".join(LABEL_COLUMNS))
+            else:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    # A torn last line: end it so our row starts on a line of its own.
+                    lines.append("")
+            lines += [f"{pid},{lab},{stamp}" for pid, lab in rows]
+            fh.seek(0, os.SEEK_END)
+            fh.write(("\n".join(lines) + "\n").encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        if new:
+            # Make the new directory entry durable too.
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    return len(rows)
+
+
+def read_labels(path: str | Path, latest: bool = True) -> pd.DataFrame:
+    """Read a labels CSV as a DataFrame (``patch_id`` int64, ``label`` int8, ``time`` str).
+
+    Args:
+        path: the CSV; a missing file gives an empty frame.
+        latest: keep only the last label of each patch (in file order).
+    """
+    path = Path(path)
+    empty = pd.DataFrame({"patch_id": pd.Series(dtype="int64"), "label": pd.Series(dtype="int8"),
+                          "time": pd.Series(dtype=object)})
+    if not path.is_file():
+        return empty
+    ids, labels, times, bad = [], [], [], []
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            return empty
+        if [h.strip() for h in header[:2]] != ["patch_id", "label"]:
+            raise ValueError(f"{path}: expected a header starting with 'patch_id,label', found {header}")
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                pid, lab = int(row[0]), int(row[1])
+                if lab not in (0, 1):
+                    raise ValueError
+            except (ValueError, IndexError):
+                bad.append(lineno)
+                continue
+            ids.append(pid)
+            labels.append(lab)
+            times.append(row[2] if len(row) > 2 else "")
+    if bad:
+        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) (first: line {bad[0]}); "
+                      "labels must be 'patch_id,label,time' with label 1 or 0", stacklevel=2)
+    frame = pd.DataFrame({"patch_id": np.asarray(ids, np.int64), "label": np.asarray(labels, np.int8),
+                          "time": np.asarray(times, dtype=object)})
+    if latest and len(frame):
+        frame = frame.drop_duplicates("patch_id", keep="last").reset_index(drop=True)
+    return frame
+
+
+class LabelPool:
+    """The deduplicated patches of a build folder, addressable by ``patch_id``.
+
+    Attributes:
+        out_dir: the build folder.
+        patch_size: patch edge in pixels.
+        mean, std: store intensity statistics in [0, 1] units (from ``store.json``).
+        rows: candidate manifest rows indexed by ``patch_id`` (sorted).
+        patch_ids: int64 ``(n,)`` candidate ids, sorted.
+    """
+
+    def __init__(self, out_dir: str | Path):
+        from cemcurate.manifest import read_manifest
+
+        self.out_dir = Path(out_dir)
+        info_path = self.out_dir / "store.json"
+        if not info_path.is_file():
+            raise ValueError(f"{self.out_dir}: not a finished build folder (store.json is missing); "
+                             f"run `cemcurate build RAW {self.out_dir}` first")
+        info = json.loads(info_path.read_text())
+        self.patch_size = int(info["patch_size"])
+        self.mean, self.std = float(info["mean"]), float(info["std"])
+        manifest = read_manifest(self.out_dir / "manifest.parquet")
+        stored = manifest["shard_row"].to_numpy() >= 0
+        if "duplicate" in manifest.columns:
+            unique = ~manifest["duplicate"].astype(bool).to_numpy()
+        else:
+            unique = (manifest["reason"].astype(str) != "duplicate").to_numpy()
+        self.rows = manifest[stored & unique].set_index("patch_id").sort_index()
+        self.patch_ids = self.rows.index.to_numpy(np.int64)
+        self._shards: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.patch_ids)
+
+    def __contains__(self, patch_id: object) -> bool:
+        try:
+            return int(patch_id) in self.rows.index  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return False
+
+    def _shard(self, name: str) -> np.ndarray:
+        if name not in self._shards:
+            self._shards[name] = open_shard(self.out_dir / "store" / f"{name}.u8", self.patch_size)
+        return self._shards[name]
+
+    def patches(self, patch_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Pixels of ``patch_ids``: uint8 ``(n, p, p)`` in the order given.
+
+        Raises:
+            KeyError: an id is not a stored, deduplicated patch of this build.
+        """
+        ids = np.asarray(patch_ids, np.int64).reshape(-1)
+        missing = ids[~np.isin(ids, self.patch_ids)]
+        if len(missing):
+            raise KeyError(f"{self.out_dir}: patch_id(s) {missing[:5].tolist()} are not stored, deduplicated patches of this build")
+        sel = self.rows.loc[ids]
+        out = np.empty((len(ids), self.patch_size, self.patch_size), np.uint8)
+        shards, rows = sel["shard"].to_numpy(), sel["shard_row"].to_numpy(np.int64)
+        for name in np.unique(shards):
+            idx = np.flatnonzero(shards == name)
+            order = np.argsort(rows[idx], kind="stable")  # forward reads of the memory map
+            out[idx[order]] = self._shard(name)[rows[idx][order]]
+        return out
+
+
+def load_labelled(out_dir: str | Path, labels_csv: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labelled patches of a build: ``(patches uint8 (n, p, p), labels int64 (n,), patch_ids int64 (n,))``.
+
+    Labels of ids that are not in the build (e.g. from an older build) are an error that
+    names the CSV, since training silently on a subset would hide the problem.
+    """
+    labels_csv = Path(labels_csv) if labels_csv is not None else labels_path(out_dir)
+    if not labels_csv.is_file():
+        raise ValueError(f"{labels_csv}: labels file not found; label patches with `cemcurate label {out_dir}` first")
+    table = read_labels(labels_csv)
+    pool = LabelPool(out_dir)
+    unknown = table.loc[~table["patch_id"].isin(pool.patch_ids), "patch_id"]
+    if len(unknown):
+        raise ValueError(f"{labels_csv}: {len(unknown)} labelled patch_id(s) are not patches of {out_dir} "
+                         f"(first: {unknown.iloc[:5].tolist()}); were they labelled on another build?")
+    ids = table["patch_id"].to_numpy(np.int64)
+    return pool.patches(ids), table["label"].to_numpy(np.int64), ids
+
+
+# ----------------------------------------------------------------------------- contact sheets
+
+SHEET_CSV = "sheet_labels.csv"
+
+
+def _number_tile(patch: np.ndarray, number: int, strip: int = 22) -> np.ndarray:
+    """A patch with its number printed in a white strip above it (uint8 2D)."""
+    from PIL import Image, ImageDraw
+
+    tile = Image.new("L", (patch.shape[1], patch.shape[0] + strip), 255)
+    tile.paste(Image.fromarray(patch), (0, strip))
+    ImageDraw.Draw(tile).text((4, 4), str(number), fill=0)
+    return np.asarray(tile)
+
+
+def export_sheets(out_dir: str | Path, dest: str | Path, count: int = 240, per_sheet: int = 48,
+                  columns: int = 8, seed: int | None = None) -> tuple[list[Path], Path]:
+    """Write numbered contact sheets of unlabelled patches and a CSV to fill in.
+
+    Args:
+        out_dir: build folder.
+        dest: folder for ``sheet_001.png``, ... and ``sheet_labels.csv`` (created).
+        count: patches to export (fewer if fewer are unlabelled).
+        per_sheet, columns: grid of each sheet.
+        seed: random order of the patches (``None``: a fresh random order).
+
+    Returns:
+        ``(sheet paths, csv path)``. The CSV has the columns ``patch_id, sheet, position,
+        label``; ``position`` is the number printed above the patch and ``label`` is left
+        empty for the annotator (1 informative, 0 uninformative; blank = skip).
+    """
+    from PIL import Image
+
+    from cemcurate.atomic import atomic_path
+
+    if count < 1 or per_sheet < 1 or columns < 1:
+        raise ValueError(f"count, per_sheet and columns must be positive, got {count}, {per_sheet}, {columns}")
+    pool = LabelPool(out_dir)
+    done = set(read_labels(labels_path(out_dir))["patch_id"].tolist())
+    todo = np.array([p for p in pool.patch_ids if p not in done], np.int64)
+    rng = np.random.default_rng(seed)
+    todo = rng.permutation(todo)[:count]
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    sheets, records = [], []
+    for s, start in enumerate(range(0, len(todo), per_sheet), start=1):
+        ids = todo[start:start + per_sheet]
+        tiles = [_number_tile(patch, i + 1) for i, patch in enumerate(pool.patches(ids))]
+        th, tw = tiles[0].shape
+        gap = 6
+        rows = -(-len(tiles) // columns)
+        cols = min(columns, len(tiles))
+        canvas = np.full((rows * (th + gap) - gap, cols * (tw + gap) - gap), 255, np.uint8)
+        for i, tile in enumerate(tiles):
+            r, c = divmod(i, columns)
+            canvas[r * (th + gap):r * (th + gap) + th, c * (tw + gap):c * (tw + gap) + tw] = tile
+        name = f"sheet_{s:03d}.png"
+        with atomic_path(dest / name) as tmp:
+            Image.fromarray(canvas).save(tmp, format="PNG")
+        sheets.append(dest / name)
+        records += [{"patch_id": int(pid), "sheet": name, "position": i + 1, "label": ""} for i, pid in enumerate(ids)]
+    csv_path = dest / SHEET_CSV
+    with atomic_path(csv_path) as tmp:
+        pd.DataFrame(records, columns=["patch_id", "sheet", "position", "label"]).to_csv(tmp, index=False)
+    return sheets, csv_path
+
+
+def import_sheet(out_dir: str | Path, sheet_csv: str | Path) -> int:
+    """Merge a filled-in contact-sheet CSV into ``OUT/labels.csv``; returns the labels added.
+
+    Accepted labels (case-insensitive): 1/0, i/u, informative/uninformative, yes/no, y/n.
+    Blank labels are skipped. Every row is checked before anything is written, so a bad
+    row leaves ``labels.csv`` unchanged.
+    """
+    sheet_csv = Path(sheet_csv)
+    if not sheet_csv.is_file():
+        raise ValueError(f"{sheet_csv}: sheet CSV not found")
+    table = pd.read_csv(sheet_csv, dtype=str, keep_default_na=False)
+    for column in ("patch_id", "label"):
+        if column not in table.columns:
+            raise ValueError(f"{sheet_csv}: missing column {column!r} (expected patch_id, sheet, position, label)")
+    pool = LabelPool(out_dir)
+    rows = []
+    for i, (pid, lab) in enumerate(zip(table["patch_id"], table["label"]), start=2):
+        word = lab.strip().lower()
+        if not word:
+            continue
+        if word not in _LABEL_WORDS:
+            raise ValueError(f"{sheet_csv}: line {i}: label {lab!r} is not one of 1/0, i/u, informative/uninformative")
+        try:
+            pid_int = int(pid)
+        except ValueError:
+            raise ValueError(f"{sheet_csv}: line {i}: patch_id {pid!r} is not an integer") from None
+        if pid_int not in pool:
+            raise ValueError(f"{sheet_csv}: line {i}: patch_id {pid_int} is not a patch of {out_dir}")
+        rows.append((pid_int, _LABEL_WORDS[word]))
+    return append_labels(labels_path(out_dir), rows)
