@@ -1,0 +1,102 @@
+"""``--filter SPEC``: one object the pipeline calls to score patches, whatever the method.
+
+``make_filter(spec)`` accepts:
+
+* ``none``: keep everything (probability 1);
+* ``stats``: the label-free rules of :mod:`cemcurate.filtering.rules` (0 or 1);
+* a path to a ``.pkl`` written by ``cemcurate filter train``: the Random Forest on the
+  four image statistics;
+* any other path: a classifier file from ``cemcurate filter train`` or the released
+  CEM500K filter state dict (see :mod:`cemcurate.filtering.classifier`).
+
+Every filter has a ``name`` that identifies its behaviour - for files it includes the
+SHA-256 of the file's content - so the pipeline can cache probabilities and recompute
+them exactly when the filter changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cemcurate.filtering.features import check_patches
+
+FILTER_SPECS_HELP = ("'stats' (label-free rules), 'none' (keep all), a classifier .pth from `cemcurate filter train` "
+                     "or the CEM500K filter weights, or a stats_forest.pkl from `cemcurate filter train`")
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class PatchFilter:
+    """Scores patches: ``filter(patches uint8 (n, p, p)) -> float32 (n,)`` informative probabilities.
+
+    Attributes:
+        name: stable identity of the method and its parameters/weights (for caching).
+        threshold: the pipeline keeps a patch when its probability is at least this.
+    """
+
+    def __init__(self, name: str, score: Callable[[np.ndarray], np.ndarray], threshold: float = 0.5):
+        self.name = name
+        self.threshold = float(threshold)
+        self._score = score
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        patches = np.asarray(patches)
+        if len(patches) == 0:
+            return np.zeros(0, np.float32)
+        check_patches(patches)
+        probs = np.asarray(self._score(patches), np.float32)
+        if probs.shape != (len(patches),):
+            raise RuntimeError(f"filter {self.name} returned shape {probs.shape} for {len(patches)} patches")
+        return probs
+
+    def __repr__(self) -> str:
+        return f"PatchFilter({self.name!r}, threshold={self.threshold})"
+
+
+def make_filter(spec: str | Path, batch_size: int = 256, device: str | None = None, progress: bool = False) -> PatchFilter:
+    """Build the :class:`PatchFilter` for ``--filter SPEC`` (see the module docstring).
+
+    Args:
+        spec: ``stats``, ``none`` or a file path.
+        batch_size, device, progress: inference settings for classifier files (``device``
+            ``None`` = CUDA when available).
+
+    Raises:
+        ValueError: unknown spec or unreadable file (names the file).
+    """
+    text = str(spec).strip()
+    if text == "none":
+        return PatchFilter("none", lambda p: np.ones(len(p), np.float32))
+    if text == "stats":
+        from cemcurate.filtering.rules import DEFAULT_RULES, rule_informative_prob
+
+        return PatchFilter(f"stats-rules-v1[{DEFAULT_RULES.identity()}]",
+                           lambda p: rule_informative_prob(p, DEFAULT_RULES))
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"--filter {text!r}: not 'stats' or 'none' and no such file; expected {FILTER_SPECS_HELP}")
+    sha = file_sha256(path)
+    if path.suffix == ".pkl":
+        from cemcurate.filtering.forest import load_forest, predict_forest
+
+        forest = load_forest(path)
+        return PatchFilter(f"stats-forest:{path.name}:sha256={sha}", lambda p: predict_forest(forest, p))
+    from cemcurate.filtering.classifier import load_classifier, predict_informative
+
+    classifier = load_classifier(path)
+
+    def score(patches: np.ndarray) -> np.ndarray:
+        return predict_informative(classifier, patches, batch_size=batch_size, device=device, progress=progress)
+
+    return PatchFilter(f"classifier:{classifier.arch}:{path.name}:sha256={sha}", score, classifier.threshold)

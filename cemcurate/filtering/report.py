@@ -1,0 +1,66 @@
+"""The filter section of ``OUT/report.html``: kept vs dropped patches, side by side per source."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+UNINFORMATIVE_REASON = "uninformative"
+
+
+def filter_report_section(out_dir: str | Path, manifest: pd.DataFrame, per_source: int = 12, seed: int = 0,
+                          columns: int = 6, tile: int = 96) -> str:
+    """HTML for the uninformative-patch filter: per source, random kept and dropped patches.
+
+    Args:
+        out_dir: build folder (its shards hold the pixels of kept *and* filtered-out patches).
+        manifest: the full manifest; uses ``kept``, ``reason`` (``'uninformative'`` for
+            patches the filter dropped), ``shard``/``shard_row`` and, when present,
+            ``informative_prob``.
+        per_source: random patches shown per side and source.
+        seed: seed of the random choice.
+        columns, tile: montage layout (patches per row, tile edge in px).
+
+    Returns:
+        an HTML fragment (``<h2>`` heading, one table row per source with two embedded PNGs).
+    """
+    from cemcurate.report import montage, png_data_uri, sample_patches
+
+    out_dir = Path(out_dir)
+    head = "<h2>Uninformative-patch filter</h2>"
+    if "informative_prob" not in manifest.columns:
+        return head + "<p>The filter was not run on this build (no <code>informative_prob</code> column).</p>"
+    patch_size = int(json.loads((out_dir / "store.json").read_text())["patch_size"])
+    dropped_all = manifest["reason"].astype(str) == UNINFORMATIVE_REASON
+    kept_all = manifest["kept"].astype(bool)
+    scored = manifest["informative_prob"].notna()
+    rows = []
+    for source in pd.unique(manifest.loc[scored, "source"]):
+        mine = (manifest["source"] == source).to_numpy()
+        kept, dropped = manifest[mine & kept_all.to_numpy()], manifest[mine & dropped_all.to_numpy()]
+        cells = []
+        for part in (kept, dropped):
+            picks = sample_patches(out_dir, part, per_source, patch_size, seed)
+            if len(picks):
+                cells.append(f"<img alt='' src='{png_data_uri(montage(picks, columns=columns, tile=tile))}'>")
+            else:
+                cells.append("<i>none</i>")
+        n_scored = int((mine & scored.to_numpy()).sum())
+        share = len(dropped) / n_scored if n_scored else 0.0
+        probs = manifest.loc[mine & scored.to_numpy(), "informative_prob"].to_numpy(np.float64)
+        rows.append(
+            f"<tr><td>{html.escape(str(source))}<br>{len(kept)} kept, {len(dropped)} dropped ({share:.0%})"
+            f"<br>median p(informative) {np.median(probs):.2f}</td><td>{cells[0]}</td><td>{cells[1]}</td></tr>")
+    if not rows:
+        return head + "<p>No patch has an informative probability yet.</p>"
+    total_dropped = int(dropped_all.sum())
+    intro = (f"<p>{total_dropped} patch(es) dropped as uninformative. Random examples per source; "
+             "look for informative patches on the right (filter too strict) and empty, uniform or "
+             "artefact patches on the left (too lenient).</p>")
+    table = ("<table><tr><th>source</th><th>kept (informative)</th><th>dropped (uninformative)</th></tr>"
+             + "".join(rows) + "</table>")
+    return head + intro + table

@@ -1,0 +1,311 @@
+"""``cemcurate filter train OUT``: fit the ResNet filter and the statistics baseline on labels.
+
+Steps: read ``OUT/labels.csv`` and the labelled patches; hold out a stratified, seeded test
+split; fine-tune the ResNet (by default ``layer4`` and ``fc`` only, as CEM500K did) with
+Adam and BCE on one logit, with flips, 90-degree turns, brightness/contrast, Gaussian noise
+and blur as augmentations; fit the Random Forest on the four image statistics of the same
+training split; evaluate both - and the label-free rules - on the test split; write
+
+* ``OUT/filter/classifier.pth``   the classifier file (see :mod:`cemcurate.filtering.classifier`)
+* ``OUT/filter/stats_forest.pkl`` the Random Forest (see :mod:`cemcurate.filtering.forest`)
+* ``OUT/filter/metrics.json``     AUROCs, accuracies, split sizes, loss per epoch, test ids
+* ``OUT/filter/roc.png``          ROC curves of both classifiers (paper Appendix 1 fig. 1b)
+* ``OUT/filter/filter_train.yaml`` the resolved config
+
+The test split is used once, at the end: no epoch or threshold is chosen on it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cemcurate.atomic import atomic_path
+from cemcurate.config import config_to_dict, save_config
+from cemcurate.filtering.classifier import (FilterError, create_model, load_init_weights, predict_logits,
+                                            prepare_batch, resolve_device, resolve_init, save_classifier,
+                                            check_arch)
+
+
+@dataclass
+class FilterTrainConfig:
+    """Settings of ``cemcurate filter train``; the defaults are the CEM500K paper's."""
+
+    labels: str | None = field(default=None, metadata={"help": "labels CSV (patch_id,label,time; 1 informative, 0 uninformative); None = OUT/labels.csv", "metavar": "CSV"})
+    output: str | None = field(default=None, metadata={"help": "folder for classifier.pth, stats_forest.pkl, metrics.json, roc.png, filter_train.yaml; None = OUT/filter", "metavar": "DIR"})
+    arch: str = field(default="resnet34", metadata={"help": "timm ResNet architecture (resnet34 in the paper; resnet18 is faster)"})
+    weights: str = field(default="imagenet", metadata={"help": "initial weights: 'imagenet' (timm pretrained download or cache), 'random', or a file: our classifier, the CEM500K filter state dict, or a ResNet encoder (our pretraining export / MoCo checkpoint)", "metavar": "SPEC"})
+    train_layers: list[str] = field(default_factory=lambda: ["layer4", "fc"], metadata={"help": "top-level modules to train, the rest stay frozen (batch-norm statistics included); 'all' trains everything", "metavar": "NAME"})
+    epochs: int = field(default=30, metadata={"help": "training epochs"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    batch_size: int = field(default=64, metadata={"help": "patches per training step"})
+    input_size: int | None = field(default=None, metadata={"help": "edge in px the patches are resized to for the network; None = the store's patch size (224 in the paper)"})
+    test_fraction: float = field(default=0.15, metadata={"help": "fraction of the labels held out (stratified) for the AUROC report (paper: 2000 of 14000)"})
+    seed: int = field(default=0, metadata={"help": "seed of the split, the initialisation, the batch order and the augmentations"})
+    augment: bool = field(default=True, metadata={"help": "augment training patches (flips, 90-degree turns, brightness/contrast, noise, blur)"})
+    threshold: float = field(default=0.5, metadata={"help": "keep a patch when its informative probability is at least this (paper: 0.5)"})
+    device: str = field(default="auto", metadata={"help": "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"})
+    amp: bool = field(default=True, metadata={"help": "mixed precision (float16 autocast) on CUDA; ignored on CPU"})
+    workers: int = field(default=0, metadata={"help": "DataLoader worker processes for augmentation (0 = in the main process)"})
+    forest_trees: int = field(default=200, metadata={"help": "trees of the Random Forest statistics baseline"})
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (batch norm), got {self.batch_size}")
+        if self.input_size is not None and self.input_size < 32:
+            raise ValueError(f"input_size must be at least 32 px, got {self.input_size}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be between 0 and 1, got {self.test_fraction}")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.forest_trees < 1:
+            raise ValueError(f"forest_trees must be >= 1, got {self.forest_trees}")
+        if isinstance(self.train_layers, str):
+            self.train_layers = [self.train_layers]
+        if not self.train_layers:
+            raise ValueError("train_layers must name at least one module (or 'all')")
+
+
+# ----------------------------------------------------------------------------- data
+
+class LabelledPatches(torch.utils.data.Dataset):
+    """uint8 patches with 0/1 labels; items are ``(uint8 tensor (1, p, p), float label)``."""
+
+    def __init__(self, patches: np.ndarray, labels: np.ndarray, transform=None):
+        self.patches, self.labels, self.transform = patches, labels.astype(np.float32), transform
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, i: int):
+        image = self.patches[i]
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        return torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0), torch.tensor(self.labels[i])
+
+
+def make_augment(seed: int):
+    """The training augmentations (albumentations, uint8 grey in and out).
+
+    Intensity changes stay mild so that a low-contrast (uninformative) patch does not turn
+    into a contrasty one; geometry changes are free because informativeness has no
+    orientation.
+    """
+    import albumentations as A
+
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomRotate90(p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
+        A.GaussNoise(std_range=(0.01, 0.04), p=0.3),
+        A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.3, 1.2), p=0.3),
+    ], seed=seed)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, test)`` of a stratified, seeded split; both classes in both parts."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    counts = np.bincount(labels, minlength=2)
+    if counts.min() < 4:
+        raise FilterError(f"need at least 4 labels of each class to train and test, have {counts[1]} informative "
+                          f"and {counts[0]} uninformative; label more patches with `cemcurate label`")
+    n_test = max(2, int(round(test_fraction * len(labels))))
+    train, test = train_test_split(np.arange(len(labels)), test_size=n_test, stratify=labels, random_state=seed)
+    if len(np.unique(labels[test])) < 2 or len(np.unique(labels[train])) < 2:
+        raise FilterError("the test split lacks one class; raise --test-fraction or label more patches")
+    return np.sort(train), np.sort(test)
+
+
+def set_trainable(model: torch.nn.Module, layers: list[str]) -> list[torch.nn.Parameter]:
+    """Freeze every parameter outside the top-level modules ``layers``; return the trainable ones."""
+    if layers == ["all"]:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return list(model.parameters())
+    names = dict(model.named_children())
+    unknown = [n for n in layers if n not in names]
+    if unknown:
+        raise FilterError(f"train_layers {unknown} are not modules of the model; valid: {sorted(names)} or 'all'")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for n in layers:
+        for p in names[n].parameters():
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def _train_mode(model: torch.nn.Module, layers: list[str]) -> None:
+    """Train mode for the trained modules only: frozen batch norms keep their statistics."""
+    model.eval()
+    if layers == ["all"]:
+        model.train()
+        return
+    children = dict(model.named_children())
+    for n in layers:
+        children[n].train()
+
+
+# ----------------------------------------------------------------------------- metrics and plot
+
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> dict:
+    """AUROC and the ROC curve of ``scores`` against 0/1 ``labels`` (JSON-ready)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return {"auroc": float(roc_auc_score(labels, scores)), "fpr": fpr.round(5).tolist(), "tpr": tpr.round(5).tolist()}
+
+
+def write_roc_png(path: Path, curves: dict[str, dict], n_test: int, counts: tuple[int, int]) -> None:
+    """ROC curves (one per model) as a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.6), dpi=120)
+    styles = {"resnet": "-", "forest": "--", "rules": ":"}
+    for name, c in curves.items():
+        ax.plot(c["fpr"], c["tpr"], styles.get(name, "-"), marker="o" if name == "rules" else None,
+                label=f"{c['label']} (AUROC {c['auroc']:.3f})")
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
+    ax.set_xlabel("false positive rate (uninformative kept)")
+    ax.set_ylabel("true positive rate (informative kept)")
+    ax.set_title(f"held-out test set: {n_test} patches ({counts[1]} inf., {counts[0]} uninf.)", fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, progress: bool = True) -> dict:
+    """Run ``cemcurate filter train OUT``; returns the metrics written to ``metrics.json``."""
+    from tqdm import tqdm
+
+    from cemcurate.filtering.forest import fit_forest, forest_prob, save_forest
+    from cemcurate.filtering.features import image_statistics
+    from cemcurate.filtering.labels import LabelPool, load_labelled
+    from cemcurate.filtering.rules import rule_informative_prob
+
+    cfg = cfg or FilterTrainConfig()
+    out_dir = Path(out_dir)
+    dest = Path(cfg.output) if cfg.output else out_dir / "filter"
+    # Cheap checks first, so a typo fails before minutes of work.
+    check_arch(cfg.arch)
+    device = resolve_device(cfg.device)
+    init = resolve_init(cfg.weights, cfg.arch)
+    patches, labels, ids = load_labelled(out_dir, cfg.labels)
+    pool_info = LabelPool(out_dir)
+    train_idx, test_idx = stratified_split(labels, cfg.test_fraction, cfg.seed)
+    input_size = int(cfg.input_size or patches.shape[1])
+    mean = init.mean if init.mean is not None else pool_info.mean
+    std = init.std if init.std is not None else pool_info.std
+    if not std > 0:
+        raise FilterError(f"{out_dir}: store std is {std}; cannot normalise (is the store empty?)")
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.arch, pretrained=init.kind == "imagenet")
+    load_init_weights(model, init)
+    params = set_trainable(model, list(cfg.train_layers))
+    model.to(device)
+    use_amp = cfg.amp and device.type == "cuda"
+
+    train_set = LabelledPatches(patches[train_idx], labels[train_idx], make_augment(cfg.seed) if cfg.augment else None)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        # A last batch of one would break batch norm in the trained layers.
+        drop_last=len(train_set) % cfg.batch_size == 1)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history = []
+    start_time = time.time()
+    bar = tqdm(total=cfg.epochs * len(loader), desc="filter train", unit="batch", disable=not progress)
+    for epoch in range(cfg.epochs):
+        _train_mode(model, list(cfg.train_layers))
+        total, seen = 0.0, 0
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            x = prepare_batch(images, input_size, mean, std)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                logits = model(x).reshape(-1)
+            loss = loss_fn(logits.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += float(loss.detach()) * len(targets)
+            seen += len(targets)
+            bar.update()
+        history.append(total / max(seen, 1))
+        bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.4f}")
+    bar.close()
+    model.eval()
+
+    # Evaluation on the held-out split.
+    y_test = labels[test_idx]
+    logits = predict_logits(model, patches[test_idx], input_size, mean, std, batch_size=max(cfg.batch_size, 64),
+                            device=device, progress=False, amp=cfg.amp)
+    from scipy.special import expit
+
+    p_resnet = expit(logits.astype(np.float64))
+    feats_train = image_statistics(patches[train_idx])
+    feats_test = image_statistics(patches[test_idx])
+    forest = fit_forest(feats_train, labels[train_idx], seed=cfg.seed, trees=cfg.forest_trees)
+    p_forest = forest_prob(forest, feats_test)
+    p_rules = rule_informative_prob(patches[test_idx])
+
+    curves = {"resnet": {**roc_points(y_test, p_resnet), "label": f"ResNet ({cfg.arch})"},
+              "forest": {**roc_points(y_test, p_forest), "label": "Random Forest (4 statistics)"},
+              "rules": {**roc_points(y_test, p_rules), "label": "label-free rules"}}
+    counts = (int((y_test == 0).sum()), int((y_test == 1).sum()))
+
+    def accuracy(p: np.ndarray, thr: float) -> float:
+        return float(((p >= thr).astype(int) == y_test).mean())
+
+    metrics = {
+        "n_labels": int(len(labels)), "n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
+        "train_informative": int(labels[train_idx].sum()), "test_informative": counts[1],
+        "test_uninformative": counts[0],
+        "auroc": {k: c["auroc"] for k, c in curves.items()},
+        "accuracy": {"resnet": accuracy(p_resnet, cfg.threshold), "forest": accuracy(p_forest, 0.5),
+                     "rules": accuracy(p_rules, 0.5)},
+        "threshold": cfg.threshold, "epochs": cfg.epochs, "train_loss": [round(v, 6) for v in history],
+        "train_seconds": round(time.time() - start_time, 1), "device": str(device), "arch": cfg.arch,
+        "weights": init.source, "input_size": input_size, "mean": mean, "std": std,
+        "test_patch_ids": ids[test_idx].tolist(),
+        "roc": {k: {"fpr": c["fpr"], "tpr": c["tpr"]} for k, c in curves.items()},
+    }
+    dest.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in metrics.items() if k not in ("roc", "test_patch_ids")}
+    save_classifier(dest / "classifier.pth", model, cfg.arch, input_size, mean, std, cfg.threshold,
+                    config=config_to_dict(cfg), metrics=summary)
+    save_forest(dest / "stats_forest.pkl", forest, meta={"n_train": int(len(train_idx)), "auroc": curves["forest"]["auroc"]})
+    write_roc_png(dest / "roc.png", curves, len(test_idx), counts)
+    with atomic_path(dest / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1))
+    save_config(cfg, dest / "filter_train.yaml")
+    return metrics
