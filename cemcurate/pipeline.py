@@ -124,7 +124,8 @@ def iter_standard_planes(vol: Volume, window: IntensityWindow, planes: tuple[str
     xz and yz sections are read in bounded blocks.
     """
     z, y, x = vol.shape
-    slab = max(1, (64 << 20) // max(1, y * x * vol.dtype.itemsize))
+    # ~8 M voxels per slab: the float copy made while windowing stays near 64 MB.
+    slab = max(1, (8 << 20) // max(1, y * x))
     if planes == ("xy",):
         for z0 in range(0, z, slab):
             block = window.apply(vol.read_slices(z0, min(z, z0 + slab)))
@@ -140,7 +141,7 @@ def iter_standard_planes(vol: Volume, window: IntensityWindow, planes: tuple[str
         del std
         std = np.load(scratch, mmap_mode="r")
         for plane in planes:
-            for index, image in iter_planes(std, plane):
+            for index, image in iter_planes(std, plane, block_bytes=64 << 20):
                 yield plane, index, image
         del std
     finally:

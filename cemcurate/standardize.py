@@ -32,9 +32,15 @@ class IntensityWindow:
             out = arr
         else:
             scale = 255.0 / (self.high - self.low) if self.high > self.low else 0.0
-            # float64 keeps int64/uint64 and large float ranges exact enough; NaN -> 0.
-            scaled = (arr.astype(np.float64) - self.low) * scale
-            out = np.nan_to_num(np.clip(np.rint(scaled), 0, 255), nan=0.0).astype(np.uint8)
+            # float32 is exact for (u)int8/16 and keeps memory at 4 bytes per voxel; wider
+            # types need float64 so that large offsets do not swamp the window. NaN -> 0.
+            work = np.float32 if arr.dtype.itemsize <= 2 or arr.dtype == np.float32 else np.float64
+            scaled = arr.astype(work)
+            scaled -= work(self.low)
+            scaled *= work(scale)
+            np.rint(scaled, out=scaled)
+            np.clip(scaled, 0, 255, out=scaled)
+            out = np.nan_to_num(scaled, nan=0.0, copy=False).astype(np.uint8)
         return 255 - out if self.invert else np.ascontiguousarray(out)
 
 
