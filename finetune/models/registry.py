@@ -81,9 +81,9 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 def build_model(name: str = "unet2d", **kwargs) -> nn.Module:
     """Build a registered segmentation model; an unknown name lists the valid ones."""
-    # Importing the module registers its builders; kept here so the registry has no
+    # Importing the modules registers their builders; done here so the registry has no
     # import-order pitfalls for callers.
-    from finetune.models import unet2d  # noqa: F401
+    from finetune.models import unet2d, unet3d  # noqa: F401
 
     try:
         builder = MODELS[name]

@@ -1,0 +1,150 @@
+"""Encoder weight sources load strictly into the UNet encoder; a frozen encoder never changes.
+
+Weights files are created here in the two layouts we accept (our export: timm ResNet keys +
+config.json; the released CEM500K MoCoV2 checkpoint: ``module.encoder_q.`` prefix, MLP
+head, ``norms``), since no weights can be downloaded on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from finetune.encoders import EncoderError, load_into_encoder, parse_encoder_spec, resolve_encoder
+from finetune.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # The test machine's cores are shared; OpenMP threads spin-waiting for a busy core make
+    # small convolutions many times slower than a single thread.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _timm_state(arch: str, in_chans: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans).state_dict()
+
+
+def _assert_encoder_equals(model, state):
+    enc = model.encoder.state_dict()
+    assert set(enc) == set(state)
+    for k, v in state.items():
+        assert torch.equal(enc[k], v.to(enc[k].dtype)), k
+
+
+def test_export_layout_loads_strictly_with_its_normalisation(tmp_path):
+    state = _timm_state("resnet18")
+    folder = tmp_path / "export"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "encoder.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"arch": "resnet18", "mean": 0.57, "std": 0.13}))
+    for spec in (str(folder / "encoder.safetensors"), str(folder)):   # the file, or its folder
+        weights = resolve_encoder(spec, "resnet18")
+        assert (weights.kind, weights.mean, weights.std) == ("file", 0.57, 0.13)
+        model = build_model("unet2d", arch="resnet18", mean=weights.mean, std=weights.std)
+        load_into_encoder(model.encoder, weights, "resnet18")
+        _assert_encoder_equals(model, state)
+    with pytest.raises(EncoderError, match="says arch 'resnet18'"):
+        resolve_encoder(str(folder), "resnet34")
+
+
+def test_cem500k_layout_with_mlp_head_and_rgb_conv1_loads(tmp_path):
+    state = _timm_state("resnet50", in_chans=3)
+    ckpt = {f"module.encoder_q.{k}": v for k, v in state.items()}
+    # MoCoV2 projection head (2-layer MLP) and the momentum encoder: must be dropped.
+    ckpt.update({"module.encoder_q.fc.0.weight": torch.randn(2048, 2048), "module.encoder_q.fc.0.bias": torch.zeros(2048),
+                 "module.encoder_q.fc.2.weight": torch.randn(128, 2048), "module.encoder_q.fc.2.bias": torch.zeros(128),
+                 "module.encoder_k.conv1.weight": torch.randn(64, 3, 7, 7), "module.queue": torch.randn(128, 16)})
+    path = tmp_path / "cem500k_mocov2_resnet50_200ep.pth.tar"
+    torch.save({"epoch": 200, "arch": "resnet50", "state_dict": ckpt, "norms": [0.58, 0.12]}, path)
+    assert parse_encoder_spec(f"cem500k:{path}") == ("cem500k", path)
+    weights = resolve_encoder(f"cem500k:{path}", "resnet50")
+    assert (weights.mean, weights.std) == (0.58, 0.12)
+    model = build_model("unet2d", arch="resnet50")
+    load_into_encoder(model.encoder, weights, "resnet50")
+    expected = dict(state)
+    expected["conv1.weight"] = state["conv1.weight"].sum(dim=1, keepdim=True)   # grey = R = G = B
+    _assert_encoder_equals(model, expected)
+
+
+def test_wrong_architecture_and_missing_files_fail_clearly(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(_timm_state("resnet18"), path)
+    weights = resolve_encoder(str(path), "resnet50")
+    model = build_model("unet2d", arch="resnet50")
+    with pytest.raises(EncoderError, match=r"r18\.pth.*resnet18 encoder; pass --arch resnet18"):
+        load_into_encoder(model.encoder, weights, "resnet50")
+    with pytest.raises(EncoderError, match="not found"):
+        resolve_encoder(str(tmp_path / "missing.safetensors"), "resnet18")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(EncoderError, match="junk.pth"):
+        resolve_encoder(str(junk), "resnet18")
+
+
+def test_imagenet_source_sums_conv1_and_fails_clearly_offline(monkeypatch):
+    real_create = timm.create_model
+
+    def fake_pretrained(arch, pretrained=False, **kw):
+        # Stand-in for the download: a seeded RGB model with timm's ImageNet pretrained_cfg.
+        torch.manual_seed(1)
+        return real_create(arch, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", fake_pretrained)
+    weights = resolve_encoder("imagenet", "resnet18")
+    rgb = fake_pretrained("resnet18", num_classes=0).state_dict()
+    assert weights.state["conv1.weight"].shape == (64, 1, 7, 7)
+    assert torch.allclose(weights.state["conv1.weight"], rgb["conv1.weight"].sum(1, keepdim=True))
+    assert weights.mean == pytest.approx(np.mean([0.485, 0.456, 0.406]))
+    model = build_model("unet2d", arch="resnet18")
+    load_into_encoder(model.encoder, weights, "resnet18")
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(EncoderError, match="ImageNet weights for resnet18.*internet access"):
+        resolve_encoder("imagenet", "resnet18")
+
+
+def test_frozen_encoder_weights_and_bn_stats_do_not_change_in_training(tmp_path, data_root):
+    """Three real training steps: decoder moves, encoder (incl. BN running stats) does not."""
+    from finetune.train import train
+    from finetune.config import TrainConfig
+
+    raw = data_root / "drosophila_vnc_gerhard/stack1/raw/00.tif"
+    mito = data_root / "drosophila_vnc_gerhard/stack1/mitochondria/00.png"
+    iio.imwrite(tmp_path / "img.png", iio.imread(raw)[:256, :256])
+    iio.imwrite(tmp_path / "mask.png", iio.imread(mito)[:256, :256])
+    state = _timm_state("resnet18", seed=3)
+    torch.save(state, tmp_path / "enc.pth")
+    cfg = TrainConfig(images=[str(tmp_path / "img.png")], masks=[str(tmp_path / "mask.png")], mask_threshold=127,
+                      arch="resnet18", encoder=str(tmp_path / "enc.pth"), freeze_encoder=True, iters=3,
+                      batch_size=2, crop=64, workers=0, device="cpu")
+    train(cfg, tmp_path / "run", progress=False)
+    saved = torch.load(tmp_path / "run" / "model.pth", weights_only=True)["state_dict"]
+    enc = {k[len("net.encoder."):]: v for k, v in saved.items() if k.startswith("net.encoder.")}
+    assert any(k.endswith("running_mean") for k in enc)
+    for k, v in state.items():
+        assert torch.equal(enc[k], v), f"frozen encoder tensor {k} changed"
+    # The decoder did train (same seed -> same initial decoder as a fresh build).
+    torch.manual_seed(cfg.seed)
+    fresh = build_model("unet2d", arch="resnet18").state_dict()
+    changed = [k for k in fresh if k.startswith("net.decoder.") and not torch.equal(fresh[k], saved[k])]
+    assert changed
+    # Without freezing, the same run updates the encoder.
+    cfg.freeze_encoder = False
+    train(cfg, tmp_path / "run_unfrozen", progress=False)
+    saved2 = torch.load(tmp_path / "run_unfrozen" / "model.pth", weights_only=True)["state_dict"]
+    assert not torch.equal(saved2["net.encoder.layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
+    assert not torch.equal(saved2["net.encoder.bn1.running_mean"], state["bn1.running_mean"])

@@ -1,0 +1,150 @@
+"""Training on real data: a short CPU run learns, resuming equals not stopping, bad inputs fail early.
+
+Data: the VNC stack-1 mitochondria (Gerhard et al. 2013), downsampled 4x to 256 x 256
+(18.4 nm pixels) in a temporary folder so a tiny resnet18 run fits in a CPU test budget.
+Slices 0-15 train, 16-19 test, as in the benchmark definition.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from skimage.transform import downscale_local_mean
+
+from finetune.cli import main
+from finetune.config import TrainConfig
+from finetune.train import train
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # Shared CPU: OpenMP spin-waits make small convolutions far slower with 2 threads.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def vnc(data_root, tmp_path_factory):
+    src = data_root / "drosophila_vnc_gerhard/stack1"
+    if not (src / "raw/00.tif").is_file():
+        pytest.skip(f"{src} not found")
+    out = tmp_path_factory.mktemp("vnc4x")
+    (out / "raw").mkdir()
+    (out / "mito").mkdir()
+    for i in range(20):
+        raw = downscale_local_mean(iio.imread(src / f"raw/{i:02d}.tif"), (4, 4))
+        mito = downscale_local_mean(iio.imread(src / f"mitochondria/{i:02d}.png"), (4, 4))
+        iio.imwrite(out / f"raw/{i:02d}.png", np.rint(raw).astype(np.uint8))
+        iio.imwrite(out / f"mito/{i:02d}.png", np.rint(mito).astype(np.uint8))
+    return out
+
+
+TRAIN_IMAGES = ["raw/0?.png", "raw/1[0-5].png"]
+TRAIN_MASKS = ["mito/0?.png", "mito/1[0-5].png"]
+
+
+@pytest.mark.slow
+def test_short_cpu_run_beats_trivial_predictions(vnc, tmp_path, monkeypatch):
+    monkeypatch.chdir(vnc)      # globs are relative to the working directory
+    run = tmp_path / "run"
+    rc = main(["train", "--images", *TRAIN_IMAGES, "--masks", *TRAIN_MASKS, "--mask-threshold", "127",
+               "--arch", "resnet18", "--no-freeze-encoder", "--iters", "80", "--crop", "96", "--batch-size", "2",
+               "--class-weighting", "prevalence", "--workers", "0", "--device", "cpu", "--log-every", "10",
+               "--checkpoint-every", "40", "--quiet", "--out", str(run)])
+    assert rc == 0
+    for name in ("config.yaml", "model.pth", "checkpoint.pth", "train_log.csv"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    with open(run / "train_log.csv") as fh:
+        assert [int(r["iteration"]) for r in csv.DictReader(fh)] == list(range(10, 81, 10))
+
+    preds = tmp_path / "preds"
+    assert main(["predict", str(run), "raw/1[6-9].png", str(preds) + "/", "--output-type", "labels", "--quiet"]) == 0
+    scores = tmp_path / "scores.json"
+    assert main(["evaluate", str(preds), "mito/1[6-9].png", "--classes", "background", "mitochondria",
+                 "--label-threshold", "127", "--json", str(scores)]) == 0
+    result = json.loads(scores.read_text())
+    iou = result["iou"]["mitochondria"]
+    assert len(result["per_image"]) == 4
+    # Trivial predictions, computed by hand: all background scores 0 for mitochondria;
+    # all foreground scores the mitochondria fraction of the test pixels.
+    labels = np.stack([iio.imread(vnc / f"mito/{i}.png") > 127 for i in range(16, 20)])
+    all_foreground = labels.mean()
+    assert 0.02 < all_foreground < 0.1
+    assert iou > max(0.12, 2.5 * all_foreground), (iou, all_foreground)
+    assert result["iou"]["background"] > 0.5
+
+
+def _cfg(vnc, **kw) -> TrainConfig:
+    base = dict(images=TRAIN_IMAGES, masks=TRAIN_MASKS, data_dir=str(vnc), mask_threshold=127, arch="resnet18",
+                freeze_encoder=False, iters=6, batch_size=2, crop=64, checkpoint_every=2, log_every=1, workers=0,
+                device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_equals_uninterrupted_run(vnc, tmp_path):
+    interrupted = tmp_path / "interrupted"
+    first = train(_cfg(vnc), interrupted, stop_at=3, progress=False)
+    assert (first.iteration, first.finished) == (3, False)
+    assert not (interrupted / "model.pth").exists()
+    ckpt = torch.load(interrupted / "checkpoint.pth", weights_only=True)
+    assert ckpt["iteration"] == 3 and ckpt["config"]["iters"] == 6
+    # A different setting cannot silently continue this run.
+    with pytest.raises(ValueError, match="different config.*lr"):
+        train(_cfg(vnc, lr=0.01), interrupted, progress=False)
+    # Resume with another worker count: the sample stream depends only on (seed, index).
+    second = train(_cfg(vnc, workers=1), interrupted, progress=False)
+    assert (second.iteration, second.finished) == (6, True)
+    straight = train(_cfg(vnc), tmp_path / "straight", progress=False)
+    assert straight.finished
+
+    a = torch.load(interrupted / "model.pth", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "straight" / "model.pth", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between resumed and uninterrupted runs"
+    logs = [list(csv.reader(open(p / "train_log.csv"))) for p in (interrupted, tmp_path / "straight")]
+    assert [r[:3] for r in logs[0]] == [r[:3] for r in logs[1]]          # same losses, no duplicated rows
+    # re-running a finished run is a no-op
+    again = train(_cfg(vnc), interrupted, progress=False)
+    assert again.finished and again.iteration == 6
+
+
+def test_bad_training_inputs_fail_before_training(vnc, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    iio.imwrite(bad / "small_mask.png", iio.imread(vnc / "mito/00.png")[:100])
+    (bad / "empty.tif").write_bytes(b"")
+    common = ["--arch", "resnet18", "--iters", "2", "--crop", "64", "--batch-size", "2", "--workers", "0", "--quiet"]
+
+    def run(*args):
+        rc = main(["train", *args, *common, "--out", str(tmp_path / "r")])
+        return rc, capsys.readouterr().err
+
+    rc, err = run("--images", str(vnc / "raw/00.png"), "--masks", str(bad / "small_mask.png"), "--mask-threshold", "127")
+    assert rc == 2 and "small_mask.png" in err and "does not match image" in err
+    rc, err = run("--images", str(vnc / "raw/00.png"), "--masks", str(vnc / "mito/00.png"), "--mask-threshold", "255")
+    assert rc == 2 and "no pixels in the training labels" in err and "foreground" in err
+    rc, err = run("--images", str(bad / "empty.tif"), "--masks", str(vnc / "mito/00.png"))
+    assert rc == 2 and "empty.tif" in err and "empty" in err
+    rc, err = run("--images", str(vnc / "raw/0[0-2].png"), "--masks", str(vnc / "mito/00.png"))
+    assert rc == 2 and "3 images but 1 masks" in err
+    rc, err = run("--images", str(vnc / "raw/00.png"), "--masks", str(vnc / "mito/00.png"))
+    assert rc == 2 and "not class indices" in err and "mask threshold" in err
+    rc, err = run("--images", str(vnc / "raw/nothing_*.png"), "--masks", str(vnc / "mito/00.png"))
+    assert rc == 2 and "matches no file" in err
+    import timm
+
+    torch.save(timm.create_model("resnet34", num_classes=0, in_chans=1).state_dict(), bad / "r34.pth")
+    rc, err = run("--images", str(vnc / "raw/00.png"), "--masks", str(vnc / "mito/00.png"), "--mask-threshold", "127",
+                  "--encoder", str(bad / "r34.pth"))
+    assert rc == 2 and "r34.pth" in err and "resnet34 encoder; pass --arch resnet34" in err
+    assert not (tmp_path / "r" / "checkpoint.pth").exists()
