@@ -1,0 +1,96 @@
+"""``finetune evaluate`` on files: IoU per class, per image, Perez-style and ignore handling.
+
+Predictions are derived from real ISBI-2012 labels (eroded / shifted) so the expected
+IoU can be counted by hand here with plain numpy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cemcurate.io import write_volume
+from finetune.cli import main
+
+
+def _iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    return float((pred & truth).sum() / (pred | truth).sum())
+
+
+@pytest.fixture(scope="module")
+def isbi(data_root):
+    folder = data_root / "isbi2012_unet/train/label"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    return [iio.imread(folder / f"{i}.png") for i in (24, 25)]
+
+
+def test_per_image_and_pooled_iou_match_hand_counts(isbi, tmp_path):
+    labels_dir, pred_dir = tmp_path / "labels", tmp_path / "pred"
+    labels_dir.mkdir()
+    pred_dir.mkdir()
+    truths, preds = [], []
+    for i, lab in enumerate(isbi):
+        membrane = lab == 0
+        pred = ndimage.binary_dilation(membrane, iterations=i + 1)       # over-segment by 1 and 2 px
+        iio.imwrite(labels_dir / f"{i}.png", lab)
+        iio.imwrite(pred_dir / f"{i}.png", pred.astype(np.uint8))       # class indices 0/1
+        truths.append(membrane)
+        preds.append(pred)
+    out = tmp_path / "s.json"
+    rc = main(["evaluate", str(pred_dir), str(labels_dir / "*.png"), "--classes", "background", "membrane",
+               "--label-map", "0:membrane", "255:background", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    for row, p, t in zip(result["per_image"], preds, truths):
+        assert row["iou"]["membrane"] == pytest.approx(_iou(p, t))
+        assert row["iou"]["background"] == pytest.approx(_iou(~p, ~t))
+    pooled = _iou(np.stack(preds), np.stack(truths))
+    assert result["iou"]["membrane"] == pytest.approx(pooled)
+    assert result["scored_pixels"] == sum(t.size for t in truths)
+
+
+def test_volume_probabilities_ignore_label_and_instances_only(isbi, tmp_path):
+    membrane = np.stack([lab == 0 for lab in isbi])
+    labels = np.where(membrane, 255, 0).astype(np.uint8)         # 255 = foreground here
+    labels[:, :20, :] = 7                                         # an "unlabelled" band: ignored
+    in_plane = np.ones((1, 3, 3), bool)                           # erode within each slice only
+    probs = np.where(ndimage.binary_erosion(membrane, in_plane), 0.9, 0.2).astype(np.float32)
+    # False positives far (> 10 px) from any membrane: regions that touch no labelled instance.
+    extra = np.stack([ndimage.distance_transform_edt(~m) > 10 for m in membrane])
+    probs[extra] = 0.95
+    write_volume(tmp_path / "labels.tif", labels)
+    write_volume(tmp_path / "probs.tif", probs)
+    out = tmp_path / "s.json"
+    common = [str(tmp_path / "probs.tif"), str(tmp_path / "labels.tif"), "--label-threshold", "127",
+              "--ignore-label", "7", "--json", str(out)]
+    assert main(["evaluate", *common]) == 0
+    r = json.loads(out.read_text())
+    keep = np.ones_like(membrane)
+    keep[:, :20] = False
+    pred = probs >= 0.5
+    assert extra.any()
+    assert r["iou"]["foreground"] == pytest.approx(_iou(pred & keep, membrane & keep))
+    assert r["scored_pixels"] == int(keep.sum())
+    # Perez-style: the blob touches no labelled instance and is left out of the score.
+    assert main(["evaluate", *common, "--instances-only"]) == 0
+    r2 = json.loads(out.read_text())
+    regions, _ = ndimage.label(pred, structure=np.ones((3, 3, 3)))
+    touching = np.isin(regions, np.unique(regions[pred & membrane & keep]))
+    scored = keep & (~pred | touching)
+    assert r2["iou"]["foreground"] == pytest.approx(_iou(pred & scored, membrane & scored))
+    assert r2["iou"]["foreground"] > r["iou"]["foreground"]
+
+
+def test_evaluate_rejects_mismatched_inputs(isbi, tmp_path, capsys):
+    write_volume(tmp_path / "a.tif", np.zeros((2, 512, 512), np.uint8))
+    write_volume(tmp_path / "b.tif", np.zeros((2, 500, 512), np.uint8))
+    assert main(["evaluate", str(tmp_path / "a.tif"), str(tmp_path / "b.tif")]) == 2
+    assert "does not match labels" in capsys.readouterr().err
+    write_volume(tmp_path / "c.tif", np.full((2, 512, 512), 3, np.uint8))
+    assert main(["evaluate", str(tmp_path / "c.tif"), str(tmp_path / "a.tif"), "--pred-kind", "labels"]) == 2
+    assert "predicted classes [3]" in capsys.readouterr().err
