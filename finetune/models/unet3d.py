@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finetune.encoders import EncoderWeights, load_into_encoder
+from finetune.encoders import EncoderError, EncoderWeights, load_into_encoder
 from finetune.models.inflate import STAGES, StageGeometry, inflate_state_dict
-from finetune.models.registry import get_arch, register_model
+from finetune.models.registry import arch_from_state_dict, get_arch, register_model
 from finetune.models.unet2d import DEFAULT_MEAN, DEFAULT_STD, output_channels
 
 UPSAMPLE_MODES = ("trilinear", "nearest", "transpose")
@@ -303,6 +303,8 @@ class UNet3D(nn.Module):
         super().__init__()
         if not std > 0:
             raise ValueError(f"normalisation std must be > 0, got {std}")
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"unknown upsampling {upsample!r}; valid: {', '.join(UPSAMPLE_MODES)}")
         self.arch = arch
         self.num_classes = num_classes
         self.geometry = StageGeometry.from_any(geometry)
@@ -392,6 +394,12 @@ def build_unet3d(arch: str = "resnet50", num_classes: int = 2,
     else:
         raise ValueError(f"encoder_weights must be EncoderWeights, a state dict or None, got "
                          f"{type(encoder_weights).__name__}")
+    if weights.state is not None:
+        # Fail before building (a 3D ResNet is large) when the file holds another arch.
+        found = arch_from_state_dict(weights.state)
+        if found is not None and found != arch:
+            raise EncoderError(f"{weights.source}: cannot load into a {arch} encoder: it holds a {found} encoder; "
+                               f"pass --arch {found}")
     mean = mean if mean is not None else (weights.mean if weights.mean is not None else DEFAULT_MEAN)
     std = std if std is not None else (weights.std if weights.std is not None else DEFAULT_STD)
     model = UNet3D(arch, num_classes, geometry, decoder_channels, upsample, mean, std)
