@@ -235,10 +235,11 @@ class _HammingRangeIndex:
                     light = ~scanned[query_of_hit]
                     query_of_hit, counts, first = query_of_hit[light], counts[light], first[light]
                 for part in self._bounded_parts(counts):
-                    query_index, positions = self._expand(query_of_hit[part], first[part], counts[part])
-                    close = np.bitwise_count(sorted_hashes.take(positions) ^ queries.take(query_index)) <= self.max_hamming
-                    found_query.append(query_index[close])
-                    found_base.append(order.take(positions[close]))
+                    query_index, base_index = self._verify(
+                        queries, query_of_hit[part], first[part], counts[part], sorted_hashes, order
+                    )
+                    found_query.append(query_index)
+                    found_base.append(base_index)
         if scanned.any():
             heavy_ids = np.flatnonzero(scanned)
             heavy_query, heavy_base = self._query_brute(queries[heavy_ids])
@@ -259,13 +260,20 @@ class _HammingRangeIndex:
         bounds = [0, *np.unique(cuts).tolist(), len(counts)]
         return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
-    @staticmethod
-    def _expand(query_of_hit: np.ndarray, first: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each hit bucket to its members: (query index, sorted position first + 0..count-1)."""
-        total = int(counts.sum())
-        query_index = np.repeat(query_of_hit, counts)
-        offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-        return query_index, np.repeat(first, counts) + offsets
+    def _verify(self, queries, query_of_hit, first, counts, sorted_hashes, order):
+        """Check every member of every hit bucket; return (query index, base index) of the close.
+
+        Bucket ``h`` holds sorted positions ``first[h] .. first[h] + counts[h] - 1``. Only the
+        query hash is repeated per candidate; which query a close candidate came from is
+        recovered afterwards from the running totals, as close candidates are few.
+        """
+        ends = np.cumsum(counts)
+        total = int(ends[-1])
+        positions = np.repeat(first - (ends - counts), counts) + np.arange(total, dtype=np.int64)
+        query_hashes = np.repeat(queries.take(query_of_hit), counts)
+        close = np.flatnonzero(np.bitwise_count(sorted_hashes.take(positions) ^ query_hashes) <= self.max_hamming)
+        hit_of_close = np.searchsorted(ends, close, side="right")
+        return query_of_hit.take(hit_of_close), order.take(positions.take(close))
 
     def _query_brute(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         found_query, found_base = [], []

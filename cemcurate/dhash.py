@@ -128,16 +128,24 @@ def _vertical_pass_first(height: int, width: int) -> bool:
 
 def _resize_to_hash_grid(patches: np.ndarray) -> np.ndarray:
     """Pillow LANCZOS resize of uint8 (N, H, W) to (N, 8, 9), as float64 values 0..255."""
-    _, height, width = patches.shape
+    n, height, width = patches.shape
     pixels = patches.astype(np.float64)
-    vertical_first = _vertical_pass_first(height, width)
-    if vertical_first and height != HASH_HEIGHT:
+    if _vertical_pass_first(height, width):  # tall patches only (Pillow >= 13)
         pixels = _fixed_point_to_uint8(np.matmul(_resample_matrix(height, HASH_HEIGHT), pixels))
+        if width != HASH_WIDTH:
+            pixels = _fixed_point_to_uint8(pixels @ _resample_matrix(width, HASH_WIDTH).T)
+        return pixels
+    # Horizontal pass first, as one (9, W) x (W, N * H) product: BLAS is faster with the long
+    # dimension last than with a (N * H, W) x (W, 9) product. Result is laid out (9, N, H).
     if width != HASH_WIDTH:
-        pixels = _fixed_point_to_uint8(pixels @ _resample_matrix(width, HASH_WIDTH).T)
-    if not vertical_first and height != HASH_HEIGHT:
-        pixels = _fixed_point_to_uint8(np.matmul(_resample_matrix(height, HASH_HEIGHT), pixels))
-    return pixels  # (N, 8, 9)
+        columns = _fixed_point_to_uint8(_resample_matrix(width, HASH_WIDTH) @ pixels.reshape(n * height, width).T)
+    else:
+        columns = np.ascontiguousarray(pixels.reshape(n * height, width).T)
+    if height != HASH_HEIGHT:
+        resized = _fixed_point_to_uint8(columns.reshape(HASH_WIDTH * n, height) @ _resample_matrix(height, HASH_HEIGHT).T)
+    else:
+        resized = columns.reshape(HASH_WIDTH * n, height)
+    return resized.reshape(HASH_WIDTH, n, HASH_HEIGHT).transpose(1, 2, 0)  # (N, 8, 9)
 
 
 # Bit weight of each of the 64 comparisons: row-major, first comparison most significant,
