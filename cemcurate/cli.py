@@ -83,6 +83,11 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-hamming", type=int, default=None, help="cutoff to illustrate (default: the one the build used)")
     d.add_argument("--seed", type=int, default=0, help="seed of the random choice of groups and pairs")
     d.set_defaults(func=_cmd_dedup_preview)
+
+    from cemcurate.filtering import add_filter_command, add_label_command
+
+    add_label_command(sub)
+    add_filter_command(sub)
     return parser
 
 

@@ -53,6 +53,9 @@ class BuildConfig:
     dedup_scope: str = field(default="source", metadata={"help": "'source': group near-duplicates inside each source (the paper); 'corpus': also across sources"})
     max_hamming: int = field(default=11, metadata={"help": "patches whose 64-bit dHashes differ in at most this many bits are near-duplicates (inclusive: 11 is the paper's '< 12'; the released CEM500K code used <= 12)"})
     seed: int = field(default=0, metadata={"help": "seed of the random order in which near-duplicate groups pick their exemplar"})
+    filter: str = field(default="stats", metadata={"help": "uninformative-patch filter: 'stats' (label-free rules), 'none', or a classifier file from `cemcurate filter train` (or the released CEM500K filter weights)", "metavar": "stats|none|PATH"})
+    filter_threshold: float = field(default=0.5, metadata={"help": "keep a patch when its informative probability is at least this"})
+    filter_batch_size: int = field(default=256, metadata={"help": "patches per batch for classifier inference"})
     workers: int = field(default=0, metadata={"help": "sources processed in parallel (0 = all CPU cores)"})
     sources: str | None = field(default=None, metadata={"help": "sidecar YAML with per-source options (default: RAW/cemcurate.yaml if present)", "metavar": "FILE"})
     montage_patches: int = field(default=48, metadata={"help": "random kept patches shown in report.html"})
@@ -70,6 +73,8 @@ class BuildConfig:
             raise ValueError(f"max_hamming must be between 0 and 64, got {self.max_hamming}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not 0.0 <= self.filter_threshold <= 1.0:
+            raise ValueError(f"filter_threshold must be in [0, 1], got {self.filter_threshold}")
         if self.window_sample_slices < 1:
             raise ValueError(f"window_sample_slices must be >= 1, got {self.window_sample_slices}")
 
@@ -328,7 +333,44 @@ def _assign_patch_ids(out_dir: Path, records: list[dict], counts: dict[str, int]
     return starts
 
 
-def merge_parts(out_dir: Path, records: list[dict], cfg: BuildConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def score_patches(out_dir: Path, manifest: pd.DataFrame, cfg: BuildConfig, progress: bool = True) -> np.ndarray:
+    """Informative probability of every stored patch (NaN for patches not stored).
+
+    Scores are cached per shard and filter identity under ``OUT/parts/filter/``, so a
+    re-run scores only new shards, and changing ``--filter`` rescores without re-reading
+    any source.
+    """
+    from cemcurate.filtering import make_filter
+
+    patch_filter = make_filter(cfg.filter, batch_size=cfg.filter_batch_size)
+    cache = out_dir / "parts" / "filter" / hashlib.sha1(patch_filter.name.encode()).hexdigest()[:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    probs = np.full(len(manifest), np.nan, np.float32)
+    if not len(manifest):
+        return probs
+    stored = manifest["shard_row"].to_numpy() >= 0
+    shards = manifest.loc[stored, "shard"].unique()
+    todo = [s for s in shards if not (cache / f"{s}.npy").is_file()]
+    sizes = {s: (out_dir / "store" / f"{s}.u8").stat().st_size // (cfg.patch_size ** 2) for s in todo}
+    bar = tqdm(total=sum(sizes.values()), desc=f"filter ({cfg.filter})", unit="patch", disable=not progress or not todo)
+    for shard in todo:
+        patches = open_shard(out_dir / "store" / f"{shard}.u8", cfg.patch_size)
+        scores = np.empty(len(patches), np.float32)
+        for start in range(0, len(patches), 1024):
+            scores[start:start + 1024] = patch_filter(np.asarray(patches[start:start + 1024]))
+            bar.update(min(1024, len(patches) - start))
+        with atomic_path(cache / f"{shard}.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, scores)
+    bar.close()
+    shard_col, row_col = manifest["shard"].to_numpy(), manifest["shard_row"].to_numpy()
+    for shard in shards:
+        sel = np.flatnonzero(stored & (shard_col == shard))
+        probs[sel] = np.load(cache / f"{shard}.npy")[row_col[sel]]
+    return probs
+
+
+def merge_parts(out_dir: Path, records: list[dict], cfg: BuildConfig, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Combine parts into the manifest and the source table (not yet written)."""
     frames = {}
     for rec in records:
@@ -360,8 +402,11 @@ def merge_parts(out_dir: Path, records: list[dict], cfg: BuildConfig) -> tuple[p
         group[unique[dup]] = ids[unique[exemplar[dup]]]
         manifest["group"] = group
         manifest.loc[manifest.index[unique[dup]], "duplicate"] = True
-    manifest["kept"] = ~manifest["duplicate"].astype(bool)
-    manifest["reason"] = np.where(manifest["duplicate"], "duplicate", "")
+    manifest["informative_prob"] = score_patches(out_dir, manifest, cfg, progress)
+    informative = manifest["informative_prob"].fillna(0.0).to_numpy() >= cfg.filter_threshold
+    duplicate = manifest["duplicate"].to_numpy(bool)
+    manifest["kept"] = ~duplicate & informative
+    manifest["reason"] = np.where(duplicate, "duplicate", np.where(informative, "", "uninformative"))
     manifest = manifest.sort_values("patch_id", kind="stable").reset_index(drop=True)
     sources = pd.DataFrame([row for rec in records for row in rec["sources"]])
     return manifest, sources
@@ -408,7 +453,7 @@ def build(raw: str | Path, out_dir: str | Path, cfg: BuildConfig | None = None, 
     bar.close()
     shutil.rmtree(out_dir / "parts" / "work", ignore_errors=True)
     ordered = [records[s.key] for s in specs]
-    manifest, sources = merge_parts(out_dir, ordered, cfg)
+    manifest, sources = merge_parts(out_dir, ordered, cfg, progress)
     sources = pd.concat([sources, pd.DataFrame([{"source": s.name, "files": s.name, "status": "skipped", "error": s.reason}
                                                 for s in skipped])], ignore_index=True)
     write_manifest(manifest, out_dir / "manifest.parquet")

@@ -58,10 +58,10 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def stage_counts(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Patches per source after each stage: raw, after deduplication, kept."""
+    """Patches per source after each stage: raw, after deduplication, after filtering (kept)."""
     by = manifest.groupby("source", sort=False)
     counts = pd.DataFrame({"raw": by.size(), "deduplicated": by["duplicate"].apply(lambda d: int((~d.astype(bool)).sum())),
-                           "kept": by["kept"].sum().astype(int)})
+                           "informative (kept)": by["kept"].sum().astype(int)})
     counts.loc["all sources"] = counts.sum()
     return counts.reset_index(names="source")
 
@@ -79,6 +79,9 @@ def write_report(out_dir, manifest: pd.DataFrame, sources: pd.DataFrame, cfg) ->
     kept = manifest[manifest["kept"]]
     picks = sample_patches(out_dir, kept, cfg.montage_patches, cfg.patch_size, cfg.seed)
     sections.append(f"<h2>Random kept patches ({len(picks)} of {len(kept)})</h2><img src='{png_data_uri(montage(picks))}'>")
+    from cemcurate.filtering import filter_report_section
+
+    sections.append(filter_report_section(out_dir, manifest, seed=cfg.seed))
     columns = [c for c in ("source", "status", "reader", "shape", "dtype", "voxel_size", "voxel_size_from", "planes",
                            "window_low", "window_high", "invert", "n_raw", "n_unique", "error", "notes") if c in sources]
     sections.append("<h2>Sources</h2>" + _table(sources[columns]))

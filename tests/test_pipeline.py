@@ -238,3 +238,32 @@ def test_dedup_preview_recuts_duplicates_from_the_source(built):
     assert main(["dedup-preview", str(out), "--groups", "3"]) == 0
     page = (out / "dedup_preview.html").read_text()
     assert page.count("exemplar") >= 3 and "Gini" in page and (out / "lorenz.png").stat().st_size > 0
+
+
+def test_filter_stage_marks_uninformative_and_rescoring_reuses_sources(tmp_path, data_root):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    os.symlink(data_root / "isbi2012_unet/train/image/7.png", raw / "isbi7.png")
+    os.symlink(data_root / "sem_plate_databar/plateImage2D.tif", raw / "plate.tif")
+    # Empty resin/padding: the real image's median grey with faint noise, 448 x 448 (4 patches).
+    image = iio.imread(data_root / "isbi2012_unet/train/image/7.png")
+    flat = np.clip(np.median(image) + np.random.default_rng(0).normal(0, 1, (448, 448)), 0, 255).astype(np.uint8)
+    iio.imwrite(raw / "resin.png", flat)
+    work = tmp_path / "out"
+    build(raw, work, BuildConfig(workers=1), progress=False)
+    m = pd.read_parquet(work / "manifest.parquet")
+    stored = m.shard_row >= 0
+    assert m.loc[stored, "informative_prob"].between(0, 1).all() and m.loc[~stored, "informative_prob"].isna().all()
+    resin = m[m.source == "resin.png"]
+    assert (resin.reason.isin(["uninformative", "duplicate"])).all() and not resin.kept.any()
+    assert (resin.reason == "uninformative").any()
+    assert m[m.source == "isbi7.png"].kept.all()
+    assert (m[m.kept].informative_prob >= 0.5).all()
+    store = open_patches(work)
+    assert "resin.png" not in set(store.manifest.source)
+    none = build(raw, work, BuildConfig(workers=1, filter="none"), progress=False)
+    assert none.reused == none.n_sources  # only the cheap filter stage ran again
+    m2 = pd.read_parquet(work / "manifest.parquet")
+    assert m2.kept.sum() == (~m2.duplicate).sum() and (m2.reason != "uninformative").all()
+    assert len(list((work / "parts" / "filter").iterdir())) == 2  # one score cache per filter
+    assert "Uninformative-patch filter" in (work / "report.html").read_text()
