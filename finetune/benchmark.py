@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,9 @@ def load_definition(path: str | Path) -> dict:
         test = task["test"]
         if not isinstance(test, dict) or not {"images", "masks"} <= set(test) or set(test) - _TEST_KEYS:
             raise ValueError(f"{where}.test needs images and masks; valid keys: {sorted(_TEST_KEYS)}")
-        config = REPO / task["config"]
+        config = REPO / task["config"]          # an absolute path stays absolute
         if not config.is_file():
-            raise ValueError(f"{where}: config {task['config']} not found (paths are relative to {REPO})")
+            raise ValueError(f"{where}: config {task['config']} not found (relative paths start at {REPO})")
     d.setdefault("name", path.stem)
     return d
 
@@ -149,7 +150,8 @@ def results_table(rows: list[dict], definitions: dict[str, dict], inits: list[st
         by_init = {r["init"]: r for r in sub}
         cells = [f"{by_init[i]['mean_foreground_iou']:.3f}" if i in by_init and by_init[i]["mean_foreground_iou"]
                  is not None else "-" for i in inits]
-        paper = (definitions[bench].get("paper") or {}).get("cem500k")
+        paper_cfg = definitions[bench].get("paper") or {}
+        paper = (paper_cfg.get("cem500k_per_task") or {}).get(task, paper_cfg.get("cem500k"))
         lines.append("| " + " | ".join([label, str(sub[0]["iters"])] + cells +
                                       [f"{paper:.3f}" if isinstance(paper, (int, float)) else "-"]) + " |")
     timing = ["", "| Benchmark | Init | Iterations | Arch | Crop | Batch | Train s | Predict s | IoU per class |",
@@ -216,11 +218,31 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="override the batch size")
     p.add_argument("--workers", type=int, help="override data-loading workers")
     p.add_argument("--device", help="override the device (auto, cpu, cuda)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override any TrainConfig key for every task, e.g. class_weighting=prevalence lr=0.001 "
+                        "(VALUE is read as YAML)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def parse_sets(items: list[str]) -> dict:
+    """``["key=value", ...]`` -> ``{key: yaml value}``, keys checked against :class:`TrainConfig`."""
+    import dataclasses
+
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in valid:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(valid)}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def run_from_args(args: argparse.Namespace) -> None:
-    overrides = {k: getattr(args, k) for k in ("iters", "arch", "crop", "batch_size", "workers", "device")}
+    overrides = parse_sets(args.set)
+    overrides.update({k: getattr(args, k) for k in ("iters", "arch", "crop", "batch_size", "workers", "device")
+                      if getattr(args, k) is not None})
     _, table = run_benchmarks(args.definitions, args.inits, args.out, args.data_root, args.freeze, overrides,
                               progress=not args.quiet)
     print(table)
@@ -230,5 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_arguments(parser)
-    run_from_args(parser.parse_args(argv))
+    try:
+        run_from_args(parser.parse_args(argv))
+    except ValueError as exc:
+        print(f"run_finetune: error: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -7,10 +7,10 @@ An encoder spec is a string:
   local Hugging Face cache or internet access. The RGB ``conv1`` is summed over its
   three input channels, which is exact for a grey image replicated to RGB.
 * ``cem500k:PATH``: a released CEM500K MoCoV2 checkpoint (``module.encoder_q.*`` keys,
-  MLP head dropped); a ``norms`` entry in the checkpoint, when present, gives the
-  normalisation.
-* ``PATH``: our pretraining export (``.safetensors``/``.pth`` with timm ResNet keys), or a
-  folder holding exactly one such file. A ``config.json`` beside the weights may give the
+  MLP head dropped); a ``norms`` entry in the checkpoint gives the normalisation, else
+  the CEM500K intensity statistics of :mod:`pretrain.export`.
+* ``PATH``: our pretraining export (``.safetensors``/``.pth`` with timm ResNet keys), or its
+  folder (``encoder.safetensors`` preferred). A ``config.json`` beside the weights may give the
   normalisation (``mean``/``std``, a ``norm`` mapping or timm's ``pretrained_cfg``) and
   the architecture (``arch`` or ``architecture``), which is checked against the model.
 
@@ -71,13 +71,19 @@ def parse_encoder_spec(spec: str) -> tuple[str, Path | None]:
 
 
 def _find_weights_file(path: Path) -> Path:
-    """``path`` itself, or the single weights file inside the folder ``path``."""
+    """``path`` itself, or the weights file inside the folder ``path``.
+
+    A pretraining export folder holds ``encoder.safetensors`` and ``encoder.pth`` with the
+    same tensors: the single ``.safetensors`` file is preferred, else the single other one.
+    """
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
-        if len(found) != 1:
-            raise EncoderError(f"{path}: expected exactly one weights file ({', '.join(_WEIGHT_SUFFIXES)}) "
+        safetensors = [p for p in found if p.suffix == ".safetensors"]
+        pick = safetensors if safetensors else found
+        if len(pick) != 1:
+            raise EncoderError(f"{path}: expected one weights file ({', '.join(_WEIGHT_SUFFIXES)}) "
                                f"in this folder, found {[p.name for p in found]}; pass the file itself")
-        return found[0]
+        return pick[0]
     if not path.exists():
         raise EncoderError(f"{path}: encoder weights file not found (use 'random', 'imagenet', "
                            "'cem500k:PATH' or a path to exported weights)")
@@ -182,6 +188,12 @@ def resolve_encoder(spec: str, arch: str) -> EncoderWeights:
         raise EncoderError(str(exc)) from exc
     if kind == "cem500k":
         mean, std = _checkpoint_norms(path)
+        if mean is None or std is None:
+            # The released weights were trained on CEM500K intensities; without "norms" in
+            # the file, use that dataset's statistics (as the pretraining export does).
+            from pretrain.export import CEM500K_MEAN, CEM500K_STD
+
+            mean, std = CEM500K_MEAN, CEM500K_STD
         return EncoderWeights("cem500k", state, mean, std, str(path))
     mean, std, file_arch = read_norm_config(path)
     if file_arch is not None and file_arch != arch:

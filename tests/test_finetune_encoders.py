@@ -47,6 +47,7 @@ def test_export_layout_loads_strictly_with_its_normalisation(tmp_path):
     folder = tmp_path / "export"
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "encoder.safetensors"))
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, folder / "encoder.pth")  # safetensors wins
     (folder / "config.json").write_text(json.dumps({"arch": "resnet18", "mean": 0.57, "std": 0.13}))
     for spec in (str(folder / "encoder.safetensors"), str(folder)):   # the file, or its folder
         weights = resolve_encoder(spec, "resnet18")
@@ -70,6 +71,10 @@ def test_cem500k_layout_with_mlp_head_and_rgb_conv1_loads(tmp_path):
     assert parse_encoder_spec(f"cem500k:{path}") == ("cem500k", path)
     weights = resolve_encoder(f"cem500k:{path}", "resnet50")
     assert (weights.mean, weights.std) == (0.58, 0.12)
+    torch.save({"state_dict": ckpt}, tmp_path / "no_norms.pth")     # no norms: CEM500K statistics
+    from pretrain.export import CEM500K_MEAN, CEM500K_STD
+
+    assert resolve_encoder(f"cem500k:{tmp_path / 'no_norms.pth'}", "resnet50").mean == CEM500K_MEAN
     model = build_model("unet2d", arch="resnet50")
     load_into_encoder(model.encoder, weights, "resnet50")
     expected = dict(state)
