@@ -19,7 +19,7 @@ The plain loop ("naive") loads the whole volume, predicts one un-tiled slice at 
 (padded to a multiple of 32), keeps full-size float32 outputs in memory and writes a uint8
 TIFF at the end, which is what a short script would do.
 
-Usage: python benchmarks/bench_predict.py [--size 512] [--stack-slices 16] [--ortho-size 96]
+Usage: python benchmarks/bench_predict.py [--size 512] [--stack-slices 16] [--ortho-size 96] [--only standin|unet]
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def worker(args) -> dict:
         pass
     elif args.impl == "pipeline":
         source = open_input(str(inp))
-        predictor = SlicePredictor(model, "cpu", amp=False, tile=512, overlap=64, batch_size=8)
+        predictor = SlicePredictor(model, "cpu", amp=False, tile=512, overlap=64, batch_size=args.batch_size)
         with PredictionWriter(out, shape, ["background", "foreground"], "probs", "uint8") as writer:
             if args.mode == "stack":
                 predict_stack(source, predictor, writer.write, chunk=16)
@@ -143,13 +143,15 @@ def worker(args) -> dict:
     return {"model": args.model, "arch": args.arch if args.model == "unet" else "conv3x3", "mode": args.mode,
             "impl": args.impl, "shape": list(shape), "voxels": int(np.prod(shape)), "seconds": round(seconds, 2),
             "voxels_per_s": round(float(np.prod(shape)) / seconds) if args.impl != "baseline" and seconds > 0 else None,
-            "peak_rss_mb": round(peak / 2**20), "threads": args.threads}
+            "peak_rss_mb": round(peak / 2**20), "threads": args.threads,
+            "batch": args.batch_size if args.impl == "pipeline" else 1}
 
 
 def run_case(model: str, mode: str, impl: str, inp: Path, out: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--model", model, "--mode", mode, "--impl", impl, "--input", str(inp),
            "--output", str(out), "--arch", args.arch, "--threads", str(args.threads),
-           "--memory-limit-gb", str(args.memory_limit_gb)]
+           "--memory-limit-gb", str(args.memory_limit_gb),
+           "--batch-size", str(args.standin_batch if model == "standin" else args.batch_size)]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if res.returncode != 0:
         raise SystemExit(f"worker failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
@@ -159,12 +161,12 @@ def run_case(model: str, mode: str, impl: str, inp: Path, out: Path, args) -> di
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | mode | implementation | volume (z, y, x) | seconds | voxels/s | peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | mode | implementation | batch | volume (z, y, x) | seconds | voxels/s | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vps = f"{r['voxels_per_s']:,}" if r["voxels_per_s"] else "-"
-        lines.append(f"| {r['arch']} | {r['mode']} | {r['impl']} | {tuple(r['shape'])} | {r['seconds']} | {vps} | "
-                     f"{r['peak_rss_mb']} |")
+        lines.append(f"| {r['arch']} | {r['mode']} | {r['impl']} | {r.get('batch', '-')} | {tuple(r['shape'])} | "
+                     f"{r['seconds']} | {vps} | {r['peak_rss_mb']} |")
     return "\n".join(lines)
 
 
@@ -177,7 +179,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     p.add_argument("--memory-limit-gb", type=float, default=4.0, help="orthoplane RAM limit (else memory maps)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "predict", help="work/output folder")
-    p.add_argument("--skip-unet", action="store_true", help="only the stand-in model runs")
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass for the UNet pipeline runs")
+    p.add_argument("--standin-batch", type=int, default=1,
+                   help="tiles per forward pass for the stand-in (1: oneDNN runs a batched 1-channel 3x3 conv "
+                        "3-4x slower per slice, which would hide the pipeline's own cost)")
+    p.add_argument("--only", choices=("standin", "unet"), help="run only one kind of model")
     # internal: one measurement per subprocess
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="unet", help=argparse.SUPPRESS)
@@ -193,10 +199,11 @@ def main() -> None:
     t0 = time.perf_counter()
     full = make_volume(args.size, args.out / f"volume{args.size}.tif")
     rows = [run_case("unet", "stack", "baseline", full, args.out / "unused.tif", args)]
-    for mode in ("stack", "orthoplane"):
-        for impl in ("pipeline", "naive"):
-            rows.append(run_case("standin", mode, impl, full, args.out / f"standin_{mode}_{impl}.tif", args))
-    if not args.skip_unet:
+    if args.only != "unet":
+        for mode in ("stack", "orthoplane"):
+            for impl in ("pipeline", "naive"):
+                rows.append(run_case("standin", mode, impl, full, args.out / f"standin_{mode}_{impl}.tif", args))
+    if args.only != "standin":
         sub = crop_volume(full, args.out / f"stack{args.stack_slices}.tif", args.stack_slices, args.size)
         cube = crop_volume(full, args.out / f"cube{args.ortho_size}.tif", args.ortho_size, args.ortho_size)
         for impl in ("pipeline", "naive"):
@@ -206,8 +213,9 @@ def main() -> None:
     text = table(rows)
     print(text)
     print(f"total benchmark time {time.perf_counter() - t0:.0f} s")
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    (args.out / "results.md").write_text(text + "\n")
+    tag = f"_{args.only}" if args.only else ""
+    (args.out / f"results{tag}.json").write_text(json.dumps(rows, indent=2))
+    (args.out / f"results{tag}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ A benchmark definition (``benchmarks/finetune/*.yaml``) is a YAML mapping::
           mode: stack                              # or orthoplane
           instances_only: false                    # Perez-style scoring
           per_image: true                          # 2D test set: one prediction per image
+          tile: 512                                # prediction tile side (optional)
 
 Data globs (in the config and the test spec) are relative to ``--data-root``. An
 initialisation is ``random``, ``imagenet``, ``cem500k:PATH`` or a weights ``PATH``,
@@ -41,7 +42,7 @@ from finetune.config import EvaluateConfig, PredictConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 _TASK_KEYS = {"name", "config", "test", "overrides"}
-_TEST_KEYS = {"images", "masks", "mode", "instances_only", "per_image", "ignore_mask"}
+_TEST_KEYS = {"images", "masks", "mode", "instances_only", "per_image", "ignore_mask", "tile"}
 _DEF_KEYS = {"name", "source", "layout", "split", "paper", "tasks", "notes", "licence", "data"}
 # Column names of the paper's Table 2 for the standard initialisations.
 _INIT_NAMES = {"random": "Random Init.", "imagenet": "IN-super"}
@@ -62,14 +63,23 @@ def default_data_root() -> Path:
 
 
 def parse_init(text: str, freeze: str = "paper") -> Init:
-    """``[NAME=]SPEC`` -> :class:`Init`; ``freeze`` is ``paper`` (random trains, others frozen), ``all`` or ``none``."""
+    """``[NAME=]SPEC[+frozen|+trainable]`` -> :class:`Init`.
+
+    ``freeze`` is the default policy: ``paper`` (random trains, pre-trained is frozen, as in
+    Table 2), ``all`` or ``none``; a ``+frozen``/``+trainable`` suffix overrides it for one
+    initialisation (e.g. ``"Random frozen=random+frozen"``, the paper's Figure 2c baseline).
+    """
+    forced = None
+    for suffix, value in (("+frozen", True), ("+trainable", False)):
+        if text.endswith(suffix):
+            text, forced = text[: -len(suffix)], value
     name, sep, spec = text.partition("=")
     if not sep or name.startswith(("cem500k:", "/", ".")):
         name, spec = "", text
     kind = spec.split(":", 1)[0] if spec.startswith("cem500k:") else spec
     if not name:
         name = _INIT_NAMES.get(kind) or ("CEM500K-moco" if kind == "cem500k" else Path(spec).stem)
-    frozen = {"paper": spec != "random", "all": True, "none": False}[freeze]
+    frozen = {"paper": spec != "random", "all": True, "none": False}[freeze] if forced is None else forced
     return Init(name, spec, frozen)
 
 
@@ -117,7 +127,8 @@ def run_task(task: dict, init: Init, data_root: Path, out: Path, train_overrides
     t0 = time.perf_counter()
     per_image = bool(test.get("per_image", False))
     pred_out = str(out / "test_pred") + "/" if per_image else str(out / "test_pred.tif")
-    pcfg = PredictConfig(mode=test.get("mode", "stack"), output_type="labels", device=cfg.device)
+    pcfg = PredictConfig(mode=test.get("mode", "stack"), output_type="labels", device=cfg.device,
+                         tile=int(test.get("tile", 512)))
     predict_path(out, str(data_root / test["images"]), pred_out, pcfg, progress=progress)
     predict_seconds = time.perf_counter() - t0
     ecfg = EvaluateConfig(classes=cfg.classes, label_threshold=cfg.mask_threshold, label_map=cfg.label_map,
@@ -205,8 +216,9 @@ def _slug(text: str) -> str:
 def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("definitions", nargs="+", metavar="DEFINITION",
                    help="benchmark definition YAML files (benchmarks/finetune/*.yaml)")
-    p.add_argument("--inits", nargs="+", default=["random"], metavar="[NAME=]SPEC",
-                   help="initialisations: random, imagenet, cem500k:PATH or a weights PATH (default: random)")
+    p.add_argument("--inits", nargs="+", default=["random"], metavar="[NAME=]SPEC[+frozen|+trainable]",
+                   help="initialisations: random, imagenet, cem500k:PATH or a weights PATH, optionally named and "
+                        "with the freeze policy overridden (default: random)")
     p.add_argument("--out", required=True, type=Path, help="output folder (one run per benchmark/task/init)")
     p.add_argument("--data-root", type=Path, help="folder the data globs are relative to "
                                                   "(default: $CEM_DATA or ../shared/data)")

@@ -59,6 +59,8 @@ def test_init_parsing_and_overrides():
     assert (cem.name, cem.frozen) == ("CEM500K-moco", True)
     named = parse_init("ours=runs/export", freeze="none")
     assert (named.name, named.spec, named.frozen) == ("ours", "runs/export", False)
+    rf = parse_init("Random frozen=random+frozen")
+    assert (rf.name, rf.spec, rf.frozen) == ("Random frozen", "random", True)
     assert parse_sets(["class_weighting=prevalence", "zoom=[0.8, 1.2]"]) == {"class_weighting": "prevalence",
                                                                             "zoom": [0.8, 1.2]}
     with pytest.raises(ValueError, match="KEY one of"):

@@ -266,3 +266,31 @@ def test_config_validation_and_registry_errors():
     model = build_model("unet2d", arch="resnet18", num_classes=3)
     out = model(torch.rand(1, 1, 64, 64))
     assert out.shape == (1, 3, 64, 64)
+
+
+def test_volumes_are_sliced_along_the_configured_planes(data_root, tmp_path):
+    """A real 3D label volume (neuroproof crop, body ids > 0 as foreground) sliced xy/xz/yz."""
+    from cemcurate.io import write_volume
+    from finetune.data import CropSamples, get_slice, label_spec, load_labelled, pair_files, slice_index
+
+    files = sorted(glob.glob(str(data_root / "neuroproof_flyem/training_sample2/grayscale_maps/*.png")))[:12]
+    import imageio.v3 as iio
+
+    vol = np.stack([iio.imread(f)[:40, :56] for f in files])             # (12, 40, 56)
+    labels = (vol > np.median(vol)).astype(np.uint8)
+    write_volume(tmp_path / "img.tif", vol)
+    write_volume(tmp_path / "lab.tif", labels)
+    cfg = TrainConfig(images=[str(tmp_path / "img.tif")], masks=[str(tmp_path / "lab.tif")], planes=["xy", "xz", "yz"],
+                      crop=32, batch_size=2, iters=3)
+    items = load_labelled(pair_files(cfg.images, cfg.masks, None), label_spec(cfg))
+    index = slice_index(items, cfg.planes)
+    assert len(index) == 12 + 40 + 56
+    img, lab = get_slice(items[0], 1, 7)                                  # xz plane at y = 7
+    np.testing.assert_array_equal(img, vol[:, 7, :])
+    np.testing.assert_array_equal(lab, labels[:, 7, :])
+    img, _ = get_slice(items[0], 2, 5)                                    # yz plane at x = 5
+    np.testing.assert_array_equal(img, vol[:, :, 5])
+    x, y = CropSamples(items, cfg)[4]
+    assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and 0 <= float(x.min()) <= float(x.max()) <= 1
+    assert y.shape == (32, 32) and set(np.unique(y.numpy())) <= {0, 1}
+    assert len(slice_index(items, ["xy"])) == 12
