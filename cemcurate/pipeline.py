@@ -225,8 +225,8 @@ def _process_volume(vol: Volume, name: str, shard_name: str, spec: SourceSpec, c
             source_patches = open_shard(all_path, cfg.patch_size)
             with ShardWriter(shard_path, cfg.patch_size) as final:
                 keep = np.flatnonzero(unique)
-                for start in range(0, len(keep), 4096):
-                    chunk = keep[start:start + 4096]
+                for start in range(0, len(keep), 512):  # 512 patches = 25 MB at a time
+                    chunk = keep[start:start + 512]
                     shard_row[chunk] = final.append(np.asarray(source_patches[chunk]))
             del source_patches
             all_path.unlink()
@@ -356,9 +356,10 @@ def score_patches(out_dir: Path, manifest: pd.DataFrame, cfg: BuildConfig, progr
     for shard in todo:
         patches = open_shard(out_dir / "store" / f"{shard}.u8", cfg.patch_size)
         scores = np.empty(len(patches), np.float32)
-        for start in range(0, len(patches), 1024):
-            scores[start:start + 1024] = patch_filter(np.asarray(patches[start:start + 1024]))
-            bar.update(min(1024, len(patches) - start))
+        step = cfg.filter_batch_size  # also bounds the filters' per-batch float temporaries
+        for start in range(0, len(patches), step):
+            scores[start:start + step] = patch_filter(np.asarray(patches[start:start + step]))
+            bar.update(min(step, len(patches) - start))
         with atomic_path(cache / f"{shard}.npy") as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, scores)
