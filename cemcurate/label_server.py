@@ -181,7 +181,11 @@ def serve(out_dir: str | Path, port: int = 0, open_browser: bool = True, seed: i
         raise ValueError(f"the labelling server only binds to {LOOPBACK}, not {host!r}: it can write to {out_dir}")
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be 0-65535, got {port}")
+    import logging
+
     app = make_label_app(out_dir, seed=seed, page_size=page_size)
+    # One log line per click would bury the URL and any real warning.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = make_server(host, port, app, threaded=True)
     bound_host, bound_port = server.socket.getsockname()[:2]
     url = f"http://{bound_host}:{bound_port}/"

@@ -46,7 +46,7 @@ def add_label_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 for the page (0 = any free port; the URL is printed)")
     p.add_argument("--no-browser", action="store_true", help="do not open a web browser, only print the URL")
     p.add_argument("--page-size", type=int, default=24, help="patches per page of the grid")
-    p.add_argument("--seed", type=int, default=None, help="seed of the random patch order (default: a new order every time)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random patch order; None = a new order every time")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--export-sheet", type=Path, default=None, metavar="DIR",
                       help="instead of serving the page, write numbered contact sheets (PNG) of unlabelled patches and "

@@ -66,15 +66,19 @@ class RuleSettings:
 
 
 DEFAULT_RULES = RuleSettings()
+# Patches per internal chunk: bounds the temporaries (~25 MB for 224-px patches) whatever
+# batch the caller passes.
+_CHUNK = 64
 
 
 def level_counts(patches: np.ndarray) -> np.ndarray:
     """Grey-level histogram of each patch: int64 ``(n, 256)``."""
     patches = check_patches(patches)
-    n = len(patches)
-    offsets = (np.arange(n, dtype=np.int64) * 256)[:, None]
-    flat = patches.reshape(n, -1).astype(np.int64) + offsets
-    return np.bincount(flat.ravel(), minlength=n * 256).reshape(n, 256)
+    out = np.empty((len(patches), 256), np.int64)
+    for i, patch in enumerate(patches):
+        # One bincount per patch: no (n, p*p) int64 temporary for large batches.
+        out[i] = np.bincount(patch.ravel(), minlength=256)
+    return out
 
 
 def noise_sigma(patches: np.ndarray) -> np.ndarray:
@@ -85,11 +89,13 @@ def noise_sigma(patches: np.ndarray) -> np.ndarray:
     differences at edges.
     """
     patches = check_patches(patches)
-    diff = np.abs(np.diff(patches.astype(np.int16), axis=2)).reshape(len(patches), -1)
-    # Integer differences 0..255: the median via a histogram is exact and avoids a sort.
-    n, m = diff.shape
-    counts = np.bincount((diff + (np.arange(n) * 256)[:, None]).ravel(), minlength=n * 256).reshape(n, 256)
-    median = np.argmax(np.cumsum(counts, axis=1) >= (m + 1) // 2, axis=1)
+    median = np.empty(len(patches), np.float64)
+    for i, patch in enumerate(patches):
+        # |difference| of uint8 neighbours without overflow: max - min.
+        diff = np.maximum(patch[:, 1:], patch[:, :-1]) - np.minimum(patch[:, 1:], patch[:, :-1])
+        # Integer differences 0..255: the (lower) median via a histogram is exact and avoids a sort.
+        cum = np.cumsum(np.bincount(diff.ravel(), minlength=256))
+        median[i] = np.argmax(cum >= (diff.size + 1) // 2)
     return 1.4826 * median / np.sqrt(2.0)
 
 
@@ -143,15 +149,13 @@ def rule_reasons(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> np
     """
     patches = check_patches(patches)
     reasons = np.full(len(patches), "", dtype=object)
-    if len(patches) == 0:
-        return reasons
-    low = intensity_range(patches) < rules.min_range
-    two, second = overlay_shares(patches)
-    overlay = (two >= rules.overlay_share) & (second >= rules.overlay_minor)
-    uniform = flat_fraction(patches, rules) >= rules.max_flat
-    reasons[low] = "low-contrast"
-    reasons[overlay] = "overlay"
-    reasons[uniform] = "uniform"
+    for start in range(0, len(patches), _CHUNK):
+        chunk = patches[start:start + _CHUNK]
+        part = reasons[start:start + len(chunk)]  # a view: assignments land in ``reasons``
+        two, second = overlay_shares(chunk)
+        part[intensity_range(chunk) < rules.min_range] = "low-contrast"
+        part[(two >= rules.overlay_share) & (second >= rules.overlay_minor)] = "overlay"
+        part[flat_fraction(chunk, rules) >= rules.max_flat] = "uniform"
     return reasons
 
 
