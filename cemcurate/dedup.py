@@ -302,6 +302,28 @@ def _visit_order(n: int, order, seed) -> np.ndarray:
 
 # Below this many indexed hashes a rebuild costs more than the smaller index saves.
 _MIN_REBUILD_SIZE = 1 << 15
+# Up to this many distinct hashes, one all-pairs popcount matrix beats building an index.
+_SINGLE_BATCH_SIZE = 2048
+
+
+def _resolve_in_order(hashes: np.ndarray, max_hamming: int) -> np.ndarray:
+    """Sequential greedy rule among a few hashes, all undecided, visited in index order.
+
+    Returns int64 (k,): local index of each hash's exemplar. Uses the full (k, k) distance
+    matrix, so keep k in the low thousands.
+    """
+    close = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= max_hamming
+    leader = np.arange(len(hashes))
+    # A hash with no neighbour here is its own exemplar and claims nobody, so the loop only
+    # walks the others.
+    has_neighbour = close.sum(axis=1) > 1
+    alive = has_neighbour.copy()
+    for i in np.flatnonzero(has_neighbour).tolist():
+        if alive[i]:
+            members = np.flatnonzero(alive & close[i])
+            leader[members] = i
+            alive[members] = False
+    return leader
 
 
 def _greedy_leaders(unique_hashes: np.ndarray, max_hamming: int, batch_size: int = 512) -> np.ndarray:
@@ -320,6 +342,8 @@ def _greedy_leaders(unique_hashes: np.ndarray, max_hamming: int, batch_size: int
     a smaller index means fewer candidates and may allow a cheaper block plan.
     """
     n = len(unique_hashes)
+    if n <= _SINGLE_BATCH_SIZE:
+        return _resolve_in_order(unique_hashes, max_hamming).astype(np.int64)
     leader = np.full(n, -1, dtype=np.int64)
     indexed_ids = np.arange(n)
     index = _HammingRangeIndex(unique_hashes, max_hamming)
@@ -339,22 +363,12 @@ def _greedy_leaders(unique_hashes: np.ndarray, max_hamming: int, batch_size: int
                 window *= 2  # mostly claimed already: look further ahead per step
         if len(undecided) == 0:
             continue
-        batch_hashes = unique_hashes[undecided]
-        close = np.bitwise_count(batch_hashes[:, None] ^ batch_hashes[None, :]) <= max_hamming
-        # A hash with no neighbour inside the batch is an exemplar and claims nobody here,
-        # so the sequential rule only needs to walk the others.
-        has_neighbour = close.sum(axis=1) > 1
-        is_exemplar = ~has_neighbour
-        leader[undecided[is_exemplar]] = undecided[is_exemplar]
-        alive = has_neighbour.copy()
-        for i in np.flatnonzero(has_neighbour).tolist():
-            if alive[i]:
-                members = np.flatnonzero(alive & close[i])
-                leader[undecided[members]] = undecided[i]
-                alive[members] = False
-                is_exemplar[i] = True
-        exemplar_ids = undecided[is_exemplar]  # ascending = visit order
+        local_leader = _resolve_in_order(unique_hashes[undecided], max_hamming)
+        leader[undecided] = undecided[local_leader]
+        exemplar_ids = undecided[local_leader == np.arange(len(undecided))]  # ascending = visit order
         n_undecided -= len(undecided)
+        if position >= n:
+            break  # nobody left to claim
         query_index, neighbour = index.query(unique_hashes[exemplar_ids])
         neighbour = indexed_ids[neighbour]
         unclaimed = leader[neighbour] < 0

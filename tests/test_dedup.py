@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from cemcurate import dedup
 from cemcurate.dedup import (
     DEFAULT_MAX_HAMMING,
     _HammingRangeIndex,
@@ -152,7 +153,10 @@ def test_unrelated_sources_are_not_duplicates(neuroproof_hashes, vnc_tile_hashes
     assert np.all(exemplar[:n_vnc] < n_vnc) and np.all(exemplar[n_vnc:] >= n_vnc), "a group spans both sources"
 
 
-def test_real_hashes_match_reference_loop(neuroproof_hashes, vnc_tile_hashes):
+@pytest.mark.parametrize("single_batch_size", [2048, 0])
+def test_real_hashes_match_reference_loop(neuroproof_hashes, vnc_tile_hashes, monkeypatch, single_batch_size):
+    # 0: force the batched path with the range index even for these 1820 hashes
+    monkeypatch.setattr(dedup, "_SINGLE_BATCH_SIZE", single_batch_size)
     hashes = np.concatenate([*neuroproof_hashes.values(), vnc_tile_hashes])  # 1820 real hashes
     rng = np.random.default_rng(7)
     for max_hamming in (6, 11, 12):
