@@ -144,14 +144,14 @@ def worker(args) -> dict:
             "impl": args.impl, "shape": list(shape), "voxels": int(np.prod(shape)), "seconds": round(seconds, 2),
             "voxels_per_s": round(float(np.prod(shape)) / seconds) if args.impl != "baseline" and seconds > 0 else None,
             "peak_rss_mb": round(peak / 2**20), "threads": args.threads,
-            "batch": args.batch_size if args.impl == "pipeline" else 1}
+            "batch": (max(1, min(args.batch_size, 512 * 512 // int(np.prod([-(-n // 32) * 32 for n in shape[1:]]))))
+                      if args.impl == "pipeline" else 1)}
 
 
 def run_case(model: str, mode: str, impl: str, inp: Path, out: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--model", model, "--mode", mode, "--impl", impl, "--input", str(inp),
            "--output", str(out), "--arch", args.arch, "--threads", str(args.threads),
-           "--memory-limit-gb", str(args.memory_limit_gb),
-           "--batch-size", str(args.standin_batch if model == "standin" else args.batch_size)]
+           "--memory-limit-gb", str(args.memory_limit_gb), "--batch-size", str(args.batch_size)]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if res.returncode != 0:
         raise SystemExit(f"worker failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
@@ -179,10 +179,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     p.add_argument("--memory-limit-gb", type=float, default=4.0, help="orthoplane RAM limit (else memory maps)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "predict", help="work/output folder")
-    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass for the UNet pipeline runs")
-    p.add_argument("--standin-batch", type=int, default=1,
-                   help="tiles per forward pass for the stand-in (1: oneDNN runs a batched 1-channel 3x3 conv "
-                        "3-4x slower per slice, which would hide the pipeline's own cost)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="most tiles per forward pass in the pipeline runs (capped at 512^2 pixels on the CPU)")
     p.add_argument("--only", choices=("standin", "unet"), help="run only one kind of model")
     # internal: one measurement per subprocess
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

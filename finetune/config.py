@@ -167,7 +167,9 @@ class PredictConfig:
     threshold: float = field(default=0.5, metadata=_help("binary foreground threshold for output_type labels"))
     tile: int = field(default=512, metadata=_help("largest tile side in pixels; bigger slices are tiled"))
     overlap: int = field(default=64, metadata=_help("overlap between tiles in pixels (blended)"))
-    batch_size: int = field(default=8, metadata=_help("tiles per forward pass"))
+    batch_size: int = field(default=8, metadata=_help("most tiles per forward pass"))
+    batch_pixels: int = field(default=0, metadata=_help(
+        "most pixels per forward pass (0: 512x512 on CPU, where batching large tiles is slower, 8x512x512 on CUDA)"))
     chunk: int = field(default=16, metadata=_help("slices read and predicted together"))
     memory_limit_gb: float = field(default=4.0, metadata=_help(
         "orthoplane mode keeps the input and the probability sums in RAM up to this size, "
@@ -186,8 +188,8 @@ class PredictConfig:
             raise ValueError(f"prob_dtype must be uint8 or float32, got {self.prob_dtype!r}")
         if self.tile < 32 or not 0 <= self.overlap < self.tile:
             raise ValueError(f"need tile >= 32 and 0 <= overlap < tile, got tile={self.tile} overlap={self.overlap}")
-        if self.batch_size < 1 or self.chunk < 1 or not self.memory_limit_gb > 0:
-            raise ValueError("batch_size and chunk must be >= 1 and memory_limit_gb > 0")
+        if self.batch_size < 1 or self.chunk < 1 or self.batch_pixels < 0 or not self.memory_limit_gb > 0:
+            raise ValueError("batch_size and chunk must be >= 1, batch_pixels >= 0 and memory_limit_gb > 0")
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.device not in DEVICES:

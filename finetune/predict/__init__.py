@@ -41,7 +41,7 @@ def predict_path(model_path: str | Path, input_spec: str, output: str, cfg: Pred
     device = select_device(cfg.device)
     model, info = load_model(model_path, device)
     classes = list(info.get("classes") or [str(i) for i in range(max(2, model.num_classes))])
-    predictor = SlicePredictor(model, device, cfg.amp, cfg.tile, cfg.overlap, cfg.batch_size)
+    predictor = SlicePredictor(model, device, cfg.amp, cfg.tile, cfg.overlap, cfg.batch_size, cfg.batch_pixels)
     channels = 1 if len(classes) == 2 else len(classes)
     if _is_folder_output(output):
         jobs = []

@@ -64,17 +64,22 @@ class SlicePredictor:
         device: where the model runs (the model is moved there).
         amp: float16 autocast on CUDA.
         tile, overlap: tiling (see :func:`finetune.predict.tiling.plan_tiles`).
-        batch_size: tiles per forward pass.
+        batch_size: most tiles per forward pass.
+        batch_pixels: most pixels per forward pass (0: 512^2 on CPU, 8 x 512^2 on CUDA). On a
+            CPU, batching small tiles pays (2.3x per 96^2 slice for a resnet18 UNet) but
+            batching 512^2 tiles is 20-30% slower per slice than one at a time (cache), so
+            the batch is ``min(batch_size, batch_pixels // tile pixels)``, at least 1.
 
     ``predictor(slices float32[N, H, W] in [0, 1]) -> float32[N, C, H, W]`` probabilities.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu", amp: bool = True,
-                 tile: int = 512, overlap: int = 64, batch_size: int = 8):
+                 tile: int = 512, overlap: int = 64, batch_size: int = 8, batch_pixels: int = 0):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.amp = amp and self.device.type == "cuda"
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
+        self.batch_pixels = batch_pixels or (8 * 512 * 512 if self.device.type == "cuda" else 512 * 512)
         self._plans: dict[tuple[int, int], TilePlan] = {}
 
     @torch.inference_mode()
@@ -92,4 +97,6 @@ class SlicePredictor:
         return self._plans[shape]
 
     def __call__(self, slices: np.ndarray) -> np.ndarray:
-        return predict_tiled(slices, self.model_fn, self.plan(slices.shape[1:]), self.batch_size)
+        plan = self.plan(slices.shape[1:])
+        batch = max(1, min(self.batch_size, self.batch_pixels // (plan.tile[0] * plan.tile[1])))
+        return predict_tiled(slices, self.model_fn, plan, batch)
