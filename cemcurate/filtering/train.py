@@ -229,6 +229,8 @@ def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, prog
     params = set_trainable(model, list(cfg.train_layers))
     model.to(device)
     use_amp = cfg.amp and device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
 
     train_set = LabelledPatches(patches[train_idx], labels[train_idx], make_augment(cfg.seed) if cfg.augment else None)
     generator = torch.Generator().manual_seed(cfg.seed)
