@@ -3,7 +3,6 @@ on real EM (adjacent 10 nm slices are duplicates, unrelated sources are not)."""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -257,7 +256,7 @@ def test_range_index_with_skewed_blocks(monkeypatch):
     plain_scan = _HammingRangeIndex._query_brute
     monkeypatch.setattr(_HammingRangeIndex, "_query_brute", lambda self, q: scanned.append(len(q)) or plain_scan(self, q))
     rng = np.random.default_rng(9)
-    base = np.unique(clustered_hashes(20000, rng))
+    base = np.unique(clustered_hashes(8000, rng))
     base[: len(base) * 9 // 10] &= np.uint64(0xFFFFFFFF00000000)
     base = np.unique(base)
     queries = np.concatenate([base[rng.integers(0, len(base), 400)], clustered_hashes(100, rng)])
