@@ -58,12 +58,11 @@ def make_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="read every EM file in RAW and write curated 224x224 patches to OUT",
                        description="Read every EM file in RAW (tif/tiff, png, jpg, bmp, mrc/map/rec/st, nii/nii.gz, h5, zarr, avi/mp4), "
-                                   "convert to uint8, slice volumes, crop patches, remove near-duplicates and write the patch store, "
-                                   "manifest.parquet, sources.parquet and report.html to OUT. Re-running resumes.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "convert to uint8, slice volumes, crop patches, remove near-duplicates, drop uninformative patches and write the patch store, "
+                                   "manifest.parquet, sources.parquet and report.html to OUT. Re-running resumes.")
     b.add_argument("raw", nargs="?", type=Path, default=None,
                    help="folder of EM files (or one file); default: $CEM_DATA, ../shared/data, else a small public sample downloaded once")
-    b.add_argument("out", nargs="?", type=Path, default=Path(DEFAULT_OUT), help="output folder")
+    b.add_argument("out", nargs="?", type=Path, default=Path(DEFAULT_OUT), help=f"output folder (default: {DEFAULT_OUT})")
     b.add_argument("--config", type=Path, default=None, help="YAML file with build settings (keys as the flags below, with underscores); flags override it")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(b, BuildConfig)

@@ -53,7 +53,7 @@ class BuildConfig:
     dedup_scope: str = field(default="source", metadata={"help": "'source': group near-duplicates inside each source (the paper); 'corpus': also across sources"})
     max_hamming: int = field(default=11, metadata={"help": "patches whose 64-bit dHashes differ in at most this many bits are near-duplicates (inclusive: 11 is the paper's '< 12'; the released CEM500K code used <= 12)"})
     seed: int = field(default=0, metadata={"help": "seed of the random order in which near-duplicate groups pick their exemplar"})
-    filter: str = field(default="stats", metadata={"help": "uninformative-patch filter: 'stats' (label-free rules), 'none', or a classifier file from `cemcurate filter train` (or the released CEM500K filter weights)", "metavar": "stats|none|PATH"})
+    filter: str = field(default="stats", metadata={"help": "uninformative-patch filter: 'stats' (label-free rules), 'none', a classifier.pth or stats_forest.pkl from `cemcurate filter train`, or the released CEM500K filter weights", "metavar": "stats|none|PATH"})
     filter_threshold: float = field(default=0.5, metadata={"help": "keep a patch when its informative probability is at least this"})
     filter_batch_size: int = field(default=256, metadata={"help": "patches per batch for classifier inference"})
     workers: int = field(default=0, metadata={"help": "sources processed in parallel (0 = all CPU cores)"})
