@@ -196,8 +196,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     full = make_volume(args.size, args.out / f"volume{args.size}.tif")
-    rows = [run_case("unet", "stack", "baseline", full, args.out / "unused.tif", args)]
+    # Baselines: the process after imports and model construction, before any prediction.
+    rows = [run_case("unet", "stack", "baseline", full, args.out / "unused.tif", args)] if args.only != "standin" else []
     if args.only != "unet":
+        rows.append(run_case("standin", "stack", "baseline", full, args.out / "unused.tif", args))
         for mode in ("stack", "orthoplane"):
             for impl in ("pipeline", "naive"):
                 rows.append(run_case("standin", mode, impl, full, args.out / f"standin_{mode}_{impl}.tif", args))
