@@ -155,9 +155,18 @@ def iter_standard_planes(vol: Volume, window: IntensityWindow, planes: tuple[str
 
 # ----------------------------------------------------------------------------- one source
 
+def _file_stamps(spec: SourceSpec) -> list[list]:
+    """``[name, size, mtime_ns]`` of each file: what tells a changed file from an unchanged one."""
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] if f.is_file() else [f.name, 0, 0] for f in spec.files]
+
+
+def _settings_hash(spec: SourceSpec, cfg: BuildConfig) -> str:
+    blob = json.dumps([spec.name, dataclasses.asdict(spec.options), cfg.patch_settings()], default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
 def _fingerprint(spec: SourceSpec, cfg: BuildConfig) -> str:
-    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else (f.name, 0, 0) for f in spec.files]
-    blob = json.dumps([spec.name, files, dataclasses.asdict(spec.options), cfg.patch_settings()], default=str)
+    blob = json.dumps([_settings_hash(spec, cfg), _file_stamps(spec)])
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
@@ -175,11 +184,51 @@ def _source_row(spec: SourceSpec, name: str, **values) -> dict:
     return row
 
 
+def _cut_patches(images: Iterator[tuple[str, int, np.ndarray]], writer: ShardWriter, cfg: BuildConfig) -> dict:
+    """Tile every ``(plane, index, uint8 image)``, append the patches to ``writer`` and
+    return their ``grid`` (int64 (n, 4): y, x, h, w), ``plane``/``slice`` columns, dHashes
+    (uint64 (n,)) and per-patch ``mean``/``std`` (float32 (n,), in [0, 1])."""
+    from cemcurate.dhash import dhash64
+
+    grids, planes, slices, hashes, stats = [], [], [], [], []
+    for plane, index, image in images:
+        grid = tile_grid(*image.shape, cfg.patch_size, cfg.min_edge)
+        if len(grid) == 0:
+            continue
+        patches = crop_patches(image, grid, cfg.patch_size)
+        writer.append(patches)
+        grids.append(grid)
+        planes += [plane] * len(grid)
+        slices += [index] * len(grid)
+        hashes.append(dhash64(patches))
+        flat = patches.reshape(len(patches), -1).astype(np.float32) / 255.0
+        stats.append(np.stack([flat.mean(1), flat.std(1)], 1))
+    return {"grid": np.concatenate(grids) if grids else np.zeros((0, 4), np.int64),
+            "plane": np.array(planes, object), "slice": np.array(slices, np.int64),
+            "hashes": np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
+            "stats": np.concatenate(stats).astype(np.float32) if stats else np.zeros((0, 2), np.float32)}
+
+
+def _manifest_rows(cut: dict, name: str, file: str, shard: str, shard_row: np.ndarray,
+                   group_local: np.ndarray, duplicate: np.ndarray) -> pd.DataFrame:
+    """A part's manifest rows for the patches of ``cut`` (see :func:`_cut_patches`)."""
+    from cemcurate.dhash import dhash_hex
+
+    n, grid = len(cut["hashes"]), cut["grid"]
+    return pd.DataFrame({
+        "local_id": np.arange(n, dtype=np.int64), "source": name, "file": file,
+        "plane": cut["plane"], "slice": cut["slice"],
+        "y": grid[:, 0], "x": grid[:, 1], "h": grid[:, 2], "w": grid[:, 3],
+        "shard": shard, "shard_row": shard_row, "dhash": dhash_hex(cut["hashes"]) if n else [],
+        "group_local": group_local, "duplicate": duplicate,
+        "pixel_mean": cut["stats"][:, 0], "pixel_std": cut["stats"][:, 1],
+    })
+
+
 def _process_volume(vol: Volume, name: str, shard_name: str, spec: SourceSpec, cfg: BuildConfig,
                     raw_rel: str, out_dir: Path) -> tuple[dict, pd.DataFrame]:
     """Cut, hash and deduplicate one volume; write its shard; return its source row and manifest rows."""
     from cemcurate.dedup import group_near_duplicates
-    from cemcurate.dhash import dhash64, dhash_hex
 
     notes = list(vol.notes)
     planes, note = planes_for_spacing(vol.voxel_size, vol.shape[0], cfg.isotropy_tolerance, vol.xy_only)
@@ -188,30 +237,14 @@ def _process_volume(vol: Volume, name: str, shard_name: str, spec: SourceSpec, c
     window = volume_window(vol, cfg, spec.options.invert)
     work = out_dir / "parts" / "work"
     all_path = work / f"{shard_name}.all.u8"
-    rows: list[np.ndarray] = []
-    meta: list[tuple[str, int]] = []
-    hashes: list[np.ndarray] = []
-    sums: list[np.ndarray] = []
     with ShardWriter(all_path, cfg.patch_size) as writer:
-        for plane, index, image in iter_standard_planes(vol, window, planes, work / f"{shard_name}.std.npy"):
-            grid = tile_grid(*image.shape, cfg.patch_size, cfg.min_edge)
-            if len(grid) == 0:
-                continue
-            patches = crop_patches(image, grid, cfg.patch_size)
-            writer.append(patches)
-            rows.append(grid)
-            meta.append((plane, index, len(grid)))
-            hashes.append(dhash64(patches))
-            flat = patches.reshape(len(patches), -1).astype(np.float64) / 255.0
-            sums.append(np.stack([flat.mean(1), flat.std(1)], 1))
+        cut = _cut_patches(iter_standard_planes(vol, window, planes, work / f"{shard_name}.std.npy"), writer, cfg)
     n = writer.count
     if n == 0:
         all_path.unlink(missing_ok=True)
         if min(vol.shape[1:]) < cfg.min_edge:
             notes.append(f"slices of {vol.shape[1]}x{vol.shape[2]} px are smaller than min-edge {cfg.min_edge}: no patches")
-    grid = np.concatenate(rows) if rows else np.zeros((0, 4), np.int64)
-    hash_arr = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-    stats = np.concatenate(sums) if sums else np.zeros((0, 2))
+    hash_arr = cut["hashes"]
     exemplar = (group_near_duplicates(hash_arr, cfg.max_hamming, seed=cfg.seed)
                 if cfg.dedup and n else np.arange(n, dtype=np.int64))
     unique = exemplar == np.arange(n)
@@ -230,17 +263,7 @@ def _process_volume(vol: Volume, name: str, shard_name: str, spec: SourceSpec, c
                     shard_row[chunk] = final.append(np.asarray(source_patches[chunk]))
             del source_patches
             all_path.unlink()
-    manifest = pd.DataFrame({
-        "local_id": np.arange(n, dtype=np.int64),
-        "source": name, "file": raw_rel,
-        "plane": np.repeat([m[0] for m in meta], [m[2] for m in meta]).astype(object) if meta else np.array([], object),
-        "slice": np.repeat([m[1] for m in meta], [m[2] for m in meta]).astype(np.int64) if meta else np.array([], np.int64),
-        "y": grid[:, 0], "x": grid[:, 1], "h": grid[:, 2], "w": grid[:, 3],
-        "shard": shard_name, "shard_row": shard_row,
-        "dhash": dhash_hex(hash_arr) if n else [],
-        "group_local": exemplar, "duplicate": ~unique,
-        "pixel_mean": stats[:, 0].astype(np.float32), "pixel_std": stats[:, 1].astype(np.float32),
-    })
+    manifest = _manifest_rows(cut, name, raw_rel, shard_name, shard_row, exemplar, ~unique)
     row = _source_row(
         spec, name, reader=vol.reader, shape=str(tuple(vol.shape)), dtype=str(vol.dtype),
         voxel_size=str(tuple(vol.voxel_size)) if vol.voxel_size else "", voxel_size_from=vol.voxel_size_from,
@@ -250,6 +273,93 @@ def _process_volume(vol: Volume, name: str, shard_name: str, spec: SourceSpec, c
     return row, manifest
 
 
+def _copy_shard(src: Path, writer: ShardWriter, patch_size: int) -> None:
+    patches = open_shard(src, patch_size)
+    for start in range(0, len(patches), 512):
+        writer.append(np.asarray(patches[start:start + 512]))
+
+
+def _extendable_part(out_dir: Path, spec: SourceSpec, cfg: BuildConfig) -> tuple[dict, pd.DataFrame] | None:
+    """The previous part of a stack that only gained files, if it can be extended in place.
+
+    That holds for a stack cut in xy only (its old patches do not change when slices are
+    added) whose settings are unchanged and whose old files are all still there, unchanged.
+    """
+    json_path, parquet_path = _part_paths(out_dir, spec.key)
+    if not (spec.options.stack and json_path.is_file() and parquet_path.is_file()):
+        return None
+    try:
+        record = json.loads(json_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if (record.get("format") != PART_FORMAT or record.get("status") != "ok" or len(record.get("sources", [])) != 1
+            or record["sources"][0].get("planes") != "xy" or record.get("settings") != _settings_hash(spec, cfg)):
+        return None
+    old, new = record.get("files", []), _file_stamps(spec)
+    if len(new) <= len(old) or not all(stamp in new for stamp in old):
+        return None
+    return record, pd.read_parquet(parquet_path)
+
+
+def _extend_stack(spec: SourceSpec, cfg: BuildConfig, out_dir: Path, shard_name: str, old_record: dict,
+                  old: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """Add the patches of a stack's new files, deduplicated against the exemplars it keeps.
+
+    Old rows, hashes, groups and local ids are reused as they are (only their slice numbers
+    follow the new stack order); the new patches are matched to the old exemplars first
+    (:func:`cemcurate.dedup.group_incremental`). The old intensity window is kept, so old
+    and new slices share one mapping. Returns the source row and all manifest rows.
+    """
+    from cemcurate.dedup import group_incremental
+    from cemcurate.dhash import hex_to_dhash
+
+    vol = open_volumes(spec)[0]
+    row = dict(old_record["sources"][0])
+    low, high = (None if v is None or np.isnan(v) else float(v) for v in (row["window_low"], row["window_high"]))
+    window = IntensityWindow(low, high, spec.options.invert)
+    position = {f.name: z for z, f in enumerate(spec.files)}
+    old_names = {stamp[0] for stamp in old_record["files"]}
+    new_slices = [z for z, f in enumerate(spec.files) if f.name not in old_names]
+    old = old.copy()
+    old["slice"] = [position[Path(f).name] for f in old["file"]]
+
+    new_path = out_dir / "parts" / "work" / f"{shard_name}.new.u8"
+    images = (("xy", z, window.apply(vol.read_slices(z, z + 1))[0]) for z in new_slices)
+    with ShardWriter(new_path, cfg.patch_size) as writer:
+        cut = _cut_patches(images, writer, cfg)
+    n_old, n_new = len(old), len(cut["hashes"])
+    if cfg.dedup and n_new:
+        exemplars = old[~old["duplicate"]]
+        grouping = group_incremental(cut["hashes"], hex_to_dhash(exemplars["dhash"].tolist()), cfg.max_hamming, cfg.seed)
+        matched = grouping.existing_exemplar >= 0
+        group_local = np.where(matched, exemplars["local_id"].to_numpy()[np.maximum(grouping.existing_exemplar, 0)],
+                               n_old + grouping.new_exemplar)
+        keep = grouping.is_new_exemplar
+    else:
+        group_local, keep = n_old + np.arange(n_new), np.ones(n_new, bool)
+    shard_row = np.full(n_new, -1, np.int64)
+    with ShardWriter(out_dir / "store" / f"{shard_name}.u8", cfg.patch_size) as final:
+        if n_old and (out_dir / "store" / f"{old['shard'].iat[0]}.u8").is_file():
+            _copy_shard(out_dir / "store" / f"{old['shard'].iat[0]}.u8", final, cfg.patch_size)
+        if n_new:
+            new_patches = open_shard(new_path, cfg.patch_size)
+            kept_rows = np.flatnonzero(keep)
+            for start in range(0, len(kept_rows), 512):
+                chunk = kept_rows[start:start + 512]
+                shard_row[chunk] = final.append(np.asarray(new_patches[chunk]))
+            del new_patches
+    new_path.unlink(missing_ok=True)
+    old["shard"] = shard_name  # the old shard was copied first, so old shard rows are unchanged
+    new_rows = _manifest_rows(cut, row["source"], spec.name, shard_name, shard_row, group_local, ~keep)
+    new_rows["local_id"] += n_old
+    frame = pd.concat([old, new_rows], ignore_index=True)
+    notes = [n for n in str(row.get("notes") or "").split("; ") if n and not n.startswith("extended")]
+    row.update(shape=str(tuple(vol.shape)), n_raw=len(frame), n_unique=int((~frame["duplicate"]).sum()),
+               files=json.dumps([str(p) for p in spec.files]),
+               notes="; ".join(notes + [f"extended incrementally by {len(new_slices)} file(s)"]))
+    return row, frame
+
+
 def process_source(spec: SourceSpec, cfg: BuildConfig, out_dir: str | Path, raw: str | Path) -> dict:
     """Process one source and write its part; return the part record (also on failure).
 
@@ -257,23 +367,33 @@ def process_source(spec: SourceSpec, cfg: BuildConfig, out_dir: str | Path, raw:
     single bad file never stops the build.
     """
     out_dir, raw = Path(out_dir), Path(raw)
-    record = {"format": PART_FORMAT, "key": spec.key, "name": spec.name,
-              "fingerprint": _fingerprint(spec, cfg), "status": "ok", "sources": []}
+    record = {"format": PART_FORMAT, "key": spec.key, "name": spec.name, "fingerprint": _fingerprint(spec, cfg),
+              "settings": _settings_hash(spec, cfg), "files": _file_stamps(spec), "status": "ok", "sources": []}
     json_path, parquet_path = _part_paths(out_dir, spec.key)
-    raw_rel = spec.name
     try:
-        volumes = open_volumes(spec)
+        previous = _extendable_part(out_dir, spec, cfg)
         frames = []
-        for i, vol in enumerate(volumes):
-            name = spec.name if len(volumes) == 1 else f"{spec.name}:{vol.dataset or i}"
-            # The fingerprint in the shard name keeps the shard an older manifest points to
-            # until a new manifest replaces it, so an interrupted re-run corrupts nothing.
-            shard_name = f"{spec.key}-{record['fingerprint'][:8]}-{i}"
-            row, manifest = _process_volume(vol, name, shard_name, spec, cfg, raw_rel, out_dir)
+        if previous is not None:
+            old_record, old_frame = previous
+            row, frame = _extend_stack(spec, cfg, out_dir, f"{spec.key}-{record['fingerprint'][:8]}-0", old_record, old_frame)
             record["sources"].append(row)
-            frames.append(manifest)
+            record["extends"] = {"fingerprint": old_record["fingerprint"], "count": len(old_frame)}
+            frames.append(frame)
+        else:
+            volumes = open_volumes(spec)
+            for i, vol in enumerate(volumes):
+                name = spec.name if len(volumes) == 1 else f"{spec.name}:{vol.dataset or i}"
+                # The fingerprint in the shard name keeps the shard an older manifest points to
+                # until a new manifest replaces it, so an interrupted re-run corrupts nothing.
+                shard_name = f"{spec.key}-{record['fingerprint'][:8]}-{i}"
+                row, frame = _process_volume(vol, name, shard_name, spec, cfg, spec.name, out_dir)
+                # Local ids (and the groups that point at them) run on across the file's volumes.
+                offset = sum(len(f) for f in frames)
+                frame["local_id"] += offset
+                frame["group_local"] += offset
+                record["sources"].append(row)
+                frames.append(frame)
         part = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        part["local_id"] = np.arange(len(part), dtype=np.int64)
         if spec.options.stack and len(part):
             # xy patches of a stack come from one file each: name it, not just the folder.
             rel = np.array([f.relative_to(raw).as_posix() if f.is_relative_to(raw) else f.name for f in spec.files], object)
@@ -314,23 +434,38 @@ def _load_part(out_dir: Path, spec: SourceSpec, cfg: BuildConfig) -> dict | None
 
 # ----------------------------------------------------------------------------- merge
 
-def _assign_patch_ids(out_dir: Path, records: list[dict], counts: dict[str, int]) -> dict[str, int]:
-    """First ``patch_id`` of each part; a part keeps its ids while its fingerprint is unchanged."""
+def _assign_patch_ids(out_dir: Path, records: list[dict], counts: dict[str, int]) -> dict[str, np.ndarray]:
+    """``patch_id`` of every local id of each part (``{key: int64 array indexed by local id}``).
+
+    A part keeps its ids while its fingerprint is unchanged; a stack extended with new
+    files keeps the ids of its old patches and gets a new block for the added ones; any
+    other change gives the part a new block. Blocks are recorded in
+    ``OUT/parts/patch_ids.json`` as ``[first local id, first patch_id, count]``.
+    """
     registry_path = out_dir / "parts" / "patch_ids.json"
     registry = json.loads(registry_path.read_text()) if registry_path.is_file() else {}
-    next_id = max((b["start"] + b["count"] for b in registry.values()), default=0)
-    starts = {}
+    next_id = max((b[1] + b[2] for entry in registry.values() for b in entry["blocks"]), default=0)
+    ids = {}
     for rec in records:
-        block = registry.get(rec["key"])
-        n = counts.get(rec["key"], 0)
-        if block is None or block["fingerprint"] != rec["fingerprint"] or block["count"] != n:
-            block = {"fingerprint": rec["fingerprint"], "start": next_id, "count": n}
-            registry[rec["key"]] = block
+        key, n = rec["key"], counts.get(rec["key"], 0)
+        entry, extends = registry.get(key), rec.get("extends")
+        held = sum(b[2] for b in entry["blocks"]) if entry else -1
+        if entry and entry["fingerprint"] == rec["fingerprint"] and held == n:
+            pass
+        elif entry and extends and entry["fingerprint"] == extends["fingerprint"] and held == extends["count"] <= n:
+            entry = {"fingerprint": rec["fingerprint"], "blocks": entry["blocks"] + [[held, next_id, n - held]]}
+            next_id += n - held
+        else:
+            entry = {"fingerprint": rec["fingerprint"], "blocks": [[0, next_id, n]]}
             next_id += n
-        starts[rec["key"]] = block["start"]
+        registry[key] = entry
+        table = np.empty(n, np.int64)
+        for local, first, count in entry["blocks"]:
+            table[local:local + count] = first + np.arange(count)
+        ids[key] = table
     with atomic_path(registry_path) as tmp:
         tmp.write_text(json.dumps(registry, indent=1))
-    return starts
+    return ids
 
 
 def score_patches(out_dir: Path, manifest: pd.DataFrame, cfg: BuildConfig, progress: bool = True) -> np.ndarray:
@@ -377,14 +512,14 @@ def merge_parts(out_dir: Path, records: list[dict], cfg: BuildConfig, progress: 
     for rec in records:
         if rec["status"] == "ok":
             frames[rec["key"]] = pd.read_parquet(_part_paths(out_dir, rec["key"])[1])
-    starts = _assign_patch_ids(out_dir, records, {k: len(f) for k, f in frames.items()})
+    ids = _assign_patch_ids(out_dir, records, {k: len(f) for k, f in frames.items()})
     parts = []
     for key, frame in frames.items():
         if len(frame) == 0:
             continue
         frame = frame.copy()
-        frame.insert(0, "patch_id", starts[key] + frame["local_id"].to_numpy())
-        frame["group"] = starts[key] + frame["group_local"].to_numpy()
+        frame.insert(0, "patch_id", ids[key][frame["local_id"].to_numpy()])
+        frame["group"] = ids[key][frame["group_local"].to_numpy()]
         parts.append(frame.drop(columns=["local_id", "group_local"]))
     manifest = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
         {c: pd.Series(dtype=t) for c, t in [("patch_id", "int64"), ("source", object), ("file", object), ("plane", object),

@@ -267,3 +267,46 @@ def test_filter_stage_marks_uninformative_and_rescoring_reuses_sources(tmp_path,
     assert m2.kept.sum() == (~m2.duplicate).sum() and (m2.reason != "uninformative").all()
     assert len(list((work / "parts" / "filter").iterdir())) == 2  # one score cache per filter
     assert "Uninformative-patch filter" in (work / "report.html").read_text()
+
+
+def test_growing_stack_is_deduplicated_incrementally(tmp_path, data_root, monkeypatch):
+    raw = tmp_path / "raw"
+    (raw / "vnc").mkdir(parents=True)
+    files = [data_root / f"drosophila_vnc_gerhard/stack1/raw/{i:02d}.tif" for i in range(6)]
+    for i in (0, 2, 4):  # the stack's first acquisition; 1, 3 and 5 arrive later, in between
+        os.symlink(files[i], raw / "vnc" / files[i].name)
+    (raw / "cemcurate.yaml").write_text("- {path: 'vnc/*.tif', stack: true, voxel_size: [50, 4.6, 4.6]}\n")
+    out = tmp_path / "out"
+    cfg = BuildConfig(workers=1, filter="none")
+    build(raw, out, cfg, progress=False)
+    before = pd.read_parquet(out / "manifest.parquet")
+    for i in (1, 3, 5):
+        os.symlink(files[i], raw / "vnc" / files[i].name)
+    import cemcurate.dhash as dhash_module
+
+    hashed = []
+    real_dhash = dhash_module.dhash64
+    monkeypatch.setattr(dhash_module, "dhash64", lambda p, *a, **k: hashed.append(len(p)) or real_dhash(p, *a, **k))
+    build(raw, out, cfg, progress=False)
+    after = pd.read_parquet(out / "manifest.parquet")
+    assert sum(hashed) == 3 * 25  # only the new files' patches were hashed
+    assert len(after) == 6 * 25
+    old = after[after.patch_id.isin(before.patch_id)].sort_values("patch_id").reset_index(drop=True)
+    # Old patches keep ids, hashes and groups; their slice numbers follow the new order.
+    pd.testing.assert_frame_equal(old[["patch_id", "file", "y", "x", "dhash", "group", "duplicate"]],
+                                  before[["patch_id", "file", "y", "x", "dhash", "group", "duplicate"]])
+    assert (old.slice.to_numpy() == [int(f[-6:-4]) for f in old.file]).all()
+    new = after[~after.patch_id.isin(before.patch_id)]
+    assert set(new.file) == {f"vnc/{i:02d}.tif" for i in (1, 3, 5)}
+    # Every kept patch is farther than the threshold from every other kept patch of the source.
+    ex = after[~after.duplicate]
+    h = np.array([int(x, 16) for x in ex.dhash], dtype=np.uint64)
+    d = np.bitwise_count(h[:, None] ^ h[None, :])
+    np.fill_diagonal(d, 64)
+    assert d.min() > 11
+    dup = after[after.duplicate].merge(after[["patch_id", "dhash"]], left_on="group", right_on="patch_id", suffixes=("", "_ex"))
+    assert all(bin(int(a, 16) ^ int(b, 16)).count("1") <= 11 for a, b in zip(dup.dhash, dup.dhash_ex))
+    store = open_patches(out)  # store and manifest agree pixel for pixel
+    assert dhash_hex(dhash64(store[:])) == store.manifest["dhash"].tolist()
+    src = pd.read_parquet(out / "sources.parquet").set_index("source")
+    assert "extended incrementally by 3 file(s)" in src.loc["vnc", "notes"]
