@@ -51,9 +51,18 @@ def read_checkpoint_file(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zips, foreign pickles and random bytes raise many types
         raise CheckpointError(
-            f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"{path}: cannot read checkpoint ({type(exc).__name__}: {_reason(exc)}); "
             "the file is truncated, corrupt or not a PyTorch checkpoint. To resume, restore it from a "
             "snapshot (checkpoint_epochNNNN.pth) or delete it to start the run over") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """The informative line of a torch.load error (weights-only errors bury it under advice)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line or "WeightsUnpickler error" in line:
+            return line[:300]
+    return lines[0][:300] if lines else "no message"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

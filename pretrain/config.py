@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 # Keys that may differ between a checkpoint and the command that resumes it: they change
 # how long or how verbosely a run goes, not the numbers it computes.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "workers", "checkpoint_every", "log_every",
-                               "snapshot_every"})
+                               "snapshot_every", "tensorboard"})
 
 LR_SCHEDULES = ("step", "cosine")
 KEY_BN_MODES = ("shuffle", "sync", "none")
@@ -94,6 +94,8 @@ class MocoConfig:
     snapshot_every: int = field(default=20, metadata=_help(
         "keep a copy RUN/checkpoint_epochNNNN.pth every this many epochs (0: never)"))
     log_every: int = field(default=10, metadata=_help("log loss, lr and images/s every this many steps"))
+    tensorboard: bool = field(default=True, metadata=_help(
+        "also write TensorBoard event files to RUN/tensorboard (the console and RUN/log.csv always get the log)"))
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

@@ -31,12 +31,15 @@ def backbone_names() -> list[str]:
 def create_backbone(arch: str, in_chans: int = 1) -> nn.Module:
     """A randomly initialised timm ResNet without classifier: ``(n, in_chans, H, W)`` -> ``(n, C)``.
 
-    ``C`` is ``model.num_features`` (2048 for resnet50, 512 for resnet18).
+    ``C`` is ``model.num_features`` (2048 for resnet50, 512 for resnet18). The last BatchNorm of
+    each residual block starts at 1, not timm's 0, as in the torchvision ResNets that MoCo and
+    CEM500K trained (with timm's zero start, embeddings of different EM patches began with
+    cosine similarity ~0.98 and short small-batch runs learned more slowly in our tests).
     """
     names = backbone_names()
     if arch not in names:
         raise ValueError(f"unknown backbone {arch!r}; choose one of the timm ResNets: {', '.join(names)}")
-    return timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=0)
+    return timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=0, zero_init_last=False)
 
 
 def projection_head(in_features: int, out_features: int, mlp: bool = True) -> nn.Sequential:

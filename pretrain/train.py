@@ -176,14 +176,14 @@ def train(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, ctx: distr
 
     query_net: nn.Module = model.query_branch()
     if ctx.world_size > 1:
-        # Only the query branch is trained; DDP averages its gradients and keeps its BatchNorm
-        # statistics in step with rank 0 (the key encoder and the queue stay out of DDP's way).
-        query_net = nn.parallel.DistributedDataParallel(
-            query_net, device_ids=[ctx.device.index] if use_cuda else None, broadcast_buffers=True)
+        # Only the query branch is trained; DDP averages its gradients and (by default) copies
+        # rank 0's BatchNorm statistics to the others before each forward. The key encoder and
+        # the 32 MB queue stay out of DDP, which would otherwise broadcast them every step.
+        query_net = nn.parallel.DistributedDataParallel(query_net, device_ids=[ctx.device.index] if use_cuda else None)
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    log = RunLog(run_dir, ctx.is_main, plan.start_step, plan.total_steps)
+    log = RunLog(run_dir, ctx.is_main, plan.start_step, plan.total_steps, tensorboard=cfg.tensorboard)
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
         if plan.resume_from is not None:
@@ -202,37 +202,32 @@ def train(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, ctx: distr
         _write_checkpoint(ckpt_path, cfg, model, optimizer, scaler, step, per_epoch, ctx, plan.data)
         saved_step = step
 
+    dataset = ViewPairs(data_dir, cfg.seed, cfg.batch_size, ctx.rank, ctx.world_size, params)
     try:
-        while step < total:
-            epoch, first = divmod(step, per_epoch)
-            last = min(per_epoch, first + (total - step))
-            dataset = ViewPairs(data_dir, epoch, cfg.seed, cfg.batch_size, ctx.rank, ctx.world_size, params)
-            model.train()
-            for im_q, im_k in view_loader(dataset, first, last, cfg.workers, pin_memory=use_cuda):
-                im_q = im_q.to(ctx.device, non_blocking=True)
-                im_k = im_k.to(ctx.device, non_blocking=True)
-                if use_cuda and cfg.channels_last:
-                    im_q = im_q.contiguous(memory_format=torch.channels_last)
-                    im_k = im_k.contiguous(memory_format=torch.channels_last)
-                lr = lr_at(cfg, step, per_epoch)
-                out = train_step(model, query_net, optimizer, scaler, im_q, im_k, lr, shuffle_seed(cfg.seed, step), amp)
-                step += 1
-                window += torch.stack([out.loss.detach().float(), (out.logits.argmax(1) == 0).float().mean()])
-                window_steps += 1
-                log.step()
-                if step % cfg.log_every == 0 or step == total or step % per_epoch == 0:
-                    loss, acc = (distributed.all_reduce_mean(window) / window_steps).tolist()
-                    elapsed = time.perf_counter() - window_t0
-                    log.log(step, step / per_epoch, loss, acc, lr, window_steps * images_per_step / max(elapsed, 1e-9))
-                    last_loss = loss
-                    window.zero_()
-                    window_steps, window_t0 = 0, time.perf_counter()
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    checkpoint()
-            if step % per_epoch == 0 and saved_step != step:
+        model.train()
+        for im_q, im_k in view_loader(dataset, step, total, cfg.workers, pin_memory=use_cuda):
+            im_q = im_q.to(ctx.device, non_blocking=True)
+            im_k = im_k.to(ctx.device, non_blocking=True)
+            if use_cuda and cfg.channels_last:
+                im_q = im_q.contiguous(memory_format=torch.channels_last)
+                im_k = im_k.contiguous(memory_format=torch.channels_last)
+            lr = lr_at(cfg, step, per_epoch)
+            out = train_step(model, query_net, optimizer, scaler, im_q, im_k, lr, shuffle_seed(cfg.seed, step), amp)
+            step += 1
+            window += torch.stack([out.loss.detach().float(), (out.logits.argmax(1) == 0).float().mean()])
+            window_steps += 1
+            log.step()
+            epoch_end = step % per_epoch == 0
+            if step % cfg.log_every == 0 or step == total or epoch_end:
+                loss, acc = (distributed.all_reduce_mean(window) / window_steps).tolist()
+                elapsed = time.perf_counter() - window_t0
+                log.log(step, step / per_epoch, loss, acc, lr, window_steps * images_per_step / max(elapsed, 1e-9))
+                last_loss = loss
+                window.zero_()
+                window_steps, window_t0 = 0, time.perf_counter()
+            if epoch_end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 checkpoint()
-            if step % per_epoch == 0 and cfg.snapshot_every and (step // per_epoch) % cfg.snapshot_every == 0 \
-                    and ctx.is_main:
+            if epoch_end and cfg.snapshot_every and (step // per_epoch) % cfg.snapshot_every == 0 and ctx.is_main:
                 with atomic_path(run_dir / f"checkpoint_epoch{step // per_epoch:04d}.pth") as tmp:
                     shutil.copyfile(ckpt_path, tmp)
         if saved_step != step:
@@ -277,6 +272,6 @@ def _write_checkpoint(path: Path, cfg: MocoConfig, model: MoCo, optimizer: torch
         "rng": rng,
         "data": data,
         "git_commit": git_commit(),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion would need an unsafe load
     }
     save_checkpoint(state, path)

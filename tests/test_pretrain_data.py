@@ -22,6 +22,16 @@ from pretrain.data import ViewPairs, data_summary, epoch_order, open_store, view
 PATCH = 224
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads that wait for a busy core
+    make small CPU convolutions 20x slower; restore the setting for other modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def real_patches(data_root: Path, vnc_slices: int = 2, neuroproof_slices: int = 16) -> dict[str, np.ndarray]:
     """Real 224 x 224 uint8 patches per source.
 
@@ -74,30 +84,36 @@ def test_epoch_order_is_a_seeded_permutation():
 
 
 def test_ranks_split_each_global_batch(store_dir):
-    whole = ViewPairs(store_dir, epoch=3, seed=5, global_batch=8, rank=0, world_size=1, params=PARAMS)
-    halves = [ViewPairs(store_dir, epoch=3, seed=5, global_batch=8, rank=r, world_size=2, params=PARAMS) for r in (0, 1)]
-    assert len(whole) == len(halves[0]) == 48 // 8
+    whole = ViewPairs(store_dir, seed=5, global_batch=8, rank=0, world_size=1, params=PARAMS)
+    halves = [ViewPairs(store_dir, seed=5, global_batch=8, rank=r, world_size=2, params=PARAMS) for r in (0, 1)]
+    assert whole.steps_per_epoch() == halves[0].steps_per_epoch() == 48 // 8
     for step in (0, 4):
-        q, k = whole[step]
+        q, k = whole[3, step]
         assert q.shape == k.shape == (8, 1, 64, 64) and q.dtype == k.dtype == torch.float32
-        parts = [h[step] for h in halves]
+        parts = [h[3, step] for h in halves]
         # The same images with the same views, however the global batch is split.
         assert np.array_equal(np.concatenate([p[0].numpy() for p in parts]), q.numpy())
         assert np.array_equal(np.concatenate([p[1].numpy() for p in parts]), k.numpy())
         # Query and key are different views of the same images.
         assert not np.allclose(q.numpy(), k.numpy())
     # Over an epoch the two ranks see disjoint halves of the store.
-    seen = [np.concatenate([h.positions(s) for s in range(len(h))]) for h in halves]
+    seen = [np.concatenate([h.positions(s) for s in range(h.steps_per_epoch())]) for h in halves]
     assert not set(seen[0]) & set(seen[1])
     assert len(set(seen[0]) | set(seen[1])) == 48
+    # Another epoch, another order.
+    assert not np.array_equal(whole[4, 0][0].numpy(), whole[3, 0][0].numpy())
+    with pytest.raises(IndexError):
+        whole[0, 6]
 
 
 def test_loader_workers_do_not_change_batches(store_dir):
-    ds = ViewPairs(store_dir, epoch=0, seed=1, global_batch=8, rank=0, world_size=1, params=PARAMS)
-    inline = [q.numpy() for q, _ in view_loader(ds, 2, 5, workers=0, pin_memory=False)]
-    spawned = [q.numpy() for q, _ in view_loader(ds, 2, 5, workers=2, pin_memory=False)]
-    assert len(inline) == 3
+    ds = ViewPairs(store_dir, seed=1, global_batch=8, rank=0, world_size=1, params=PARAMS)
+    # Steps 4..8 run across the end of epoch 0 (6 steps) into epoch 1.
+    inline = [q.numpy() for q, _ in view_loader(ds, 4, 9, workers=0, pin_memory=False)]
+    spawned = [q.numpy() for q, _ in view_loader(ds, 4, 9, workers=2, pin_memory=False)]
+    assert len(inline) == len(spawned) == 5
     assert all(np.array_equal(a, b) for a, b in zip(inline, spawned))
+    assert np.array_equal(inline[2], ds[1, 0][0].numpy())
     # Normalised with the store statistics: roughly zero mean, unit spread.
     stacked = np.concatenate(inline)
     assert abs(stacked.mean()) < 1.0 and 0.3 < stacked.std() < 3.0
