@@ -107,8 +107,11 @@ def run_moco(args: argparse.Namespace) -> int:
         if distributed.under_torchrun():
             use_cuda = args.gpus != 0 and distributed.available_gpus() > 0
             ctx = distributed.torchrun_context(use_cuda)
-            plan = plan_run(cfg, args.data, args.out, ctx.world_size, use_cuda)
-            result = train(cfg, args.data, args.out, ctx, plan)
+            try:
+                plan = plan_run(cfg, args.data, args.out, ctx.world_size, use_cuda)
+                result = train(cfg, args.data, args.out, ctx, plan)
+            finally:
+                distributed.shutdown()
             if ctx.is_main:
                 print(f"checkpoint: {result.checkpoint} (step {result.step})")
             return 0

@@ -43,7 +43,8 @@ class MocoConfig:
         "number of negative keys in the queue; must be divisible by --batch-size"))
     key_bn: str = field(default="shuffle", metadata=_help(
         "how the key encoder's BatchNorm avoids leaking batch identity: 'shuffle' (shuffle the batch "
-        "across processes before it and unshuffle after), 'sync' (SyncBatchNorm; CUDA only) or 'none'"))
+        "across processes before it and unshuffle after), 'sync' (SyncBatchNorm in both encoders; "
+        "CUDA only) or 'none'"))
 
     # --- optimisation ------------------------------------------------------------------
     epochs: int = field(default=200, metadata=_help("passes through the curated patches"))

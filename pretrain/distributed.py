@@ -146,6 +146,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Leave the process group (if any), e.g. at the end of a torchrun process."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
 # --- launching -----------------------------------------------------------------------------
 
 def available_gpus() -> int:
@@ -178,7 +184,8 @@ def torchrun_context(use_cuda: bool) -> DistContext:
         check_gpus(local + 1)
     device = _device(use_cuda, local)
     if world > 1 and not is_distributed():
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=rnk, world_size=world)
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=rnk, world_size=world,
+                                device_id=device if use_cuda else None)
     return DistContext(rank=rnk, world_size=world, local_rank=local, device=device)
 
 
@@ -205,8 +212,9 @@ def _entry(local_rank: int, world: int, port: int, use_cuda: bool, fn: Callable[
         if not use_cuda:
             # Processes share the cores; more threads than cores per process only thrash.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        # device_id binds NCCL's communicator to this process's GPU up front (no guessing later).
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                rank=local_rank, world_size=world)
+                                rank=local_rank, world_size=world, device_id=device if use_cuda else None)
         ctx = DistContext(rank=local_rank, world_size=world, local_rank=local_rank, device=device)
         result = fn(ctx, *args)
         out.write_bytes(pickle.dumps(("ok", result)))
