@@ -12,6 +12,7 @@ with ``torch.load(..., weights_only=True)`` (no pickled code runs when reading i
     step, epoch, step_in_epoch optimizer steps done; where the next step lies
     steps_per_epoch, world_size
     rng                        per rank: python, numpy, torch (and cuda) generator states
+    data_order                 seed, epoch, step_in_epoch and a fingerprint of the epoch's order
     data                       store path, patch count, mean/std, patches per source
     git_commit, torch_version
 """

@@ -51,7 +51,9 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import; only rank 0 needs it
 
-            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None)
+            # Drop events the interrupted run logged after its checkpoint (the checkpoint's own step stays).
+            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                         purge_step=start_step + 1 if start_step else None)
         from tqdm import tqdm
 
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,

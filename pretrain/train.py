@@ -12,6 +12,7 @@ to float tolerance rather than bit for bit.)
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import time
@@ -28,7 +29,7 @@ from pretrain.augment import AugmentParams
 from pretrain.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, capture_rng, git_commit,
                                  load_checkpoint, restore_rng, save_checkpoint)
 from pretrain.config import RESUMABLE_CHANGES, MocoConfig
-from pretrain.data import ViewPairs, data_summary, open_store, steps_per_epoch, view_loader
+from pretrain.data import ViewPairs, data_summary, epoch_order, open_store, steps_per_epoch, view_loader
 from pretrain.moco import MoCo, MocoOutput, backbone_names
 from pretrain.runlog import RunLog
 
@@ -63,6 +64,12 @@ class RunPlan:
     start_step: int
     resume_from: Path | None
     data: dict
+    notes: list[str]  # things rank 0 should tell the user before training (e.g. why a resume is not exact)
+
+
+def order_fingerprint(n: int, seed: int, epoch: int) -> str:
+    """Short hash of an epoch's data order, to notice if a library update changed it under a resumed run."""
+    return hashlib.sha256(epoch_order(n, seed, epoch).astype("<i8").tobytes()).hexdigest()[:16]
 
 
 def config_differences(saved: dict, cfg: MocoConfig) -> dict[str, tuple]:
@@ -92,7 +99,7 @@ def plan_run(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, world_s
     per_epoch = steps_per_epoch(len(store), cfg.batch_size)
     total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
     ckpt_path = run_dir / CHECKPOINT_NAME
-    start, resume = 0, None
+    start, resume, notes = 0, None, []
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         changed = config_differences(ckpt["config"], cfg)
@@ -107,8 +114,16 @@ def plan_run(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, world_s
                 f"{ckpt_path}: was trained on {ckpt['data']['n_patches']} patches from {ckpt['data']['path']}, "
                 f"but {data_dir} holds {len(store)}; resuming would change the data order. Use a new --out")
         start, resume = int(ckpt["step"]), ckpt_path
+        if ckpt["world_size"] != world_size:
+            notes.append(f"the checkpoint was written by {ckpt['world_size']} process(es), this run has {world_size}: "
+                         "the images and views of every step stay the same, but BatchNorm batches and per-rank "
+                         "RNG streams change, so the run will not match an uninterrupted one bit for bit")
+        saved_order = ckpt.get("data_order", {})
+        if saved_order.get("fingerprint") not in (None, order_fingerprint(len(store), cfg.seed, saved_order["epoch"])):
+            notes.append("the data order of the checkpoint's epoch differs from what this installation computes "
+                         "(numpy changed?); training continues with the new order")
     return RunPlan(n_patches=len(store), steps_per_epoch=per_epoch, total_steps=total, start_step=start,
-                   resume_from=resume, data=summary)
+                   resume_from=resume, data=summary, notes=notes)
 
 
 def build_model(cfg: MocoConfig, ctx: distributed.DistContext) -> MoCo:
@@ -190,6 +205,8 @@ def train(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, ctx: distr
             log.message(f"resuming {plan.resume_from} at step {plan.start_step} of {plan.total_steps}")
             if plan.start_step >= plan.total_steps:
                 log.message("nothing to do: the run has reached its last step (raise --epochs or --max-steps)")
+        for note in plan.notes:
+            log.message(f"note: {note}")
     params = AugmentParams.from_config(cfg)
     per_epoch, total = plan.steps_per_epoch, plan.total_steps
     step, saved_step, last_loss = plan.start_step, plan.start_step, None
@@ -270,6 +287,9 @@ def _write_checkpoint(path: Path, cfg: MocoConfig, model: MoCo, optimizer: torch
         "steps_per_epoch": per_epoch,
         "world_size": ctx.world_size,
         "rng": rng,
+        # The order itself is a pure function of (seed, epoch); the fingerprint detects if it changed.
+        "data_order": {"seed": cfg.seed, "epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
+                       "fingerprint": order_fingerprint(data["n_patches"], cfg.seed, step // per_epoch)},
         "data": data,
         "git_commit": git_commit(),
         "torch_version": str(torch.__version__),  # TorchVersion would need an unsafe load

@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 
 from pretrain.checkpoint import load_checkpoint
 from pretrain.cli import main
+from pretrain.config import MocoConfig
 from pretrain.export import CEM500K_MEAN, CEM500K_STD
 from pretrain.moco import MoCo
+from pretrain.train import plan_run
 from test_pretrain_data import build_real_store
 
 # The short CPU run of the issue, without data-loading worker processes.
@@ -65,6 +67,7 @@ def test_smoke_run_writes_checkpoint_logs_and_config(run_dir, store_dir, capsys)
     assert ckpt["model"]["queue"].shape == (256, 128) and int(ckpt["model"]["queue_ptr"]) == 40
     assert ckpt["data"]["n_patches"] == 48 and ckpt["data"]["sources"]["neuroproof_flyem"] == 16
     assert {"python", "numpy", "torch"} <= ckpt["rng"][0].keys()
+    assert ckpt["data_order"]["epoch"] == 0 and ckpt["data_order"]["step_in_epoch"] == 5
     with open(run_dir / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [5]  # log_every 10: the last step is always logged
@@ -77,6 +80,12 @@ def test_smoke_run_writes_checkpoint_logs_and_config(run_dir, store_dir, capsys)
     assert main(["moco", "--data", str(store_dir), "--out", str(run_dir), *SMOKE]) == 0
     assert (run_dir / "checkpoint.pth").stat().st_mtime_ns == before
     assert "nothing to do" in capsys.readouterr().err
+
+    # Resuming on another number of processes is allowed, with a note that it is not bit-exact.
+    cfg = MocoConfig(**{**load_checkpoint(run_dir / "checkpoint.pth")["config"], "max_steps": 6})
+    plan = plan_run(cfg, store_dir, run_dir, world_size=2, use_cuda=False)
+    assert plan.start_step == 5 and plan.total_steps == 6
+    assert any("written by 1 process(es), this run has 2" in note for note in plan.notes)
 
     # Resuming with settings that change the computation is refused, naming them.
     assert main(["moco", "--data", str(store_dir), "--out", str(run_dir), *SMOKE, "--lr", "0.1"]) == 2
