@@ -1,0 +1,9 @@
+"""pretrain: MoCoV2 pre-training on curated EM patches, and publishable encoder weights.
+
+Command line: ``pretrain moco`` (train or resume) and ``pretrain export`` (see ``--help``).
+Modules: :mod:`~pretrain.moco` (the algorithm), :mod:`~pretrain.augment` (views),
+:mod:`~pretrain.data` (data order and loader), :mod:`~pretrain.distributed` (collectives and
+launching), :mod:`~pretrain.train` (the resumable loop), :mod:`~pretrain.checkpoint`,
+:mod:`~pretrain.runlog`, :mod:`~pretrain.export`, :mod:`~pretrain.weights` (key mapping),
+:mod:`~pretrain.config` (the settings) and :mod:`~pretrain.cli`.
+"""
