@@ -37,7 +37,8 @@ RUN receives checkpoint.pth, config.yaml, log.csv and tensorboard/.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="pretrain", description="MoCoV2 pre-training on curated EM patches "
+                                     "(`pretrain moco`) and publishable encoder weights (`pretrain export`).",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{moco,export}")
 

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from cemcurate.atomic import atomic_path
-from pretrain.checkpoint import CHECKPOINT_FORMAT, CheckpointError, git_commit, load_checkpoint, read_checkpoint_file
+from pretrain.checkpoint import CHECKPOINT_FORMAT, git_commit, load_checkpoint, read_checkpoint_file
 from pretrain.weights import WeightsError, encoder_state_dict
 
 # Intensity mean and std (pixel / 255) of CEM500K, which the released MoCoV2 weights were
@@ -230,5 +230,3 @@ def model_card(meta: dict, provenance: dict, n_params: int) -> str:
               "electron microscopy image dataset for deep learning, eLife 10:e65894.", ""]
     return "\n".join(lines)
 
-
-__all__ = ["ExportError", "ExportResult", "export_encoder", "detect_layout", "verify_encoder", "CheckpointError"]

@@ -19,6 +19,8 @@ from pretrain.moco import EmbeddingBranch, MoCo
 from pretrain.train import train
 from test_pretrain_data import build_real_store, real_patches
 
+pytestmark = pytest.mark.slow  # trains small models (still part of the default suite)
+
 # Small and fast, and chosen so a couple dozen steps reliably learn: a queue of 16 fills with
 # real keys after two steps, and temperature 0.07 with key momentum 0.99 let the query encoder
 # pull its positives apart from the (at first very similar) queue keys.

@@ -24,6 +24,8 @@ from pretrain.moco import MoCo
 from pretrain.train import plan_run
 from test_pretrain_data import build_real_store
 
+pytestmark = pytest.mark.slow  # trains small models (still part of the default suite)
+
 # The short CPU run of the issue, without data-loading worker processes.
 SMOKE = ["--gpus", "0", "--arch", "resnet18", "--image-size", "64", "--batch-size", "8", "--queue-size", "256",
          "--max-steps", "5", "--workers", "0"]
