@@ -236,7 +236,6 @@ class _Sink:
         self.out[target] = data
 
 
-@torch.inference_mode()
 def predict_sliding(model: torch.nn.Module, volume: Any, window: int | Sequence[int] = (64, 128, 128),
                     overlap: int | Sequence[int] | None = None, batch_size: int = 2, out: Any = None,
                     device: str | torch.device = "cpu", amp: bool = True, activation: str = "probs",
@@ -278,6 +277,8 @@ def predict_sliding(model: torch.nn.Module, volume: Any, window: int | Sequence[
     device = torch.device(device)
     use_amp = amp and device.type == "cuda"
     was_training = model.training
+    # Moved outside inference mode: parameters moved inside it would become inference
+    # tensors that a later training step (e.g. after validation) cannot use.
     model.to(device).eval()
     (pz0, _), (py0, _), (px0, _) = plan.pad
     nz, ny, nx = shape
@@ -303,35 +304,36 @@ def predict_sliding(model: torch.nn.Module, volume: Any, window: int | Sequence[
 
     bar = tqdm(total=plan.num_windows, desc="predict sliding", unit="win", disable=not progress)
     try:
-        for zs in plan.starts[0]:
-            if acc is not None and zs > base:
-                flush(zs)
-                shift = zs - base
-                acc[:, :wz - shift] = acc[:, shift:].copy()
-                acc[:, wz - shift:] = 0
-                base = zs
-            z_idx = reflect_indices(zs - pz0, zs - pz0 + wz, nz)
-            z_lo = int(z_idx.min())
-            raw = read(z_lo, int(z_idx.max()) + 1)
-            slab = raw[z_idx - z_lo][:, y_idx][:, :, x_idx]  # (wz, yp, xp) padded slab
-            for b0 in range(0, len(yx_starts), batch_size):
-                batch = yx_starts[b0:b0 + batch_size]
-                tiles = np.stack([slab[:, y:y + wy, x:x + wx] for y, x in batch])[:, None]
-                x_t = torch.from_numpy(np.ascontiguousarray(tiles)).to(device)
-                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                    pred = model(x_t)
-                if pred.ndim != 5 or pred.shape[0] != len(batch) or tuple(pred.shape[2:]) != (wz, wy, wx):
-                    raise ValueError(f"model returned shape {tuple(pred.shape)} for windows {tuple(x_t.shape)}; "
-                                     "expected (B, C) + window")
-                pred = logits_to_probs(pred) if activation == "probs" else pred.float()
-                pred = (pred * weight.to(pred.device)).cpu().numpy()
-                if acc is None:
-                    acc = np.zeros((pred.shape[1], wz, yp, xp), np.float32)
+        with torch.inference_mode():
+            for zs in plan.starts[0]:
+                if acc is not None and zs > base:
+                    flush(zs)
+                    shift = zs - base
+                    acc[:, :wz - shift] = acc[:, shift:].copy()
+                    acc[:, wz - shift:] = 0
                     base = zs
-                for k, (y, x) in enumerate(batch):
-                    acc[:, :, y:y + wy, x:x + wx] += pred[k]
-                bar.update(len(batch))
-        flush(base + wz)
+                z_idx = reflect_indices(zs - pz0, zs - pz0 + wz, nz)
+                z_lo = int(z_idx.min())
+                raw = read(z_lo, int(z_idx.max()) + 1)
+                slab = raw[z_idx - z_lo][:, y_idx][:, :, x_idx]  # (wz, yp, xp) padded slab
+                for b0 in range(0, len(yx_starts), batch_size):
+                    batch = yx_starts[b0:b0 + batch_size]
+                    tiles = np.stack([slab[:, y:y + wy, x:x + wx] for y, x in batch])[:, None]
+                    x_t = torch.from_numpy(np.ascontiguousarray(tiles)).to(device)
+                    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                        pred = model(x_t)
+                    if pred.ndim != 5 or pred.shape[0] != len(batch) or tuple(pred.shape[2:]) != (wz, wy, wx):
+                        raise ValueError(f"model returned shape {tuple(pred.shape)} for windows {tuple(x_t.shape)}; "
+                                         "expected (B, C) + window")
+                    pred = logits_to_probs(pred) if activation == "probs" else pred.float()
+                    pred = (pred * weight.to(pred.device)).cpu().numpy()
+                    if acc is None:
+                        acc = np.zeros((pred.shape[1], wz, yp, xp), np.float32)
+                        base = zs
+                    for k, (y, x) in enumerate(batch):
+                        acc[:, :, y:y + wy, x:x + wx] += pred[k]
+                    bar.update(len(batch))
+            flush(base + wz)
     finally:
         bar.close()
         model.train(was_training)
