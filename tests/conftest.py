@@ -22,3 +22,18 @@ def data_root() -> Path:
     if root is None:
         pytest.skip("real EM data not found: set CEM_DATA or place it at ../shared/data (see README)")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a test module with one torch thread (restored afterwards).
+
+    The test machine's two cores are shared; OpenMP threads spin-waiting for a busy core
+    make small convolutions many times slower than a single thread.
+    """
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

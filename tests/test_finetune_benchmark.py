@@ -23,13 +23,7 @@ PAPER_CROPS = {"Lucchi++": 512, "Kasthuri++": 512, "Guay": 512, "CREMI Synaptic 
                "UroCell": 224, "All Mitochondria": 224}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Shared CPU: OpenMP spin-waits make small convolutions far slower with 2 threads.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_every_definition_loads_with_paper_settings():

@@ -20,14 +20,7 @@ from finetune.encoders import EncoderError, load_into_encoder, parse_encoder_spe
 from finetune.models import build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # The test machine's cores are shared; OpenMP threads spin-waiting for a busy core make
-    # small convolutions many times slower than a single thread.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _timm_state(arch: str, in_chans: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -23,13 +23,7 @@ from finetune.volumes import open_input
 SHAPE = (24, 40, 56)   # z, y, x
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Shared CPU: OpenMP spin-waits make small convolutions far slower with 2 threads.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,7 @@ from pretrain.data import ViewPairs, data_summary, epoch_order, open_store, view
 
 PATCH = 224
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads that wait for a busy core
-    make small CPU convolutions 20x slower; restore the setting for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def real_patches(data_root: Path, vnc_slices: int = 2, neuroproof_slices: int = 16) -> dict[str, np.ndarray]:

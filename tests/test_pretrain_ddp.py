@@ -19,7 +19,7 @@ from pretrain.moco import EmbeddingBranch, MoCo
 from pretrain.train import train
 from test_pretrain_data import build_real_store, real_patches
 
-pytestmark = pytest.mark.slow  # trains small models (still part of the default suite)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # trains small models (still part of the default suite)
 
 # Small and fast, and chosen so a couple dozen steps reliably learn: a queue of 16 fills with
 # real keys after two steps, and temperature 0.07 with key momentum 0.99 let the query encoder
@@ -30,14 +30,6 @@ SETTINGS = dict(arch="resnet18", image_size=64, batch_size=8, queue_size=16, tem
 TOTAL_STEPS = 16  # 6 steps per epoch on 48 patches: crosses the epoch ends at steps 6 and 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads that wait for a busy core
-    make small CPU convolutions 20x slower; restore the setting for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _flags(settings: dict) -> list[str]:

@@ -24,20 +24,13 @@ from pretrain.moco import MoCo
 from pretrain.train import plan_run
 from test_pretrain_data import build_real_store
 
-pytestmark = pytest.mark.slow  # trains small models (still part of the default suite)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # trains small models (still part of the default suite)
 
 # The short CPU run of the issue, without data-loading worker processes.
 SMOKE = ["--gpus", "0", "--arch", "resnet18", "--image-size", "64", "--batch-size", "8", "--queue-size", "256",
          "--max-steps", "5", "--workers", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, waiting OpenMP threads slow small convolutions 20x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,9 @@ from pretrain.train import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads that wait for a busy core
-    make small CPU convolutions 20x slower; restore the setting for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 def _unit(n: int, d: int, seed: int) -> torch.Tensor:
