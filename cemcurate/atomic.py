@@ -1,12 +1,14 @@
-"""Atomic file output: write under a temporary name in the same folder, then rename.
+"""File-level I/O helpers: atomic output and content digests.
 
-A crash or Ctrl-C while writing leaves the previous file (or nothing) in place, never a
+Atomic output writes under a temporary name in the same folder, then renames, so a crash
+or Ctrl-C while writing leaves the previous file (or nothing) in place, never a
 half-written one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import uuid
@@ -39,3 +41,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read ``chunk`` bytes at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,12 +9,11 @@ checked against pinned SHA-256 digests.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.request
 from pathlib import Path
 
-from cemcurate.atomic import atomic_path
+from cemcurate.atomic import atomic_path, file_sha256
 
 _PACKAGE_DATA = Path(__file__).parent / "data"
 SAMPLE_URL = "https://raw.githubusercontent.com/zhixuhao/unet/909ae9b5fefd8a55900e24a771b073b1d4ef70ff/data/membrane/train/image/{index}.png"
@@ -57,13 +56,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cemcurate"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def fetch_sample(root: Path | None = None) -> Path:
     """Download the public sample once (verified by SHA-256) and return its RAW folder."""
@@ -71,14 +63,14 @@ def fetch_sample(root: Path | None = None) -> Path:
     folder = root / "isbi2012"
     for index, expected in enumerate(SAMPLE_SHA256):
         target = folder / f"{index}.png"
-        if target.is_file() and sha256_of(target) == expected:
+        if target.is_file() and file_sha256(target) == expected:
             continue
         url = SAMPLE_URL.format(index=index)
         try:
             with atomic_path(target) as tmp:
                 with urllib.request.urlopen(url, timeout=60) as response:
                     tmp.write_bytes(response.read())
-                if sha256_of(tmp) != expected:
+                if file_sha256(tmp) != expected:
                     raise ValueError(f"{url}: checksum mismatch (expected {expected}); the download was discarded")
         except OSError as exc:
             raise ValueError(f"cannot download the sample input from {url} ({exc}); give a RAW folder instead") from exc

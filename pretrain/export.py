@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Mapping
 import torch
 import yaml
 
-from cemcurate.atomic import atomic_path
+from cemcurate.atomic import atomic_path, file_sha256
 from pretrain.checkpoint import CHECKPOINT_FORMAT, git_commit, load_checkpoint, read_checkpoint_file
 from pretrain.weights import WeightsError, encoder_state_dict
 
@@ -95,13 +94,6 @@ def smp_encoder_name(arch: str) -> str | None:
     return arch if arch in get_encoder_names() else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, from_cem500k: bool | None = None,
                    arch: str | None = None, mean: float | None = None, std: float | None = None) -> ExportResult:
@@ -137,7 +129,7 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, from_cem500k:
         norms = ckpt.get("norms") if isinstance(ckpt.get("norms"), (list, tuple)) else None
         mean = (float(norms[0]) if norms else CEM500K_MEAN) if mean is None else mean
         std = (float(norms[1]) if norms else CEM500K_STD) if std is None else std
-        provenance = {"source": "cem500k", "epoch": ckpt.get("epoch"), "checkpoint_sha256": _sha256(checkpoint)}
+        provenance = {"source": "cem500k", "epoch": ckpt.get("epoch"), "checkpoint_sha256": file_sha256(checkpoint)}
     if not (std and std > 0):
         raise ExportError(f"{checkpoint}: normalisation std must be positive, got {std}")
 

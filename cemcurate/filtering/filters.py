@@ -16,25 +16,17 @@ them exactly when the filter changes.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from cemcurate.atomic import file_sha256
 from cemcurate.filtering.features import check_patches
 
 FILTER_SPECS_HELP = ("'stats' (label-free rules), 'none' (keep all), a classifier .pth from `cemcurate filter train` "
                      "or the CEM500K filter weights, or a stats_forest.pkl from `cemcurate filter train`")
 
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class PatchFilter:
