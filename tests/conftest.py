@@ -37,3 +37,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def neuroproof_volume(data_root: Path):
+    """FIB-SEM Drosophila medulla, training_sample2: uint8 (250, 250, 250), 10 nm isotropic."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    files = sorted((data_root / "neuroproof_flyem" / "training_sample2" / "grayscale_maps").glob("*.png"))
+    if len(files) != 250:
+        pytest.skip(f"expected 250 neuroproof slices in {data_root}, found {len(files)}")
+    return np.stack([iio.imread(f) for f in files])

@@ -91,15 +91,6 @@ def require(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def neuroproof_volume(data_root: Path) -> np.ndarray:
-    """FIB-SEM Drosophila medulla, training_sample2: (250, 250, 250) uint8, 10 nm isotropic."""
-    files = sorted(require(data_root / "neuroproof_flyem" / "training_sample2" / "grayscale_maps").glob("*.png"))
-    if len(files) != 250:
-        pytest.skip(f"expected 250 neuroproof slices, found {len(files)}")
-    return np.stack([iio.imread(f) for f in files])
-
-
-@pytest.fixture(scope="module")
 def vnc_tile_hashes(data_root: Path) -> np.ndarray:
     """dHashes of the 320 full 224 x 224 tiles of VNC stack1 (ssTEM, 45-50 nm sections)."""
     files = sorted(require(data_root / "drosophila_vnc_gerhard" / "stack1" / "raw").glob("*.tif"))

@@ -46,15 +46,6 @@ def vnc_stack(data_root: Path) -> np.ndarray:
     return np.stack([tifffile.imread(f) for f in files])
 
 
-@pytest.fixture(scope="module")
-def neuroproof_volume(data_root: Path) -> np.ndarray:
-    """FIB-SEM Drosophila medulla, training_sample2: (250, 250, 250) uint8, 10 nm isotropic."""
-    files = sorted(require(data_root / "neuroproof_flyem" / "training_sample2" / "grayscale_maps").glob("*.png"))
-    if len(files) != 250:
-        pytest.skip(f"expected 250 neuroproof slices, found {len(files)}")
-    return np.stack([iio.imread(f) for f in files])
-
-
 def tile(image: np.ndarray, size: int, min_edge: int) -> list[np.ndarray]:
     """Non-overlapping size x size tiles, plus the paper's edge crops (kept when >= min_edge)."""
     tiles = []
