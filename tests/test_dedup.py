@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 import pytest
 import tifffile
