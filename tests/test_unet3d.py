@@ -138,3 +138,23 @@ def test_2d_decoder_matches_segmentation_models_pytorch():
     x = torch.rand(1, 1, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(head(dec.eval()(enc.eval()(x))), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_exported_encoder_file_through_resolve_encoder(tmp_path):
+    # The path the CLI takes: an exported 2D encoder file (+ config.json) -> resolve_encoder
+    # -> inflated into the 3D UNet with the file's normalisation.
+    import json
+
+    from safetensors.torch import save_file
+
+    from finetune.encoders import resolve_encoder
+
+    state = _state2d("resnet18", seed=4)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "encoder.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"arch": "resnet18", "mean": 0.52, "std": 0.14}))
+    weights = resolve_encoder(str(tmp_path / "encoder.safetensors"), "resnet18")
+    model = build_unet3d("resnet18", 2, weights, geometry="isotropic", decoder_channels=SMALL, freeze_encoder=True)
+    assert float(model.norm_mean) == pytest.approx(0.52) and float(model.norm_std) == pytest.approx(0.14)
+    torch.testing.assert_close(model.encoder.layer4[1].conv2.weight.sum(2), state["layer4.1.conv2.weight"])
+    torch.testing.assert_close(model.encoder.layer2[0].downsample[1].running_var,
+                               state["layer2.0.downsample.1.running_var"])
