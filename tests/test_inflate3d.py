@@ -13,6 +13,8 @@ import pytest
 import timm
 import torch
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 from finetune.models.inflate import STAGES, StageGeometry, inflate_kernel, inflate_state_dict, stage_of
 from finetune.models.unet3d import ResNetEncoder
 

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 from finetune.data3d import (Augment3D, SubvolumeSamples, augment_subvolume, boundary_map, dice_loss, loss_3d,
                              neuroproof_sample, train_3d)
 from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes

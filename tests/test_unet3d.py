@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 import torch.nn as nn
 
 from finetune.encoders import EncoderError, EncoderWeights
