@@ -13,10 +13,10 @@ import pytest
 import timm
 import torch
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 from finetune.models.inflate import STAGES, StageGeometry, inflate_kernel, inflate_state_dict, stage_of
 from finetune.models.unet3d import ResNetEncoder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomised_2d(arch: str, in_chans: int = 1, seed: int = 0) -> torch.nn.Module:

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 from finetune.data3d import (Augment3D, SubvolumeSamples, augment_subvolume, boundary_map, dice_loss, loss_3d,
                              neuroproof_sample, train_3d)
 from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes
 from finetune.models.unet3d import build_unet3d
 from finetune.predict.sliding import predict_sliding
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TRAIN = (slice(0, 64), slice(0, 64), slice(0, 64))
 TEST = (slice(186, 250), slice(0, 64), slice(0, 64))

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 from finetune.models import logits_to_probs
 from finetune.models.unet3d import build_unet3d
 from finetune.predict.sliding import (gaussian_weights, gaussian_weights_1d, plan_sliding, predict_sliding,
                                       reflect_indices, window_starts)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Identity(torch.nn.Module):

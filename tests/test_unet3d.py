@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 import torch.nn as nn
 
 from finetune.encoders import EncoderError, EncoderWeights
 from finetune.models.inflate import StageGeometry, inflate_state_dict
 from finetune.models.unet3d import UNet3D, UNetDecoder, ResNetEncoder, build_unet3d, conv_nd
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SMALL = (32, 16, 8, 8, 4)  # decoder channels for fast tests
 
