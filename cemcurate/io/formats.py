@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Callable
@@ -13,40 +14,18 @@ _COMPOUND = (".ome.tiff", ".ome.tif", ".ome.zarr", ".nii.gz")
 _DIRECTORY_SUFFIXES = (".zarr", ".ome.zarr")
 
 
-def _image(path, dataset):
-    from .images import read_image
-    return read_image(path, dataset)
+def _lazy(module: str, function: str) -> Callable[[Path, str | None], list[Volume]]:
+    """A reader that imports its backend module on first call."""
+
+    def read(path: Path, dataset: str | None) -> list[Volume]:
+        return getattr(importlib.import_module(module, __package__), function)(path, dataset)
+
+    return read
 
 
-def _tiff(path, dataset):
-    from .tiff import read_tiff
-    return read_tiff(path, dataset)
-
-
-def _mrc(path, dataset):
-    from .mrc import read_mrc
-    return read_mrc(path, dataset)
-
-
-def _nifti(path, dataset):
-    from .nifti import read_nifti
-    return read_nifti(path, dataset)
-
-
-def _hdf5(path, dataset):
-    from .hdf5 import read_hdf5
-    return read_hdf5(path, dataset)
-
-
-def _zarr(path, dataset):
-    from .zarrfile import read_zarr
-    return read_zarr(path, dataset)
-
-
-def _video(path, dataset):
-    from .video import read_video
-    return read_video(path, dataset)
-
+_image, _tiff, _mrc = _lazy(".images", "read_image"), _lazy(".tiff", "read_tiff"), _lazy(".mrc", "read_mrc")
+_nifti, _hdf5 = _lazy(".nifti", "read_nifti"), _lazy(".hdf5", "read_hdf5")
+_zarr, _video = _lazy(".zarrfile", "read_zarr"), _lazy(".video", "read_video")
 
 # Backends are imported on first use: importing cemcurate.io stays cheap, and a missing
 # optional backend only breaks its own formats.
