@@ -104,3 +104,18 @@ def not_found(path: Path, dataset: str, available: list[str]) -> ReadError:
     listing = ", ".join(repr(a) for a in available[:20]) or "none"
     more = f" (and {len(available) - 20} more)" if len(available) > 20 else ""
     return ReadError(path, f"dataset {dataset!r} not found; available image datasets: {listing}{more}")
+
+
+def finish_volumes(path: Path, volumes: list[Volume], skipped: list[str], what: str, empty: str) -> list[Volume]:
+    """The volumes found in a container, or a ReadError if none; skipped entries become notes.
+
+    ``what`` names the kind of entry (``"dataset"``, ``"array"``), ``empty`` what an empty
+    container is called (``"the file holds no datasets"``).
+    """
+    if not volumes:
+        why = "; ".join(skipped) if skipped else empty
+        raise ReadError(path, f"no 2D/3D image {what} found ({why})")
+    if skipped:
+        for v in volumes:
+            v.notes.append("skipped: " + "; ".join(skipped)[:300])
+    return volumes

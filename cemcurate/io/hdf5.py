@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import handles
 from .base import ReadError, Volume
-from .containers import array_volumes, not_found
+from .containers import array_volumes, finish_volumes, not_found
 
 
 def _open_file(path):
@@ -66,13 +66,7 @@ def read_hdf5(path: Path, dataset: str | None = None) -> list[Volume]:
             volumes += vols
             if reason:
                 skipped.append(reason)
-    if not volumes:
-        why = "; ".join(skipped) if skipped else "the file holds no datasets"
-        raise ReadError(path, f"no 2D/3D image dataset found ({why})")
-    if skipped:
-        for v in volumes:
-            v.notes.append("skipped: " + "; ".join(skipped)[:300])
-    return volumes
+    return finish_volumes(path, volumes, skipped, "dataset", "the file holds no datasets")
 
 
 def _readable_attrs(attrs) -> dict:

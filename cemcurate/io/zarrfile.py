@@ -21,7 +21,7 @@ import numpy as np
 from . import handles
 from .axes import plan_axes
 from .base import ReadError, Volume, lateral_only, nm_per_unit, spacing_nm
-from .containers import ContainerSlicer, array_volumes, not_found
+from .containers import ContainerSlicer, array_volumes, finish_volumes, not_found
 
 _AXIS_LETTER = {"t": "T", "c": "C", "z": "Z", "y": "Y", "x": "X"}
 
@@ -89,13 +89,7 @@ def read_zarr(path: Path, dataset: str | None = None) -> list[Volume]:
         for v in volumes:
             if v.dataset == "":
                 v.dataset = None
-    if not volumes:
-        why = "; ".join(skipped) if skipped else "the store holds no arrays"
-        raise ReadError(path, f"no 2D/3D image array found ({why})")
-    if skipped:
-        for v in volumes:
-            v.notes.append("skipped: " + "; ".join(skipped)[:300])
-    return volumes
+    return finish_volumes(path, volumes, skipped, "array", "the store holds no arrays")
 
 
 def _plain_arrays(root) -> list[tuple[str, object, list[dict]]]:
