@@ -19,6 +19,8 @@ _EPILOG_TRAIN = """examples:
       --encoder cem500k:cem500k_mocov2_resnet50_200ep.pth.tar --out runs/lucchi
   finetune train --images 'raw/*.tif' --masks 'mito/*.png' --mask-threshold 127 \\
       --arch resnet18 --iters 500 --crop 256 --out runs/mito
+  finetune train --dim 3d --images vol.tif --masks mito.tif --mask-threshold 0 --crop 128 --crop-depth 32 \
+      --batch-size 2 --encoder runs/pretrain/export --out runs/mito3d      # inflated 3D U-Net
 Re-running the same command after an interruption resumes from RUN/checkpoint.pth.
 """
 
@@ -26,6 +28,7 @@ _EPILOG_PREDICT = """examples:
   finetune predict runs/mito volume.mrc probs.tif
   finetune predict runs/urocell test.nii.gz seg.nii.gz --mode orthoplane --output-type labels
   finetune predict runs/mito 'test/*.png' preds/      # one output per image
+  finetune predict runs/mito3d test.tif probs.zarr --window 64 128 128 --window-overlap 16 32 32
 """
 
 
@@ -34,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="fine-tune a UNet-ResNet on labelled images or volumes",
+    p = sub.add_parser("train", help="fine-tune a 2D or 3D UNet-ResNet on labelled images or volumes",
                        description=TrainConfig.__doc__, epilog=_EPILOG_TRAIN,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML file with TrainConfig keys (flags override it)")

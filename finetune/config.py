@@ -12,12 +12,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune.labels import parse_label_map, parse_unmapped
+from finetune.losses import LOSSES
+from finetune.models.inflate import INFLATE_MODES
 from finetune.models.registry import ARCHS
+from finetune.models.unet3d import UPSAMPLE_MODES
 
 PLANES = ("xy", "xz", "yz")
 CROP_MODES = ("native", "paper")
 WEIGHTINGS = ("auto", "prevalence", "none")
 DEVICES = ("auto", "cpu", "cuda")
+DIMS = ("2d", "3d")
+PREDICT_MODES = ("auto", "stack", "orthoplane", "sliding")
+# Sliding-window size (z, y, x): ~1 M voxels, enough context for a UNet3D at a CPU-friendly size.
+DEFAULT_WINDOW = (64, 128, 128)
+GEOMETRIES = ("auto", "isotropic", "anisotropic", "planar")
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -47,7 +55,7 @@ class TrainConfig:
     val_masks: list[str] = field(default_factory=list, metadata=_help(
         "validation labels paired with val_images", metavar="GLOB"))
     planes: list[str] = field(default_factory=lambda: ["xy"], metadata=_help(
-        "planes 3D volumes are sliced along for training: xy for anisotropic data, xy xz yz for isotropic"))
+        "2D: planes 3D volumes are sliced along for training: xy for anisotropic data, xy xz yz for isotropic"))
     classes: list[str] = field(default_factory=lambda: ["background", "foreground"], metadata=_help(
         "class names, index 0 first; two classes make a binary task (one sigmoid output)"))
     mask_threshold: float | None = field(default=None, metadata=_help(
@@ -64,12 +72,28 @@ class TrainConfig:
     class_weighting: str = field(default="auto", metadata=_help(
         "cross-entropy class weights: prevalence (3 for classes under 10%% of labelled pixels, 1 above, "
         "0.1 background), none, or auto (prevalence for multi-class, none for binary)"))
+    class_weights: list[float] = field(default_factory=list, metadata=_help(
+        "explicit loss weight per class, index 0 first (e.g. 1 5 to weight a thin foreground up); "
+        "overrides class_weighting"))
+    dim: str = field(default="2d", metadata=_help(
+        "2d: UNet-ResNet on 2D slices (the paper's); 3d: U-Net whose 2D encoder weights are inflated "
+        "into 3D, trained on sub-volumes of crop_depth x crop x crop voxels"))
     arch: str = field(default="resnet50", metadata=_help(f"encoder architecture: {', '.join(ARCHS)}"))
     encoder: str = field(default="random", metadata=_help(
         "encoder weights: random, imagenet (timm; needs the Hugging Face cache or internet), "
         "cem500k:PATH (released CEM500K MoCoV2 checkpoint) or PATH (our export, file or folder)"))
     freeze_encoder: bool = field(default=True, metadata=_help(
         "freeze the encoder (weights and BatchNorm statistics), as in the paper for pre-trained encoders"))
+    geometry: str = field(default="auto", metadata=_help(
+        "3D: kernel depth and z stride per encoder stage: auto (from the first training volume's voxel "
+        "size; isotropic when unknown), isotropic (3x3x3 kernels, z pooled like x, y), anisotropic "
+        "(first two stages in-plane only, for z spacing ~4-8x coarser) or planar (2D network per slice)"))
+    inflate: str = field(default="i3d", metadata=_help(
+        "3D: how 2D kernels become 3D: i3d (repeated along z, divided by depth) or center (middle slice only)"))
+    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16], metadata=_help(
+        "3D: widths of the five decoder blocks (the 2D UNet's; smaller saves memory and time)"))
+    upsample: str = field(default="trilinear", metadata=_help(
+        "3D decoder upsampling: trilinear, nearest or transpose (learned transposed convolution)"))
     norm_mean: float | None = field(default=None, metadata=_help(
         "input normalisation mean for images in [0, 1] (default: from the encoder source, else 0.5)"))
     norm_std: float | None = field(default=None, metadata=_help(
@@ -78,23 +102,32 @@ class TrainConfig:
     batch_size: int = field(default=16, metadata=_help("crops per iteration"))
     lr: float = field(default=0.003, metadata=_help("maximum learning rate of the one-cycle schedule (AdamW)"))
     weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay"))
+    loss: str = field(default="ce", metadata=_help(
+        "ce: BCE-with-logits (binary) or weighted cross-entropy (multi-class), the paper's; "
+        "dice_ce: ce plus soft Dice over the foreground classes (helps thin or rare structures)"))
     crop: int = field(default=512, metadata=_help("training crop side in pixels (multiple of 32)"))
+    crop_depth: int = field(default=32, metadata=_help(
+        "3D: training sub-volume depth in slices (volumes thinner than this are mirrored)"))
     crop_mode: str = field(default="native", metadata=_help(
-        "native: crops at native resolution with a zoom in the zoom range (matches whole-slice "
+        "2D only. native: crops at native resolution with a zoom in the zoom range (matches whole-slice "
         "prediction); paper: RandomResizedCrop with paper_scale of the image area and paper_ratio"))
     zoom: list[float] = field(default_factory=lambda: [0.7, 1.4], metadata=_help(
-        "native crop mode: zoom range relative to native resolution (>1 magnifies)"))
+        "2D native crop mode: zoom range relative to native resolution (>1 magnifies)"))
     paper_scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata=_help(
         "paper crop mode: crop area as a fraction of the image area"))
     paper_ratio: list[float] = field(default_factory=lambda: [0.5, 1.5], metadata=_help(
         "paper crop mode: crop aspect-ratio range"))
-    rotate: bool = field(default=True, metadata=_help("random rotation by any angle (0-360 degrees)"))
-    flips: bool = field(default=True, metadata=_help("random horizontal and vertical flips"))
+    rotate: bool = field(default=True, metadata=_help(
+        "random rotation: any angle (0-360 degrees) in 2D, multiples of 90 degrees in-plane in 3D"))
+    flips: bool = field(default=True, metadata=_help("random flips: horizontal and vertical (3D: also along z)"))
     brightness_contrast: float = field(default=0.3, metadata=_help(
         "random brightness and contrast change limit (0.3 = +-30%%; 0 disables)"))
     noise_var: list[float] = field(default_factory=list, metadata=_help(
         "Gaussian noise variance range in 8-bit grey levels squared, e.g. 400 1200 (empty: off)"))
-    blur_sigma: float = field(default=0.0, metadata=_help("maximum Gaussian blur sigma in pixels (0: off; paper Guay: 7)"))
+    blur_sigma: float = field(default=0.0, metadata=_help(
+        "2D only: maximum Gaussian blur sigma in pixels (0: off; paper Guay: 7)"))
+    elastic_alpha: float = field(default=0.0, metadata=_help(
+        "3D only: elastic deformation, std of the displacements in voxels (0: off; e.g. 2)"))
     seed: int = field(default=42, metadata=_help("random seed for initialisation and data sampling"))
     checkpoint_every: int = field(default=500, metadata=_help(
         "save a resumable checkpoint (and score the validation set) every N iterations"))
@@ -117,10 +150,33 @@ class TrainConfig:
         parse_label_map(self.label_map, self.classes)
         if self.class_weighting not in WEIGHTINGS:
             raise ValueError(f"class_weighting must be one of {WEIGHTINGS}, got {self.class_weighting!r}")
+        if self.class_weights and (len(self.class_weights) != len(self.classes) or min(self.class_weights) < 0
+                                   or not max(self.class_weights) > 0):
+            raise ValueError(f"class_weights must give one weight >= 0 per class ({len(self.classes)}), "
+                             f"not all zero, got {self.class_weights}")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; valid archs: {', '.join(ARCHS)}")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+        if self.dim not in DIMS:
+            raise ValueError(f"dim must be one of {DIMS}, got {self.dim!r}")
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
+        if self.inflate not in INFLATE_MODES:
+            raise ValueError(f"inflate must be one of {INFLATE_MODES}, got {self.inflate!r}")
+        if self.upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
+        if len(self.decoder_channels) != 5 or min(self.decoder_channels) < 1:
+            raise ValueError(f"decoder_channels must be five positive ints, got {self.decoder_channels}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.crop_depth < 1 or self.elastic_alpha < 0:
+            raise ValueError(f"need crop_depth >= 1 and elastic_alpha >= 0, got {self.crop_depth}, {self.elastic_alpha}")
+        if self.dim == "3d" and (self.crop_mode != "native" or self.blur_sigma > 0):
+            raise ValueError("crop_mode paper and blur_sigma are 2D augmentations; 3D training crops sub-volumes "
+                             "at native resolution without blur (set crop_mode native and blur_sigma 0)")
+        if self.dim == "2d" and self.elastic_alpha > 0:
+            raise ValueError("elastic_alpha is a 3D augmentation (dim 3d)")
         if self.crop < 32 or self.crop % 32:
             raise ValueError(f"crop must be a positive multiple of 32 (the UNet stride), got {self.crop}")
         for name in ("iters", "batch_size", "checkpoint_every", "log_every"):
@@ -157,9 +213,10 @@ RESUME_SAFE_KEYS = frozenset({"checkpoint_every", "log_every", "device", "amp", 
 class PredictConfig:
     """``finetune predict``: whole-volume prediction with a trained model."""
 
-    mode: str = field(default="stack", metadata=_help(
-        "stack: predict every xy slice; orthoplane: predict xy, xz and yz slices and average the "
-        "probabilities (for isotropic volumes)"))
+    mode: str = field(default="auto", metadata=_help(
+        "auto: stack for 2D models, sliding for 3D models; stack: predict every xy slice (2D models); "
+        "orthoplane: predict xy, xz and yz slices and average the probabilities (2D models, isotropic "
+        "volumes); sliding: overlapping 3D windows blended with Gaussian weights (3D models)"))
     output_type: str = field(default="probs", metadata=_help(
         "probs: class probabilities (binary: foreground; multi-class: one file per class, named "
         "OUTPUT_<class>); labels: class index per voxel"))
@@ -167,9 +224,14 @@ class PredictConfig:
     threshold: float = field(default=0.5, metadata=_help("binary foreground threshold for output_type labels"))
     tile: int = field(default=512, metadata=_help("largest tile side in pixels; bigger slices are tiled"))
     overlap: int = field(default=64, metadata=_help("overlap between tiles in pixels (blended)"))
-    batch_size: int = field(default=8, metadata=_help("most tiles per forward pass"))
+    window: list[int] = field(default_factory=lambda: list(DEFAULT_WINDOW), metadata=_help(
+        "sliding mode: window size z y x in voxels (shrunk on axes shorter than the window)"))
+    window_overlap: list[int] = field(default_factory=lambda: [16, 32, 32], metadata=_help(
+        "sliding mode: overlap of neighbouring windows z y x in voxels (blended)"))
+    batch_size: int = field(default=8, metadata=_help("most tiles (sliding mode: windows) per forward pass"))
     batch_pixels: int = field(default=0, metadata=_help(
-        "most pixels per forward pass (0: 512x512 on CPU, where batching large tiles is slower, 8x512x512 on CUDA)"))
+        "most pixels (voxels) per forward pass (0: 512x512 on CPU, where batching large tiles is slower, "
+        "8x512x512 on CUDA); at least one tile or window"))
     chunk: int = field(default=16, metadata=_help("slices read and predicted together"))
     memory_limit_gb: float = field(default=4.0, metadata=_help(
         "orthoplane mode keeps the input and the probability sums in RAM up to this size, "
@@ -180,8 +242,12 @@ class PredictConfig:
     amp: bool = field(default=True, metadata=_help("mixed precision on CUDA (ignored on CPU)"))
 
     def __post_init__(self) -> None:
-        if self.mode not in ("stack", "orthoplane"):
-            raise ValueError(f"mode must be stack or orthoplane, got {self.mode!r}")
+        if self.mode not in PREDICT_MODES:
+            raise ValueError(f"mode must be one of {PREDICT_MODES}, got {self.mode!r}")
+        if (len(self.window) != 3 or len(self.window_overlap) != 3 or min(self.window) < 1
+                or any(not 0 <= o < w for o, w in zip(self.window_overlap, self.window))):
+            raise ValueError(f"window must be three positive ints z y x and window_overlap three ints with "
+                             f"0 <= overlap < window, got {self.window} and {self.window_overlap}")
         if self.output_type not in ("probs", "labels"):
             raise ValueError(f"output_type must be probs or labels, got {self.output_type!r}")
         if self.prob_dtype not in ("uint8", "float32"):

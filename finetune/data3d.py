@@ -15,9 +15,9 @@ Augmentations (:class:`Augment3D`), applied to a ``(d, h, w)`` crop:
   points every ``elastic_spacing`` voxels, cubic-spline upsampled), trilinear for the
   image and nearest for labels, so class indices and the ignore index stay exact.
 
-Losses: :func:`finetune.losses.segmentation_loss` (BCE-with-logits for one output
-channel, cross-entropy otherwise) works on ``(B, C, z, y, x)`` as it does in 2D;
-:func:`dice_loss` adds the soft Dice that :mod:`finetune.losses` does not have.
+``finetune train --dim 3d`` (:func:`finetune.train.train`) builds its data from
+:class:`SubvolumeSamples` and :func:`augment_from_config`; its losses
+(:func:`finetune.losses.training_loss`) work on 3D batches as on 2D ones.
 
 :func:`neuroproof_sample` and :func:`boundary_map` turn the FlyEM NeuroProof ground truth
 into boundary targets for tests and benchmarks.
@@ -26,21 +26,17 @@ into boundary targets for tests and benchmarks.
 from __future__ import annotations
 
 import gzip
+import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
-from tqdm import tqdm
 
-from finetune.losses import IGNORE_INDEX, segmentation_loss
-
-LOSSES = ("bce", "dice_ce")
+from finetune.config import TrainConfig
 
 
 # ----------------------------------------------------------------------------- targets
@@ -142,6 +138,21 @@ class Augment3D:
         if self.elastic_alpha < 0 or self.elastic_spacing < 2 or not 0 <= self.p_elastic <= 1:
             raise ValueError("need elastic_alpha >= 0, elastic_spacing >= 2 and p_elastic in [0, 1], got "
                              f"{self.elastic_alpha}, {self.elastic_spacing}, {self.p_elastic}")
+
+
+def augment_from_config(cfg: TrainConfig, elastic_z: bool = True) -> Augment3D:
+    """The 3D counterpart of the 2D augmentations a :class:`~finetune.config.TrainConfig` asks for.
+
+    ``flips`` -> flips along z, y and x; ``rotate`` -> 90-degree rotations in-plane;
+    ``brightness_contrast`` -> brightness shift and contrast change of up to that fraction;
+    ``noise_var`` (8-bit grey levels squared) -> noise of std up to ``sqrt(max) / 255``;
+    ``elastic_alpha`` -> elastic deformation (``elastic_z=False`` keeps z fixed, for
+    geometries that do not mix slices in the first stage).
+    """
+    return Augment3D(flip_z=cfg.flips, flip_yx=cfg.flips, rot90=cfg.rotate, brightness=cfg.brightness_contrast,
+                     contrast=cfg.brightness_contrast,
+                     noise_std=math.sqrt(max(cfg.noise_var)) / 255.0 if cfg.noise_var else 0.0,
+                     elastic_alpha=cfg.elastic_alpha, elastic_z=elastic_z)
 
 
 def elastic_field(shape: Sequence[int], alpha: float, spacing: int, rng: np.random.Generator,
@@ -265,111 +276,3 @@ class SubvolumeSamples(torch.utils.data.Dataset):
         if self.augment is not None:
             img, lab = augment_subvolume(img, lab, rng, self.augment)
         return torch.from_numpy(np.ascontiguousarray(img))[None], torch.from_numpy(np.ascontiguousarray(lab))
-
-
-# ----------------------------------------------------------------------------- losses
-
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss over the batch, ignoring :data:`~finetune.losses.IGNORE_INDEX` voxels.
-
-    Args:
-        logits: ``(B, C, ...)``; ``C == 1``: binary (sigmoid, Dice of class 1); ``C > 1``:
-            softmax, Dice averaged over the foreground classes ``1..C-1`` (background is
-            dominant and would dilute the loss).
-        target: ``(B, ...)`` integer class indices.
-        smooth: added to numerator and denominator (a class absent from both prediction
-            and target scores 1, not NaN).
-
-    Returns:
-        Scalar ``1 - Dice`` in [0, 1].
-    """
-    target = target.long()
-    valid = (target != IGNORE_INDEX).unsqueeze(1).float()
-    if logits.shape[1] == 1:
-        probs = torch.sigmoid(logits.float())
-        onehot = (target == 1).unsqueeze(1).float()
-    else:
-        probs = torch.softmax(logits.float(), dim=1)[:, 1:]
-        onehot = F.one_hot(torch.where(target == IGNORE_INDEX, 0, target), logits.shape[1]).movedim(-1, 1)[:, 1:].float()
-    dims = [0] + list(range(2, logits.ndim))
-    inter = (probs * onehot * valid).sum(dims)
-    denom = (probs * valid).sum(dims) + (onehot * valid).sum(dims)
-    return 1.0 - ((2.0 * inter + smooth) / (denom + smooth)).mean()
-
-
-def loss_3d(logits: torch.Tensor, target: torch.Tensor, kind: str = "bce",
-            class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Training loss for ``(B, C, z, y, x)`` logits and ``(B, z, y, x)`` class maps.
-
-    ``kind``: ``bce`` = :func:`finetune.losses.segmentation_loss` (BCE-with-logits for one
-    channel, weighted cross-entropy otherwise, as in 2D); ``dice_ce`` = that plus
-    :func:`dice_loss`, which counters a rare foreground such as thin membranes.
-    """
-    if kind not in LOSSES:
-        raise ValueError(f"unknown loss {kind!r}; valid losses: {', '.join(LOSSES)}")
-    loss = segmentation_loss(logits, target, class_weights)
-    if kind == "dice_ce":
-        loss = loss + dice_loss(logits, target)
-    return loss
-
-
-# ----------------------------------------------------------------------------- training
-
-@dataclass
-class TrainLog:
-    """Outcome of :func:`train_3d`: loss per iteration and wall time in seconds."""
-
-    losses: list[float]
-    seconds: float
-
-
-def train_3d(model: torch.nn.Module, samples: torch.utils.data.Dataset, iters: int, batch_size: int = 2,
-             lr: float = 3e-3, weight_decay: float = 0.1, loss: str = "bce", class_weights: torch.Tensor | None = None,
-             device: str | torch.device = "cpu", amp: bool = True, workers: int = 0, progress: bool = False) -> TrainLog:
-    """Train ``model`` in place with the paper's recipe (AdamW, one-cycle LR), minimal 3D loop.
-
-    Sample ``k`` of ``samples`` (a pure function of ``k``) belongs to iteration
-    ``k // batch_size``, as in :func:`finetune.train.train`. Parameters with
-    ``requires_grad=False`` (a frozen encoder) are not optimised.
-
-    Args:
-        model: takes ``(B, 1, d, h, w)`` in [0, 1] and returns logits ``(B, C, d, h, w)``.
-        samples: e.g. :class:`SubvolumeSamples` with ``len >= iters * batch_size``.
-        loss: ``bce`` or ``dice_ce`` (:func:`loss_3d`).
-        device, amp: where to train; float16 autocast with gradient scaling on CUDA.
-
-    Returns:
-        :class:`TrainLog`. The model is left in train mode on ``device``.
-    """
-    if iters < 1 or batch_size < 1:
-        raise ValueError(f"iters and batch_size must be >= 1, got {iters}, {batch_size}")
-    if len(samples) < iters * batch_size:
-        raise ValueError(f"samples hold {len(samples)} items, need iters * batch_size = {iters * batch_size}")
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; valid losses: {', '.join(LOSSES)}")
-    device = torch.device(device)
-    use_amp = amp and device.type == "cuda"
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=iters)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    weights = class_weights.to(device) if class_weights is not None else None
-    loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, sampler=range(iters * batch_size),
-                                         num_workers=workers, pin_memory=device.type == "cuda")
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    for x, y in tqdm(loader, total=iters, desc="train 3d", unit="it", disable=not progress):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            logits = model(x)
-        value = loss_3d(logits, y, loss, weights)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(value).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        losses.append(float(value.detach()))
-    return TrainLog(losses, time.perf_counter() - t0)

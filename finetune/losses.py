@@ -79,9 +79,9 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_weights:
     """Binary or multi-class cross-entropy with ignored pixels.
 
     Args:
-        logits: ``(B, C, H, W)`` float. ``C == 1``: binary, BCE-with-logits against
+        logits: ``(B, C, ...)`` float (2D or 3D). ``C == 1``: binary, BCE-with-logits against
             ``target == 1``. ``C > 1``: cross-entropy over C classes.
-        target: ``(B, H, W)`` integer class indices; :data:`IGNORE_INDEX` excluded.
+        target: ``(B, ...)`` integer class indices; :data:`IGNORE_INDEX` excluded.
         class_weights: per-class weights (``(2,)`` for binary, ``(C,)`` for multi-class):
             the loss is the weighted mean, the sum of weighted pixel losses divided by the
             sum of the weights of the scored pixels (PyTorch's convention). ``None``: plain mean.
@@ -103,3 +103,50 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_weights:
         return logits.sum() * 0.0
     weight = class_weights.to(logits.device, torch.float32) if class_weights is not None else None
     return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=IGNORE_INDEX)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss over the batch, ignoring :data:`IGNORE_INDEX` pixels (2D or 3D).
+
+    Args:
+        logits: ``(B, C, ...)``; ``C == 1``: binary (sigmoid, Dice of class 1); ``C > 1``:
+            softmax, Dice averaged over the foreground classes ``1..C-1`` (background is
+            dominant and would dilute the loss).
+        target: ``(B, ...)`` integer class indices.
+        smooth: added to numerator and denominator (a class absent from both prediction
+            and target scores 1, not NaN).
+
+    Returns:
+        Scalar ``1 - Dice`` in [0, 1].
+    """
+    target = target.long()
+    valid = (target != IGNORE_INDEX).unsqueeze(1).float()
+    if logits.shape[1] == 1:
+        probs = torch.sigmoid(logits.float())
+        onehot = (target == 1).unsqueeze(1).float()
+    else:
+        probs = torch.softmax(logits.float(), dim=1)[:, 1:]
+        onehot = F.one_hot(torch.where(target == IGNORE_INDEX, 0, target), logits.shape[1]).movedim(-1, 1)[:, 1:].float()
+    dims = [0] + list(range(2, logits.ndim))
+    inter = (probs * onehot * valid).sum(dims)
+    denom = (probs * valid).sum(dims) + (onehot * valid).sum(dims)
+    return 1.0 - ((2.0 * inter + smooth) / (denom + smooth)).mean()
+
+
+LOSSES = ("ce", "dice_ce")
+
+
+def training_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "ce",
+                  class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss ``finetune train`` minimises, for 2D ``(B, C, y, x)`` or 3D ``(B, C, z, y, x)`` logits.
+
+    ``kind``: ``ce`` = :func:`segmentation_loss` (BCE-with-logits for one channel, weighted
+    cross-entropy otherwise; the paper's); ``dice_ce`` = that plus :func:`dice_loss`, which
+    counters a rare foreground such as thin membranes.
+    """
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; valid losses: {', '.join(LOSSES)}")
+    loss = segmentation_loss(logits, target, class_weights)
+    if kind == "dice_ce":
+        loss = loss + dice_loss(logits, target)
+    return loss

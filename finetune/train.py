@@ -1,9 +1,15 @@
-"""``finetune train``: fine-tune a UNet-ResNet with the paper's recipe, resumably.
+"""``finetune train``: fine-tune a UNet-ResNet (2D, or 3D with inflated encoder weights) resumably.
 
 Recipe (Conrad & Narayan 2021, "Benchmark segmentation tasks"): AdamW, one-cycle
 learning rate with maximum 0.003, weight decay 0.1, batch 16, a fixed number of
 iterations, BCE-with-logits for binary tasks and prevalence-weighted cross-entropy for
 multi-class ones, seed 42, encoder frozen (including BatchNorm statistics).
+
+``dim: 3d`` keeps that recipe and swaps the model and the data: a
+:class:`~finetune.models.unet3d.UNet3D` whose encoder holds the same 2D weights inflated
+to 3D (:mod:`finetune.models.inflate`), trained on random ``crop_depth x crop x crop``
+sub-volumes with 3D augmentations (:mod:`finetune.data3d`) and validated by
+sliding-window prediction (:mod:`finetune.predict.sliding`).
 
 A run folder ``RUN`` holds:
 
@@ -31,13 +37,18 @@ from tqdm import tqdm
 
 from cemcurate.atomic import atomic_path
 from cemcurate.config import config_to_dict, save_config
-from finetune.config import RESUME_SAFE_KEYS, TrainConfig
+from finetune.config import DEFAULT_WINDOW, RESUME_SAFE_KEYS, TrainConfig
 from finetune.data import CropSamples, LabelledVolume, label_spec, load_labelled, pair_files
+from finetune.data3d import SubvolumeSamples, augment_from_config
 from finetune.encoders import EncoderWeights, load_into_encoder, resolve_encoder
-from finetune.losses import count_classes, prevalence_weights, segmentation_loss
+from finetune.losses import count_classes, prevalence_weights, training_loss
 from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes
-from finetune.models import DEFAULT_MEAN, DEFAULT_STD, UNet2D, build_model
+from finetune.models import DEFAULT_MEAN, DEFAULT_STD, build_model
+from finetune.models.inflate import StageGeometry
+from finetune.models.unet3d import UNet3D, build_unet3d
 from finetune.predict.predictor import SlicePredictor, select_device
+from finetune.predict.sliding import predict_sliding
+from finetune.volumes import open_volume
 
 CHECKPOINT = "checkpoint.pth"
 MODEL = "model.pth"
@@ -69,13 +80,30 @@ def normalisation(cfg: TrainConfig, weights: EncoderWeights) -> tuple[float, flo
     return (DEFAULT_MEAN if mean is None else mean), (DEFAULT_STD if std is None else std)
 
 
-def build_training_model(cfg: TrainConfig) -> tuple[UNet2D, EncoderWeights]:
-    """The UNet with seeded random init, encoder weights loaded strictly, frozen as configured."""
+def resolve_geometry(cfg: TrainConfig, first_image: str | Path | None = None) -> StageGeometry:
+    """The 3D stage geometry of ``cfg``: a preset, or for ``auto`` one derived from the voxel
+    size of ``first_image`` (isotropic when the file records none)."""
+    if cfg.geometry != "auto":
+        return StageGeometry.preset(cfg.geometry)
+    voxel = open_volume(first_image).voxel_size if first_image is not None else None
+    if voxel is None or not all(np.isfinite(v) and v > 0 for v in voxel):
+        return StageGeometry.preset("isotropic")
+    return StageGeometry.from_spacing(voxel)
+
+
+def build_training_model(cfg: TrainConfig, geometry: StageGeometry | None = None) -> tuple[torch.nn.Module, EncoderWeights]:
+    """The 2D or 3D UNet with seeded random init, encoder weights loaded strictly (inflated
+    for 3D, with ``geometry``, default isotropic), frozen as configured."""
     weights = resolve_encoder(cfg.encoder, cfg.arch)
     mean, std = normalisation(cfg, weights)
     # Seeding right before construction makes every randomly initialised parameter the
     # same in every experiment with the same seed (as in the paper), whatever the source.
     torch.manual_seed(cfg.seed)
+    if cfg.dim == "3d":
+        model = build_unet3d(cfg.arch, len(cfg.classes), weights, geometry=geometry, freeze_encoder=cfg.freeze_encoder,
+                             upsample=cfg.upsample, decoder_channels=cfg.decoder_channels, inflate_mode=cfg.inflate,
+                             mean=mean, std=std)
+        return model, weights
     model = build_model("unet2d", arch=cfg.arch, num_classes=len(cfg.classes), mean=mean, std=std)
     load_into_encoder(model.encoder, weights, cfg.arch)
     model.freeze_encoder(cfg.freeze_encoder)
@@ -93,6 +121,8 @@ def class_weights(cfg: TrainConfig, items: list[LabelledVolume]) -> np.ndarray |
     if missing:
         raise ValueError(f"class(es) {', '.join(missing)} have no pixels in the training labels "
                          f"(pixel counts {counts.tolist()}); check classes, mask_threshold and label_map")
+    if cfg.class_weights:
+        return np.asarray(cfg.class_weights, np.float32)
     mode = cfg.class_weighting
     if mode == "auto":
         mode = "prevalence" if len(cfg.classes) > 2 else "none"
@@ -150,24 +180,52 @@ def _append_csv(path: Path, header: list[str], row: list) -> None:
         writer.writerow(row)
 
 
-def validate(model: UNet2D, items: list[LabelledVolume], num_classes: int, device: torch.device,
-             amp: bool, batch_size: int = 8) -> dict:
-    """IoU of the model on the xy slices of ``items`` (pixels pooled over all items)."""
+def validate(model: torch.nn.Module, items: list[LabelledVolume], num_classes: int, device: torch.device,
+             amp: bool, batch_size: int = 8, window: tuple[int, int, int] = DEFAULT_WINDOW) -> dict:
+    """IoU of the model on ``items`` (pixels pooled over all items).
+
+    A 2D model predicts the xy slices; a :class:`UNet3D` predicts each volume by sliding
+    windows of size ``window`` (z, y, x).
+    """
     was_training = model.training
-    predictor = SlicePredictor(model, device, amp, tile=512, overlap=64, batch_size=batch_size)
     cm = np.zeros((num_classes, num_classes), np.int64)
     try:
-        for item in items:
-            for z0 in range(0, item.image.shape[0], 4):
-                x = item.image[z0:z0 + 4].astype(np.float32) / np.float32(255.0)
-                probs = predictor(x).transpose(1, 0, 2, 3)
-                cm += confusion_matrix(probs_to_classes(probs), item.labels[z0:z0 + 4], num_classes)
+        if isinstance(model, UNet3D):
+            for item in items:
+                probs = predict_sliding(model, item.image, window, batch_size=1, device=device, amp=amp)
+                cm += confusion_matrix(probs_to_classes(probs), item.labels, num_classes)
+        else:
+            predictor = SlicePredictor(model, device, amp, tile=512, overlap=64, batch_size=batch_size)
+            for item in items:
+                for z0 in range(0, item.image.shape[0], 4):
+                    x = item.image[z0:z0 + 4].astype(np.float32) / np.float32(255.0)
+                    probs = predictor(x).transpose(1, 0, 2, 3)
+                    cm += confusion_matrix(probs_to_classes(probs), item.labels[z0:z0 + 4], num_classes)
     finally:
         model.train(was_training)
     iou = iou_from_confusion(cm)
     fg = iou[1:][~np.isnan(iou[1:])]
     return {"iou": [None if np.isnan(v) else float(v) for v in iou],
             "mean_foreground_iou": float(fg.mean()) if fg.size else None}
+
+
+def validation_window(cfg: TrainConfig) -> tuple[int, int, int]:
+    """3D validation windows: ``finetune predict``'s default, enlarged to the training crop."""
+    return tuple(max(a, b) for a, b in zip(DEFAULT_WINDOW, (cfg.crop_depth, cfg.crop, cfg.crop)))  # type: ignore[return-value]
+
+
+def training_samples(cfg: TrainConfig, items: list[LabelledVolume],
+                     geometry: StageGeometry | None = None) -> torch.utils.data.Dataset:
+    """2D crops (:class:`CropSamples`) or 3D sub-volumes (:class:`SubvolumeSamples`) of ``items``."""
+    if cfg.dim == "2d":
+        return CropSamples(items, cfg)
+    flat = [it.name for it in items if it.image.shape[0] < 2]
+    if flat:
+        raise ValueError(f"dim 3d trains on volumes, but {', '.join(flat)} has a single slice; use dim 2d for 2D images")
+    # Elastic displacements along z would mix slices that an in-plane first stage keeps apart.
+    elastic_z = geometry is None or geometry.kernel_depth[0] > 1
+    return SubvolumeSamples(items, (cfg.crop_depth, cfg.crop, cfg.crop), cfg.iters * cfg.batch_size, cfg.seed,
+                            augment_from_config(cfg, elastic_z))
 
 
 def _save_checkpoint(run: Path, iteration: int, elapsed: float, model, optimizer, scheduler, scaler, cfg) -> None:
@@ -178,7 +236,7 @@ def _save_checkpoint(run: Path, iteration: int, elapsed: float, model, optimizer
         torch.save(state, tmp)
 
 
-def _save_model(run: Path, model: UNet2D, cfg: TrainConfig, weights: EncoderWeights, iteration: int,
+def _save_model(run: Path, model: torch.nn.Module, cfg: TrainConfig, weights: EncoderWeights, iteration: int,
                 elapsed: float, val: dict | None) -> None:
     payload = {"state_dict": model.state_dict(), "model_config": model.config(), "classes": list(cfg.classes),
                "config": config_to_dict(cfg), "encoder_source": weights.source, "iterations": iteration,
@@ -208,13 +266,15 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
 
     # Everything that can fail on bad input is checked before the first iteration.
     spec = label_spec(cfg)
-    items = load_labelled(pair_files(cfg.images, cfg.masks, cfg.data_dir or None), spec)
+    pairs = pair_files(cfg.images, cfg.masks, cfg.data_dir or None)
+    items = load_labelled(pairs, spec)
     val_items = (load_labelled(pair_files(cfg.val_images, cfg.val_masks, cfg.data_dir or None, "val "), spec)
                  if cfg.val_images else [])
     weights_np = class_weights(cfg, items)
     weights_t = torch.from_numpy(weights_np) if weights_np is not None else None
-    dataset = CropSamples(items, cfg)
-    model, enc = build_training_model(cfg)
+    geometry = resolve_geometry(cfg, pairs[0][0]) if cfg.dim == "3d" else None
+    dataset = training_samples(cfg, items, geometry)
+    model, enc = build_training_model(cfg, geometry)
     model.to(device)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -262,7 +322,7 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
             y = y.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
                 logits = model(x)
-            loss = segmentation_loss(logits, y, weights_t)
+            loss = training_loss(logits, y, cfg.loss, weights_t)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -280,7 +340,8 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
                             [it, f"{loss_v:.6f}", f"{lr_v:.6g}", f"{now:.1f}"])
             if it % cfg.checkpoint_every == 0 or it == stop:
                 if val_items:
-                    last_val = validate(model, val_items, len(cfg.classes), device, amp)
+                    last_val = validate(model, val_items, len(cfg.classes), device, amp,
+                                        window=validation_window(cfg))
                     for c, v in zip(cfg.classes, last_val["iou"]):
                         if v is not None:
                             tb.add_scalar(f"val/iou_{c}", v, it)

@@ -49,3 +49,15 @@ def neuroproof_volume(data_root: Path):
     if len(files) != 250:
         pytest.skip(f"expected 250 neuroproof slices in {data_root}, found {len(files)}")
     return np.stack([iio.imread(f) for f in files])
+
+
+@pytest.fixture(scope="session")
+def neuroproof_boundaries(data_root: Path, tmp_path_factory):
+    """training_sample2 image ``uint8[250, 250, 250]`` and its neuron boundaries ``uint8`` 0/1."""
+    from finetune.data3d import boundary_map, neuroproof_sample
+
+    sample = data_root / "neuroproof_flyem" / "training_sample2"
+    if not (sample / "groundtruth.h5.gz").is_file():
+        pytest.skip(f"{sample}/groundtruth.h5.gz not found")
+    image, bodies = neuroproof_sample(sample, tmp_path_factory.mktemp("neuroproof"))
+    return image, bodies, boundary_map(bodies)

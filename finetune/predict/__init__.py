@@ -1,4 +1,4 @@
-"""Prediction: tiling (pure), slice predictor, stack/orthoplane volume passes, writers.
+"""Prediction: tiling (pure), slice predictor, stack/orthoplane/sliding volume passes, writers.
 
 :func:`predict_path` is the whole ``finetune predict`` command as a function.
 """
@@ -8,18 +8,39 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from finetune.config import PredictConfig
 from finetune.predict.orthoplane import predict_orthoplane, predict_stack
 from finetune.predict.output import PredictionWriter
 from finetune.predict.predictor import SlicePredictor, load_model, select_device
+from finetune.predict.sliding import predict_sliding
 from finetune.predict.tiling import plan_tiles, predict_tiled
 
 __all__ = ["PredictionWriter", "SlicePredictor", "load_model", "plan_tiles", "predict_orthoplane", "predict_path",
-           "predict_stack", "predict_tiled", "select_device"]
+           "predict_sliding", "predict_stack", "predict_tiled", "resolve_mode", "select_device"]
+
+
+def sliding_batch(cfg: PredictConfig, device: torch.device) -> int:
+    """Windows per forward pass: ``batch_size``, capped by ``batch_pixels`` voxels, at least 1."""
+    budget = cfg.batch_pixels or (8 * 512 * 512 if device.type == "cuda" else 512 * 512)
+    return max(1, min(cfg.batch_size, budget // (cfg.window[0] * cfg.window[1] * cfg.window[2])))
 
 
 def _is_folder_output(output: str) -> bool:
     return output.endswith(("/", os.sep)) or (Path(output).is_dir() and not output.lower().endswith(".zarr"))
+
+
+def resolve_mode(mode: str, model_kind: str, model_path: str | Path = "") -> str:
+    """The prediction mode for a model (``unet2d`` or ``unet3d``): ``auto`` picks stack or
+    sliding; a mode the model cannot run is an error naming the model file."""
+    is_3d = model_kind == "unet3d"
+    if mode == "auto":
+        return "sliding" if is_3d else "stack"
+    if is_3d != (mode == "sliding"):
+        kind, valid = ("3D", "sliding (or auto)") if is_3d else ("2D", "stack, orthoplane (or auto)")
+        raise ValueError(f"{model_path}: a {kind} model cannot predict in {mode} mode; use --mode {valid}")
+    return mode
 
 
 def predict_path(model_path: str | Path, input_spec: str, output: str, cfg: PredictConfig,
@@ -40,8 +61,10 @@ def predict_path(model_path: str | Path, input_spec: str, output: str, cfg: Pred
 
     device = select_device(cfg.device)
     model, info = load_model(model_path, device)
+    mode = resolve_mode(cfg.mode, info["model_config"]["model"], model_path)
     classes = list(info.get("classes") or [str(i) for i in range(max(2, model.num_classes))])
-    predictor = SlicePredictor(model, device, cfg.amp, cfg.tile, cfg.overlap, cfg.batch_size, cfg.batch_pixels)
+    predictor = (None if mode == "sliding" else
+                 SlicePredictor(model, device, cfg.amp, cfg.tile, cfg.overlap, cfg.batch_size, cfg.batch_pixels))
     channels = 1 if len(classes) == 2 else len(classes)
     if _is_folder_output(output):
         jobs = []
@@ -53,12 +76,15 @@ def predict_path(model_path: str | Path, input_spec: str, output: str, cfg: Pred
     written: list[Path] = []
     for spec, out_path in jobs:
         source = open_input(spec)
-        if cfg.mode == "orthoplane" and min(source.shape) < 2:
+        if mode == "orthoplane" and min(source.shape) < 2:
             raise ValueError(f"{spec}: orthoplane prediction needs a 3D volume, got shape {source.shape}; use --mode stack")
         with PredictionWriter(out_path, source.shape, classes, cfg.output_type, cfg.prob_dtype, cfg.threshold,
                               source.voxel_size) as writer:
-            if cfg.mode == "stack":
+            if mode == "stack":
                 predict_stack(source, predictor, writer.write, cfg.chunk, progress)
+            elif mode == "sliding":
+                predict_sliding(model, source, cfg.window, cfg.window_overlap, sliding_batch(cfg, device), writer.write,
+                                device, cfg.amp, progress=progress)
             else:
                 predict_orthoplane(source, predictor, writer.write, channels, cfg.chunk,
                                    cfg.memory_limit_gb * 2**30, out_path.parent, progress)

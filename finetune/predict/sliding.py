@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from finetune.config import DEFAULT_WINDOW
 from finetune.models.unet2d import logits_to_probs
 
 # Smallest blend weight: keeps the normalisation well conditioned where only window
@@ -236,7 +237,7 @@ class _Sink:
         self.out[target] = data
 
 
-def predict_sliding(model: torch.nn.Module, volume: Any, window: int | Sequence[int] = (64, 128, 128),
+def predict_sliding(model: torch.nn.Module, volume: Any, window: int | Sequence[int] = DEFAULT_WINDOW,
                     overlap: int | Sequence[int] | None = None, batch_size: int = 2, out: Any = None,
                     device: str | torch.device = "cpu", amp: bool = True, activation: str = "probs",
                     sigma_scale: float = 0.125, progress: bool = False) -> Any:
