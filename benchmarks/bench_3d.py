@@ -1,6 +1,6 @@
-"""Benchmarks of the inflated 3D U-Net: prediction speed and memory, training speed, NeuroProof IoU.
+"""Benchmarks of the inflated 3D U-Net: prediction speed and memory, training speed.
 
-Three parts, each run in its own child process (so peak-memory numbers are its own):
+Two parts, each run in its own child process (so peak-memory numbers are its own):
 
 * ``sliding``: sliding-window prediction of a 256^3 volume (NeuroProof ``training_sample2``
   reflected from 250^3 to 256^3; random voxels if the data is absent) from a uint8 memory
@@ -9,26 +9,15 @@ Three parts, each run in its own child process (so peak-memory numbers are its o
 * ``train``: training iterations/s of the 3D UNet vs the 2D UNet (``finetune``'s
   ``UNet2D``), both resnet18 with the smp decoder widths (256, 128, 64, 32, 16), at
   matched voxels per batch (4 x 32^3 = 8 x 128^2 = 131,072), encoder frozen and trained.
-* ``neuroproof``: boundary IoU on NeuroProof (boundaries = voxels whose body id differs
-  from a 6-neighbour). Train on slices z 0-99, test on z 150-249 x y, x 0-127 (a 50-slice
-  gap), same iterations, loss (BCE, boundary weight 5), learning rate (one-cycle, 0.01),
-  voxels per batch and seeds for every row:
-
-  - 3D, 2D encoder weights inflated (I3D) and frozen (needs ``--encoder``);
-  - 3D, random encoder, frozen (same trainable parameters as the row above);
-  - 2D orthoplane: ``UNet2D`` trained on xy/xz/yz slices and predicted with
-    ``finetune.predict``'s orthoplane mode, with the same 2D encoder frozen, and random frozen;
-  - with ``--random-trained``: 3D and 2D rows whose random encoder trains with the decoder
-    (the paper's protocol for random init; slower).
+The NeuroProof boundary IoU of 3D inflated-pretrained vs 3D random vs 2D orthoplane is a
+``finetune benchmark`` run (``benchmarks/finetune/neuroproof_boundary.yaml --dims 2d 3d``),
+whose data split is defined here (``TRAIN_REGION``, ``TEST_REGION``).
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/bench_3d.py --encoder ENCODER.safetensors --out /tmp/bench3d
+    .venv/bin/python benchmarks/bench_3d.py --out /tmp/bench3d
 
-``--encoder`` takes any ``finetune`` encoder spec (an exported ``pretrain`` encoder file,
-``cem500k:PATH``, ``imagenet``). Results are printed as Markdown and saved as JSON.
-With the defaults (100 iterations, seeds 0 and 1) the whole run takes about 6-10 minutes
-on 2 free CPU cores; ``--seeds 0 1 2`` adds about half of that again.
+Results are printed as Markdown and saved as JSON (a few minutes on 2 free CPU cores).
 """
 
 from __future__ import annotations
@@ -51,11 +40,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ARCH = "resnet18"
-BENCH_DECODER = (64, 32, 16, 16, 8)  # 3D decoder for prediction speed and IoU (CPU budget)
+BENCH_DECODER = (64, 32, 16, 16, 8)  # 3D decoder for prediction speed (CPU budget)
 SMP_DECODER = (256, 128, 64, 32, 16)
+# NeuroProof boundary benchmark split (benchmarks/prepare_neuroproof.py): a 50-slice gap in z.
 TRAIN_REGION = (slice(0, 100), slice(None), slice(None))
 TEST_REGION = (slice(150, 250), slice(0, 128), slice(0, 128))
-BOUNDARY_WEIGHT = 5.0
 
 
 def default_data_root() -> Path:
@@ -127,14 +116,14 @@ def part_sliding(args: argparse.Namespace, workdir: Path) -> dict:
 # ----------------------------------------------------------------------------- training speed
 
 def _time_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> list[float]:
-    from finetune.data3d import loss_3d
+    from finetune.losses import training_loss
 
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1)
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        loss = loss_3d(model(x), y, "bce")
+        loss = training_loss(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -172,130 +161,9 @@ def part_train(args: argparse.Namespace, workdir: Path) -> dict:
             "threads": torch.get_num_threads()}
 
 
-# ----------------------------------------------------------------------------- NeuroProof IoU
-
-class PlaneSamples(torch.utils.data.Dataset):
-    """2D crops from xy, xz and yz slices of a volume: ``(float32[1, c, c], uint8[c, c])``, seeded by index."""
-
-    def __init__(self, image: np.ndarray, labels: np.ndarray, crop: int, length: int, seed: int):
-        from finetune.data3d import Augment3D
-
-        self.image, self.labels, self.crop, self.length, self.seed = image, labels, crop, length, seed
-        self.augment = Augment3D(flip_z=False)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, k: int):
-        from finetune.data3d import augment_subvolume, random_crop
-
-        rng = np.random.default_rng([self.seed, int(k)])
-        axis = int(rng.integers(3))
-        i = int(rng.integers(self.image.shape[axis]))
-        img = np.take(self.image, i, axis=axis)[None]
-        lab = np.take(self.labels, i, axis=axis)[None]
-        img, lab = random_crop(img, lab, (1, self.crop, self.crop), rng)
-        img, lab = augment_subvolume(img.astype(np.float32) / np.float32(255.0), lab, rng, self.augment)
-        return torch.from_numpy(img), torch.from_numpy(lab[0])
-
-
-class _ArraySource:
-    """``finetune.predict.orthoplane`` source over an in-memory uint8 volume."""
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-        self.shape = array.shape
-
-    def read_unit(self, z0: int, z1: int) -> np.ndarray:
-        return self.array[z0:z1].astype(np.float32) / np.float32(255.0)
-
-
-def _boundary_iou(probs: np.ndarray, truth: np.ndarray) -> float:
-    from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes
-
-    return float(iou_from_confusion(confusion_matrix(probs_to_classes(probs), truth, 2))[1])
-
-
-def _train_predict_3d(weights, frozen: bool, seed: int, iters: int, tr: tuple, te_img: np.ndarray) -> tuple:
-    from finetune.data3d import Augment3D, SubvolumeSamples, train_3d
-    from finetune.models.unet3d import build_unet3d
-    from finetune.predict.sliding import predict_sliding
-
-    torch.manual_seed(seed)
-    model = build_unet3d(ARCH, 2, weights, geometry="isotropic", decoder_channels=BENCH_DECODER, freeze_encoder=frozen)
-    samples = SubvolumeSamples([tr], 32, iters * 4, seed=seed, augment=Augment3D())
-    log = train_3d(model, samples, iters, 4, lr=0.01, loss="bce", class_weights=torch.tensor([1.0, BOUNDARY_WEIGHT]))
-    t0 = time.perf_counter()
-    probs = predict_sliding(model, te_img, window=(64, 128, 128), overlap=(16, 0, 0), batch_size=1)
-    return probs, log, time.perf_counter() - t0
-
-
-def _train_predict_2d(weights, frozen: bool, seed: int, iters: int, tr: tuple, te_img: np.ndarray) -> tuple:
-    from finetune.data3d import train_3d
-    from finetune.encoders import load_into_encoder
-    from finetune.models import UNet2D
-    from finetune.predict import SlicePredictor, predict_orthoplane
-
-    torch.manual_seed(seed)
-    mean = weights.mean if weights is not None and weights.mean is not None else 0.5
-    std = weights.std if weights is not None and weights.std is not None else 0.5
-    model = UNet2D(ARCH, 2, mean, std)
-    if weights is not None:
-        load_into_encoder(model.encoder, weights, ARCH)
-    model.freeze_encoder(frozen)
-    samples = PlaneSamples(tr[0], tr[1], 128, iters * 8, seed)
-    log = train_3d(model, samples, iters, 8, lr=0.01, loss="bce", class_weights=torch.tensor([1.0, BOUNDARY_WEIGHT]))
-    t0 = time.perf_counter()
-    slabs = []
-    predictor = SlicePredictor(model, "cpu", amp=False, tile=512, overlap=64, batch_size=8)
-    predict_orthoplane(_ArraySource(te_img), predictor, lambda z0, p: slabs.append((z0, p)), 1, chunk=16)
-    probs = np.concatenate([p for _, p in sorted(slabs, key=lambda t: t[0])], axis=1)
-    return probs, log, time.perf_counter() - t0
-
-
-def part_neuroproof(args: argparse.Namespace, workdir: Path) -> dict:
-    from finetune.encoders import resolve_encoder
-
-    data = load_neuroproof(args.data_root, workdir)
-    if data is None:
-        return {"skipped": f"NeuroProof training_sample2 not found under {args.data_root}"}
-    image, labels = data
-    tr = (np.ascontiguousarray(image[TRAIN_REGION]), np.ascontiguousarray(labels[TRAIN_REGION]))
-    te_img, te_lab = np.ascontiguousarray(image[TEST_REGION]), labels[TEST_REGION]
-    weights = resolve_encoder(args.encoder, ARCH) if args.encoder else None
-    prevalence = float(te_lab.mean())
-    rows = [{"model": "all foreground (baseline)", "iou": [round(prevalence, 4)]},
-            {"model": "all background (baseline)", "iou": [0.0]}]
-    runs = []  # (name, runner, weights, frozen)
-    if weights is not None:
-        runs.append(("3D inflated (I3D) pretrained, frozen", _train_predict_3d, weights, True))
-    runs.append(("3D random, frozen", _train_predict_3d, None, True))
-    if args.random_trained:
-        runs.append(("3D random, trained", _train_predict_3d, None, False))
-    if weights is not None:
-        runs.append(("2D orthoplane pretrained, frozen", _train_predict_2d, weights, True))
-    runs.append(("2D orthoplane random, frozen", _train_predict_2d, None, True))
-    if args.random_trained:
-        runs.append(("2D orthoplane random, trained", _train_predict_2d, None, False))
-    for name, runner, w, frozen in runs:
-        row = {"model": name, "iou": [], "train_s": [], "predict_s": [], "final_loss": []}
-        for seed in args.seeds:
-            probs, log, pred_s = runner(w, frozen, seed, args.iters, tr, te_img)
-            row["iou"].append(round(_boundary_iou(probs, te_lab), 4))
-            row["train_s"].append(round(log.seconds, 1))
-            row["predict_s"].append(round(pred_s, 1))
-            row["final_loss"].append(round(float(np.mean(log.losses[-10:])), 4))
-            print(name, seed, row["iou"][-1], f"train {log.seconds:.0f} s", file=sys.stderr, flush=True)
-        rows.append(row)
-    return {"encoder": args.encoder or "none", "iters": args.iters, "seeds": list(args.seeds),
-            "voxels_per_batch": "3D 4 x 32^3 = 2D 8 x 128^2", "train_region": "z 0-99, all y, x",
-            "test_region": "z 150-249, y 0-127, x 0-127", "test_boundary_prevalence": round(prevalence, 4),
-            "rows": rows, "threads": torch.get_num_threads()}
-
-
 # ----------------------------------------------------------------------------- driver
 
-PARTS = {"sliding": part_sliding, "train": part_train, "neuroproof": part_neuroproof}
+PARTS = {"sliding": part_sliding, "train": part_train}
 
 
 def to_markdown(results: dict) -> str:
@@ -320,36 +188,14 @@ def to_markdown(results: dict) -> str:
         lines += [f"| {r['encoder']} | {r['3d_it_per_s']} | {r['2d_it_per_s']} | {r['3d_median_s_per_it']} | "
                   f"{r['2d_median_s_per_it']} |" for r in t["rows"]]
         lines.append("")
-    n = results.get("neuroproof")
-    if n and "rows" in n:
-        lines += ["### NeuroProof boundary IoU", "",
-                  f"Encoder weights: {n['encoder']}; {n['iters']} iterations; seeds {n['seeds']}; "
-                  f"{n['voxels_per_batch']} voxels per "
-                  f"batch; train {n['train_region']}, test {n['test_region']} (boundary prevalence "
-                  f"{n['test_boundary_prevalence']}).", "",
-                  "| model | boundary IoU, mean | per seed | train s | predict s | final loss |",
-                  "|---|---|---|---|---|---|"]
-
-        def cell(values) -> str:
-            return ", ".join(str(v) for v in values) if values else "-"
-
-        lines += [f"| {r['model']} | {np.mean(r['iou']):.3f} | {cell(r['iou'])} | {cell(r.get('train_s'))} | "
-                  f"{cell(r.get('predict_s'))} | {cell(r.get('final_loss'))} |" for r in n["rows"]]
-        lines.append("")
-    elif n:
-        lines += [f"NeuroProof: {n.get('skipped')}", ""]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=["sliding", "train", "neuroproof"])
-    p.add_argument("--encoder", default="", help="2D encoder spec for the pretrained rows (file, cem500k:PATH, imagenet)")
+    p.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=["sliding", "train"])
     p.add_argument("--data-root", type=Path, default=default_data_root())
     p.add_argument("--out", type=Path, default=None, help="folder for results.json / results.md (default: temp)")
-    p.add_argument("--iters", type=int, default=100, help="training iterations per NeuroProof row")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the NeuroProof rows")
-    p.add_argument("--random-trained", action="store_true", help="also train a 3D row with a trainable random encoder")
     p.add_argument("--window", type=int, nargs=3, default=[64, 256, 256], help="sliding window (z y x)")
     p.add_argument("--overlap", type=int, nargs=3, default=[16, 0, 0], help="sliding overlap (z y x)")
     p.add_argument("--batch-size", type=int, default=1, help="sliding windows per forward pass")
