@@ -73,6 +73,16 @@ def test_cem500k_layout_with_mlp_head_and_rgb_conv1_loads(tmp_path):
     expected = dict(state)
     expected["conv1.weight"] = state["conv1.weight"].sum(dim=1, keepdim=True)   # grey = R = G = B
     _assert_encoder_equals(model, expected)
+    # The same checkpoint initialises a 3D UNet (finetune train --dim 3d): with in-plane
+    # kernels (planar geometry) the inflated weights are the 2D ones with a depth axis.
+    from finetune.models.unet3d import build_unet3d
+
+    model3d = build_unet3d("resnet50", 2, weights, geometry="planar", decoder_channels=(8, 8, 8, 8, 8))
+    assert float(model3d.norm_mean) == pytest.approx(0.58)
+    enc3d = model3d.encoder.state_dict()
+    assert set(enc3d) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(enc3d[k], v.unsqueeze(2) if v.ndim == 4 else v.to(enc3d[k].dtype)), k
 
 
 def test_wrong_architecture_and_missing_files_fail_clearly(tmp_path):
