@@ -1,4 +1,4 @@
-"""Benchmarks: train, predict and score several encoder initialisations; Table 2 form.
+"""Benchmarks: train, predict and score several encoder initialisations, in 2D and 3D; Table 2 form.
 
 A benchmark definition (``benchmarks/finetune/*.yaml``) is a YAML mapping::
 
@@ -10,10 +10,15 @@ A benchmark definition (``benchmarks/finetune/*.yaml``) is a YAML mapping::
     tasks:                               # one or more (Perez has four organelles)
       - name: mito
         config: configs/finetune/lucchi_pp.yaml    # TrainConfig; relative to the repository
+        overrides: {lr: 0.001}                     # optional TrainConfig overrides
+        dim_overrides:                             # optional, per dim (after overrides)
+          3d: {crop: 32, crop_depth: 32, batch_size: 4}
         test:
           images: lucchi_pp/test/images/*.tif      # glob relative to the data root
           masks: lucchi_pp/test/masks/*.tif
-          mode: stack                              # or orthoplane
+          mode: stack                              # 2D models: stack or orthoplane
+          window: [64, 128, 128]                   # 3D models: sliding window z y x (optional)
+          window_overlap: [16, 32, 32]             # and its overlap (optional)
           instances_only: false                    # Perez-style scoring
           per_image: true                          # 2D test set: one prediction per image
           tile: 512                                # prediction tile side (optional)
@@ -22,11 +27,21 @@ Data globs (in the config and the test spec) are relative to ``--data-root``. An
 initialisation is ``random``, ``imagenet``, ``cem500k:PATH`` or a weights ``PATH``,
 optionally named ``NAME=SPEC``. As in the paper's Table 2, a randomly initialised encoder
 is trained with the decoder and a pre-trained encoder is frozen (``--freeze`` changes it).
+
+``--dims 2d 3d`` runs every task once per dim (``TrainConfig.dim``) and initialisation;
+without it each task's config decides. Training overrides apply in this order: the
+config file, the task's ``overrides``, its ``dim_overrides`` for the run's dim (e.g. 2D
+crops of 8 x 128^2 vs 3D crops of 4 x 32^3, the same voxels per batch), then the
+command-line ones (``--iters``, ``--set`` ...). 2D models predict the test set in the test
+spec's ``mode``; 3D models by sliding windows (``window``, ``window_overlap``). Runs go to
+``OUT/<benchmark>/<task>/<init>`` (``OUT/<benchmark>/<task>/<dim>/<init>`` with ``--dims``);
+``results.md`` has one row per benchmark, task and dim, one column per initialisation.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -38,11 +53,12 @@ import yaml
 
 from cemcurate.atomic import atomic_path
 from cemcurate.config import load_config
-from finetune.config import EvaluateConfig, PredictConfig, TrainConfig
+from finetune.config import DIMS, EvaluateConfig, PredictConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-_TASK_KEYS = {"name", "config", "test", "overrides"}
-_TEST_KEYS = {"images", "masks", "mode", "instances_only", "per_image", "ignore_mask", "tile"}
+_TASK_KEYS = {"name", "config", "test", "overrides", "dim_overrides"}
+_TEST_KEYS = {"images", "masks", "mode", "instances_only", "per_image", "ignore_mask", "tile", "window",
+              "window_overlap"}
 _DEF_KEYS = {"name", "source", "layout", "split", "paper", "tasks", "notes", "licence", "data"}
 # Column names of the paper's Table 2 for the standard initialisations.
 _INIT_NAMES = {"random": "Random Init.", "imagenet": "IN-super"}
@@ -107,28 +123,52 @@ def load_definition(path: str | Path) -> dict:
         config = REPO / task["config"]          # an absolute path stays absolute
         if not config.is_file():
             raise ValueError(f"{where}: config {task['config']} not found (relative paths start at {REPO})")
+        per_dim = task.get("dim_overrides") or {}
+        if not isinstance(per_dim, dict) or set(per_dim) - set(DIMS):
+            raise ValueError(f"{where}.dim_overrides: expected a mapping with keys among {list(DIMS)}, got {per_dim!r}")
+        for dim in per_dim:
+            try:
+                _train_config(task, dim, {})
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{where}.dim_overrides.{dim}: {exc}") from exc
     d.setdefault("name", path.stem)
     return d
 
 
+def _train_config(task: dict, dim: str | None, train_overrides: dict) -> TrainConfig:
+    """The task's TrainConfig for ``dim`` (None: the config's own): file < overrides < dim_overrides <
+    ``train_overrides`` (command line, ``None`` values ignored); with ``dim`` given it is forced."""
+    path = REPO / task["config"]
+    task_overrides = task.get("overrides") or {}
+    given = {k: v for k, v in train_overrides.items() if v is not None}
+    if dim is None:
+        dim = load_config(TrainConfig, path, overrides={**task_overrides, **given}).dim
+    per_dim = (task.get("dim_overrides") or {}).get(dim) or {}
+    unknown = set(per_dim) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown TrainConfig key(s) {sorted(unknown)}")
+    return load_config(TrainConfig, path, overrides={**task_overrides, **per_dim, **given, "dim": dim})
+
+
 def run_task(task: dict, init: Init, data_root: Path, out: Path, train_overrides: dict,
-             progress: bool = True) -> dict:
-    """Train one initialisation on one task, predict its test set and score it."""
-    from finetune.evaluate import evaluate_paths
+             progress: bool = True, dim: str | None = None) -> dict:
+    """Train one initialisation on one task in ``dim`` (None: as configured), predict its test set, score it."""
+    from finetune.evaluate import evaluate_paths, write_json
     from finetune.predict import predict_path
     from finetune.train import train
 
-    overrides = dict(task.get("overrides") or {})
-    overrides.update({k: v for k, v in train_overrides.items() if v is not None})
-    overrides.update({"data_dir": str(data_root), "encoder": init.spec, "freeze_encoder": init.frozen})
-    cfg = load_config(TrainConfig, REPO / task["config"], overrides=overrides)
+    cfg = _train_config(task, dim, {**train_overrides, "data_dir": str(data_root), "encoder": init.spec,
+                                    "freeze_encoder": init.frozen})
     result = train(cfg, out, progress=progress)
     test = task["test"]
     t0 = time.perf_counter()
     per_image = bool(test.get("per_image", False))
     pred_out = str(out / "test_pred") + "/" if per_image else str(out / "test_pred.tif")
-    pcfg = PredictConfig(mode=test.get("mode", "stack"), output_type="labels", device=cfg.device,
-                         tile=int(test.get("tile", 512)))
+    if cfg.dim == "3d":
+        how = {"mode": "sliding", **{k: list(test[k]) for k in ("window", "window_overlap") if k in test}}
+    else:
+        how = {"mode": test.get("mode", "stack")}
+    pcfg = PredictConfig(**how, output_type="labels", device=cfg.device, tile=int(test.get("tile", 512)))
     predict_path(out, str(data_root / test["images"]), pred_out, pcfg, progress=progress)
     predict_seconds = time.perf_counter() - t0
     ecfg = EvaluateConfig(classes=cfg.classes, label_threshold=cfg.mask_threshold, label_map=cfg.label_map,
@@ -137,27 +177,33 @@ def run_task(task: dict, init: Init, data_root: Path, out: Path, train_overrides
                           instances_only=bool(test.get("instances_only", False)), pred_kind="labels",
                           json=str(out / "test_scores.json"))
     scores = evaluate_paths(pred_out, str(data_root / test["masks"]), ecfg)
-    from finetune.evaluate import write_json
-
     write_json(scores, ecfg.json)
-    return {"task": task.get("name", ""), "init": init.name, "encoder": init.spec, "frozen": init.frozen,
-            "iters": cfg.iters, "arch": cfg.arch, "crop": cfg.crop, "batch_size": cfg.batch_size,
+    return {"task": task.get("name", ""), "dim": cfg.dim, "init": init.name, "encoder": init.spec,
+            "frozen": init.frozen, "iters": cfg.iters, "arch": cfg.arch, "batch_size": cfg.batch_size,
+            "crop": cfg.crop, "crop_depth": cfg.crop_depth if cfg.dim == "3d" else None,
             "train_seconds": round(result.seconds, 1), "predict_seconds": round(predict_seconds, 1),
             "iou": scores["iou"], "mean_foreground_iou": scores["mean_foreground_iou"]}
 
 
-def results_table(rows: list[dict], definitions: dict[str, dict], inits: list[str]) -> str:
-    """Markdown table in the form of the paper's Table 2 (mean foreground IoU per init)."""
+def results_table(rows: list[dict], definitions: dict[str, dict], inits: list[str], show_dim: bool = False) -> str:
+    """Markdown table in the form of the paper's Table 2 (mean foreground IoU per init).
+
+    One row per benchmark, task and dim; the label names the task when a benchmark has
+    several, and the dim (``"NeuroProof boundaries (3D)"``) when ``show_dim``. A timing table
+    with one row per run follows.
+    """
     head = ["Benchmark", "Training Iterations"] + inits + ["Paper CEM500K-moco"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = []
     for r in rows:
-        key = (r["benchmark"], r["task"])
+        key = (r["benchmark"], r["task"], r["dim"])
         if key not in keys:
             keys.append(key)
-    for bench, task in keys:
-        sub = [r for r in rows if (r["benchmark"], r["task"]) == (bench, task)]
-        label = bench + (f" ({task})" if task and sum(1 for k in keys if k[0] == bench) > 1 else "")
+    for bench, task, dim in keys:
+        sub = [r for r in rows if (r["benchmark"], r["task"], r["dim"]) == (bench, task, dim)]
+        multi_task = len({k[1] for k in keys if k[0] == bench}) > 1
+        parts = ([task] if task and multi_task else []) + ([dim.upper()] if show_dim else [])
+        label = bench + (f" ({', '.join(parts)})" if parts else "")
         by_init = {r["init"]: r for r in sub}
         cells = [f"{by_init[i]['mean_foreground_iou']:.3f}" if i in by_init and by_init[i]["mean_foreground_iou"]
                  is not None else "-" for i in inits]
@@ -165,23 +211,30 @@ def results_table(rows: list[dict], definitions: dict[str, dict], inits: list[st
         paper = (paper_cfg.get("cem500k_per_task") or {}).get(task, paper_cfg.get("cem500k"))
         lines.append("| " + " | ".join([label, str(sub[0]["iters"])] + cells +
                                       [f"{paper:.3f}" if isinstance(paper, (int, float)) else "-"]) + " |")
-    timing = ["", "| Benchmark | Init | Iterations | Arch | Crop | Batch | Train s | Predict s | IoU per class |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    timing = ["", "| Benchmark | Dim | Init | Iterations | Arch | Crop | Batch | Train s | Predict s | IoU per class |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ious = ", ".join(f"{c} {v:.3f}" if v is not None else f"{c} -" for c, v in r["iou"].items())
-        timing.append(f"| {r['benchmark']}{' (' + r['task'] + ')' if r['task'] else ''} | {r['init']} | {r['iters']} | "
-                      f"{r['arch']} | {r['crop']} | {r['batch_size']} | {r['train_seconds']} | {r['predict_seconds']} | {ious} |")
+        crop = f"{r['crop_depth']}x{r['crop']}x{r['crop']}" if r.get("crop_depth") else str(r["crop"])
+        timing.append(f"| {r['benchmark']}{' (' + r['task'] + ')' if r['task'] else ''} | {r['dim']} | {r['init']} | "
+                      f"{r['iters']} | {r['arch']} | {crop} | {r['batch_size']} | {r['train_seconds']} | "
+                      f"{r['predict_seconds']} | {ious} |")
     return "\n".join(lines + timing) + "\n"
 
 
 def run_benchmarks(definitions: list[str | Path], init_texts: list[str], out: str | Path,
                    data_root: str | Path | None = None, freeze: str = "paper", train_overrides: dict | None = None,
-                   progress: bool = True) -> tuple[list[dict], str]:
-    """Run every definition x initialisation; write ``results.json`` and ``results.md`` in ``out``."""
+                   progress: bool = True, dims: list[str] | None = None) -> tuple[list[dict], str]:
+    """Run every definition x task x dim x initialisation; write ``results.json`` and ``results.md`` in ``out``.
+
+    ``dims``: e.g. ``["2d", "3d"]``; None runs each task in its config's dim.
+    """
     out = Path(out)
     root = Path(data_root) if data_root else default_data_root()
     if not root.is_dir():
         raise ValueError(f"data root {root} not found: pass --data-root or set CEM_DATA")
+    if dims is not None and (not dims or set(dims) - set(DIMS) or len(set(dims)) != len(dims)):
+        raise ValueError(f"dims must be distinct values among {list(DIMS)}, got {dims}")
     inits = [parse_init(t, freeze) for t in init_texts]
     if len({i.name for i in inits}) != len(inits):
         raise ValueError(f"initialisation names must be unique, got {[i.name for i in inits]}; use NAME=SPEC")
@@ -192,14 +245,16 @@ def run_benchmarks(definitions: list[str | Path], init_texts: list[str], out: st
     rows = []
     for bench, d in defs.items():
         for task in d["tasks"]:
-            for init in inits:
-                folder = out / _slug(bench) / _slug(task.get("name", "")) / _slug(init.name)
-                row = run_task(task, init, root, folder, train_overrides or {}, progress)
-                row["benchmark"] = bench
-                rows.append(row)
-                print(f"{bench} {task.get('name', '')} {init.name}: IoU {row['mean_foreground_iou']} "
-                      f"(train {row['train_seconds']} s)", flush=True)
-    table = results_table(rows, defs, [i.name for i in inits])
+            task_dir = out / _slug(bench) / _slug(task.get("name", ""))
+            for dim in dims or [None]:
+                for init in inits:
+                    folder = (task_dir / dim if dim else task_dir) / _slug(init.name)
+                    row = run_task(task, init, root, folder, train_overrides or {}, progress, dim)
+                    row["benchmark"] = bench
+                    rows.append(row)
+                    print(f"{bench} {task.get('name', '')} {row['dim']} {init.name}: IoU {row['mean_foreground_iou']} "
+                          f"(train {row['train_seconds']} s)", flush=True)
+    table = results_table(rows, defs, [i.name for i in inits], show_dim=dims is not None)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=2))
@@ -219,7 +274,10 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inits", nargs="+", default=["random"], metavar="[NAME=]SPEC[+frozen|+trainable]",
                    help="initialisations: random, imagenet, cem500k:PATH or a weights PATH, optionally named and "
                         "with the freeze policy overridden (default: random)")
-    p.add_argument("--out", required=True, type=Path, help="output folder (one run per benchmark/task/init)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (one run per benchmark/task/[dim/]init)")
+    p.add_argument("--dims", nargs="+", choices=DIMS, metavar="DIM",
+                   help="run every task as a 2D and/or 3D model (2d 3d), side by side in the table "
+                        "(default: each task's config decides)")
     p.add_argument("--data-root", type=Path, help="folder the data globs are relative to "
                                                   "(default: $CEM_DATA or ../shared/data)")
     p.add_argument("--freeze", choices=("paper", "all", "none"), default="paper",
@@ -238,8 +296,6 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_sets(items: list[str]) -> dict:
     """``["key=value", ...]`` -> ``{key: yaml value}``, keys checked against :class:`TrainConfig`."""
-    import dataclasses
-
     valid = {f.name for f in dataclasses.fields(TrainConfig)}
     out = {}
     for item in items:
@@ -256,7 +312,7 @@ def run_from_args(args: argparse.Namespace) -> None:
     overrides.update({k: getattr(args, k) for k in ("iters", "arch", "crop", "batch_size", "workers", "device")
                       if getattr(args, k) is not None})
     _, table = run_benchmarks(args.definitions, args.inits, args.out, args.data_root, args.freeze, overrides,
-                              progress=not args.quiet)
+                              progress=not args.quiet, dims=args.dims)
     print(table)
 
 

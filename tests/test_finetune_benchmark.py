@@ -13,7 +13,7 @@ import yaml
 from skimage.transform import downscale_local_mean
 
 from cemcurate.config import load_config
-from finetune.benchmark import REPO, load_definition, parse_init, parse_sets
+from finetune.benchmark import REPO, load_definition, parse_init, parse_sets, results_table, run_benchmarks
 from finetune.cli import main
 from finetune.config import TrainConfig
 
@@ -98,3 +98,84 @@ def test_tiny_benchmark_end_to_end(data_root, tmp_path):
     table = (out / "results.md").read_text()
     assert "| Benchmark | Training Iterations | Random Init. | enc | Paper CEM500K-moco |" in table
     assert "| Tiny VNC | 3 |" in table and "0.500" in table
+
+
+def _definition(tmp_path: Path, **task) -> Path:
+    path = tmp_path / "def.yaml"
+    path.write_text(yaml.safe_dump({"name": "NP", "tasks": [
+        {"config": "configs/finetune/neuroproof_boundary.yaml", "test": {"images": "a.tif", "masks": "b.tif"}, **task}]}))
+    return path
+
+
+def test_dim_overrides_are_checked(tmp_path):
+    d = load_definition(_definition(tmp_path, dim_overrides={"3d": {"crop": 32, "crop_depth": 16}}))
+    assert d["tasks"][0]["dim_overrides"]["3d"]["crop_depth"] == 16
+    for bad, match in (({"4d": {"crop": 32}}, "dim_overrides: expected a mapping with keys among"),
+                       ({"3d": {"colour": "blue"}}, r"dim_overrides.3d: unknown TrainConfig key\(s\) \['colour'\]"),
+                       ({"2d": {"crop": 33}}, "dim_overrides.2d: crop must be a positive multiple of 32"),
+                       (["3d"], "dim_overrides: expected a mapping")):
+        with pytest.raises(ValueError, match=match):
+            load_definition(_definition(tmp_path, dim_overrides=bad))
+    with pytest.raises(ValueError, match="dims must be distinct values"):
+        run_benchmarks([_definition(tmp_path)], ["random"], tmp_path / "out", tmp_path, dims=["2d", "4d"])
+
+
+def test_results_table_has_a_row_per_dim():
+    def row(task, dim, init, iou):
+        return {"benchmark": "NP", "task": task, "dim": dim, "init": init, "iters": 100, "arch": "resnet18",
+                "crop": 32 if dim == "3d" else 128, "crop_depth": 32 if dim == "3d" else None,
+                "batch_size": 4 if dim == "3d" else 8, "train_seconds": 1.0, "predict_seconds": 2.0,
+                "iou": {"boundary": iou}, "mean_foreground_iou": iou}
+
+    rows = [row("b", dim, init, iou) for dim, init, iou in
+            (("2d", "Random Init.", 0.4), ("2d", "ours", 0.5), ("3d", "Random Init.", 0.3), ("3d", "ours", 0.35))]
+    lines = results_table(rows, {"NP": {"paper": {}}}, ["Random Init.", "ours"], show_dim=True).splitlines()
+    assert lines[:4] == ["| Benchmark | Training Iterations | Random Init. | ours | Paper CEM500K-moco |",
+                         "|---|---|---|---|---|", "| NP (2D) | 100 | 0.400 | 0.500 | - |",
+                         "| NP (3D) | 100 | 0.300 | 0.350 | - |"]
+    assert "| Benchmark | Dim | Init | Iterations | Arch | Crop | Batch | Train s | Predict s | IoU per class |" in lines
+    assert "| NP (b) | 3d | ours | 100 | resnet18 | 32x32x32 | 4 | 1.0 | 2.0 | boundary 0.350 |" in lines
+    assert "| NP (b) | 2d | ours | 100 | resnet18 | 128 | 8 | 1.0 | 2.0 | boundary 0.500 |" in lines
+    two_tasks = rows + [{**r, "task": "c"} for r in rows[:2]]
+    labels = [line.split(" | ")[0] for line in results_table(two_tasks, {"NP": {}}, ["ours"], True).splitlines()[2:5]]
+    assert labels == ["| NP (b, 2D)", "| NP (b, 3D)", "| NP (c, 2D)"]
+    assert results_table(rows[:1], {"NP": {}}, ["Random Init."]).splitlines()[2].startswith("| NP | 100 | 0.400 |")
+
+
+@pytest.mark.slow
+def test_neuroproof_benchmark_2d_vs_3d(data_root, tmp_path):
+    """The NeuroProof definition as 2D and 3D models, random and pre-trained, on a small crop of the real split."""
+    import sys
+
+    import timm
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from prepare_neuroproof import prepare_neuroproof
+
+    source = data_root / "neuroproof_flyem" / "training_sample2"
+    if not (source / "groundtruth.h5.gz").is_file():
+        pytest.skip(f"{source} not found")
+    data = tmp_path / "data"
+    dest = prepare_neuroproof(source, data, limit=(32, 64, 64))
+    written = {p: p.stat().st_mtime_ns for p in dest.rglob("*.tif")}
+    assert len(written) == 4 and prepare_neuroproof(source, data, limit=(32, 64, 64)) == dest
+    assert {p: p.stat().st_mtime_ns for p in dest.rglob("*.tif")} == written       # idempotent: nothing rewritten
+    torch.save(timm.create_model("resnet18", num_classes=0, in_chans=1).state_dict(), tmp_path / "enc.pth")
+    out = tmp_path / "out"
+    rc = main(["benchmark", str(REPO / "benchmarks/finetune/neuroproof_boundary.yaml"), "--dims", "2d", "3d",
+               "--inits", "random", f"ours={tmp_path / 'enc.pth'}", "--out", str(out), "--data-root", str(data),
+               "--iters", "2", "--crop", "32", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--quiet"])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted((r["dim"], r["init"], r["frozen"]) for r in rows) == [
+        ("2d", "Random Init.", False), ("2d", "ours", True), ("3d", "Random Init.", False), ("3d", "ours", True)]
+    for r in rows:
+        assert 0.0 <= r["mean_foreground_iou"] <= 1.0 and r["iters"] == 2
+        run = out / "NeuroProof_boundaries" / "boundaries" / r["dim"] / r["init"].replace(" ", "_")
+        model = torch.load(run / "model.pth", map_location="cpu", weights_only=False)
+        assert model["model_config"]["model"] == {"2d": "unet2d", "3d": "unet3d"}[r["dim"]]
+        assert json.loads((run / "test_scores.json").read_text())["mean_foreground_iou"] == pytest.approx(
+            r["mean_foreground_iou"])
+    table = (out / "results.md").read_text()
+    assert "| NeuroProof boundaries (2D) | 2 |" in table and "| NeuroProof boundaries (3D) | 2 |" in table
+    assert "| 3d | ours | 2 | resnet18 | 32x32x32 | 2 |" in table
