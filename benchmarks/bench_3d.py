@@ -1,6 +1,6 @@
 """Benchmarks of the inflated 3D U-Net: prediction speed and memory, training speed.
 
-Two parts, each run in its own child process (so peak-memory numbers are its own):
+Three parts, each run in its own child process (so peak-memory numbers are its own):
 
 * ``sliding``: sliding-window prediction of a 256^3 volume (NeuroProof ``training_sample2``
   reflected from 250^3 to 256^3; random voxels if the data is absent) from a uint8 memory
@@ -9,6 +9,9 @@ Two parts, each run in its own child process (so peak-memory numbers are its own
 * ``train``: training iterations/s of the 3D UNet vs the 2D UNet (``finetune``'s
   ``UNet2D``), both resnet18 with the smp decoder widths (256, 128, 64, 32, 16), at
   matched voxels per batch (4 x 32^3 = 8 x 128^2 = 131,072), encoder frozen and trained.
+* ``samples``: ms per 32 x 128 x 128 training sample of ``finetune.data3d.SubvolumeSamples``
+  without and with elastic deformation, against a reference elastic field made by one
+  cubic zoom from the control points to every voxel.
 The NeuroProof boundary IoU of 3D inflated-pretrained vs 3D random vs 2D orthoplane is a
 ``finetune benchmark`` run (``benchmarks/finetune/neuroproof_boundary.yaml --dims 2d 3d``),
 whose data split is defined here (``TRAIN_REGION``, ``TEST_REGION``).
@@ -161,9 +164,47 @@ def part_train(args: argparse.Namespace, workdir: Path) -> dict:
             "threads": torch.get_num_threads()}
 
 
+# ----------------------------------------------------------------------------- 3D samples
+
+def _cubic_zoom_field(shape, alpha: float, spacing: int, rng: np.random.Generator) -> np.ndarray:
+    """Reference elastic field: one cubic-spline zoom from the control points to every voxel."""
+    from scipy import ndimage
+
+    grid = tuple(max(2, -(-n // spacing) + 1) for n in shape)
+    return np.stack([ndimage.zoom(rng.normal(0.0, alpha, grid), [n / g for n, g in zip(shape, grid)], order=3,
+                                  mode="nearest")[: shape[0], : shape[1], : shape[2]] for _ in range(3)])
+
+
+def part_samples(args: argparse.Namespace, workdir: Path) -> dict:
+    """ms per 32 x 128 x 128 training sample: plain, elastic, elastic with the reference field."""
+    import finetune.data3d as data3d
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (100, 250, 250), dtype=np.uint8)
+    labels = (image > 128).astype(np.uint8)
+    size, n = (32, 128, 128), args.samples
+
+    def ms_per_sample(alpha: float) -> float:
+        ds = data3d.SubvolumeSamples([(image, labels)], size, n, 0, data3d.Augment3D(elastic_alpha=alpha, p_elastic=1.0))
+        t0 = time.perf_counter()
+        for k in range(n):
+            ds[k]
+        return round((time.perf_counter() - t0) / n * 1000, 1)
+
+    plain, elastic = ms_per_sample(0.0), ms_per_sample(2.0)
+    ours = data3d.elastic_field
+    data3d.elastic_field = lambda shape, alpha, spacing, rng, along_z=True: _cubic_zoom_field(shape, alpha, spacing, rng)
+    try:
+        reference = ms_per_sample(2.0)
+    finally:
+        data3d.elastic_field = ours
+    return {"size": size, "samples": n, "plain_ms": plain, "elastic_ms": elastic, "elastic_cubic_zoom_ms": reference,
+            "elastic_speedup": round(reference / elastic, 2), "threads": torch.get_num_threads()}
+
+
 # ----------------------------------------------------------------------------- driver
 
-PARTS = {"sliding": part_sliding, "train": part_train}
+PARTS = {"sliding": part_sliding, "train": part_train, "samples": part_samples}
 
 
 def to_markdown(results: dict) -> str:
@@ -188,12 +229,21 @@ def to_markdown(results: dict) -> str:
         lines += [f"| {r['encoder']} | {r['3d_it_per_s']} | {r['2d_it_per_s']} | {r['3d_median_s_per_it']} | "
                   f"{r['2d_median_s_per_it']} |" for r in t["rows"]]
         lines.append("")
+    a = results.get("samples")
+    if a:
+        lines += ["### 3D training samples", "",
+                  f"ms per {' x '.join(map(str, a['size']))} sample (crop, flips, rotation, intensity; "
+                  f"{a['samples']} samples, {a['threads']} torch threads), elastic alpha 2 voxels, spacing 16:", "",
+                  "| plain | elastic | elastic, one cubic zoom to every voxel (reference) | speed-up |",
+                  "|---|---|---|---|",
+                  f"| {a['plain_ms']} | {a['elastic_ms']} | {a['elastic_cubic_zoom_ms']} | {a['elastic_speedup']}x |", ""]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=["sliding", "train"])
+    p.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=["sliding", "train", "samples"])
+    p.add_argument("--samples", type=int, default=30, help="samples timed per row of the samples part")
     p.add_argument("--data-root", type=Path, default=default_data_root())
     p.add_argument("--out", type=Path, default=None, help="folder for results.json / results.md (default: temp)")
     p.add_argument("--window", type=int, nargs=3, default=[64, 256, 256], help="sliding window (z y x)")
