@@ -192,8 +192,11 @@ def validate(model: torch.nn.Module, items: list[LabelledVolume], num_classes: i
     try:
         if isinstance(model, UNet3D):
             for item in items:
-                probs = predict_sliding(model, item.image, window, batch_size=1, device=device, amp=amp)
-                cm += confusion_matrix(probs_to_classes(probs), item.labels, num_classes)
+                def score(z0: int, probs: np.ndarray, labels: np.ndarray = item.labels) -> None:
+                    # Scored slab by slab, so a large validation volume needs no full-size probability array.
+                    cm[:] += confusion_matrix(probs_to_classes(probs), labels[z0:z0 + probs.shape[1]], num_classes)
+
+                predict_sliding(model, item.image, window, batch_size=1, out=score, device=device, amp=amp)
         else:
             predictor = SlicePredictor(model, device, amp, tile=512, overlap=64, batch_size=batch_size)
             for item in items:
