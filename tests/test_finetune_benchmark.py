@@ -143,13 +143,11 @@ def test_results_table_has_a_row_per_dim():
 
 
 @pytest.mark.slow
-def test_neuroproof_benchmark_2d_vs_3d(data_root, tmp_path):
+def test_neuroproof_benchmark_2d_vs_3d(data_root, tmp_path, monkeypatch):
     """The NeuroProof definition as 2D and 3D models, random and pre-trained, on a small crop of the real split."""
-    import sys
-
     import timm
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from prepare_neuroproof import prepare_neuroproof
 
     source = data_root / "neuroproof_flyem" / "training_sample2"
