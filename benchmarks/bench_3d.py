@@ -14,7 +14,7 @@ Three parts, each run in its own child process (so peak-memory numbers are its o
   cubic zoom from the control points to every voxel.
 The NeuroProof boundary IoU of 3D inflated-pretrained vs 3D random vs 2D orthoplane is a
 ``finetune benchmark`` run (``benchmarks/finetune/neuroproof_boundary.yaml --dims 2d 3d``),
-whose data split is defined here (``TRAIN_REGION``, ``TEST_REGION``).
+whose data ``benchmarks/prepare_neuroproof.py`` writes.
 
 Usage (from the repository root)::
 
@@ -45,9 +45,6 @@ import torch  # noqa: E402
 ARCH = "resnet18"
 BENCH_DECODER = (64, 32, 16, 16, 8)  # 3D decoder for prediction speed (CPU budget)
 SMP_DECODER = (256, 128, 64, 32, 16)
-# NeuroProof boundary benchmark split (benchmarks/prepare_neuroproof.py): a 50-slice gap in z.
-TRAIN_REGION = (slice(0, 100), slice(None), slice(None))
-TEST_REGION = (slice(150, 250), slice(0, 128), slice(0, 128))
 
 
 def default_data_root() -> Path:

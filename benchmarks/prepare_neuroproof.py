@@ -3,8 +3,7 @@
 Source: FlyEM NeuroProof ``training_sample2`` (FIB-SEM of the Drosophila medulla, 250^3
 uint8 voxels of 10 nm; ``grayscale_maps/*.png`` and ``groundtruth.h5.gz``). Targets are
 neuron boundaries: voxels whose body id differs from a 6-neighbour
-(:func:`finetune.data3d.boundary_map`, computed on the whole cube). The split is
-``benchmarks/bench_3d.py``'s::
+(:func:`finetune.data3d.boundary_map`, computed on the whole cube). The split::
 
     OUT/neuroproof_boundary/train/image.tif, boundary.tif   z 0-99, all y, x         (100 x 250 x 250)
     OUT/neuroproof_boundary/test/image.tif, boundary.tif    z 150-249, y, x 0-127    (100 x 128 x 128)
@@ -28,18 +27,18 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-HERE = Path(__file__).resolve().parent
-for _p in (str(HERE.parent), str(HERE)):  # the repository (finetune, cemcurate) and bench_3d
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from bench_3d import TEST_REGION, TRAIN_REGION  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
 
 from cemcurate.atomic import atomic_path  # noqa: E402
 from cemcurate.io import write_volume  # noqa: E402
 
 NAME = "neuroproof_boundary"
 VOXEL_NM = (10.0, 10.0, 10.0)
+# A 50-slice gap in z between training and test data.
+TRAIN_REGION = (slice(0, 100), slice(None), slice(None))
+TEST_REGION = (slice(150, 250), slice(0, 128), slice(0, 128))
 SPLITS = {"train": TRAIN_REGION, "test": TEST_REGION}
 
 
