@@ -9,8 +9,8 @@ Augmentations (:class:`Augment3D`), applied to a ``(d, h, w)`` crop:
 * flips along y and x, and along z (the z flip is valid for any spacing);
 * 90-degree rotations in the (y, x) plane only (z may have another spacing); 90 and 270
   degrees need ``h == w``, otherwise only 180 degrees is used;
-* intensity jitter: with probability ``p_intensity``, a brightness shift and a contrast
-  scale about the crop mean; optional Gaussian noise (intensities in [0, 1], clipped);
+* intensity jitter: a brightness shift and a contrast scale about the crop mean, optional
+  Gaussian noise (intensities in [0, 1], clipped);
 * optional elastic deformation: a smooth random displacement field (random control
   points every ``elastic_spacing`` voxels, cubic-spline upsampled), trilinear for the
   image and nearest for labels, so class indices and the ignore index stay exact.
@@ -114,8 +114,6 @@ class Augment3D:
         rot90: random multiples of 90 degrees in the (y, x) plane.
         brightness: maximum brightness shift (intensity units, image in [0, 1]).
         contrast: maximum relative contrast change (0.2 = x0.8 to x1.2).
-        p_intensity: probability of the brightness/contrast change (0.5, as the 2D
-            augmentation applies it).
         noise_std: maximum std of additive Gaussian noise (0: off).
         elastic_alpha: std of the control-point displacements in voxels (0: off).
         elastic_spacing: control-point spacing in voxels.
@@ -128,7 +126,6 @@ class Augment3D:
     rot90: bool = True
     brightness: float = 0.1
     contrast: float = 0.2
-    p_intensity: float = 0.5
     noise_std: float = 0.0
     elastic_alpha: float = 0.0
     elastic_spacing: int = 16
@@ -139,8 +136,6 @@ class Augment3D:
         if self.brightness < 0 or not 0 <= self.contrast < 1 or self.noise_std < 0:
             raise ValueError("need brightness >= 0, 0 <= contrast < 1 and noise_std >= 0, got "
                              f"{self.brightness}, {self.contrast}, {self.noise_std}")
-        if not 0 <= self.p_intensity <= 1:
-            raise ValueError(f"p_intensity must be in [0, 1], got {self.p_intensity}")
         if self.elastic_alpha < 0 or self.elastic_spacing < 2 or not 0 <= self.p_elastic <= 1:
             raise ValueError("need elastic_alpha >= 0, elastic_spacing >= 2 and p_elastic in [0, 1], got "
                              f"{self.elastic_alpha}, {self.elastic_spacing}, {self.p_elastic}")
@@ -215,7 +210,7 @@ def augment_subvolume(image: np.ndarray, labels: np.ndarray, rng: np.random.Gene
         k = int(rng.integers(4)) if image.shape[1] == image.shape[2] else 2 * int(rng.integers(2))
         image, labels = np.rot90(image, k, axes=(1, 2)), np.rot90(labels, k, axes=(1, 2))
     image = np.ascontiguousarray(image, dtype=np.float32)
-    if (aug.contrast > 0 or aug.brightness > 0) and rng.random() < aug.p_intensity:
+    if aug.contrast > 0 or aug.brightness > 0:
         scale = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
         shift = rng.uniform(-aug.brightness, aug.brightness)
         mean = float(image.mean())
