@@ -13,7 +13,7 @@ import torch
 from finetune.config import PredictConfig
 from finetune.predict.orthoplane import predict_orthoplane, predict_stack
 from finetune.predict.output import PredictionWriter
-from finetune.predict.predictor import SlicePredictor, load_model, select_device
+from finetune.predict.predictor import SlicePredictor, default_batch_pixels, load_model, select_device
 from finetune.predict.sliding import predict_sliding
 from finetune.predict.tiling import plan_tiles, predict_tiled
 
@@ -23,7 +23,7 @@ __all__ = ["PredictionWriter", "SlicePredictor", "load_model", "plan_tiles", "pr
 
 def sliding_batch(cfg: PredictConfig, device: torch.device) -> int:
     """Windows per forward pass: ``batch_size``, capped by ``batch_pixels`` voxels, at least 1."""
-    budget = cfg.batch_pixels or (8 * 512 * 512 if device.type == "cuda" else 512 * 512)
+    budget = cfg.batch_pixels or default_batch_pixels(device)
     return max(1, min(cfg.batch_size, budget // (cfg.window[0] * cfg.window[1] * cfg.window[2])))
 
 

@@ -20,6 +20,11 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def default_batch_pixels(device: torch.device) -> int:
+    """Pixels (voxels) per forward pass when not configured: 512^2 on CPU, 8 x 512^2 on CUDA."""
+    return 8 * 512 * 512 if device.type == "cuda" else 512 * 512
+
+
 def model_file(path: str | Path) -> Path:
     """``RUN/model.pth`` for a run folder, else ``path`` itself."""
     path = Path(path)
@@ -79,7 +84,7 @@ class SlicePredictor:
         self.model = model.to(self.device).eval()
         self.amp = amp and self.device.type == "cuda"
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
-        self.batch_pixels = batch_pixels or (8 * 512 * 512 if self.device.type == "cuda" else 512 * 512)
+        self.batch_pixels = batch_pixels or default_batch_pixels(self.device)
         self._plans: dict[tuple[int, int], TilePlan] = {}
 
     @torch.inference_mode()
