@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from cemcurate.atomic import atomic_path  # noqa: E402
+from cemcurate.common.atomic import atomic_path  # noqa: E402
 from cemcurate.io import write_volume  # noqa: E402
 
 NAME = "neuroproof_boundary"

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cemcurate.config import add_config_arguments, load_config
+from cemcurate.common.config import add_config_arguments, load_config
 
 DEFAULT_OUT = "cemcurate_out"
 

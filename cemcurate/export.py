@@ -8,7 +8,7 @@ from pathlib import Path
 import imageio.v3 as iio
 from tqdm import tqdm
 
-from cemcurate.atomic import atomic_path
+from cemcurate.common.atomic import atomic_path
 from cemcurate.store import open_patches
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cemcurate.atomic import atomic_path
+from cemcurate.common.atomic import atomic_path
 
 BASE_COLUMNS = ("patch_id", "source", "file", "plane", "slice", "y", "x", "h", "w",
                 "kept", "reason", "shard", "shard_row")

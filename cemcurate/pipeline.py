@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cemcurate.atomic import atomic_path
-from cemcurate.config import config_to_dict
+from cemcurate.common.atomic import atomic_path
+from cemcurate.common.config import config_to_dict
 from cemcurate.io import ReadError, Volume, open_file, open_series
 from cemcurate.manifest import write_manifest
 from cemcurate.patches import crop_patches, tile_grid

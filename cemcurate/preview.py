@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cemcurate.atomic import atomic_path
+from cemcurate.common.atomic import atomic_path
 from cemcurate.dedup import gini, hamming_distance, lorenz_curve
 from cemcurate.dhash import hex_to_dhash
 from cemcurate.io import open_file, open_series

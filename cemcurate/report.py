@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cemcurate.atomic import atomic_path
+from cemcurate.common.atomic import atomic_path
 from cemcurate.store import open_shard
 
 

@@ -13,7 +13,7 @@ import os
 import urllib.request
 from pathlib import Path
 
-from cemcurate.atomic import atomic_path, file_sha256
+from cemcurate.common.atomic import atomic_path, file_sha256
 
 _PACKAGE_DATA = Path(__file__).parent / "data"
 SAMPLE_URL = "https://raw.githubusercontent.com/zhixuhao/unet/909ae9b5fefd8a55900e24a771b073b1d4ef70ff/data/membrane/train/image/{index}.png"

@@ -22,7 +22,7 @@ from typing import BinaryIO, Sequence
 import numpy as np
 import pandas as pd
 
-from cemcurate.atomic import atomic_path
+from cemcurate.common.atomic import atomic_path
 
 STORE_FORMAT = 1
 

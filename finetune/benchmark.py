@@ -51,8 +51,8 @@ from pathlib import Path
 
 import yaml
 
-from cemcurate.atomic import atomic_path
-from cemcurate.config import load_config
+from cemcurate.common.atomic import atomic_path
+from cemcurate.common.config import load_config
 from finetune.config import DIMS, EvaluateConfig, PredictConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]

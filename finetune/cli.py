@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cemcurate.config import add_config_arguments, load_config
+from cemcurate.common.config import add_config_arguments, load_config
 from cemcurate.io import ReadError
 from finetune.config import EvaluateConfig, PredictConfig, TrainConfig
 

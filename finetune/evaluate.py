@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cemcurate.atomic import atomic_path
+from cemcurate.common.atomic import atomic_path
 from cemcurate.io import open_series
 from finetune.config import EvaluateConfig
 from finetune.labels import LabelSpec, parse_label_map, parse_unmapped, to_class_map

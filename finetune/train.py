@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cemcurate.atomic import atomic_path
-from cemcurate.config import config_to_dict, save_config
+from cemcurate.common.atomic import atomic_path
+from cemcurate.common.config import config_to_dict, save_config
 from finetune.config import DEFAULT_WINDOW, RESUME_SAFE_KEYS, TrainConfig
 from finetune.data import CropSamples, LabelledVolume, label_spec, load_labelled, pair_files
 from finetune.data3d import SubvolumeSamples, augment_from_config
@@ -46,7 +46,8 @@ from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_clas
 from finetune.models import DEFAULT_MEAN, DEFAULT_STD, build_model
 from finetune.models.inflate import StageGeometry
 from finetune.models.unet3d import UNet3D, build_unet3d
-from finetune.predict.predictor import SlicePredictor, select_device
+from cemcurate.common.device import select_device
+from finetune.predict.predictor import SlicePredictor
 from finetune.predict.sliding import predict_sliding
 from finetune.volumes import open_volume
 

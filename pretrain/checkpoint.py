@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cemcurate.atomic import atomic_path
+from cemcurate.common.atomic import atomic_path
 
 CHECKPOINT_FORMAT = "cem-toolkit/moco-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cemcurate.config import add_config_arguments, load_config
+from cemcurate.common.config import add_config_arguments, load_config
 from pretrain import distributed
 from pretrain.config import MocoConfig
 

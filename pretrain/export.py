@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 import yaml
 
-from cemcurate.atomic import atomic_path, file_sha256
+from cemcurate.common.atomic import atomic_path, file_sha256
 from pretrain.checkpoint import CHECKPOINT_FORMAT, git_commit, load_checkpoint, read_checkpoint_file
 from pretrain.weights import WeightsError, encoder_state_dict
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from cemcurate.atomic import atomic_path
+from cemcurate.common.atomic import atomic_path
 
 COLUMNS = ("step", "epoch", "loss", "acc1", "lr", "images_per_s", "time")
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cemcurate.atomic import atomic_path
-from cemcurate.config import config_to_dict, save_config
+from cemcurate.common.atomic import atomic_path
+from cemcurate.common.config import config_to_dict, save_config
 from pretrain import distributed
 from pretrain.augment import AugmentParams
 from pretrain.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, capture_rng, git_commit,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cemcurate.config import add_config_arguments, load_config, save_config
+from cemcurate.common.config import add_config_arguments, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -242,7 +242,7 @@ def test_config_yaml_matches_dataclass_and_split():
     import dataclasses
     from pathlib import Path
 
-    from cemcurate.config import load_config
+    from cemcurate.common.config import load_config
 
     yaml_path = Path(__file__).resolve().parents[1] / "configs/curate/filter_train.yaml"
     data = yaml.safe_load(yaml_path.read_text())

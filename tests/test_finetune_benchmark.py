@@ -12,7 +12,7 @@ import torch
 import yaml
 from skimage.transform import downscale_local_mean
 
-from cemcurate.config import load_config
+from cemcurate.common.config import load_config
 from finetune.benchmark import REPO, load_definition, parse_init, parse_sets, results_table, run_benchmarks
 from finetune.cli import main
 from finetune.config import TrainConfig

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cemcurate.config import config_to_dict, load_config
+from cemcurate.common.config import config_to_dict, load_config
 from pretrain.config import MocoConfig
 from pretrain.moco import MoCo, backbone_names, create_backbone, info_nce
 from pretrain.train import lr_at

@@ -62,7 +62,7 @@ def add_label_command(subparsers) -> argparse.ArgumentParser:
 
 
 def _cmd_filter_train(args: argparse.Namespace) -> int:
-    from cemcurate.config import load_config
+    from cemcurate.common.config import load_config
     from cemcurate.filtering.train import FilterTrainConfig, train_filter
 
     cfg = load_config(FilterTrainConfig, args.config, vars(args))
@@ -78,7 +78,7 @@ def _cmd_filter_train(args: argparse.Namespace) -> int:
 
 def add_filter_command(subparsers) -> argparse.ArgumentParser:
     """Add ``filter train OUT [--labels CSV] [--config YAML] [flags]``."""
-    from cemcurate.config import add_config_arguments
+    from cemcurate.common.config import add_config_arguments
     from cemcurate.filtering.train import FilterTrainConfig
 
     f = subparsers.add_parser("filter", help="train the uninformative-patch filter on labels",

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from cemcurate.atomic import file_sha256
+from cemcurate.common.atomic import file_sha256
 from cemcurate.filtering.features import check_patches
 
 FILTER_SPECS_HELP = ("'stats' (label-free rules), 'none' (keep all), a classifier .pth from `cemcurate filter train` "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cemcurate.atomic import atomic_path
+from cemcurate.common.atomic import atomic_path
 from cemcurate.filtering.features import FEATURE_NAMES, image_statistics
 
 FOREST_KIND = "cemcurate-stats-forest"

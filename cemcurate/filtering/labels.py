@@ -252,7 +252,7 @@ def export_sheets(out_dir: str | Path, dest: str | Path, count: int = 240, per_s
     """
     from PIL import Image
 
-    from cemcurate.atomic import atomic_path
+    from cemcurate.common.atomic import atomic_path
 
     if count < 1 or per_sheet < 1 or columns < 1:
         raise ValueError(f"count, per_sheet and columns must be positive, got {count}, {per_sheet}, {columns}")

@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cemcurate.atomic import atomic_path
-from cemcurate.config import config_to_dict, save_config
+from cemcurate.common.atomic import atomic_path
+from cemcurate.common.config import config_to_dict, save_config
+from cemcurate.common.device import select_device
 from cemcurate.filtering.classifier import (FilterError, create_model, load_init_weights, predict_logits,
-                                            prepare_batch, resolve_device, resolve_init, save_classifier,
+                                            prepare_batch, resolve_init, save_classifier,
                                             check_arch)
 
 
@@ -212,7 +213,7 @@ def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, prog
     dest = Path(cfg.output) if cfg.output else out_dir / "filter"
     # Cheap checks first, so a typo fails before minutes of work.
     check_arch(cfg.arch)
-    device = resolve_device(cfg.device)
+    device = select_device(cfg.device)
     init = resolve_init(cfg.weights, cfg.arch)
     patches, labels, ids = load_labelled(out_dir, cfg.labels)
     pool_info = LabelPool(out_dir)

@@ -13,12 +13,13 @@ import torch
 from finetune.config import PredictConfig
 from finetune.predict.orthoplane import predict_orthoplane, predict_stack
 from finetune.predict.output import PredictionWriter
-from finetune.predict.predictor import SlicePredictor, default_batch_pixels, load_model, select_device
+from cemcurate.common.device import select_device
+from finetune.predict.predictor import SlicePredictor, default_batch_pixels, load_model
 from finetune.predict.sliding import predict_sliding
 from finetune.predict.tiling import plan_tiles, predict_tiled
 
 __all__ = ["PredictionWriter", "SlicePredictor", "load_model", "plan_tiles", "predict_orthoplane", "predict_path",
-           "predict_sliding", "predict_stack", "predict_tiled", "resolve_mode", "select_device"]
+           "predict_sliding", "predict_stack", "predict_tiled", "resolve_mode"]
 
 
 def sliding_batch(cfg: PredictConfig, device: torch.device) -> int:

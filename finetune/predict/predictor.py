@@ -7,17 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cemcurate.common.device import select_device
 from finetune.models import UNet2D, build_model, logits_to_probs
 from finetune.predict.tiling import TilePlan, plan_tiles, predict_tiled
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when available, else CPU; ``cuda`` fails clearly when there is none."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but torch sees no CUDA GPU; use --device cpu or auto")
-    return torch.device(name)
 
 
 def default_batch_pixels(device: torch.device) -> int:
