@@ -35,7 +35,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from cemcurate.export import export_patches
+    from cemcurate.export_patches import export_patches
 
     n = export_patches(args.out, args.dest, args.format)
     print(f"wrote {n} patches to {args.dest}")

@@ -30,7 +30,7 @@ from cemcurate.common.atomic import atomic_path
 from cemcurate.common.config import config_to_dict
 from cemcurate.io import ReadError, Volume, open_file, open_series
 from cemcurate.manifest import write_manifest
-from cemcurate.patches import crop_patches, tile_grid
+from cemcurate.patch_grid import crop_patches, tile_grid
 from cemcurate.slicing import iter_planes, planes_for_spacing
 from cemcurate.sources import SourceSpec, discover_sources
 from cemcurate.standardize import IntensityWindow, compute_window, sample_slice_indices

@@ -51,7 +51,7 @@ def _plane_image(vol, window: IntensityWindow, plane: str, index: int) -> np.nda
 
 def patch_pixels(out_dir: str | Path, rows: pd.DataFrame, patch_size: int = 224) -> np.ndarray:
     """Pixels of manifest ``rows`` (uint8 ``(n, p, p)``): from the store, or re-cut from the source."""
-    from cemcurate.patches import crop_patches
+    from cemcurate.patch_grid import crop_patches
 
     out_dir = Path(out_dir)
     out = np.zeros((len(rows), patch_size, patch_size), np.uint8)

@@ -23,7 +23,7 @@ import tifffile
 from cemcurate.filtering.cli import add_label_command
 from cemcurate.filtering.labels import (LabelPool, append_labels, export_sheets, import_sheet, labels_path,
                                         read_labels)
-from cemcurate.label_server import make_label_app, serve
+from cemcurate.filtering.label_server import make_label_app, serve
 from cemcurate.manifest import read_manifest, write_manifest
 from cemcurate.store import write_patch_store
 
@@ -134,7 +134,7 @@ def _post(url: str, body: bytes, content_type: str = "application/json") -> tupl
 def test_labels_survive_kill_9_and_server_is_loopback_only(build):
     out, _ = build
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code = "import sys; from cemcurate.label_server import serve; serve(sys.argv[1], port=0, open_browser=False, seed=0)"
+    code = "import sys; from cemcurate.filtering.label_server import serve; serve(sys.argv[1], port=0, open_browser=False, seed=0)"
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=REPO)
     try:

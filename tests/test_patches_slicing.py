@@ -2,7 +2,7 @@ import numpy as np
 import imageio.v3 as iio
 import pytest
 
-from cemcurate.patches import crop_patches, tile_grid, tile_spans
+from cemcurate.patch_grid import crop_patches, tile_grid, tile_spans
 from cemcurate.slicing import iter_planes, plane_shape, planes_for_spacing
 
 

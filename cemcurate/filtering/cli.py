@@ -26,7 +26,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         added = import_sheet(args.out, args.import_sheet)
         print(f"added {added} label(s) from {args.import_sheet} to {labels_path(args.out)}")
         return 0
-    from cemcurate.label_server import serve
+    from cemcurate.filtering.label_server import serve
 
     return serve(args.out, port=args.port, open_browser=not args.no_browser, seed=args.seed, page_size=args.page_size)
 

@@ -78,7 +78,7 @@ def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int 
                 "uninformative": len(labels) - informative, "unlabelled": int(len(pool)) - len(labels)}
 
     reorder()
-    app = Flask("cemcurate.label_server")
+    app = Flask("cemcurate.filtering.label_server")
     app.config["MAX_CONTENT_LENGTH"] = 4096  # a label is a few dozen bytes
 
     def error(code: int, message: str):
