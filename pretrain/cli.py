@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import Sequence
 
 from cemcurate.common.config import add_config_arguments, load_config
+from cemcurate.common.runstate import CheckpointError
+from cemcurate.store import StoreError
 from pretrain import distributed
 from pretrain.config import MocoConfig
+from pretrain.export_encoder import export_encoder
+from pretrain.train import plan_run, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "mocov2_cem500k.yaml"
 
@@ -87,17 +91,11 @@ def _fail(command: str, message: str) -> int:
 
 
 def _train_worker(ctx: distributed.DistContext, cfg: MocoConfig, data: Path, out: Path, plan) -> dict:
-    from pretrain.train import train
-
     result = train(cfg, data, out, ctx, plan)
     return {"step": result.step, "checkpoint": str(result.checkpoint), "last_loss": result.last_loss}
 
 
 def run_moco(args: argparse.Namespace) -> int:
-    from cemcurate.store import StoreError
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.train import plan_run, train
-
     try:
         cfg = load_config(MocoConfig, args.config if args.config is not None else DEFAULT_CONFIG,
                           overrides=vars(args))
@@ -139,8 +137,6 @@ def run_moco(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pretrain.export import export_encoder
-
     try:
         result = export_encoder(args.checkpoint, args.out_dir, from_cem500k=args.from_cem500k, arch=args.arch,
                                 mean=args.mean, std=args.std)

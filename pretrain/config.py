@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from cemcurate.common.archs import ARCHS
+
 # Keys that may differ between a checkpoint and the command that resumes it: they change
 # how long or how verbosely a run goes, not the numbers it computes.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "workers", "checkpoint_every", "log_every",
@@ -32,7 +34,8 @@ class MocoConfig:
 
     # --- model -------------------------------------------------------------------------
     arch: str = field(default="resnet50", metadata=_help(
-        "backbone: a timm ResNet name (resnet18, resnet50, resnext50_32x4d, ...), built with one input channel"))
+        f"backbone, built by timm with one input channel: one of {', '.join(ARCHS)} (the archs every later "
+        "stage, export and 2D/3D fine-tuning, supports)"))
     feature_dim: int = field(default=128, metadata=_help("output size of the projection head (MoCoV2: 128)"))
     mlp: bool = field(default=True, metadata=_help(
         "2-layer MLP projection head (MoCoV2); --no-mlp uses a single linear layer (MoCo v1)"))

@@ -12,7 +12,7 @@
 ``CKPT`` is either a ``pretrain moco`` checkpoint or the released CEM500K MoCoV2 checkpoint
 (keys ``module.encoder_q.*`` with an ``fc`` MLP head, a one-channel ResNet50, possibly under
 ``"state_dict"``); the layout is detected, or forced with ``from_cem500k``. Key mapping is
-:func:`pretrain.weights.encoder_state_dict`'s job; this module only checks and writes.
+:func:`cemcurate.common.weights.encoder_state_dict`'s job; this module only checks and writes.
 """
 
 from __future__ import annotations
@@ -25,13 +25,17 @@ from typing import Any, Mapping
 import torch
 import yaml
 
+from cemcurate.common.archs import get_arch
 from cemcurate.common.atomic import atomic_path, file_sha256
-from pretrain.checkpoint import CHECKPOINT_FORMAT, git_commit, load_checkpoint, read_checkpoint_file
-from pretrain.weights import WeightsError, encoder_state_dict
+from cemcurate.common.lazy import lazy_import
+from cemcurate.common.runstate import git_commit, read_checkpoint
+from cemcurate.common.weights import CEM500K_MEAN, CEM500K_STD, checkpoint_norms, encoder_state_dict
+from pretrain.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 
-# Intensity mean and std (pixel / 255) of CEM500K, which the released MoCoV2 weights were
-# trained with; used when an imported checkpoint does not carry its own "norms".
-CEM500K_MEAN, CEM500K_STD = 0.58331613, 0.09966064
+timm = lazy_import("timm")
+smp_encoders = lazy_import("segmentation_models_pytorch.encoders")
+safetensors_torch = lazy_import("safetensors.torch")
+
 CEM500K_PAPER = "Conrad & Narayan, eLife 2021, doi:10.7554/eLife.65894"
 
 
@@ -60,39 +64,27 @@ def detect_layout(state: Any) -> str:
 
 
 def verify_encoder(state: Mapping[str, torch.Tensor], arch: str, source: str) -> int:
-    """Load ``state`` with ``strict=True`` into timm and (if smp knows ``arch``) smp; return num_features.
+    """Load ``state`` with ``strict=True`` into timm and into smp's encoder of ``arch``; return num_features.
 
+    Every arch of :data:`cemcurate.common.archs.ARCHS` is built by both with the same keys.
     Raises :class:`ExportError` with the missing/unexpected keys when either load fails.
     """
-    import timm
-
     try:
-        model = timm.create_model(arch, pretrained=False, in_chans=1, num_classes=0)
-    except RuntimeError as exc:
-        raise ExportError(f"{source}: timm cannot build {arch!r} ({exc})") from exc
+        get_arch(arch)
+    except ValueError as exc:
+        raise ExportError(f"{source}: {exc}") from exc
+    model = timm.create_model(arch, pretrained=False, in_chans=1, num_classes=0)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ExportError(f"{source}: the encoder does not load into timm {arch!r} with in_chans=1: "
                           f"{str(exc).splitlines()[0]} ... (pass the right --arch?)") from exc
-    smp_name = smp_encoder_name(arch)
-    if smp_name is not None:
-        from segmentation_models_pytorch.encoders import get_encoder
-
-        try:
-            get_encoder(smp_name, in_channels=1, weights=None).load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ExportError(f"{source}: the encoder loads into timm but not into smp's {smp_name!r} encoder: "
-                              f"{str(exc).splitlines()[0]}") from exc
+    try:
+        smp_encoders.get_encoder(arch, in_channels=1, weights=None).load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"{source}: the encoder loads into timm but not into smp's {arch!r} encoder: "
+                          f"{str(exc).splitlines()[0]}") from exc
     return int(model.num_features)
-
-
-def smp_encoder_name(arch: str) -> str | None:
-    """The segmentation_models_pytorch encoder with the same keys as timm ``arch``, or None."""
-    from segmentation_models_pytorch.encoders import get_encoder_names
-
-    return arch if arch in get_encoder_names() else None
-
 
 
 def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, from_cem500k: bool | None = None,
@@ -105,7 +97,7 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, from_cem500k:
         arch, mean, std: override what the checkpoint says (for imports that lack them).
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    raw = read_checkpoint_file(checkpoint)
+    raw = read_checkpoint(checkpoint)
     layout = detect_layout(raw)
     if layout == "unknown":
         raise ExportError(f"{checkpoint}: neither a `pretrain moco` checkpoint nor a CEM500K MoCoV2 checkpoint "
@@ -126,17 +118,14 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, from_cem500k:
     else:
         ckpt = raw
         arch = arch or str(ckpt.get("arch", "resnet50"))
-        norms = ckpt.get("norms") if isinstance(ckpt.get("norms"), (list, tuple)) else None
-        mean = (float(norms[0]) if norms else CEM500K_MEAN) if mean is None else mean
-        std = (float(norms[1]) if norms else CEM500K_STD) if std is None else std
+        norm_mean, norm_std = checkpoint_norms(ckpt)
+        mean = (CEM500K_MEAN if norm_mean is None else norm_mean) if mean is None else mean
+        std = (CEM500K_STD if norm_std is None else norm_std) if std is None else std
         provenance = {"source": "cem500k", "epoch": ckpt.get("epoch"), "checkpoint_sha256": file_sha256(checkpoint)}
     if not (std and std > 0):
         raise ExportError(f"{checkpoint}: normalisation std must be positive, got {std}")
 
-    try:
-        state = encoder_state_dict(ckpt, source=str(checkpoint))
-    except WeightsError as exc:
-        raise ExportError(str(exc)) from exc
+    state = encoder_state_dict(ckpt, source=str(checkpoint))
     # safetensors refuses views and shared storage; give every tensor its own contiguous copy.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     num_features = verify_encoder(state, arch, str(checkpoint))
@@ -145,17 +134,15 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, from_cem500k:
     meta = {"arch": arch, "in_chans": 1, "num_features": num_features, "mean": float(mean), "std": float(std),
             "normalisation": "x = uint8 / 255; x = (x - mean) / std (one channel)",
             "timm": f"timm.create_model({arch!r}, in_chans=1, num_classes=0)",
-            "smp_encoder": smp_encoder_name(arch), "source": provenance["source"],
+            "smp_encoder": arch, "source": provenance["source"],
             "exported_at_commit": git_commit()}
     for key in ("step", "epoch", "trained_at_commit", "checkpoint_sha256"):
         if provenance.get(key) is not None:
             meta[key] = provenance[key]
 
-    from safetensors.torch import save_file
-
     files = [out_dir / "encoder.safetensors", out_dir / "encoder.pth", out_dir / "config.json", out_dir / "model_card.md"]
     with atomic_path(files[0]) as tmp:
-        save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+        safetensors_torch.save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
     with atomic_path(files[1]) as tmp:
         torch.save(state, tmp)
     with atomic_path(files[2]) as tmp:
@@ -177,9 +164,8 @@ def model_card(meta: dict, provenance: dict, n_params: int) -> str:
         f"outputs {meta['num_features']} features after global average pooling.",
         f"- Parameters and buffers (floating point values): {n_params:,}.",
         f"- timm: `{meta['timm']}` then `load_state_dict(..., strict=True)`.",
-        (f"- segmentation_models_pytorch: `smp.Unet({meta['smp_encoder']!r}, in_channels=1, encoder_weights=None)` "
-         "then `model.encoder.load_state_dict(..., strict=True)`." if meta["smp_encoder"]
-         else "- segmentation_models_pytorch has no encoder with these key names; load it through timm."),
+        f"- segmentation_models_pytorch: `smp.Unet({meta['smp_encoder']!r}, in_channels=1, encoder_weights=None)` "
+        "then `model.encoder.load_state_dict(..., strict=True)`.",
         "- Files: `encoder.safetensors` (preferred), `encoder.pth` (same tensors), `config.json`.",
         "",
         "## Normalisation",

@@ -20,12 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cemcurate.common.archs import get_arch
 from pretrain import distributed
-
-
-def backbone_names() -> list[str]:
-    """Architectures accepted as ``arch``: the ResNet family in timm (``timm.models.resnet``)."""
-    return sorted(timm.list_models(module="resnet"))
 
 
 def create_backbone(arch: str, in_chans: int = 1) -> nn.Module:
@@ -36,9 +32,7 @@ def create_backbone(arch: str, in_chans: int = 1) -> nn.Module:
     CEM500K trained (with timm's zero start, embeddings of different EM patches began with
     cosine similarity ~0.98 and short small-batch runs learned more slowly in our tests).
     """
-    names = backbone_names()
-    if arch not in names:
-        raise ValueError(f"unknown backbone {arch!r}; choose one of the timm ResNets: {', '.join(names)}")
+    get_arch(arch)
     return timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=0, zero_init_last=False)
 
 

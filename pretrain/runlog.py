@@ -15,21 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-from cemcurate.common.atomic import atomic_path
+from tqdm import tqdm
+
+from cemcurate.common.lazy import lazy_import
+from cemcurate.common.runstate import trim_csv
+
+# Slow import (it loads TensorFlow's protobufs); only rank 0 with tensorboard on needs it.
+torch_tensorboard = lazy_import("torch.utils.tensorboard")
 
 COLUMNS = ("step", "epoch", "loss", "acc1", "lr", "images_per_s", "time")
-
-
-def truncate_csv(path: Path, last_step: int) -> None:
-    """Keep only rows with ``step <= last_step`` in ``path`` (if it exists)."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= last_step]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
 
 
 class RunLog:
@@ -42,20 +36,16 @@ class RunLog:
         if not enabled:
             return
         csv_path = run_dir / "log.csv"
-        truncate_csv(csv_path, start_step)
+        trim_csv(csv_path, start_step)
         new = not csv_path.is_file()
         self._csv_file = open(csv_path, "a", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=COLUMNS)
         if new:
             self._csv.writeheader()
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # slow import; only rank 0 needs it
-
             # Drop events the interrupted run logged after its checkpoint (the checkpoint's own step stays).
-            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+            self._writer = torch_tensorboard.SummaryWriter(log_dir=str(run_dir / "tensorboard"),
                                          purge_step=start_step + 1 if start_step else None)
-        from tqdm import tqdm
-
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          file=sys.stderr, disable=None)
 

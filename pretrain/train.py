@@ -14,23 +14,27 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from cemcurate.common.archs import get_arch
 from cemcurate.common.atomic import atomic_path
 from cemcurate.common.config import config_to_dict, save_config
+from cemcurate.common.runstate import (CheckpointError, capture_rng, git_commit, optimizer_step,
+                                       refuse_changed_resume, restore_rng, save_checkpoint)
 from pretrain import distributed
 from pretrain.augment import AugmentParams
-from pretrain.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, capture_rng, git_commit,
-                                 load_checkpoint, restore_rng, save_checkpoint)
+from pretrain.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
 from pretrain.config import RESUMABLE_CHANGES, MocoConfig
 from pretrain.data import ViewPairs, data_summary, epoch_order, open_store, steps_per_epoch, view_loader
-from pretrain.moco import MoCo, MocoOutput, backbone_names
+from pretrain.moco import MoCo, MocoOutput
 from pretrain.runlog import RunLog
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -72,13 +76,6 @@ def order_fingerprint(n: int, seed: int, epoch: int) -> str:
     return hashlib.sha256(epoch_order(n, seed, epoch).astype("<i8").tobytes()).hexdigest()[:16]
 
 
-def config_differences(saved: dict, cfg: MocoConfig) -> dict[str, tuple]:
-    """``{key: (saved, requested)}`` for settings that must not change when resuming."""
-    current = config_to_dict(cfg)
-    return {k: (saved.get(k), v) for k, v in current.items()
-            if k not in RESUMABLE_CHANGES and saved.get(k) != v}
-
-
 def plan_run(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, world_size: int,
              use_cuda: bool) -> RunPlan:
     """Validate a run before heavy work; raise ``ValueError`` subclasses that name the problem.
@@ -88,8 +85,7 @@ def plan_run(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, world_s
     ``RUN/checkpoint.pth`` exists, that it is readable and compatible with ``cfg``.
     """
     run_dir = Path(run_dir)
-    if cfg.arch not in backbone_names():
-        raise ValueError(f"unknown backbone {cfg.arch!r}; choose one of the timm ResNets: {', '.join(backbone_names())}")
+    get_arch(cfg.arch)  # an arch every later stage (export, 2D and 3D fine-tuning) supports
     if cfg.batch_size % world_size:
         raise ValueError(f"global --batch-size {cfg.batch_size} does not split evenly over {world_size} processes")
     if cfg.key_bn == "sync" and not use_cuda:
@@ -102,13 +98,7 @@ def plan_run(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, world_s
     start, resume, notes = 0, None, []
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        changed = config_differences(ckpt["config"], cfg)
-        if changed:
-            detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
-            raise CheckpointError(
-                f"{ckpt_path}: cannot resume, the settings differ ({detail}). Re-run with the checkpoint's "
-                f"settings (saved in {run_dir / 'config.yaml'}) or choose a new --out; only "
-                f"{sorted(RESUMABLE_CHANGES)} may change between runs")
+        refuse_changed_resume(ckpt_path, ckpt["config"], config_to_dict(cfg), RESUMABLE_CHANGES, run_dir / "config.yaml")
         if ckpt["data"]["n_patches"] != len(store):
             raise CheckpointError(
                 f"{ckpt_path}: was trained on {ckpt['data']['n_patches']} patches from {ckpt['data']['path']}, "
@@ -147,10 +137,7 @@ def train_step(model: MoCo, query_net: nn.Module, optimizer: torch.optim.Optimiz
         group["lr"] = lr
     with torch.autocast(device_type=im_q.device.type, dtype=torch.float16, enabled=amp):
         out = model(im_q, im_k, shuffle_seed=seed, query_net=query_net)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(out.loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    optimizer_step(out.loss, optimizer, scaler)
     return out
 
 
@@ -255,10 +242,6 @@ def train(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, ctx: distr
 
 
 def _seed_globals(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -13,8 +13,10 @@ import torch
 import yaml
 from PIL import Image
 
+from cemcurate.common.weights import WeightsError
 from cemcurate.filtering.classifier import (CLASSIFIER_KIND, FilterError, convert_torchvision_classifier, create_model,
-                                            load_classifier, predict_informative, predict_logits, save_classifier)
+                                            load_classifier, predict_informative, predict_logits, resolve_init,
+                                            save_classifier)
 from cemcurate.filtering.filters import make_filter
 from cemcurate.filtering.labels import append_labels, labels_path
 from cemcurate.filtering.train import FilterTrainConfig, stratified_split, train_filter
@@ -215,7 +217,7 @@ def test_make_filter_identity_follows_file_content(tmp_path, labelled_build):
 def test_weight_errors_are_helpful(monkeypatch, tmp_path):
     import timm
 
-    with pytest.raises(FilterError, match="resnet18"):
+    with pytest.raises(ValueError, match="resnet18"):
         create_model("resnet_does_not_exist")
 
     real = timm.create_model
@@ -226,13 +228,11 @@ def test_weight_errors_are_helpful(monkeypatch, tmp_path):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(FilterError, match=r"ImageNet weights for resnet18.*--weights random"):
-        create_model("resnet18", pretrained=True)
+    with pytest.raises(WeightsError, match=r"ImageNet weights for resnet18.*--weights random"):
+        resolve_init("imagenet", "resnet18")
     # Our classifier file of another arch as initial weights: the message names the fix.
     path = tmp_path / "r18.pth"
     save_classifier(path, create_model("resnet18"), "resnet18", 64, 0.5, 0.2)
-    from cemcurate.filtering.classifier import resolve_init
-
     with pytest.raises(FilterError, match="--arch resnet18"):
         resolve_init(str(path), "resnet34")
     assert torch.load(path, weights_only=True)["kind"] == CLASSIFIER_KIND

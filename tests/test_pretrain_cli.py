@@ -74,7 +74,7 @@ def test_more_gpus_than_the_machine_has(tmp_path, store_dir, capsys, monkeypatch
 
 @pytest.mark.parametrize("extra, message", [
     (["--queue-size", "100"], "queue_size 100 is not divisible by the global batch_size 8"),
-    (["--arch", "resnet5O"], "unknown backbone 'resnet5O'"),
+    (["--arch", "resnet5O"], "unknown encoder arch 'resnet5O'"),
     (["--key-bn", "sync"], "--key-bn sync needs CUDA"),
     (["--nproc", "3"], "--batch-size 8 does not split evenly over 3 processes"),
     (["--nproc", "0"], "--nproc must be at least 1"),

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from pretrain.checkpoint import load_checkpoint
 from pretrain.cli import main
 from pretrain.config import MocoConfig
-from pretrain.export import CEM500K_MEAN, CEM500K_STD
+from cemcurate.common.weights import CEM500K_MEAN, CEM500K_STD
 from pretrain.moco import MoCo
 from pretrain.train import plan_run
 from test_pretrain_data import build_real_store

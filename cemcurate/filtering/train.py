@@ -24,13 +24,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
+from tqdm import tqdm
 
+from cemcurate.common.archs import get_arch
 from cemcurate.common.atomic import atomic_path
 from cemcurate.common.config import config_to_dict, save_config
 from cemcurate.common.device import select_device
+from cemcurate.common.lazy import lazy_import
+from cemcurate.common.runstate import optimizer_step
 from cemcurate.filtering.classifier import (FilterError, create_model, load_init_weights, predict_logits,
-                                            prepare_batch, resolve_init, save_classifier,
-                                            check_arch)
+                                            prepare_batch, resolve_init, save_classifier)
+from cemcurate.filtering.features import image_statistics
+from cemcurate.filtering.forest import fit_forest, forest_prob, save_forest
+from cemcurate.filtering.labels import LabelPool, load_labelled
+from cemcurate.filtering.rules import rule_informative_prob
+
+albumentations = lazy_import("albumentations")
+matplotlib = lazy_import("matplotlib")
+pyplot = lazy_import("matplotlib.pyplot")
+sklearn_metrics = lazy_import("sklearn.metrics")
+sklearn_model_selection = lazy_import("sklearn.model_selection")
 
 
 @dataclass
@@ -103,8 +117,7 @@ def make_augment(seed: int):
     into a contrasty one; geometry changes are free because informativeness has no
     orientation.
     """
-    import albumentations as A
-
+    A = albumentations
     return A.Compose([
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
@@ -117,15 +130,13 @@ def make_augment(seed: int):
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(train, test)`` of a stratified, seeded split; both classes in both parts."""
-    from sklearn.model_selection import train_test_split
-
     labels = np.asarray(labels)
     counts = np.bincount(labels, minlength=2)
     if counts.min() < 4:
         raise FilterError(f"need at least 4 labels of each class to train and test, have {counts[1]} informative "
                           f"and {counts[0]} uninformative; label more patches with `cemcurate label`")
     n_test = max(2, int(round(test_fraction * len(labels))))
-    train, test = train_test_split(np.arange(len(labels)), test_size=n_test, stratify=labels, random_state=seed)
+    train, test = sklearn_model_selection.train_test_split(np.arange(len(labels)), test_size=n_test, stratify=labels, random_state=seed)
     if len(np.unique(labels[test])) < 2 or len(np.unique(labels[train])) < 2:
         raise FilterError("the test split lacks one class; raise --test-fraction or label more patches")
     return np.sort(train), np.sort(test)
@@ -166,20 +177,14 @@ def _train_mode(model: torch.nn.Module, layers: list[str]) -> None:
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> dict:
     """AUROC and the ROC curve of ``scores`` against 0/1 ``labels`` (JSON-ready)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return {"auroc": float(roc_auc_score(labels, scores)), "fpr": fpr.round(5).tolist(), "tpr": tpr.round(5).tolist()}
+    fpr, tpr, _ = sklearn_metrics.roc_curve(labels, scores)
+    return {"auroc": float(sklearn_metrics.roc_auc_score(labels, scores)), "fpr": fpr.round(5).tolist(), "tpr": tpr.round(5).tolist()}
 
 
 def write_roc_png(path: Path, curves: dict[str, dict], n_test: int, counts: tuple[int, int]) -> None:
     """ROC curves (one per model) as a PNG, atomically."""
-    import matplotlib
-
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.8, 4.6), dpi=120)
+    fig, ax = pyplot.subplots(figsize=(4.8, 4.6), dpi=120)
     styles = {"resnet": "-", "forest": "--", "rules": ":"}
     for name, c in curves.items():
         ax.plot(c["fpr"], c["tpr"], styles.get(name, "-"), marker="o" if name == "rules" else None,
@@ -194,25 +199,18 @@ def write_roc_png(path: Path, curves: dict[str, dict], n_test: int, counts: tupl
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
+    pyplot.close(fig)
 
 
 # ----------------------------------------------------------------------------- training
 
 def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, progress: bool = True) -> dict:
     """Run ``cemcurate filter train OUT``; returns the metrics written to ``metrics.json``."""
-    from tqdm import tqdm
-
-    from cemcurate.filtering.forest import fit_forest, forest_prob, save_forest
-    from cemcurate.filtering.features import image_statistics
-    from cemcurate.filtering.labels import LabelPool, load_labelled
-    from cemcurate.filtering.rules import rule_informative_prob
-
     cfg = cfg or FilterTrainConfig()
     out_dir = Path(out_dir)
     dest = Path(cfg.output) if cfg.output else out_dir / "filter"
     # Cheap checks first, so a typo fails before minutes of work.
-    check_arch(cfg.arch)
+    get_arch(cfg.arch)
     device = select_device(cfg.device)
     init = resolve_init(cfg.weights, cfg.arch)
     patches, labels, ids = load_labelled(out_dir, cfg.labels)
@@ -225,7 +223,7 @@ def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, prog
         raise FilterError(f"{out_dir}: store std is {std}; cannot normalise (is the store empty?)")
 
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.arch, pretrained=init.kind == "imagenet")
+    model = create_model(cfg.arch)
     load_init_weights(model, init)
     params = set_trainable(model, list(cfg.train_layers))
     model.to(device)
@@ -256,10 +254,7 @@ def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, prog
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 logits = model(x).reshape(-1)
             loss = loss_fn(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(loss, optimizer, scaler)
             total += float(loss.detach()) * len(targets)
             seen += len(targets)
             bar.update()
@@ -272,8 +267,6 @@ def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, prog
     y_test = labels[test_idx]
     logits = predict_logits(model, patches[test_idx], input_size, mean, std, batch_size=max(cfg.batch_size, 64),
                             device=device, progress=False, amp=cfg.amp)
-    from scipy.special import expit
-
     p_resnet = expit(logits.astype(np.float64))
     feats_train = image_statistics(patches[train_idx])
     feats_test = image_statistics(patches[test_idx])
