@@ -14,7 +14,7 @@ from typing import Any
 from finetune.labels import parse_label_map, parse_unmapped
 from finetune.losses import LOSSES
 from finetune.models.inflate import INFLATE_MODES
-from finetune.models.registry import ARCHS
+from cemcurate.common.archs import ARCHS
 from finetune.models.unet3d import UPSAMPLE_MODES
 
 PLANES = ("xy", "xz", "yz")

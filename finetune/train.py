@@ -25,8 +25,6 @@ A run folder ``RUN`` holds:
 
 from __future__ import annotations
 
-import csv
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,19 +35,23 @@ from tqdm import tqdm
 
 from cemcurate.common.atomic import atomic_path
 from cemcurate.common.config import config_to_dict, save_config
+from cemcurate.common.lazy import lazy_import
+from cemcurate.common.runstate import (append_csv, capture_rng, optimizer_step, read_checkpoint,
+                                       refuse_changed_resume, restore_rng, save_checkpoint, trim_csv)
+from cemcurate.common.weights import ResolvedWeights, resolve
 from finetune.config import DEFAULT_WINDOW, RESUME_SAFE_KEYS, TrainConfig
 from finetune.data import CropSamples, LabelledVolume, label_spec, load_labelled, pair_files
 from finetune.data3d import SubvolumeSamples, augment_from_config
-from finetune.encoders import EncoderWeights, load_into_encoder, resolve_encoder
 from finetune.losses import count_classes, prevalence_weights, training_loss
 from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes
-from finetune.models import DEFAULT_MEAN, DEFAULT_STD, build_model
+from finetune.models import UNet3D, build_model
 from finetune.models.inflate import StageGeometry
-from finetune.models.unet3d import UNet3D, build_unet3d
 from cemcurate.common.device import select_device
 from finetune.predict.predictor import SlicePredictor
 from finetune.predict.sliding import predict_sliding
 from finetune.volumes import open_volume
+
+torch_tensorboard = lazy_import("torch.utils.tensorboard")
 
 CHECKPOINT = "checkpoint.pth"
 MODEL = "model.pth"
@@ -74,13 +76,6 @@ class TrainResult:
     val: dict | None
 
 
-def normalisation(cfg: TrainConfig, weights: EncoderWeights) -> tuple[float, float]:
-    """Input mean/std: config override, else the encoder source's, else 0.5/0.5."""
-    mean = cfg.norm_mean if cfg.norm_mean is not None else weights.mean
-    std = cfg.norm_std if cfg.norm_std is not None else weights.std
-    return (DEFAULT_MEAN if mean is None else mean), (DEFAULT_STD if std is None else std)
-
-
 def resolve_geometry(cfg: TrainConfig, first_image: str | Path | None = None) -> StageGeometry:
     """The 3D stage geometry of ``cfg``: a preset, or for ``auto`` one derived from the voxel
     size of ``first_image`` (isotropic when the file records none)."""
@@ -92,22 +87,21 @@ def resolve_geometry(cfg: TrainConfig, first_image: str | Path | None = None) ->
     return StageGeometry.from_spacing(voxel)
 
 
-def build_training_model(cfg: TrainConfig, geometry: StageGeometry | None = None) -> tuple[torch.nn.Module, EncoderWeights]:
+def build_training_model(cfg: TrainConfig, geometry: StageGeometry | None = None) -> tuple[torch.nn.Module, ResolvedWeights]:
     """The 2D or 3D UNet with seeded random init, encoder weights loaded strictly (inflated
-    for 3D, with ``geometry``, default isotropic), frozen as configured."""
-    weights = resolve_encoder(cfg.encoder, cfg.arch)
-    mean, std = normalisation(cfg, weights)
+    for 3D, with ``geometry``, default isotropic), frozen as configured. The input
+    normalisation is the config's, else the encoder source's, else 0.5/0.5."""
+    weights = resolve(cfg.encoder, cfg.arch)
     # Seeding right before construction makes every randomly initialised parameter the
     # same in every experiment with the same seed (as in the paper), whatever the source.
     torch.manual_seed(cfg.seed)
+    common = dict(weights=weights, freeze_encoder=cfg.freeze_encoder, arch=cfg.arch, num_classes=len(cfg.classes),
+                  mean=cfg.norm_mean, std=cfg.norm_std)
     if cfg.dim == "3d":
-        model = build_unet3d(cfg.arch, len(cfg.classes), weights, geometry=geometry, freeze_encoder=cfg.freeze_encoder,
-                             upsample=cfg.upsample, decoder_channels=cfg.decoder_channels, inflate_mode=cfg.inflate,
-                             mean=mean, std=std)
-        return model, weights
-    model = build_model("unet2d", arch=cfg.arch, num_classes=len(cfg.classes), mean=mean, std=std)
-    load_into_encoder(model.encoder, weights, cfg.arch)
-    model.freeze_encoder(cfg.freeze_encoder)
+        model = build_model("unet3d", **common, inflate=cfg.inflate, geometry=geometry, upsample=cfg.upsample,
+                            decoder_channels=cfg.decoder_channels)
+    else:
+        model = build_model("unet2d", **common)
     return model, weights
 
 
@@ -130,55 +124,6 @@ def class_weights(cfg: TrainConfig, items: list[LabelledVolume]) -> np.ndarray |
     if mode == "none":
         return None
     return prevalence_weights(counts, cfg.background_classes, class_names=cfg.classes)
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                      int(np_state[3]), float(np_state[4])],
-            "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(_as_tuple(state["python"]))
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _config_mismatch(saved: dict, current: dict) -> list[str]:
-    keys = (set(saved) | set(current)) - RESUME_SAFE_KEYS
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
-
-
-def _truncate_csv(path: Path, last_iteration: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.is_file():
-        return
-    with path.open(newline="") as fh:
-        rows = list(csv.reader(fh))
-    if not rows:
-        return
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= last_iteration]
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        csv.writer(fh).writerows(kept)
-
-
-def _append_csv(path: Path, header: list[str], row: list) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as fh:
-        writer = csv.writer(fh)
-        if new:
-            writer.writerow(header)
-        writer.writerow(row)
 
 
 def validate(model: torch.nn.Module, items: list[LabelledVolume], num_classes: int, device: torch.device,
@@ -233,14 +178,13 @@ def training_samples(cfg: TrainConfig, items: list[LabelledVolume],
 
 
 def _save_checkpoint(run: Path, iteration: int, elapsed: float, model, optimizer, scheduler, scaler, cfg) -> None:
-    state = {"iteration": iteration, "elapsed": elapsed, "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-             "rng": _rng_state(), "config": config_to_dict(cfg)}
-    with atomic_path(run / CHECKPOINT) as tmp:
-        torch.save(state, tmp)
+    save_checkpoint({"iteration": iteration, "elapsed": elapsed, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": capture_rng(), "config": config_to_dict(cfg)},
+                    run / CHECKPOINT)
 
 
-def _save_model(run: Path, model: torch.nn.Module, cfg: TrainConfig, weights: EncoderWeights, iteration: int,
+def _save_model(run: Path, model: torch.nn.Module, cfg: TrainConfig, weights: ResolvedWeights, iteration: int,
                 elapsed: float, val: dict | None) -> None:
     payload = {"state_dict": model.state_dict(), "model_config": model.config(), "classes": list(cfg.classes),
                "config": config_to_dict(cfg), "encoder_source": weights.source, "iterations": iteration,
@@ -289,28 +233,23 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     start, elapsed, last_val = 0, 0.0, None
     ckpt_path = run / CHECKPOINT
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        diff = _config_mismatch(ckpt["config"], config_to_dict(cfg))
-        if diff:
-            raise ValueError(f"{ckpt_path}: this run was started with a different config ({', '.join(diff)} "
-                             "differ); resume with the same settings or use a new --out folder")
+        ckpt = read_checkpoint(ckpt_path)
+        refuse_changed_resume(ckpt_path, ckpt["config"], config_to_dict(cfg), RESUME_SAFE_KEYS, run / "config.yaml")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
+        restore_rng(ckpt["rng"])
         start, elapsed = int(ckpt["iteration"]), float(ckpt["elapsed"])
-        _truncate_csv(run / "train_log.csv", start)
-        _truncate_csv(run / "val_log.csv", start)
+        trim_csv(run / "train_log.csv", start)
+        trim_csv(run / "val_log.csv", start)
     save_config(cfg, run / "config.yaml")
     stop = cfg.iters if stop_at is None else max(start, min(cfg.iters, stop_at))
 
     if start >= cfg.iters and (run / MODEL).is_file():
         return TrainResult(run, start, True, elapsed, None)
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    tb = SummaryWriter(str(run / "tensorboard"), purge_step=start if start else None)
+    tb = torch_tensorboard.SummaryWriter(str(run / "tensorboard"), purge_step=start if start else None)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
                                          sampler=range(start * cfg.batch_size, stop * cfg.batch_size),
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda")
@@ -327,10 +266,7 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
                 logits = model(x)
             loss = training_loss(logits, y, cfg.loss, weights_t)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(loss, optimizer, scaler)
             scheduler.step()
             it += 1
             bar.update(1)
@@ -340,7 +276,7 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
                 bar.set_postfix(loss=f"{loss_v:.4f}")
                 tb.add_scalar("train/loss", loss_v, it)
                 tb.add_scalar("train/lr", lr_v, it)
-                _append_csv(run / "train_log.csv", ["iteration", "loss", "lr", "seconds"],
+                append_csv(run / "train_log.csv", ["iteration", "loss", "lr", "seconds"],
                             [it, f"{loss_v:.6f}", f"{lr_v:.6g}", f"{now:.1f}"])
             if it % cfg.checkpoint_every == 0 or it == stop:
                 if val_items:
@@ -349,7 +285,7 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
                     for c, v in zip(cfg.classes, last_val["iou"]):
                         if v is not None:
                             tb.add_scalar(f"val/iou_{c}", v, it)
-                    _append_csv(run / "val_log.csv", val_header,
+                    append_csv(run / "val_log.csv", val_header,
                                 [it] + [("" if v is None else f"{v:.5f}") for v in last_val["iou"]]
                                 + [last_val["mean_foreground_iou"]])
                 _save_checkpoint(run, it, elapsed + time.perf_counter() - t0, model, optimizer, scheduler, scaler, cfg)

@@ -16,8 +16,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from finetune.encoders import EncoderError, load_into_encoder, parse_encoder_spec, resolve_encoder
+from cemcurate.common.weights import CEM500K_MEAN, WeightsError, WeightSpec, resolve
+from finetune.config import TrainConfig
 from finetune.models import build_model
+from finetune.train import train
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,13 +45,13 @@ def test_export_layout_loads_strictly_with_its_normalisation(tmp_path):
     torch.save({k: torch.zeros_like(v) for k, v in state.items()}, folder / "encoder.pth")  # safetensors wins
     (folder / "config.json").write_text(json.dumps({"arch": "resnet18", "mean": 0.57, "std": 0.13}))
     for spec in (str(folder / "encoder.safetensors"), str(folder)):   # the file, or its folder
-        weights = resolve_encoder(spec, "resnet18")
+        weights = resolve(spec, "resnet18")
         assert (weights.kind, weights.mean, weights.std) == ("file", 0.57, 0.13)
-        model = build_model("unet2d", arch="resnet18", mean=weights.mean, std=weights.std)
-        load_into_encoder(model.encoder, weights, "resnet18")
+        model = build_model("unet2d", arch="resnet18", weights=weights)
+        assert (float(model.norm_mean), float(model.norm_std)) == pytest.approx((0.57, 0.13))
         _assert_encoder_equals(model, state)
-    with pytest.raises(EncoderError, match="says arch 'resnet18'"):
-        resolve_encoder(str(folder), "resnet34")
+    with pytest.raises(WeightsError, match="says arch 'resnet18'"):
+        resolve(str(folder), "resnet34")
 
 
 def test_cem500k_layout_with_mlp_head_and_rgb_conv1_loads(tmp_path):
@@ -61,23 +63,20 @@ def test_cem500k_layout_with_mlp_head_and_rgb_conv1_loads(tmp_path):
                  "module.encoder_k.conv1.weight": torch.randn(64, 3, 7, 7), "module.queue": torch.randn(128, 16)})
     path = tmp_path / "cem500k_mocov2_resnet50_200ep.pth.tar"
     torch.save({"epoch": 200, "arch": "resnet50", "state_dict": ckpt, "norms": [0.58, 0.12]}, path)
-    assert parse_encoder_spec(f"cem500k:{path}") == ("cem500k", path)
-    weights = resolve_encoder(f"cem500k:{path}", "resnet50")
+    assert WeightSpec.parse(f"cem500k:{path}") == WeightSpec("cem500k", path)
+    weights = resolve(f"cem500k:{path}", "resnet50")
     assert (weights.mean, weights.std) == (0.58, 0.12)
     torch.save({"state_dict": ckpt}, tmp_path / "no_norms.pth")     # no norms: CEM500K statistics
-    from pretrain.export import CEM500K_MEAN, CEM500K_STD
-
-    assert resolve_encoder(f"cem500k:{tmp_path / 'no_norms.pth'}", "resnet50").mean == CEM500K_MEAN
-    model = build_model("unet2d", arch="resnet50")
-    load_into_encoder(model.encoder, weights, "resnet50")
+    assert resolve(f"cem500k:{tmp_path / 'no_norms.pth'}", "resnet50").mean == CEM500K_MEAN
+    model = build_model("unet2d", arch="resnet50", weights=weights)
     expected = dict(state)
     expected["conv1.weight"] = state["conv1.weight"].sum(dim=1, keepdim=True)   # grey = R = G = B
     _assert_encoder_equals(model, expected)
     # The same checkpoint initialises a 3D UNet (finetune train --dim 3d): with in-plane
     # kernels (planar geometry) the inflated weights are the 2D ones with a depth axis.
-    from finetune.models.unet3d import build_unet3d
 
-    model3d = build_unet3d("resnet50", 2, weights, geometry="planar", decoder_channels=(8, 8, 8, 8, 8))
+    model3d = build_model("unet3d", arch="resnet50", num_classes=2, weights=weights, geometry="planar",
+                          decoder_channels=(8, 8, 8, 8, 8))
     assert float(model3d.norm_mean) == pytest.approx(0.58)
     enc3d = model3d.encoder.state_dict()
     assert set(enc3d) == set(expected)
@@ -88,16 +87,17 @@ def test_cem500k_layout_with_mlp_head_and_rgb_conv1_loads(tmp_path):
 def test_wrong_architecture_and_missing_files_fail_clearly(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(_timm_state("resnet18"), path)
-    weights = resolve_encoder(str(path), "resnet50")
-    model = build_model("unet2d", arch="resnet50")
-    with pytest.raises(EncoderError, match=r"r18\.pth.*resnet18 encoder; pass --arch resnet18"):
-        load_into_encoder(model.encoder, weights, "resnet50")
-    with pytest.raises(EncoderError, match="not found"):
-        resolve_encoder(str(tmp_path / "missing.safetensors"), "resnet18")
+    # Refused when resolved, before any model is built; and by build_model for a bare state dict.
+    with pytest.raises(WeightsError, match=r"r18\.pth.*resnet18 encoder; pass --arch resnet18"):
+        resolve(str(path), "resnet50")
+    with pytest.raises(WeightsError, match=r"resnet18 encoder; pass --arch resnet18"):
+        build_model("unet2d", arch="resnet50", weights=_timm_state("resnet18"))
+    with pytest.raises(WeightsError, match="not found"):
+        resolve(str(tmp_path / "missing.safetensors"), "resnet18")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(EncoderError, match="junk.pth"):
-        resolve_encoder(str(junk), "resnet18")
+    with pytest.raises(WeightsError, match="junk.pth"):
+        resolve(str(junk), "resnet18")
 
 
 def test_imagenet_source_sums_conv1_and_fails_clearly_offline(monkeypatch):
@@ -109,26 +109,23 @@ def test_imagenet_source_sums_conv1_and_fails_clearly_offline(monkeypatch):
         return real_create(arch, pretrained=False, **kw)
 
     monkeypatch.setattr(timm, "create_model", fake_pretrained)
-    weights = resolve_encoder("imagenet", "resnet18")
+    weights = resolve("imagenet", "resnet18")
     rgb = fake_pretrained("resnet18", num_classes=0).state_dict()
     assert weights.state["conv1.weight"].shape == (64, 1, 7, 7)
     assert torch.allclose(weights.state["conv1.weight"], rgb["conv1.weight"].sum(1, keepdim=True))
     assert weights.mean == pytest.approx(np.mean([0.485, 0.456, 0.406]))
-    model = build_model("unet2d", arch="resnet18")
-    load_into_encoder(model.encoder, weights, "resnet18")
+    build_model("unet2d", arch="resnet18", weights=weights)  # loads strictly
 
     def offline(*a, **k):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(EncoderError, match="ImageNet weights for resnet18.*internet access"):
-        resolve_encoder("imagenet", "resnet18")
+    with pytest.raises(WeightsError, match="ImageNet weights for resnet18.*internet access"):
+        resolve("imagenet", "resnet18")
 
 
 def test_frozen_encoder_weights_and_bn_stats_do_not_change_in_training(tmp_path, data_root):
     """Three real training steps: decoder moves, encoder (incl. BN running stats) does not."""
-    from finetune.train import train
-    from finetune.config import TrainConfig
 
     raw = data_root / "drosophila_vnc_gerhard/stack1/raw/00.tif"
     mito = data_root / "drosophila_vnc_gerhard/stack1/mitochondria/00.png"

@@ -19,7 +19,8 @@ from finetune.config import TrainConfig
 from finetune.labels import LabelSpec, parse_label_map, parse_unmapped, to_class_map
 from finetune.losses import IGNORE_INDEX, count_classes, prevalence_weights, segmentation_loss
 from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes, unlabelled_prediction_mask
-from finetune.models import build_model, get_arch
+from cemcurate.common.archs import get_arch
+from finetune.models import build_model
 from finetune.predict.tiling import blend_window, plan_tiles, predict_tiled, tile_starts
 
 

@@ -7,9 +7,10 @@ import timm
 import torch
 import torch.nn as nn
 
-from finetune.encoders import EncoderError, EncoderWeights
+from cemcurate.common.weights import ResolvedWeights, WeightsError, resolve
 from finetune.models.inflate import StageGeometry, inflate_state_dict
-from finetune.models.unet3d import UNet3D, UNetDecoder, ResNetEncoder, build_unet3d, conv_nd
+from finetune.models import build_model
+from finetune.models.unet3d import UNet3D, UNetDecoder, ResNetEncoder, conv_nd
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,7 +46,8 @@ def test_anisotropic_kernels_and_strides():
 
 @pytest.mark.parametrize("upsample", ["trilinear", "nearest", "transpose"])
 def test_output_shape_equals_input_shape(upsample):
-    model = build_unet3d("resnet18", 3, None, geometry="anisotropic", upsample=upsample, decoder_channels=SMALL).eval()
+    model = build_model("unet3d", arch="resnet18", num_classes=3, geometry="anisotropic", upsample=upsample,
+                        decoder_channels=SMALL).eval()
     with torch.no_grad():
         for shape in [(8, 32, 32), (9, 33, 17), (3, 5, 40)]:
             out = model(torch.rand(1, 1, *shape))
@@ -54,7 +56,7 @@ def test_output_shape_equals_input_shape(upsample):
 
 def test_odd_sizes_are_reflect_padded_then_cropped():
     # Documented behaviour: pad symmetrically to the size multiple by reflection, crop back.
-    model = build_unet3d("resnet18", 2, None, geometry="isotropic", decoder_channels=SMALL).eval()
+    model = build_model("unet3d", arch="resnet18", num_classes=2, geometry="isotropic", decoder_channels=SMALL).eval()
     x = torch.rand(1, 1, 30, 29, 32)
     padded = torch.nn.functional.pad(x, (0, 0, 1, 2, 1, 1), mode="reflect")  # to 32 x 32 x 32
     with torch.no_grad():
@@ -65,8 +67,9 @@ def test_odd_sizes_are_reflect_padded_then_cropped():
 
 def test_build_loads_inflated_weights_strictly():
     state = _state2d("resnet18")
-    w = EncoderWeights("file", state, mean=0.6, std=0.2, source="enc.safetensors")
-    model = build_unet3d("resnet18", 2, w, geometry="anisotropic", decoder_channels=SMALL)
+    w = ResolvedWeights("file", state, mean=0.6, std=0.2, source="enc.safetensors")
+    model = build_model("unet3d", arch="resnet18", num_classes=2, weights=w, geometry="anisotropic",
+                        decoder_channels=SMALL)
     expected = inflate_state_dict(state, StageGeometry.preset("anisotropic"))
     got = model.encoder.state_dict()
     assert set(got) == set(expected)
@@ -74,27 +77,30 @@ def test_build_loads_inflated_weights_strictly():
         torch.testing.assert_close(got[k], expected[k])
     assert float(model.norm_mean) == pytest.approx(0.6) and float(model.norm_std) == pytest.approx(0.2)
     # A plain state dict works too; explicit mean/std win over the weights' own.
-    model = build_unet3d("resnet18", 2, state, decoder_channels=SMALL, inflate_mode="center", mean=0.4, std=0.3)
+    model = build_model("unet3d", arch="resnet18", num_classes=2, weights=state, decoder_channels=SMALL, inflate="center",
+                        mean=0.4, std=0.3)
     torch.testing.assert_close(model.encoder.conv1.weight[:, :, 1], state["conv1.weight"])
     assert float(model.norm_mean) == pytest.approx(0.4)
 
 
 def test_wrong_arch_weights_fail_clearly():
-    with pytest.raises(EncoderError, match="resnet18"):
-        build_unet3d("resnet34", 2, EncoderWeights("file", _state2d("resnet18"), source="r18.pth"),
-                     decoder_channels=SMALL)
+    with pytest.raises(WeightsError, match="resnet18"):
+        build_model("unet3d", arch="resnet34", num_classes=2,
+                    weights=ResolvedWeights("file", _state2d("resnet18"), source="r18.pth"), decoder_channels=SMALL)
     with pytest.raises(ValueError, match="upsampling"):
-        build_unet3d("resnet18", 2, None, upsample="bicubic", decoder_channels=SMALL)
+        build_model("unet3d", arch="resnet18", num_classes=2, upsample="bicubic", decoder_channels=SMALL)
     with pytest.raises(ValueError, match="odd"):
-        build_unet3d("resnet18", 2, None, geometry={"kernel_depth": [3, 2, 3, 3, 3]}, decoder_channels=SMALL)
-    with pytest.raises(ValueError, match="valid archs"):
-        build_unet3d("resnet9", 2)
+        build_model("unet3d", arch="resnet18", num_classes=2, geometry={"kernel_depth": [3, 2, 3, 3, 3]},
+                    decoder_channels=SMALL)
+    with pytest.raises(ValueError, match="every stage"):
+        build_model("unet3d", arch="resnet9", num_classes=2)
     with pytest.raises(ValueError, match=r"\(batch, 1, z, y, x\)"):
-        build_unet3d("resnet18", 2, None, decoder_channels=SMALL)(torch.rand(1, 32, 32, 32))
+        build_model("unet3d", arch="resnet18", num_classes=2, decoder_channels=SMALL)(torch.rand(1, 32, 32, 32))
 
 
 def test_frozen_encoder_keeps_bn_statistics_and_gets_no_gradient():
-    model = build_unet3d("resnet18", 2, _state2d(), freeze_encoder=True, decoder_channels=SMALL)
+    model = build_model("unet3d", arch="resnet18", num_classes=2, weights=_state2d(), freeze_encoder=True,
+                        decoder_channels=SMALL)
     model.train()
     assert not model.encoder.training and not model.encoder.bn1.training
     assert model.decoder.training
@@ -113,7 +119,8 @@ def test_frozen_encoder_keeps_bn_statistics_and_gets_no_gradient():
 def test_config_round_trip_through_the_registry():
     from finetune.models import build_model
 
-    model = build_unet3d("resnet18", 3, None, geometry="anisotropic", upsample="transpose", decoder_channels=SMALL,
+    model = build_model("unet3d", arch="resnet18", num_classes=3, geometry="anisotropic", upsample="transpose",
+                        decoder_channels=SMALL,
                          mean=0.45, std=0.22).eval()
     cfg = model.config()
     rebuilt = build_model(cfg.pop("model"), **cfg)
@@ -142,20 +149,19 @@ def test_2d_decoder_matches_segmentation_models_pytorch():
         torch.testing.assert_close(head(dec.eval()(enc.eval()(x))), ref(x), rtol=1e-4, atol=1e-5)
 
 
-def test_exported_encoder_file_through_resolve_encoder(tmp_path):
-    # The path the CLI takes: an exported 2D encoder file (+ config.json) -> resolve_encoder
+def test_exported_encoder_file_through_resolve(tmp_path):
+    # The path the CLI takes: an exported 2D encoder file (+ config.json) -> resolve
     # -> inflated into the 3D UNet with the file's normalisation.
     import json
 
     from safetensors.torch import save_file
 
-    from finetune.encoders import resolve_encoder
-
     state = _state2d("resnet18", seed=4)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "encoder.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"arch": "resnet18", "mean": 0.52, "std": 0.14}))
-    weights = resolve_encoder(str(tmp_path / "encoder.safetensors"), "resnet18")
-    model = build_unet3d("resnet18", 2, weights, geometry="isotropic", decoder_channels=SMALL, freeze_encoder=True)
+    weights = resolve(str(tmp_path / "encoder.safetensors"), "resnet18")
+    model = build_model("unet3d", arch="resnet18", num_classes=2, weights=weights, geometry="isotropic",
+                        decoder_channels=SMALL, freeze_encoder=True)
     assert float(model.norm_mean) == pytest.approx(0.52) and float(model.norm_std) == pytest.approx(0.14)
     torch.testing.assert_close(model.encoder.layer4[1].conv2.weight.sum(2), state["layer4.1.conv2.weight"])
     torch.testing.assert_close(model.encoder.layer2[0].downsample[1].running_var,

@@ -308,6 +308,10 @@ def resolve(spec: str | WeightSpec, arch: str, flag: str = "--encoder") -> Resol
 
 def weights_from_checkpoint(raw: Mapping[str, Any], path: Path, kind: str, arch: str) -> ResolvedWeights:
     """The encoder weights in a loaded weights file (``kind`` ``cem500k`` or ``file``; see :func:`resolve`)."""
+    mean, std, file_arch = read_config_json(path) if kind == "file" else (None, None, None)
+    if file_arch is not None and file_arch != arch:
+        raise WeightsError(f"{path}: its config.json says arch {file_arch!r} but the model is {arch!r}; "
+                           f"pass --arch {file_arch}")
     state = encoder_state_dict(raw, source=str(path))
     state["conv1.weight"] = adapt_input_conv(state["conv1.weight"], 1)
     check_arch_of(state, arch, str(path))
@@ -317,12 +321,7 @@ def weights_from_checkpoint(raw: Mapping[str, Any], path: Path, kind: str, arch:
             # The released weights were trained on CEM500K intensities; without "norms" in
             # the file, use that dataset's statistics (as `pretrain export` does).
             mean, std = CEM500K_MEAN, CEM500K_STD
-        return ResolvedWeights("cem500k", state, mean, std, str(path))
-    mean, std, file_arch = read_config_json(path)
-    if file_arch is not None and file_arch != arch:
-        raise WeightsError(f"{path}: its config.json says arch {file_arch!r} but the model is {arch!r}; "
-                           f"pass --arch {file_arch}")
-    return ResolvedWeights("file", state, mean, std, str(path))
+    return ResolvedWeights(kind, state, mean, std, str(path))
 
 
 def load_encoder_weights(encoder: torch.nn.Module, state: Mapping[str, torch.Tensor], arch: str,

@@ -1,7 +1,10 @@
-"""Segmentation models: a registry (``build_model``) and the 2D UNet-ResNet."""
+"""Segmentation models: the registry with its one ``build_model`` (2D and 3D), the 2D UNet-ResNet
+and the 3D UNet with an inflatable ResNet encoder. Importing this package registers both."""
 
-from finetune.models.registry import ARCHS, MODELS, arch_from_state_dict, build_model, get_arch
-from finetune.models.unet2d import DEFAULT_MEAN, DEFAULT_STD, UNet2D, logits_to_probs, output_channels
+from finetune.models import unet2d, unet3d
+from finetune.models.registry import DEFAULT_MEAN, DEFAULT_STD, MODELS, build_model
+from finetune.models.unet2d import UNet2D, logits_to_probs, output_channels
+from finetune.models.unet3d import UNet3D
 
-__all__ = ["ARCHS", "MODELS", "DEFAULT_MEAN", "DEFAULT_STD", "UNet2D", "arch_from_state_dict", "build_model",
-           "get_arch", "logits_to_probs", "output_channels"]
+__all__ = ["DEFAULT_MEAN", "DEFAULT_STD", "MODELS", "UNet2D", "UNet3D", "build_model", "logits_to_probs",
+           "output_channels", "unet2d", "unet3d"]

@@ -20,17 +20,16 @@ Axes are ``(z, y, x)``; tensors are ``(batch, channel, z, y, x)``.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finetune.encoders import EncoderError, EncoderWeights, load_into_encoder
-from finetune.models.inflate import STAGES, StageGeometry, inflate_state_dict
-from finetune.models.registry import arch_from_state_dict, get_arch, register_model
-from finetune.models.unet2d import DEFAULT_MEAN, DEFAULT_STD, output_channels
+from finetune.models.inflate import STAGES, StageGeometry
+from cemcurate.common.archs import get_arch
+from finetune.models.base import SegmentationModel, output_channels
+from finetune.models.registry import DEFAULT_MEAN, DEFAULT_STD, register_model
 
 UPSAMPLE_MODES = ("trilinear", "nearest", "transpose")
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
@@ -278,7 +277,7 @@ def _pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> tuple[torch.Te
     return F.pad(x, flat, mode=mode), pads
 
 
-class UNet3D(nn.Module):
+class UNet3D(SegmentationModel):
     """UNet-ResNet for one-channel volumes, with an inflatable ResNet encoder.
 
     Args:
@@ -297,16 +296,15 @@ class UNet3D(nn.Module):
     back, so the output always has the input's size.
     """
 
+    dim = 3
+
     def __init__(self, arch: str = "resnet50", num_classes: int = 2, geometry: StageGeometry | str | Mapping | None = None,
                  decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS, upsample: str = "trilinear",
                  mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD):
-        super().__init__()
-        if not std > 0:
-            raise ValueError(f"normalisation std must be > 0, got {std}")
+        get_arch(arch)
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"unknown upsampling {upsample!r}; valid: {', '.join(UPSAMPLE_MODES)}")
-        self.arch = arch
-        self.num_classes = num_classes
+        super().__init__(arch, num_classes, mean, std)
         self.geometry = StageGeometry.from_any(geometry)
         self.upsample = upsample
         self.decoder_channels = tuple(int(c) for c in decoder_channels)
@@ -314,9 +312,6 @@ class UNet3D(nn.Module):
         self.decoder = UNetDecoder(3, self.encoder.out_channels, self.decoder_channels, self.geometry, upsample)
         self.head = conv_nd(3, self.decoder_channels[-1], output_channels(num_classes), 3, self.geometry.kernel_depth[0],
                             bias=True)
-        self.register_buffer("norm_mean", torch.tensor(float(mean)))
-        self.register_buffer("norm_std", torch.tensor(float(std)))
-        self.encoder_frozen = False
         for m in list(self.decoder.modules()) + [self.head]:
             if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
                 nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
@@ -328,25 +323,11 @@ class UNet3D(nn.Module):
         """``(z, y, x)`` input-size multiple that needs no internal padding."""
         return self.geometry.size_multiple
 
-    def freeze_encoder(self, frozen: bool = True) -> None:
-        """Freeze (or unfreeze) the encoder: no gradients, BatchNorm in eval mode (statistics fixed)."""
-        self.encoder_frozen = frozen
-        for p in self.encoder.parameters():
-            p.requires_grad_(not frozen)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "UNet3D":
-        super().train(mode)
-        if self.encoder_frozen:
-            # A frozen pretrained encoder keeps its running statistics, as in the paper.
-            self.encoder.eval()
-        return self
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"UNet3D expects (batch, 1, z, y, x), got shape {tuple(x.shape)}")
         shape = x.shape[2:]
-        x, pads = _pad_to_multiple((x - self.norm_mean) / self.norm_std, self.size_multiple)
+        x, pads = _pad_to_multiple(self.normalise(x), self.size_multiple)
         logits = self.head(self.decoder(self.encoder(x)))
         crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, shape))
         return logits[(slice(None), slice(None)) + crop]
@@ -359,55 +340,12 @@ class UNet3D(nn.Module):
 
 
 @register_model("unet3d")
-def build_unet3d(arch: str = "resnet50", num_classes: int = 2,
-                 encoder_weights: EncoderWeights | Mapping[str, torch.Tensor] | None = None,
-                 geometry: StageGeometry | str | Mapping | None = None, freeze_encoder: bool = False,
-                 upsample: str = "trilinear", decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
-                 inflate_mode: str = "i3d", mean: float | None = None, std: float | None = None) -> UNet3D:
-    """Build a :class:`UNet3D`, inflating 2D encoder weights into it (loaded strictly).
-
-    Args:
-        arch: encoder architecture.
-        num_classes: classes including background.
-        encoder_weights: 2D weights: an :class:`~finetune.encoders.EncoderWeights` from
-            :func:`~finetune.encoders.resolve_encoder` (its mean/std are used unless given
-            here), a plain 2D ResNet state dict, or None (random initialisation).
-        geometry: per-stage kernel depth and z stride (preset name ``isotropic``,
-            ``anisotropic``, ``planar``, a mapping ``{"kernel_depth": [5], "z_stride": [5]}``
-            or a :class:`StageGeometry`; see :meth:`StageGeometry.from_spacing`).
-        freeze_encoder: no gradients to the encoder and its BatchNorm kept in eval mode.
-        upsample: ``trilinear``, ``nearest`` or ``transpose``.
-        decoder_channels: five decoder widths (``(256, 128, 64, 32, 16)`` as smp's UNet).
-        inflate_mode: ``i3d`` or ``center`` (see :mod:`finetune.models.inflate`).
-        mean, std: input normalisation for [0, 1] voxels; default from the weights, else 0.5/0.5.
-
-    Raises:
-        ValueError (EncoderError): the weights do not fit ``arch`` (names the source).
-    """
-    get_arch(arch)
-    if isinstance(encoder_weights, EncoderWeights):
-        weights = encoder_weights
-    elif encoder_weights is None:
-        weights = EncoderWeights("random", None, source="random")
-    elif isinstance(encoder_weights, Mapping):
-        weights = EncoderWeights("file", dict(encoder_weights), source="<2D state dict>")
-    else:
-        raise ValueError(f"encoder_weights must be EncoderWeights, a state dict or None, got "
-                         f"{type(encoder_weights).__name__}")
-    if weights.state is not None:
-        # Fail before building (a 3D ResNet is large) when the file holds another arch.
-        found = arch_from_state_dict(weights.state)
-        if found is not None and found != arch:
-            raise EncoderError(f"{weights.source}: cannot load into a {arch} encoder: it holds a {found} encoder; "
-                               f"pass --arch {found}")
-    mean = mean if mean is not None else (weights.mean if weights.mean is not None else DEFAULT_MEAN)
-    std = std if std is not None else (weights.std if weights.std is not None else DEFAULT_STD)
-    model = UNet3D(arch, num_classes, geometry, decoder_channels, upsample, mean, std)
-    if weights.state is not None:
-        state3d = inflate_state_dict(weights.state, model.geometry, inflate_mode)
-        load_into_encoder(model.encoder, dataclasses.replace(weights, state=state3d), arch)
-    model.freeze_encoder(freeze_encoder)
-    return model
+def build_unet3d(arch: str = "resnet50", num_classes: int = 2, geometry: StageGeometry | str | Mapping | None = None,
+                 decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS, upsample: str = "trilinear",
+                 mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD) -> UNet3D:
+    """A randomly initialised :class:`UNet3D`; :func:`finetune.models.build_model` (``"unet3d"``)
+    inflates 2D encoder weights into it and freezes it."""
+    return UNet3D(arch, num_classes, geometry, decoder_channels, upsample, mean, std)
 
 
 __all__ = ["BasicBlock", "Bottleneck", "DecoderBlock", "ResNetEncoder", "STAGES", "UNet3D", "UNetDecoder",

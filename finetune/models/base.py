@@ -1,0 +1,71 @@
+"""What every segmentation model shares: input normalisation, a freezable encoder, output heads.
+
+A model takes one grey channel scaled to [0, 1], normalises it with two buffers saved in
+its state dict (so a saved model predicts correctly without side information), and returns
+logits: one channel read through a sigmoid for a binary task, K channels through a softmax
+for K > 2 classes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def output_channels(num_classes: int) -> int:
+    """Logit channels for ``num_classes`` classes (1 for binary, else ``num_classes``)."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 (background + at least one class), got {num_classes}")
+    return 1 if num_classes == 2 else num_classes
+
+
+def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities from logits ``(B, C, ...)`` (2D or 3D).
+
+    Returns float32 of the same shape in [0, 1]: the foreground probability for ``C == 1``,
+    otherwise a softmax over the ``C`` classes.
+    """
+    logits = logits.float()
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+class SegmentationModel(nn.Module):
+    """Base of the 2D and 3D UNets: ``arch``, ``num_classes``, normalisation buffers, freezing.
+
+    Subclasses set :attr:`dim` and :attr:`encoder` (a module with timm ResNet key names) and
+    call :meth:`normalise` on their input.
+    """
+
+    dim: int
+    encoder: nn.Module
+
+    def __init__(self, arch: str, num_classes: int, mean: float, std: float):
+        super().__init__()
+        if not std > 0:
+            raise ValueError(f"normalisation std must be > 0, got {std}")
+        self.arch = arch
+        self.num_classes = num_classes
+        self.register_buffer("norm_mean", torch.tensor(float(mean)))
+        self.register_buffer("norm_std", torch.tensor(float(std)))
+        self.encoder_frozen = False
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.norm_mean) / self.norm_std
+
+    def freeze_encoder(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the encoder: no gradients and BatchNorm statistics fixed.
+
+        A frozen encoder stays in eval mode even when the model is put in train mode, so
+        its BatchNorm layers use and keep their running statistics, as in the paper,
+        where the pre-trained encoder is not updated at all.
+        """
+        self.encoder_frozen = frozen
+        for p in self.encoder.parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "SegmentationModel":
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
