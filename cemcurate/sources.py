@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from cemcurate.io import is_supported, natural_sort_key
+from cemcurate.io import Volume, is_supported, natural_sort_key, open_file, open_series
 
 SIDECAR_NAME = "cemcurate.yaml"
 _ENTRY_KEYS = {"path", "voxel_size", "invert", "stack", "dataset", "exclude"}
@@ -57,6 +57,19 @@ class SourceSpec:
     def key(self) -> str:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name)[-48:].strip("_.") or "source"
         return f"{slug}-{hashlib.sha1(self.name.encode()).hexdigest()[:8]}"
+
+
+def open_volumes(spec: SourceSpec) -> list[Volume]:
+    """Open the volume(s) of one source (only metadata are read), with the sidecar's voxel size applied.
+
+    A stack is one volume of its files in order; a file gives one volume per array it holds
+    (only the ``dataset`` one when the sidecar names it).
+    """
+    volumes = [open_series(spec.files)] if spec.options.stack else open_file(spec.files[0], dataset=spec.options.dataset)
+    if spec.options.voxel_size is not None:
+        for vol in volumes:
+            vol.voxel_size, vol.voxel_size_from = spec.options.voxel_size, "sidecar"
+    return volumes
 
 
 @dataclass

@@ -8,6 +8,7 @@ ignored when computing the window; NaN maps to 0, +inf to 255 and -inf to 0.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,15 @@ class IntensityWindow:
     low: float | None
     high: float | None
     invert: bool = False
+
+    @classmethod
+    def from_bounds(cls, low: float | None, high: float | None, invert: bool = False) -> "IntensityWindow":
+        """The window recorded as ``low``/``high`` in a source table, where NaN (or None) means
+        the uint8 pass-through."""
+        def bound(value: float | None) -> float | None:
+            return None if value is None or math.isnan(value) else float(value)
+
+        return cls(bound(low), bound(high), bool(invert))
 
     def apply(self, arr: np.ndarray) -> np.ndarray:
         """Map ``arr`` (any shape, any real dtype) to uint8 of the same shape."""

@@ -16,6 +16,7 @@ page-cache speed instead of decoding one image file per patch.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
@@ -23,8 +24,12 @@ import numpy as np
 import pandas as pd
 
 from cemcurate.common.atomic import atomic_path
+from cemcurate.layout import BuildLayout
+from cemcurate.manifest import write_manifest
 
 STORE_FORMAT = 1
+# Patches copied between shards at a time: 512 patches of 224 x 224 are 25 MB.
+COPY_CHUNK = 512
 
 
 class StoreError(ValueError):
@@ -61,6 +66,16 @@ class ShardWriter:
         self.count += len(patches)
         return rows
 
+    def append_from(self, source: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Append ``source[rows]`` (all of ``source`` when ``rows`` is None), a bounded chunk at a
+        time, so a memory-mapped shard is copied without loading it; return the new row numbers."""
+        rows = np.arange(len(source)) if rows is None else np.asarray(rows, np.int64)
+        written = np.empty(len(rows), np.int64)
+        for start in range(0, len(rows), COPY_CHUNK):
+            chunk = rows[start:start + COPY_CHUNK]
+            written[start:start + len(chunk)] = self.append(np.asarray(source[chunk]))
+        return written
+
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self._file is not None
         self._file.close()
@@ -80,10 +95,70 @@ def open_shard(path: str | Path, patch_size: int) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(n, patch_size, patch_size))
 
 
+def _gather(shards: Sequence[np.ndarray], shard_of: np.ndarray, row_of: np.ndarray, patch_size: int) -> np.ndarray:
+    """``shards[shard_of[i]][row_of[i]]`` for every i: uint8 ``(n, p, p)``. With several shards,
+    each is read with one fancy index in ascending row order (forward reads of its memory map)."""
+    if len(shards) == 1:
+        return shards[0][row_of] if len(row_of) else np.zeros((0, patch_size, patch_size), np.uint8)
+    out = np.empty((len(row_of), patch_size, patch_size), np.uint8)
+    order = np.lexsort((row_of, shard_of))
+    bounds = np.flatnonzero(np.diff(shard_of[order])) + 1
+    for sel in np.split(order, bounds):
+        if len(sel):
+            out[sel] = shards[shard_of[sel[0]]][row_of[sel]]
+    return out
+
+
+class ShardReader:
+    """The shards of a build folder, each memory-mapped once, read by ``(shard, shard_row)``."""
+
+    def __init__(self, out_dir: str | Path, patch_size: int):
+        self.layout = BuildLayout(out_dir)
+        self.patch_size = int(patch_size)
+        self._open: dict[str, np.ndarray] = {}
+
+    def shard(self, name: str) -> np.ndarray:
+        """Shard ``name`` as a read-only uint8 ``(n, p, p)`` memory map."""
+        if name not in self._open:
+            self._open[name] = open_shard(self.layout.shard(name), self.patch_size)
+        return self._open[name]
+
+    def read(self, shards: Sequence[str] | np.ndarray, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Pixels of the patches at ``(shards[i], rows[i])``: uint8 ``(n, p, p)`` in the order given."""
+        codes, names = pd.factorize(np.asarray(shards, dtype=object))
+        return _gather([self.shard(str(n)) for n in names], codes.astype(np.int64),
+                       np.asarray(rows, np.int64), self.patch_size)
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """``OUT/store.json``: patch edge in pixels and the kept patches' intensity mean and std in [0, 1]."""
+
+    patch_size: int
+    mean: float
+    std: float
+
+
+def _not_finished(out_dir: Path, missing: Path) -> StoreError:
+    return StoreError(f"{out_dir}: not a finished build folder ({missing.name} is missing); "
+                      f"run `cemcurate build RAW {out_dir}` first")
+
+
+def read_store_info(out_dir: str | Path) -> StoreInfo:
+    """Read and check ``OUT/store.json``; a missing file or an unknown format is a :class:`StoreError`."""
+    layout = BuildLayout(out_dir)
+    if not layout.store_info.is_file():
+        raise _not_finished(layout.root, layout.store_info)
+    info = json.loads(layout.store_info.read_text())
+    if info.get("format") != STORE_FORMAT:
+        raise StoreError(f"{layout.store_info}: store format {info.get('format')} is not supported (expected {STORE_FORMAT})")
+    return StoreInfo(int(info["patch_size"]), float(info["mean"]), float(info["std"]))
+
+
 def write_store_info(out_dir: str | Path, patch_size: int, mean: float, std: float) -> None:
     """Write ``OUT/store.json`` (patch size and kept-patch intensity statistics in [0, 1])."""
     info = {"format": STORE_FORMAT, "patch_size": int(patch_size), "mean": float(mean), "std": float(std)}
-    with atomic_path(Path(out_dir) / "store.json") as tmp:
+    with atomic_path(BuildLayout(out_dir).store_info) as tmp:
         tmp.write_text(json.dumps(info, indent=2))
 
 
@@ -102,24 +177,20 @@ class PatchStore:
     """
 
     def __init__(self, out_dir: str | Path):
-        out_dir = Path(out_dir)
-        info_path, manifest_path = out_dir / "store.json", out_dir / "manifest.parquet"
-        for required in (info_path, manifest_path):
-            if not required.is_file():
-                raise StoreError(f"{out_dir}: not a finished build folder ({required.name} is missing); run `cemcurate build RAW {out_dir}` first")
-        info = json.loads(info_path.read_text())
-        if info.get("format") != STORE_FORMAT:
-            raise StoreError(f"{info_path}: store format {info.get('format')} is not supported (expected {STORE_FORMAT})")
-        self.patch_size = int(info["patch_size"])
-        self.mean, self.std = float(info["mean"]), float(info["std"])
-        manifest = pd.read_parquet(manifest_path)
+        layout = BuildLayout(out_dir)
+        out_dir = layout.root
+        info = read_store_info(out_dir)
+        if not layout.manifest.is_file():
+            raise _not_finished(out_dir, layout.manifest)
+        self.patch_size, self.mean, self.std = info.patch_size, info.mean, info.std
+        manifest = pd.read_parquet(layout.manifest)
         kept = manifest[manifest["kept"]].sort_values("patch_id").reset_index(drop=True)
         self.manifest = kept
         self.patch_ids = kept["patch_id"].to_numpy(np.int64)
         # Integer shard codes keep batch lookups in fast numeric numpy code.
         codes, names = pd.factorize(kept["shard"])
         self._shard_of = codes.astype(np.int64)
-        self._shards = [open_shard(out_dir / "store" / f"{name}.u8", self.patch_size) for name in names]
+        self._shards = [open_shard(layout.shard(name), self.patch_size) for name in names]
         self._row_of = kept["shard_row"].to_numpy(np.int64)
         for code, (name, shard) in enumerate(zip(names, self._shards)):
             rows = self._row_of[self._shard_of == code]
@@ -136,17 +207,7 @@ class PatchStore:
                 raise IndexError(f"patch index {i} out of range for {len(self)} patches")
             return np.asarray(self._shards[self._shard_of[i]][self._row_of[i]])
         indices = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, np.int64)
-        shards = self._shard_of[indices]
-        rows = self._row_of[indices]
-        if len(self._shards) == 1:
-            return self._shards[0][rows] if len(rows) else np.zeros((0, self.patch_size, self.patch_size), np.uint8)
-        out = np.empty((len(indices), self.patch_size, self.patch_size), np.uint8)
-        order = np.lexsort((rows, shards))
-        bounds = np.flatnonzero(np.diff(shards[order])) + 1
-        for sel in np.split(order, bounds):
-            if len(sel):
-                out[sel] = self._shards[shards[sel[0]]][rows[sel]]
-        return out
+        return _gather(self._shards, self._shard_of[indices], self._row_of[indices], self.patch_size)
 
 
 def open_patches(out_dir: str | Path) -> PatchStore:
@@ -166,13 +227,11 @@ def write_patch_store(out_dir: str | Path, patches: np.ndarray, source: str = "a
     For tools and tests that have patches in memory; ``cemcurate build`` writes the full
     manifest itself. Every patch is kept; ``patch_id`` is its index.
     """
-    from cemcurate.manifest import write_manifest
-
-    out_dir = Path(out_dir)
+    layout = BuildLayout(out_dir)
     if patches.ndim != 3 or patches.shape[1] != patches.shape[2] or len(patches) == 0:
         raise ValueError(f"expected a non-empty uint8 array of square patches (n, p, p), got {patches.shape}")
     p = patches.shape[1]
-    with ShardWriter(out_dir / "store" / "array.u8", p) as shard:
+    with ShardWriter(layout.shard("array"), p) as shard:
         rows = shard.append(patches.astype(np.uint8, copy=False))
     n = len(patches)
     manifest = pd.DataFrame({
@@ -180,7 +239,7 @@ def write_patch_store(out_dir: str | Path, patches: np.ndarray, source: str = "a
         "slice": np.arange(n, dtype=np.int64), "y": 0, "x": 0, "h": p, "w": p,
         "kept": True, "reason": "", "shard": "array", "shard_row": rows,
     })
-    write_manifest(manifest, out_dir / "manifest.parquet")
+    write_manifest(manifest, layout.manifest)
     scaled = patches.astype(np.float64) / 255.0
-    write_store_info(out_dir, p, scaled.mean(), scaled.std())
-    return PatchStore(out_dir)
+    write_store_info(layout.root, p, scaled.mean(), scaled.std())
+    return PatchStore(layout.root)

@@ -23,14 +23,23 @@ Routes (JSON errors with 4xx codes for bad input):
 
 from __future__ import annotations
 
+import html
 import io
+import logging
 import sys
 import threading
+import webbrowser
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from cemcurate.common.lazy import lazy_import
 from cemcurate.filtering.labels import LabelPool, append_labels, labels_path, read_labels
+
+flask = lazy_import("flask")
+werkzeug_exceptions = lazy_import("werkzeug.exceptions")
+werkzeug_serving = lazy_import("werkzeug.serving")
 
 LOOPBACK = "127.0.0.1"
 _ALLOWED_HOSTS = {"127.0.0.1", "localhost"}
@@ -53,9 +62,6 @@ def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int 
     Returns:
         a ``flask.Flask`` app; use ``app.test_client()`` in tests or :func:`serve`.
     """
-    from flask import Flask, Response, jsonify, request
-    from werkzeug.exceptions import HTTPException
-
     pool = LabelPool(out_dir)
     if len(pool) == 0:
         raise ValueError(f"{out_dir}: the build has no stored patches to label")
@@ -78,34 +84,35 @@ def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int 
                 "uninformative": len(labels) - informative, "unlabelled": int(len(pool)) - len(labels)}
 
     reorder()
-    app = Flask("cemcurate.filtering.label_server")
+    app = flask.Flask("cemcurate.filtering.label_server")
     app.config["MAX_CONTENT_LENGTH"] = 4096  # a label is a few dozen bytes
 
     def error(code: int, message: str):
-        response = jsonify({"error": message})
+        response = flask.jsonify({"error": message})
         response.status_code = code
         return response
 
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException):
+    @app.errorhandler(werkzeug_exceptions.HTTPException)
+    def _http_error(exc):
         return error(exc.code or 500, exc.description or exc.name)
 
     @app.before_request
     def _only_loopback_hosts():
-        if _host_name(request.host) not in _ALLOWED_HOSTS:
-            return error(403, f"host {request.host!r} refused; open http://127.0.0.1:<port>/")
+        host = flask.request.host
+        if _host_name(host) not in _ALLOWED_HOSTS:
+            return error(403, f"host {host!r} refused; open http://127.0.0.1:<port>/")
         return None
 
     @app.get("/")
     def page():
-        html = PAGE_HTML.replace("__PAGE_SIZE__", str(int(page_size))).replace("__OUT__", _escape(str(out_dir)))
-        return Response(html, mimetype="text/html")
+        text = PAGE_HTML.replace("__PAGE_SIZE__", str(int(page_size))).replace("__OUT__", html.escape(str(out_dir)))
+        return flask.Response(text, mimetype="text/html")
 
     @app.get("/api/patches")
     def patches():
         try:
-            start = int(request.args.get("start", "0"))
-            count = int(request.args.get("count", str(page_size)))
+            start = int(flask.request.args.get("start", "0"))
+            count = int(flask.request.args.get("count", str(page_size)))
         except ValueError:
             return error(400, "start and count must be integers")
         if start < 0 or not 1 <= count <= MAX_PAGE:
@@ -116,25 +123,23 @@ def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int 
             ids = state["order"][start:start + count]
             items = [{"patch_id": int(pid), "label": labels.get(int(pid)), "source": str(pool.rows.at[int(pid), "source"]),
                       "url": f"/patch/{int(pid)}.png"} for pid in ids]
-            return jsonify({"start": start, "patches": items, **counts()})
+            return flask.jsonify({"start": start, "patches": items, **counts()})
 
     @app.get("/patch/<int:patch_id>.png")
     def patch_png(patch_id: int):
         if patch_id not in pool:
             return error(404, f"patch_id {patch_id} is not a stored patch of this build")
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.fromarray(pool.patches([patch_id])[0]).save(buf, format="PNG")
-        response = Response(buf.getvalue(), mimetype="image/png")
+        response = flask.Response(buf.getvalue(), mimetype="image/png")
         response.headers["Cache-Control"] = "private, max-age=3600"
         return response
 
     @app.post("/api/label")
     def post_label():
-        if not request.is_json:
+        if not flask.request.is_json:
             return error(415, "send the label as JSON (Content-Type: application/json)")
-        body = request.get_json(silent=True)
+        body = flask.request.get_json(silent=True)
         if not isinstance(body, dict):
             return error(400, 'malformed JSON; expected {"patch_id": <int>, "label": 0 or 1}')
         pid, lab = body.get("patch_id"), body.get("label")
@@ -148,20 +153,14 @@ def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int 
         with lock:
             append_labels(csv_path, [(pid, lab)])
             labels[pid] = lab
-            return jsonify({"ok": True, "patch_id": pid, "label": lab, **counts()})
+            return flask.jsonify({"ok": True, "patch_id": pid, "label": lab, **counts()})
 
     @app.get("/api/stats")
     def stats():
         with lock:
-            return jsonify(counts())
+            return flask.jsonify(counts())
 
     return app
-
-
-def _escape(text: str) -> str:
-    import html
-
-    return html.escape(text)
 
 
 def serve(out_dir: str | Path, port: int = 0, open_browser: bool = True, seed: int | None = None,
@@ -175,24 +174,18 @@ def serve(out_dir: str | Path, port: int = 0, open_browser: bool = True, seed: i
         seed, page_size: see :func:`make_label_app`.
         host: must be a loopback address; anything else is refused (the page writes files).
     """
-    from werkzeug.serving import make_server
-
     if host != LOOPBACK:
         raise ValueError(f"the labelling server only binds to {LOOPBACK}, not {host!r}: it can write to {out_dir}")
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be 0-65535, got {port}")
-    import logging
-
     app = make_label_app(out_dir, seed=seed, page_size=page_size)
     # One log line per click would bury the URL and any real warning.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = make_server(host, port, app, threaded=True)
+    server = werkzeug_serving.make_server(host, port, app, threaded=True)
     bound_host, bound_port = server.socket.getsockname()[:2]
     url = f"http://{bound_host}:{bound_port}/"
     print(f"cemcurate label: {url}  (labels -> {labels_path(out_dir)}; Ctrl-C to stop)", flush=True)
     if open_browser:
-        import webbrowser
-
         threading.Timer(0.5, webbrowser.open, args=(url,)).start()
     try:
         server.serve_forever()

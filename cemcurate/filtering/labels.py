@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import json
 import os
 import threading
 import warnings
@@ -25,8 +24,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from PIL import Image, ImageDraw
 
-from cemcurate.store import open_shard
+from cemcurate.common.atomic import atomic_path
+from cemcurate.layout import BuildLayout
+from cemcurate.manifest import read_manifest
+from cemcurate.montage import tile_grid_image
+from cemcurate.store import ShardReader, read_store_info
 
 LABEL_COLUMNS = ("patch_id", "label", "time")
 INFORMATIVE, UNINFORMATIVE = 1, 0
@@ -39,7 +43,7 @@ _append_lock = threading.Lock()
 
 def labels_path(out_dir: str | Path) -> Path:
     """``OUT/labels.csv``."""
-    return Path(out_dir) / "labels.csv"
+    return BuildLayout(out_dir).labels
 
 
 def utc_now() -> str:
@@ -146,17 +150,11 @@ class LabelPool:
     """
 
     def __init__(self, out_dir: str | Path):
-        from cemcurate.manifest import read_manifest
-
-        self.out_dir = Path(out_dir)
-        info_path = self.out_dir / "store.json"
-        if not info_path.is_file():
-            raise ValueError(f"{self.out_dir}: not a finished build folder (store.json is missing); "
-                             f"run `cemcurate build RAW {self.out_dir}` first")
-        info = json.loads(info_path.read_text())
-        self.patch_size = int(info["patch_size"])
-        self.mean, self.std = float(info["mean"]), float(info["std"])
-        manifest = read_manifest(self.out_dir / "manifest.parquet")
+        layout = BuildLayout(out_dir)
+        self.out_dir = layout.root
+        info = read_store_info(self.out_dir)
+        self.patch_size, self.mean, self.std = info.patch_size, info.mean, info.std
+        manifest = read_manifest(layout.manifest)
         stored = manifest["shard_row"].to_numpy() >= 0
         if "duplicate" in manifest.columns:
             unique = ~manifest["duplicate"].astype(bool).to_numpy()
@@ -164,7 +162,7 @@ class LabelPool:
             unique = (manifest["reason"].astype(str) != "duplicate").to_numpy()
         self.rows = manifest[stored & unique].set_index("patch_id").sort_index()
         self.patch_ids = self.rows.index.to_numpy(np.int64)
-        self._shards: dict[str, np.ndarray] = {}
+        self._reader = ShardReader(self.out_dir, self.patch_size)
 
     def __len__(self) -> int:
         return len(self.patch_ids)
@@ -174,11 +172,6 @@ class LabelPool:
             return int(patch_id) in self.rows.index  # type: ignore[arg-type]
         except (TypeError, ValueError):
             return False
-
-    def _shard(self, name: str) -> np.ndarray:
-        if name not in self._shards:
-            self._shards[name] = open_shard(self.out_dir / "store" / f"{name}.u8", self.patch_size)
-        return self._shards[name]
 
     def patches(self, patch_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Pixels of ``patch_ids``: uint8 ``(n, p, p)`` in the order given.
@@ -191,13 +184,7 @@ class LabelPool:
         if len(missing):
             raise KeyError(f"{self.out_dir}: patch_id(s) {missing[:5].tolist()} are not stored, deduplicated patches of this build")
         sel = self.rows.loc[ids]
-        out = np.empty((len(ids), self.patch_size, self.patch_size), np.uint8)
-        shards, rows = sel["shard"].to_numpy(), sel["shard_row"].to_numpy(np.int64)
-        for name in np.unique(shards):
-            idx = np.flatnonzero(shards == name)
-            order = np.argsort(rows[idx], kind="stable")  # forward reads of the memory map
-            out[idx[order]] = self._shard(name)[rows[idx][order]]
-        return out
+        return np.array(self._reader.read(sel["shard"].to_numpy(), sel["shard_row"].to_numpy(np.int64)))
 
 
 def load_labelled(out_dir: str | Path, labels_csv: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -226,8 +213,6 @@ SHEET_CSV = "sheet_labels.csv"
 
 def _number_tile(patch: np.ndarray, number: int, strip: int = 22) -> np.ndarray:
     """A patch with its number printed in a white strip above it (uint8 2D)."""
-    from PIL import Image, ImageDraw
-
     tile = Image.new("L", (patch.shape[1], patch.shape[0] + strip), 255)
     tile.paste(Image.fromarray(patch), (0, strip))
     ImageDraw.Draw(tile).text((4, 4), str(number), fill=0)
@@ -250,10 +235,6 @@ def export_sheets(out_dir: str | Path, dest: str | Path, count: int = 240, per_s
         label``; ``position`` is the number printed above the patch and ``label`` is left
         empty for the annotator (1 informative, 0 uninformative; blank = skip).
     """
-    from PIL import Image
-
-    from cemcurate.common.atomic import atomic_path
-
     if count < 1 or per_sheet < 1 or columns < 1:
         raise ValueError(f"count, per_sheet and columns must be positive, got {count}, {per_sheet}, {columns}")
     pool = LabelPool(out_dir)
@@ -267,14 +248,7 @@ def export_sheets(out_dir: str | Path, dest: str | Path, count: int = 240, per_s
     for s, start in enumerate(range(0, len(todo), per_sheet), start=1):
         ids = todo[start:start + per_sheet]
         tiles = [_number_tile(patch, i + 1) for i, patch in enumerate(pool.patches(ids))]
-        th, tw = tiles[0].shape
-        gap = 6
-        rows = -(-len(tiles) // columns)
-        cols = min(columns, len(tiles))
-        canvas = np.full((rows * (th + gap) - gap, cols * (tw + gap) - gap), 255, np.uint8)
-        for i, tile in enumerate(tiles):
-            r, c = divmod(i, columns)
-            canvas[r * (th + gap):r * (th + gap) + th, c * (tw + gap):c * (tw + gap) + tw] = tile
+        canvas = tile_grid_image(tiles, columns, gap=6)
         name = f"sheet_{s:03d}.png"
         with atomic_path(dest / name) as tmp:
             Image.fromarray(canvas).save(tmp, format="PNG")

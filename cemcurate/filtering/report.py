@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from cemcurate.montage import montage, png_data_uri, sample_patches
+from cemcurate.store import read_store_info
 
 UNINFORMATIVE_REASON = "uninformative"
 
@@ -28,13 +30,11 @@ def filter_report_section(out_dir: str | Path, manifest: pd.DataFrame, per_sourc
     Returns:
         an HTML fragment (``<h2>`` heading, one table row per source with two embedded PNGs).
     """
-    from cemcurate.report import montage, png_data_uri, sample_patches
-
     out_dir = Path(out_dir)
     head = "<h2>Uninformative-patch filter</h2>"
     if "informative_prob" not in manifest.columns:
         return head + "<p>The filter was not run on this build (no <code>informative_prob</code> column).</p>"
-    patch_size = int(json.loads((out_dir / "store.json").read_text())["patch_size"])
+    patch_size = read_store_info(out_dir).patch_size
     dropped_all = manifest["reason"].astype(str) == UNINFORMATIVE_REASON
     kept_all = manifest["kept"].astype(bool)
     scored = manifest["informative_prob"].notna()
