@@ -197,14 +197,11 @@ def peak_rss_mb() -> float:
 
 
 def child(kind: str, n: int) -> None:
-    # Load dedup.py by path: importing the package would pull in pandas and pyarrow (the
-    # patch store), whose import peak would hide the memory the grouping itself needs.
-    import importlib.util
+    # cemcurate.dedup loads numpy only: no pandas or pyarrow (the patch store), whose import
+    # peak would hide the memory the grouping itself needs.
+    from cemcurate.dedup import group_near_duplicates
 
-    spec = importlib.util.spec_from_file_location("dedup_alone", REPO / "cemcurate" / "dedup.py")
-    dedup = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dedup)
-    group_near_duplicates = dedup.group_near_duplicates
+    assert "pandas" not in sys.modules, "cemcurate.dedup must not import pandas"
     hashes = clustered_hashes(n, seed=n) if kind == "clustered" else uniform_hashes(n, seed=n)
     rss_before = peak_rss_mb()
     t0 = time.perf_counter()

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from cemcurate import dedup
 from cemcurate.dedup import (
     DEFAULT_MAX_HAMMING,
-    _HammingRangeIndex,
+    HammingRangeIndex,
     assign_to_exemplars,
     gini,
     group_incremental,
@@ -20,6 +19,7 @@ from cemcurate.dedup import (
     hamming_distance,
     lorenz_curve,
 )
+from cemcurate.dedup import grouping
 from cemcurate.dhash import dhash64
 
 PATCH = 224
@@ -145,7 +145,7 @@ def test_unrelated_sources_are_not_duplicates(neuroproof_hashes, vnc_tile_hashes
 @pytest.mark.parametrize("single_batch_size", [2048, 0])
 def test_real_hashes_match_reference_loop(neuroproof_hashes, vnc_tile_hashes, monkeypatch, single_batch_size):
     # 0: force the batched path with the range index even for these 1820 hashes
-    monkeypatch.setattr(dedup, "_SINGLE_BATCH_SIZE", single_batch_size)
+    monkeypatch.setattr(grouping, "_SINGLE_BATCH_SIZE", single_batch_size)
     hashes = np.concatenate([*neuroproof_hashes.values(), vnc_tile_hashes])  # 1820 real hashes
     rng = np.random.default_rng(7)
     for max_hamming in (6, 11, 12):
@@ -230,7 +230,7 @@ def test_range_index_returns_exactly_the_close_pairs(max_hamming):
     rng = np.random.default_rng(100 + max_hamming)
     base = np.unique(clustered_hashes(6000, rng))
     queries = np.concatenate([base[rng.integers(0, len(base), 300)], clustered_hashes(300, rng)])
-    indexes = [_HammingRangeIndex(base, max_hamming, strategy) for strategy in ("auto", "blocks", "brute")]
+    indexes = [HammingRangeIndex(base, max_hamming, strategy) for strategy in ("auto", "blocks", "brute")]
     assert indexes[1].blocks is not None and indexes[2].blocks is None
     expected_rows, expected_cols = np.nonzero(hamming_distance(queries[:, None], base[None, :]) <= max_hamming)
     expected = set(zip(expected_rows.tolist(), expected_cols.tolist()))
@@ -243,14 +243,14 @@ def test_range_index_with_skewed_blocks(monkeypatch):
     # Like partly flat patches: most hashes have all-zero rows, so two 16-bit blocks each
     # hold one giant bucket; those queries must fall back to a scan and stay exact.
     scanned = []
-    plain_scan = _HammingRangeIndex._query_brute
-    monkeypatch.setattr(_HammingRangeIndex, "_query_brute", lambda self, q: scanned.append(len(q)) or plain_scan(self, q))
+    plain_scan = HammingRangeIndex._query_brute
+    monkeypatch.setattr(HammingRangeIndex, "_query_brute", lambda self, q: scanned.append(len(q)) or plain_scan(self, q))
     rng = np.random.default_rng(9)
     base = np.unique(clustered_hashes(8000, rng))
     base[: len(base) * 9 // 10] &= np.uint64(0xFFFFFFFF00000000)
     base = np.unique(base)
     queries = np.concatenate([base[rng.integers(0, len(base), 400)], clustered_hashes(100, rng)])
-    index = _HammingRangeIndex(base, 11, "blocks")
+    index = HammingRangeIndex(base, 11, "blocks")
     rows, cols = index.query(queries)
     assert 0 < scanned[0] < len(queries)  # both the multi-index and the scan answered some
     expected_rows, expected_cols = np.nonzero(hamming_distance(queries[:, None], base[None, :]) <= 11)
@@ -262,7 +262,7 @@ def test_range_index_with_skewed_blocks(monkeypatch):
 def test_large_clustered_set_matches_reference_loop():
     rng = np.random.default_rng(21)
     hashes = clustered_hashes(30000, rng)  # big enough for the multi-index path and rebuilds
-    assert _HammingRangeIndex(np.unique(hashes), 11).blocks is not None
+    assert HammingRangeIndex(np.unique(hashes), 11).blocks is not None
     order = rng.permutation(len(hashes))
     exemplar = group_near_duplicates(hashes, 11, order=order)
     assert np.array_equal(exemplar, reference_greedy_vectorised(hashes, 11, order))

@@ -14,32 +14,37 @@ from __future__ import annotations
 
 import html
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+import yaml
 
+from cemcurate.build.records import SourceRow
 from cemcurate.common.atomic import atomic_path
-from cemcurate.dedup import gini, hamming_distance, lorenz_curve
+from cemcurate.common.lazy import lazy_import
+from cemcurate.dedup.grouping import DEFAULT_MAX_HAMMING
+from cemcurate.dedup.hamming import hamming_distance
+from cemcurate.dedup.inequality import gini, lorenz_curve
 from cemcurate.dhash import hex_to_dhash
-from cemcurate.io import open_file, open_series
+from cemcurate.io import Volume
+from cemcurate.layout import BuildLayout
 from cemcurate.manifest import read_manifest
-from cemcurate.report import montage, png_data_uri
+from cemcurate.montage import html_page, html_table, png_data_uri, thumbnail
+from cemcurate.patch_grid import crop_patches
+from cemcurate.sources import open_volumes
 from cemcurate.standardize import IntensityWindow
-from cemcurate.store import open_shard
+from cemcurate.store import ShardReader, read_store_info
+
+matplotlib = lazy_import("matplotlib")
+pyplot = lazy_import("matplotlib.pyplot")
+
+_STYLE = ("body{font-family:sans-serif;margin:2em}.row{display:flex;flex-wrap:wrap;gap:8px}"
+          ".pair{display:flex;border:1px solid #ccc}figure{margin:2px;font-size:75%;text-align:center}"
+          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
 
 
-def _source_volume(source: pd.Series):
-    files = json.loads(source["files"]) if str(source["files"]).startswith("[") else [source["files"]]
-    if source.get("stack", False):
-        return open_series([Path(f) for f in files])
-    volumes = open_file(files[0], dataset=source.get("dataset") or None)
-    return volumes[0]
-
-
-def _plane_image(vol, window: IntensityWindow, plane: str, index: int) -> np.ndarray:
+def _plane_image(vol: Volume, window: IntensityWindow, plane: str, index: int) -> np.ndarray:
     """One standardised cross-section of ``vol`` (uint8, rows x cols as in the manifest)."""
     if plane == "xy":
         return window.apply(vol.read_slices(index, index + 1))[0]
@@ -51,27 +56,24 @@ def _plane_image(vol, window: IntensityWindow, plane: str, index: int) -> np.nda
 
 def patch_pixels(out_dir: str | Path, rows: pd.DataFrame, patch_size: int = 224) -> np.ndarray:
     """Pixels of manifest ``rows`` (uint8 ``(n, p, p)``): from the store, or re-cut from the source."""
-    from cemcurate.patch_grid import crop_patches
-
-    out_dir = Path(out_dir)
+    layout = BuildLayout(out_dir)
+    store = ShardReader(layout.root, patch_size)
     out = np.zeros((len(rows), patch_size, patch_size), np.uint8)
     sources = None
     planes: dict[tuple, np.ndarray] = {}
-    volumes: dict[str, object] = {}
+    volumes: dict[str, Volume] = {}
     for i, row in enumerate(rows.itertuples(index=False)):
         if row.shard_row >= 0:
-            out[i] = open_shard(out_dir / "store" / f"{row.shard}.u8", patch_size)[row.shard_row]
+            out[i] = store.shard(row.shard)[row.shard_row]
             continue
         if sources is None:
-            sources = pd.read_parquet(out_dir / "sources.parquet").drop_duplicates("source").set_index("source")
-        src = sources.loc[row.source]
+            sources = pd.read_parquet(layout.sources).drop_duplicates("source").set_index("source", drop=False)
         key = (row.source, row.plane, row.slice)
         if key not in planes:
+            src = SourceRow.from_table(sources.loc[row.source])
             if row.source not in volumes:
-                volumes[row.source] = _source_volume(src)
-            low, high = src["window_low"], src["window_high"]
-            window = IntensityWindow(None if pd.isna(low) else float(low), None if pd.isna(high) else float(high), bool(src["invert"]))
-            planes[key] = _plane_image(volumes[row.source], window, row.plane, int(row.slice))
+                volumes[row.source] = open_volumes(src.spec())[0]
+            planes[key] = _plane_image(volumes[row.source], src.window(), row.plane, int(row.slice))
         grid = np.array([[row.y, row.x, row.h, row.w]], np.int64)
         out[i] = crop_patches(planes[key], grid, patch_size)[0]
     return out
@@ -101,14 +103,10 @@ def boundary_pairs(manifest: pd.DataFrame, max_hamming: int, per_distance: int =
 
 def lorenz_png(counts: np.ndarray) -> tuple[bytes, float]:
     """PNG bytes of the Lorenz curve of patches per source, and the Gini coefficient."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x, y = lorenz_curve(counts)
     g = gini(counts)
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    fig, ax = pyplot.subplots(figsize=(4, 4), dpi=100)
     ax.plot(x, y, label=f"patches per source (Gini {g:.2f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="equality")
     ax.set_xlabel("fraction of sources")
@@ -117,26 +115,29 @@ def lorenz_png(counts: np.ndarray) -> tuple[bytes, float]:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
+    pyplot.close(fig)
     return buf.getvalue(), g
 
 
 def _img(pixels: np.ndarray, caption: str) -> str:
-    small = np.asarray(Image.fromarray(pixels).resize((112, 112), Image.BILINEAR))
-    return f"<figure><img src='{png_data_uri(small)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+    src = png_data_uri(thumbnail(pixels, 112))
+    return f"<figure><img src='{src}'><figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
 def dedup_preview(out_dir: str | Path, groups: int = 12, per_group: int = 7, max_hamming: int | None = None,
                   seed: int = 0) -> Path:
-    """Write ``OUT/dedup_preview.html`` and ``OUT/lorenz.png``; return the page's path."""
-    import yaml
+    """Write ``OUT/dedup_preview.html`` and ``OUT/lorenz.png``; return the page's path.
 
-    out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir / "manifest.parquet")
+    ``max_hamming`` is the cutoff to illustrate; None: the one the build used (from
+    ``OUT/build_config.yaml``).
+    """
+    layout = BuildLayout(out_dir)
+    out_dir = layout.root
+    manifest = read_manifest(layout.manifest)
     if max_hamming is None:
-        cfg_path = out_dir / "build_config.yaml"
-        max_hamming = int(yaml.safe_load(cfg_path.read_text()).get("max_hamming", 11)) if cfg_path.is_file() else 11
-    patch_size = int(json.loads((out_dir / "store.json").read_text())["patch_size"])
+        used = yaml.safe_load(layout.build_config.read_text()) if layout.build_config.is_file() else {}
+        max_hamming = int(used.get("max_hamming", DEFAULT_MAX_HAMMING))
+    patch_size = read_store_info(out_dir).patch_size
     hashes = hex_to_dhash(manifest["dhash"].tolist()) if len(manifest) else np.zeros(0, np.uint64)
     position = pd.Series(np.arange(len(manifest)), index=manifest["patch_id"].to_numpy())
     sections = [f"<h1>Near-duplicate groups: {html.escape(str(out_dir))}</h1>",
@@ -154,28 +155,28 @@ def dedup_preview(out_dir: str | Path, groups: int = 12, per_group: int = 7, max
             _img(p, f"{manifest['patch_id'].iat[m]}: d={d}") for p, m, d in zip(pix[1:], members, dists)]
         sections.append(f"<h3>{html.escape(manifest['source'].iat[ex])}</h3><div class=row>{''.join(figures)}</div>")
 
-    pairs = boundary_pairs(manifest, max_hamming, seed=seed) if len(manifest) else pd.DataFrame(columns=["a", "b", "distance"])
-    sections.append("<h2>Pairs near the cutoff</h2><p>Distances at or below the cutoff are grouped; above it they are kept apart.</p>")
+    pairs = (boundary_pairs(manifest, max_hamming, seed=seed) if len(manifest)
+             else pd.DataFrame(columns=["a", "b", "distance"]))
+    sections.append("<h2>Pairs near the cutoff</h2>"
+                    "<p>Distances at or below the cutoff are grouped; above it they are kept apart.</p>")
     for d, chunk in pairs.groupby("distance"):
         side = "grouped" if d <= max_hamming else "kept apart"
         figures = []
         for a, b in zip(chunk["a"], chunk["b"]):
             pix = patch_pixels(out_dir, manifest.iloc[[a, b]], patch_size)
-            figures.append(f"<div class=pair>{_img(pix[0], str(manifest['patch_id'].iat[a]))}{_img(pix[1], str(manifest['patch_id'].iat[b]))}</div>")
+            pair = _img(pix[0], str(manifest["patch_id"].iat[a])) + _img(pix[1], str(manifest["patch_id"].iat[b]))
+            figures.append(f"<div class=pair>{pair}</div>")
         sections.append(f"<h3>distance {d} ({side})</h3><div class=row>{''.join(figures)}</div>")
 
     if len(manifest):
-        per_source = manifest.groupby("source").agg(raw=("patch_id", "size"), deduplicated=("duplicate", lambda s: int((~s).sum())))
+        per_source = manifest.groupby("source").agg(raw=("patch_id", "size"),
+                                                    deduplicated=("duplicate", lambda s: int((~s).sum())))
         png, g = lorenz_png(per_source["deduplicated"].to_numpy())
-        with atomic_path(out_dir / "lorenz.png") as tmp:
+        with atomic_path(layout.lorenz_png) as tmp:
             tmp.write_bytes(png)
-        table = "".join(f"<tr><td>{html.escape(s)}</td><td>{r.raw}</td><td>{r.deduplicated}</td></tr>" for s, r in per_source.iterrows())
-        sections.append(f"<h2>Patches per source</h2><table><tr><th>source</th><th>raw</th><th>deduplicated</th></tr>{table}</table>"
-                        f"<p>Gini coefficient of deduplicated patches per source: {g:.3f}</p><img src='lorenz.png'>")
-    style = ("body{font-family:sans-serif;margin:2em}.row{display:flex;flex-wrap:wrap;gap:8px}.pair{display:flex;border:1px solid #ccc}"
-             "figure{margin:2px;font-size:75%;text-align:center}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
-    page = f"<!doctype html><html><head><meta charset=utf-8><title>dedup preview</title><style>{style}</style></head><body>{''.join(sections)}</body></html>"
-    target = out_dir / "dedup_preview.html"
-    with atomic_path(target) as tmp:
-        tmp.write_text(page)
-    return target
+        sections.append(f"<h2>Patches per source</h2>{html_table(per_source.reset_index())}"
+                        f"<p>Gini coefficient of deduplicated patches per source: {g:.3f}</p>"
+                        f"<img src='{layout.lorenz_png.name}'>")
+    with atomic_path(layout.dedup_preview) as tmp:
+        tmp.write_text(html_page("dedup preview", _STYLE, sections))
+    return layout.dedup_preview
