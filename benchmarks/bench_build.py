@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cemcurate.pipeline import BuildConfig, build  # noqa: E402
+from cemcurate.build import BuildConfig, build  # noqa: E402
 from cemcurate.store import open_patches  # noqa: E402
 
 
@@ -115,7 +115,7 @@ def bench_peak_memory(data: Path, tmp: Path, gigabytes: float) -> str:
             "            if line.startswith('RssAnon:'): peak[0] = max(peak[0], int(line.split()[1]))\n"
             "        time.sleep(0.05)\n"
             "threading.Thread(target=watch, daemon=True).start()\n"
-            "from cemcurate.pipeline import BuildConfig, build\n"
+            "from cemcurate.build import BuildConfig, build\n"
             "s = build(%r, %r, BuildConfig(workers=1), progress=False)\n"
             "print(s.n_raw, s.n_kept, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, peak[0])\n") % (str(REPO), str(raw), str(tmp / "big_out"))
     t0 = time.perf_counter()

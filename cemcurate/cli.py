@@ -6,15 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from cemcurate.build import BuildConfig, build
 from cemcurate.common.config import add_config_arguments, load_config
+from cemcurate.dedup.preview import dedup_preview
+from cemcurate.export_patches import export_patches
+from cemcurate.filtering.cli import add_filter_command, add_label_command
+from cemcurate.layout import BuildLayout
+from cemcurate.sample import default_input
 
 DEFAULT_OUT = "cemcurate_out"
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from cemcurate.pipeline import BuildConfig, build
-    from cemcurate.sample import default_input
-
     cfg = load_config(BuildConfig, args.config, vars(args))
     raw = args.raw
     if raw is None:
@@ -25,7 +28,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     summary = build(raw, args.out, cfg, progress=not args.quiet)
     print(f"{summary.n_sources} source(s) ({summary.reused} reused from an earlier run, {summary.skipped} file(s) skipped), "
           f"{summary.n_raw} raw patches, {summary.n_kept} kept -> {summary.out_dir}")
-    print(f"report: {summary.out_dir / 'report.html'}")
+    print(f"report: {BuildLayout(summary.out_dir).report}")
     if summary.failed:
         print(f"{len(summary.failed)} source(s) failed:", file=sys.stderr)
         for name, error in summary.failed.items():
@@ -35,24 +38,18 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from cemcurate.export_patches import export_patches
-
     n = export_patches(args.out, args.dest, args.format)
     print(f"wrote {n} patches to {args.dest}")
     return 0
 
 
 def _cmd_dedup_preview(args: argparse.Namespace) -> int:
-    from cemcurate.preview import dedup_preview
-
     page = dedup_preview(args.out, groups=args.groups, max_hamming=args.max_hamming, seed=args.seed)
     print(f"wrote {page}")
     return 0
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from cemcurate.pipeline import BuildConfig
-
     parser = argparse.ArgumentParser(prog="cemcurate", description="Curate EM images into a deduplicated, filtered patch dataset (CEM500K-style).")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -82,9 +79,6 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-hamming", type=int, default=None, help="cutoff to illustrate (default: the one the build used)")
     d.add_argument("--seed", type=int, default=0, help="seed of the random choice of groups and pairs")
     d.set_defaults(func=_cmd_dedup_preview)
-
-    from cemcurate.filtering import add_filter_command, add_label_command
-
     add_label_command(sub)
     add_filter_command(sub)
     return parser

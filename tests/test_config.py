@@ -48,6 +48,6 @@ def test_unknown_keys_and_invalid_values_are_errors(tmp_path):
 
 
 def test_build_yaml_holds_the_paper_defaults():
-    from cemcurate.pipeline import BuildConfig
+    from cemcurate.build import BuildConfig
 
     assert load_config(BuildConfig, REPO / "configs/curate/build.yaml") == BuildConfig()

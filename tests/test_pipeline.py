@@ -15,7 +15,7 @@ import tifffile
 from cemcurate import open_patches
 from cemcurate.cli import main
 from cemcurate.dhash import dhash64, dhash_hex
-from cemcurate.pipeline import BuildConfig, build
+from cemcurate.build import BuildConfig, build
 from cemcurate.sources import SourceSpec
 
 
@@ -134,9 +134,9 @@ def test_interrupted_build_keeps_old_outputs_and_resumes(built, tmp_path, monkey
     work = tmp_path / "out"
     shutil.copytree(out, work)
     before = pd.read_parquet(work / "manifest.parquet")
-    import cemcurate.pipeline as pipeline
+    import cemcurate.build.orchestrate as orchestrate
 
-    real, done = pipeline.process_source, []
+    real, done = orchestrate.process_source, []
 
     def interrupted(spec, *args, **kwargs):
         if len(done) == 2:
@@ -144,14 +144,14 @@ def test_interrupted_build_keeps_old_outputs_and_resumes(built, tmp_path, monkey
         done.append(spec.name)
         return real(spec, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "process_source", interrupted)
+    monkeypatch.setattr(orchestrate, "process_source", interrupted)
     changed = BuildConfig(workers=1, max_hamming=5)  # new settings: every source must be redone
     with pytest.raises(KeyboardInterrupt):
         build(raw, work, changed, progress=False)
     pd.testing.assert_frame_equal(pd.read_parquet(work / "manifest.parquet"), before)
     store = open_patches(work)  # the old store still matches the old manifest, pixel for pixel
     assert dhash_hex(dhash64(store[:])) == store.manifest["dhash"].tolist()
-    monkeypatch.setattr(pipeline, "process_source", real)
+    monkeypatch.setattr(orchestrate, "process_source", real)
     resumed = build(raw, work, changed, progress=False)
     assert resumed.reused == 2 and not resumed.failed
     assert not list(work.glob("**/.*.tmp"))
@@ -222,7 +222,7 @@ def test_source_keys_are_unique_for_similar_names():
 
 
 def test_dedup_preview_recuts_duplicates_from_the_source(built):
-    from cemcurate.preview import boundary_pairs, patch_pixels
+    from cemcurate.dedup.preview import boundary_pairs, patch_pixels
 
     _, out, _ = built
     m = pd.read_parquet(out / "manifest.parquet")
@@ -282,11 +282,11 @@ def test_growing_stack_is_deduplicated_incrementally(tmp_path, data_root, monkey
     before = pd.read_parquet(out / "manifest.parquet")
     for i in (1, 3, 5):
         os.symlink(files[i], raw / "vnc" / files[i].name)
-    import cemcurate.dhash as dhash_module
+    import cemcurate.build.cut as cut_module
 
     hashed = []
-    real_dhash = dhash_module.dhash64
-    monkeypatch.setattr(dhash_module, "dhash64", lambda p, *a, **k: hashed.append(len(p)) or real_dhash(p, *a, **k))
+    real_dhash = cut_module.dhash64
+    monkeypatch.setattr(cut_module, "dhash64", lambda p, *a, **k: hashed.append(len(p)) or real_dhash(p, *a, **k))
     build(raw, out, cfg, progress=False)
     after = pd.read_parquet(out / "manifest.parquet")
     assert sum(hashed) == 3 * 25  # only the new files' patches were hashed

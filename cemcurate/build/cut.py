@@ -1,0 +1,110 @@
+"""One volume to patches: intensity window, standardised planes, tiles, hashes and statistics.
+
+Pure steps on a :class:`cemcurate.io.Volume`; the only files touched are the shard being
+written and, for volumes cut in three planes, a scratch memory map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from cemcurate.build.config import BuildConfig
+from cemcurate.build.records import CutPatches
+from cemcurate.dhash import dhash64, dhash_hex
+from cemcurate.io import Volume
+from cemcurate.patch_grid import crop_patches, tile_grid
+from cemcurate.slicing import iter_planes
+from cemcurate.standardize import IntensityWindow, compute_window, sample_slice_indices
+from cemcurate.store import ShardWriter
+
+# ~8 M voxels per slab: the float copy made while windowing stays near 64 MB.
+SLAB_VOXELS = 8 << 20
+
+
+def volume_window(vol: Volume, cfg: BuildConfig, invert: bool) -> IntensityWindow:
+    """The uint8 mapping of a volume, from evenly spread sample slices (subsampled in-plane)."""
+    if vol.dtype == np.uint8:
+        return IntensityWindow(None, None, invert)
+    # Every k-th pixel of up to N slices: ~1e6 values are plenty for 0.1/99.9 percentiles.
+    indices = sample_slice_indices(vol.shape[0], cfg.window_sample_slices)
+    step = max(1, int(np.sqrt(vol.shape[1] * vol.shape[2] * len(indices) / 2e6)))
+    sample = np.concatenate([vol.read_slices(int(z), int(z) + 1)[0, ::step, ::step].ravel() for z in indices])
+    return compute_window(sample, cfg.low_percentile, cfg.high_percentile, invert)
+
+
+def iter_standard_planes(vol: Volume, window: IntensityWindow, planes: tuple[str, ...],
+                         scratch: Path) -> Iterator[tuple[str, int, np.ndarray]]:
+    """Yield ``(plane, slice_index, uint8 image)`` for every cross-section to tile.
+
+    xy-only volumes are streamed a slab at a time. Volumes cut in three planes are first
+    standardised into a uint8 memory map at ``scratch`` (removed afterwards), from which
+    xz and yz sections are read in bounded blocks.
+    """
+    z, y, x = vol.shape
+    slab = max(1, SLAB_VOXELS // max(1, y * x))
+    if planes == ("xy",):
+        for z0 in range(0, z, slab):
+            block = window.apply(vol.read_slices(z0, min(z, z0 + slab)))
+            for k in range(block.shape[0]):
+                yield "xy", z0 + k, block[k]
+        return
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        std = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(z, y, x))
+        for z0 in range(0, z, slab):
+            std[z0:z0 + slab] = window.apply(vol.read_slices(z0, min(z, z0 + slab)))
+        std.flush()
+        del std
+        std = np.load(scratch, mmap_mode="r")
+        for plane in planes:
+            for index, image in iter_planes(std, plane, block_bytes=64 << 20):
+                yield plane, index, image
+        del std
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def cut_patches(images: Iterator[tuple[str, int, np.ndarray]], writer: ShardWriter, cfg: BuildConfig) -> CutPatches:
+    """Tile every ``(plane, index, uint8 image)``, append the patches to ``writer`` and return
+    their crops, hashes and statistics (see :class:`CutPatches`)."""
+    grids, planes, slices, hashes, stats = [], [], [], [], []
+    for plane, index, image in images:
+        grid = tile_grid(*image.shape, cfg.patch_size, cfg.min_edge)
+        if len(grid) == 0:
+            continue
+        patches = crop_patches(image, grid, cfg.patch_size)
+        writer.append(patches)
+        grids.append(grid)
+        planes += [plane] * len(grid)
+        slices += [index] * len(grid)
+        hashes.append(dhash64(patches))
+        flat = patches.reshape(len(patches), -1).astype(np.float32) / 255.0
+        stats.append(np.stack([flat.mean(1), flat.std(1)], 1))
+    return CutPatches(
+        grid=np.concatenate(grids) if grids else np.zeros((0, 4), np.int64),
+        planes=np.array(planes, object), slices=np.array(slices, np.int64),
+        hashes=np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
+        stats=np.concatenate(stats).astype(np.float32) if stats else np.zeros((0, 2), np.float32))
+
+
+def manifest_rows(cut: CutPatches, name: str, file: str, shard: str, shard_row: np.ndarray,
+                  group_local: np.ndarray, duplicate: np.ndarray) -> pd.DataFrame:
+    """A part's manifest rows for the patches of ``cut``.
+
+    ``shard_row``: int64 (n,), -1 where not stored; ``group_local``: int64 (n,), the local id
+    of each patch's exemplar; ``duplicate``: bool (n,). Local ids run from 0; the merge maps
+    them (and the groups) to ``patch_id`` values.
+    """
+    n, grid = len(cut), cut.grid
+    return pd.DataFrame({
+        "local_id": np.arange(n, dtype=np.int64), "source": name, "file": file,
+        "plane": cut.planes, "slice": cut.slices,
+        "y": grid[:, 0], "x": grid[:, 1], "h": grid[:, 2], "w": grid[:, 3],
+        "shard": shard, "shard_row": shard_row, "dhash": dhash_hex(cut.hashes) if n else [],
+        "group_local": group_local, "duplicate": duplicate,
+        "pixel_mean": cut.stats[:, 0], "pixel_std": cut.stats[:, 1],
+    })
