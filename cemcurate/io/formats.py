@@ -2,41 +2,28 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Callable
 
+from . import hdf5, images, mrc, nifti, tiff, video, zarrfile
 from .base import ReadError, Volume
 
 # Longest first so ".ome.tif" wins over ".tif" and ".nii.gz" over ".gz".
 _COMPOUND = (".ome.tiff", ".ome.tif", ".ome.zarr", ".nii.gz")
 _DIRECTORY_SUFFIXES = (".zarr", ".ome.zarr")
 
-
-def _lazy(module: str, function: str) -> Callable[[Path, str | None], list[Volume]]:
-    """A reader that imports its backend module on first call."""
-
-    def read(path: Path, dataset: str | None) -> list[Volume]:
-        return getattr(importlib.import_module(module, __package__), function)(path, dataset)
-
-    return read
-
-
-_image, _tiff, _mrc = _lazy(".images", "read_image"), _lazy(".tiff", "read_tiff"), _lazy(".mrc", "read_mrc")
-_nifti, _hdf5 = _lazy(".nifti", "read_nifti"), _lazy(".hdf5", "read_hdf5")
-_zarr, _video = _lazy(".zarrfile", "read_zarr"), _lazy(".video", "read_video")
-
-# Backends are imported on first use: importing cemcurate.io stays cheap, and a missing
+# One reader per format. Each reader module imports its backend (tifffile, h5py, zarr, ...)
+# with cemcurate.common.lazy.lazy_import, so importing cemcurate.io stays cheap and a missing
 # optional backend only breaks its own formats.
 READERS: dict[str, Callable[[Path, str | None], list[Volume]]] = {
-    ".png": _image, ".jpg": _image, ".jpeg": _image, ".bmp": _image,
-    ".tif": _tiff, ".tiff": _tiff, ".ome.tif": _tiff, ".ome.tiff": _tiff,
-    ".mrc": _mrc, ".map": _mrc, ".rec": _mrc, ".st": _mrc, ".mrcs": _mrc,
-    ".nii": _nifti, ".nii.gz": _nifti,
-    ".h5": _hdf5, ".hdf5": _hdf5, ".hdf": _hdf5,
-    ".zarr": _zarr, ".ome.zarr": _zarr,
-    ".avi": _video, ".mp4": _video, ".mov": _video, ".mkv": _video,
+    ".png": images.read_image, ".jpg": images.read_image, ".jpeg": images.read_image, ".bmp": images.read_image,
+    ".tif": tiff.read_tiff, ".tiff": tiff.read_tiff, ".ome.tif": tiff.read_tiff, ".ome.tiff": tiff.read_tiff,
+    ".mrc": mrc.read_mrc, ".map": mrc.read_mrc, ".rec": mrc.read_mrc, ".st": mrc.read_mrc, ".mrcs": mrc.read_mrc,
+    ".nii": nifti.read_nifti, ".nii.gz": nifti.read_nifti,
+    ".h5": hdf5.read_hdf5, ".hdf5": hdf5.read_hdf5, ".hdf": hdf5.read_hdf5,
+    ".zarr": zarrfile.read_zarr, ".ome.zarr": zarrfile.read_zarr,
+    ".avi": video.read_video, ".mp4": video.read_video, ".mov": video.read_video, ".mkv": video.read_video,
 }
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(READERS)

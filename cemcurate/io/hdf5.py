@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cemcurate.common.lazy import lazy_import
+
 from . import handles
 from .base import ReadError, Volume
 from .containers import array_volumes, finish_volumes, not_found
 
+h5py = lazy_import("h5py")
+
 
 def _open_file(path):
-    import h5py
-
     try:
         return h5py.File(path, "r")
     except OSError as exc:
@@ -39,8 +41,6 @@ class _H5Array:
 
 def read_hdf5(path: Path, dataset: str | None = None) -> list[Volume]:
     """Volumes for the 2D/3D datasets of an HDF5 file (or just ``dataset``)."""
-    import h5py
-
     wanted = dataset.strip("/").split(":")[0] if dataset else None
     with _open_file(path) as f:
         found: list[tuple[str, h5py.Dataset]] = []

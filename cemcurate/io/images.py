@@ -15,8 +15,13 @@ import threading
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cemcurate.common.lazy import lazy_import
 
 from .base import ReadError, Slicer, Volume, to_grayscale
+
+cv2 = lazy_import("cv2")
 
 _FORMAT_OF_SUFFIX = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}
 _DTYPE_OF_MODE = {"I;16": np.uint16, "I;16L": np.uint16, "I;16B": np.uint16, "I;16N": np.uint16,
@@ -25,10 +30,8 @@ _PIL_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _pil_image(path: Path | str):
+def open_pil_image(path: Path | str):
     """Pillow image without its decompression-bomb limit: EM montages are legitimately huge."""
-    from PIL import Image, UnidentifiedImageError
-
     with _PIL_LOCK:
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
@@ -60,7 +63,7 @@ def read_image(path: Path, dataset: str | None = None) -> list[Volume]:
     int32/float32.
     """
     notes: list[str] = []
-    with _pil_image(path) as im:
+    with open_pil_image(path) as im:
         fmt, mode, (width, height) = im.format, im.mode, im.size
         frames = getattr(im, "n_frames", 1)
     expected = _FORMAT_OF_SUFFIX.get(path.suffix.lower())
@@ -88,7 +91,7 @@ class _ImageSlicer(Slicer):
         return to_grayscale(arr, self.path)[np.newaxis]
 
     def _decode_pil(self) -> np.ndarray:
-        with _pil_image(self.path) as im:
+        with open_pil_image(self.path) as im:
             im.seek(0)
             if im.mode == "1" or im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa", "RGBX"):
                 im = im.convert("L" if im.mode == "1" else "RGB")
@@ -97,8 +100,6 @@ class _ImageSlicer(Slicer):
             return np.asarray(im)
 
     def _decode_cv2(self) -> np.ndarray:
-        import cv2
-
         arr = cv2.imdecode(np.fromfile(self.path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
         if arr is None:
             raise ReadError(self.path, "OpenCV could not decode this 16-bit colour PNG")

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cemcurate.common.lazy import lazy_import
+
 from .base import NAN, ReadError, Slicer, Volume, lateral_only
+
+mrcfile = lazy_import("mrcfile")
 
 IMOD_STAMP = 1146047817  # "IMOD" as int32
 _IMOD_OFFSET = 152  # imodStamp, then imodFlags (bit 0 set = bytes are signed)
@@ -30,8 +34,6 @@ _IMOD_OFFSET = 152  # imodStamp, then imodFlags (bit 0 set = bytes are signed)
 
 def read_mrc(path: Path, dataset: str | None = None) -> list[Volume]:
     """One ``(z, y, x)`` volume from an MRC-family file; see the module docstring."""
-    import mrcfile
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

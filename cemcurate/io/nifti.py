@@ -18,8 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cemcurate.common.lazy import lazy_import
+
 from . import handles
 from .base import ReadError, Slicer, Volume, nm_per_unit, spacing_nm
+
+nibabel = lazy_import("nibabel")
 
 _UNIT_NAMES = {"mm": "mm", "micron": "micron", "meter": "m"}
 
@@ -59,10 +63,8 @@ def read_nifti(path: Path, dataset: str | None = None) -> list[Volume]:
 
 
 def _load(path):
-    import nibabel as nib
-
     try:
-        return nib.load(str(path))
+        return nibabel.load(str(path))
     except Exception as exc:
         raise ReadError(path, f"nibabel could not read the NIfTI header ({type(exc).__name__}: {exc}); "
                         "the file is corrupt or not NIfTI") from exc

@@ -24,9 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cemcurate.common.lazy import lazy_import
+
 from . import handles
 from .axes import AxisPlan, plan_axes
 from .base import NAN, ReadError, Slicer, Volume, lateral_only, nm_per_unit, spacing_nm, to_grayscale
+from .images import open_pil_image
+
+tifffile = lazy_import("tifffile")
+zarr = lazy_import("zarr")
 
 
 class _Collect(logging.Handler):
@@ -52,8 +58,6 @@ def _tifffile_log():
 
 def read_tiff(path: Path, dataset: str | None = None) -> list[Volume]:
     """Volumes from a TIFF file; see the module docstring for axes and voxel size."""
-    import tifffile
-
     size = os.path.getsize(path)
     with _tifffile_log() as log:
         try:
@@ -113,9 +117,7 @@ def _check_pages(path, series, file_size: int) -> None:
 
 
 def _tifffile_decodes(page) -> bool:
-    from tifffile import TIFF
-
-    return page.compression in TIFF.DECOMPRESSORS and page.predictor in TIFF.UNPREDICTORS
+    return page.compression in tifffile.TIFF.DECOMPRESSORS and page.predictor in tifffile.TIFF.UNPREDICTORS
 
 
 def _pillow_source(path, tif, series) -> tuple:
@@ -151,12 +153,10 @@ class _TiffSlicer(Slicer):
         return self.plan.arrange(part, self.path)
 
     def _read_pillow(self, z0: int, z1: int) -> np.ndarray:
-        from .images import _pil_image
-
         page_shape = self.source[1]  # pages in file order = C order over the non-YXS axes
 
         def open_image():
-            ctx = _pil_image(self.path)
+            ctx = open_pil_image(self.path)
             return ctx.__enter__(), lambda: ctx.__exit__(None, None, None)
 
         image = handles.get("tiff-pillow", self.path, open_image)
@@ -170,9 +170,6 @@ class _TiffSlicer(Slicer):
         return to_grayscale(np.stack(planes), self.path)
 
     def _open_pages(self):
-        import tifffile
-        import zarr
-
         tif = tifffile.TiffFile(self.path)
         try:
             store = tif.series[self.source[1]].aszarr(level=0)

@@ -16,13 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
+from cemcurate.common.lazy import lazy_import
+
 from . import handles
 from .base import ReadError, Slicer, Volume
 
+iio = lazy_import("imageio.v3")
+av = lazy_import("av")
+
 
 def _open_plugin(path):
-    import imageio.v3 as iio
-
     try:
         return iio.imopen(str(path), "r", plugin="pyav")
     except Exception as exc:
@@ -31,8 +34,6 @@ def _open_plugin(path):
 
 
 def _count_packets(path) -> int:
-    import av
-
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         return sum(1 for packet in container.demux(stream) if packet.size)

@@ -31,8 +31,17 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from cemcurate.common.lazy import lazy_import
 
 from .formats import suffix_of
+from .mrc import IMOD_STAMP
+
+mrcfile = lazy_import("mrcfile")
+nibabel = lazy_import("nibabel")
+tifffile = lazy_import("tifffile")
+zarr = lazy_import("zarr")
 
 WRITABLE_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".nii", ".nii.gz", ".mrc", ".map", ".rec",
                      ".zarr", ".ome.zarr", ".png")
@@ -100,8 +109,6 @@ def _slabs(n: int):
 
 
 def _write_tif(tmp: Path, arr: np.ndarray, voxel) -> None:
-    import tifffile
-
     pages = (np.ascontiguousarray(arr[i]) for i in range(arr.shape[0]))
     common = dict(shape=arr.shape, dtype=arr.dtype)
     if arr.dtype.name in _IMAGEJ_DTYPES and suffix_of(tmp) not in (".ome.tif", ".ome.tiff"):
@@ -124,9 +131,7 @@ def _write_tif(tmp: Path, arr: np.ndarray, voxel) -> None:
 
 
 def _write_nifti(tmp: Path, arr: np.ndarray, voxel) -> None:
-    import nibabel as nib
-
-    header = nib.Nifti1Header()
+    header = nibabel.Nifti1Header()
     try:
         header.set_data_dtype(arr.dtype)
     except Exception as exc:
@@ -141,12 +146,10 @@ def _write_nifti(tmp: Path, arr: np.ndarray, voxel) -> None:
         header.set_zooms((x * 1e-6, y * 1e-6, z * 1e-6))  # nm -> mm
         header.set_xyzt_units("mm")
     # NIfTI is (x, y, z) in Fortran order: the transposed view has exactly that memory layout.
-    nib.save(nib.Nifti1Image(arr.transpose(2, 1, 0), None, header=header), str(tmp))
+    nibabel.save(nibabel.Nifti1Image(arr.transpose(2, 1, 0), None, header=header), str(tmp))
 
 
 def _write_mrc(tmp: Path, arr: np.ndarray, voxel) -> None:
-    import mrcfile
-
     mode = _MRC_MODES.get(arr.dtype.name)
     if mode is None:
         raise ValueError(f"MRC cannot store dtype {arr.dtype}; use one of {', '.join(_MRC_MODES)}")
@@ -166,8 +169,6 @@ def _write_mrc(tmp: Path, arr: np.ndarray, voxel) -> None:
             z, y, x = voxel
             mrc.voxel_size = (x * 10.0, y * 10.0, 0.0 if math.isnan(z) else z * 10.0)  # nm -> Å, (x, y, z)
     if arr.dtype == np.uint8:
-        from .mrc import IMOD_STAMP
-
         with open(tmp, "r+b") as fh:
             fh.seek(152)
             fh.write(struct.pack("<ii", IMOD_STAMP, 0))  # IMOD stamp, flags 0: bytes are unsigned
@@ -175,8 +176,6 @@ def _write_mrc(tmp: Path, arr: np.ndarray, voxel) -> None:
 
 def create_ome_zarr(path: Path, shape: tuple[int, int, int], dtype, chunks=None, voxel=None):
     """Create an OME-Zarr 0.4 group at ``path`` with an empty level-0 array ``"0"``; return it."""
-    import zarr
-
     chunks = tuple(chunks) if chunks is not None else (min(shape[0], 16), min(shape[1], 512), min(shape[2], 512))
     group = zarr.open_group(str(path), mode="w", zarr_format=2)
     array = group.create_array("0", shape=shape, chunks=chunks, dtype=np.dtype(dtype), fill_value=0)
@@ -201,8 +200,6 @@ def _write_zarr(tmp: Path, arr: np.ndarray, voxel) -> None:
 
 
 def _write_png(tmp: Path, arr: np.ndarray, voxel) -> None:
-    from PIL import Image
-
     if arr.shape[0] != 1:
         raise ValueError(f"PNG holds one 2D image, got {arr.shape[0]} slices; write tif, mrc, nii or zarr")
     if arr.dtype.name not in ("uint8", "uint16"):

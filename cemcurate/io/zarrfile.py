@@ -18,17 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
+from cemcurate.common.lazy import lazy_import
+
 from . import handles
 from .axes import plan_axes
 from .base import ReadError, Volume, lateral_only, nm_per_unit, spacing_nm
 from .containers import ContainerSlicer, array_volumes, finish_volumes, not_found
 
+zarr = lazy_import("zarr")
+
 _AXIS_LETTER = {"t": "T", "c": "C", "z": "Z", "y": "Y", "x": "X"}
 
 
 def _open_root(path):
-    import zarr
-
     try:
         return zarr.open(store=str(path), mode="r")
     except Exception as exc:
@@ -46,16 +48,12 @@ class _ZarrArray:
         return handles.get("zarr", self.path, self._open, self.key)
 
     def _open(self):
-        import zarr
-
         root = _open_root(self.path)
         return (root if isinstance(root, zarr.Array) else root[self.key]), (lambda: None)
 
 
 def read_zarr(path: Path, dataset: str | None = None) -> list[Volume]:
     """Volumes of a zarr or OME-Zarr directory; see the module docstring."""
-    import zarr
-
     root = _open_root(path)
     wanted = dataset.strip("/").split(":")[0] if dataset else None
     if isinstance(root, zarr.Array):
@@ -93,8 +91,6 @@ def read_zarr(path: Path, dataset: str | None = None) -> list[Volume]:
 
 
 def _plain_arrays(root) -> list[tuple[str, object, list[dict]]]:
-    import zarr
-
     out = []
     for name, node in root.members(max_depth=None):
         if isinstance(node, zarr.Array):
@@ -114,8 +110,6 @@ def _multiscales(attrs: dict) -> list | None:
 
 def _ome_images(root) -> list[tuple[str, object, dict]]:
     """``[(array key, level-0 array, multiscale dict)]`` for every OME image in the store."""
-    import zarr
-
     groups = [("", root)] + [(n, g) for n, g in root.members(max_depth=None) if isinstance(g, zarr.Group)]
     images = []
     for name, group in groups:
