@@ -2,7 +2,7 @@
 
 ``cemcurate/cli.py`` calls :func:`add_label_command` and :func:`add_filter_command` with its
 sub-parsers; each sets ``func`` to a handler that takes the parsed namespace and returns an
-exit code. Heavy imports (torch, flask) happen inside the handlers so ``--help`` stays fast.
+exit code.
 """
 
 from __future__ import annotations
@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cemcurate.common.config import add_config_arguments, load_config
+from cemcurate.filtering.label_server import serve
+from cemcurate.filtering.labels import export_sheets, import_sheet, labels_path
+from cemcurate.filtering.train import FilterTrainConfig, train_filter
+from cemcurate.layout import BuildLayout
+
 
 def _cmd_label(args: argparse.Namespace) -> int:
-    from cemcurate.filtering.labels import export_sheets, import_sheet, labels_path
-
     if args.export_sheet is not None:
         sheets, csv_path = export_sheets(args.out, args.export_sheet, count=args.sheet_patches,
                                          per_sheet=args.sheet_size, columns=args.sheet_columns, seed=args.seed)
@@ -26,8 +30,6 @@ def _cmd_label(args: argparse.Namespace) -> int:
         added = import_sheet(args.out, args.import_sheet)
         print(f"added {added} label(s) from {args.import_sheet} to {labels_path(args.out)}")
         return 0
-    from cemcurate.filtering.label_server import serve
-
     return serve(args.out, port=args.port, open_browser=not args.no_browser, seed=args.seed, page_size=args.page_size)
 
 
@@ -62,12 +64,9 @@ def add_label_command(subparsers) -> argparse.ArgumentParser:
 
 
 def _cmd_filter_train(args: argparse.Namespace) -> int:
-    from cemcurate.common.config import load_config
-    from cemcurate.filtering.train import FilterTrainConfig, train_filter
-
     cfg = load_config(FilterTrainConfig, args.config, vars(args))
     metrics = train_filter(args.out, cfg, progress=not args.quiet)
-    dest = Path(cfg.output) if cfg.output else Path(args.out) / "filter"
+    dest = Path(cfg.output) if cfg.output else BuildLayout(args.out).filter_dir
     auroc = metrics["auroc"]
     print(f"trained on {metrics['n_train']} labelled patches, tested on {metrics['n_test']} held out: "
           f"AUROC ResNet {auroc['resnet']:.3f}, Random Forest {auroc['forest']:.3f}, label-free rules {auroc['rules']:.3f}")
@@ -78,9 +77,6 @@ def _cmd_filter_train(args: argparse.Namespace) -> int:
 
 def add_filter_command(subparsers) -> argparse.ArgumentParser:
     """Add ``filter train OUT [--labels CSV] [--config YAML] [flags]``."""
-    from cemcurate.common.config import add_config_arguments
-    from cemcurate.filtering.train import FilterTrainConfig
-
     f = subparsers.add_parser("filter", help="train the uninformative-patch filter on labels",
                               description="Uninformative-patch filter tools.")
     sub = f.add_subparsers(dest="filter_command", required=True, metavar="{train}")

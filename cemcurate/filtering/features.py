@@ -31,6 +31,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from cemcurate.common.lazy import lazy_import
+
+skimage_feature = lazy_import("skimage.feature")
+
 FEATURE_NAMES = ("lbp_std", "entropy_std", "geomean_median", "canny_mean")
 
 LBP_POINTS = 8
@@ -176,12 +180,10 @@ def local_geometric_mean(patches: np.ndarray, window: int = GEOMEAN_WINDOW) -> n
 
 def canny_fraction(patches: np.ndarray, sigma: float = CANNY_SIGMA) -> np.ndarray:
     """Fraction of pixels on a Canny edge per patch (float64 ``(n,)``, in [0, 1])."""
-    from skimage.feature import canny
-
     patches = check_patches(patches)
     out = np.empty(len(patches), np.float64)
     for i, patch in enumerate(patches):
-        edges = canny(patch.astype(np.float64) / 255.0, sigma=sigma, low_threshold=CANNY_LOW, high_threshold=CANNY_HIGH)
+        edges = skimage_feature.canny(patch.astype(np.float64) / 255.0, sigma=sigma, low_threshold=CANNY_LOW, high_threshold=CANNY_HIGH)
         out[i] = edges.mean()
     return out
 

@@ -22,7 +22,13 @@ from typing import Callable
 import numpy as np
 
 from cemcurate.common.atomic import file_sha256
+from cemcurate.common.lazy import lazy_import
 from cemcurate.filtering.features import check_patches
+from cemcurate.filtering.forest import load_forest, predict_forest
+from cemcurate.filtering.rules import DEFAULT_RULES, rule_informative_prob
+
+# The classifier module imports torch; only a classifier file needs it.
+classifier_module = lazy_import("cemcurate.filtering.classifier")
 
 FILTER_SPECS_HELP = ("'stats' (label-free rules), 'none' (keep all), a classifier .pth from `cemcurate filter train` "
                      "or the CEM500K filter weights, or a stats_forest.pkl from `cemcurate filter train`")
@@ -71,8 +77,6 @@ def make_filter(spec: str | Path, batch_size: int = 256, device: str | None = No
     if text == "none":
         return PatchFilter("none", lambda p: np.ones(len(p), np.float32))
     if text == "stats":
-        from cemcurate.filtering.rules import DEFAULT_RULES, rule_informative_prob
-
         return PatchFilter(f"stats-rules-v1[{DEFAULT_RULES.identity()}]",
                            lambda p: rule_informative_prob(p, DEFAULT_RULES))
     path = Path(text)
@@ -80,15 +84,11 @@ def make_filter(spec: str | Path, batch_size: int = 256, device: str | None = No
         raise ValueError(f"--filter {text!r}: not 'stats' or 'none' and no such file; expected {FILTER_SPECS_HELP}")
     sha = file_sha256(path)
     if path.suffix == ".pkl":
-        from cemcurate.filtering.forest import load_forest, predict_forest
-
         forest = load_forest(path)
         return PatchFilter(f"stats-forest:{path.name}:sha256={sha}", lambda p: predict_forest(forest, p))
-    from cemcurate.filtering.classifier import load_classifier, predict_informative
-
-    classifier = load_classifier(path)
+    classifier = classifier_module.load_classifier(path)
 
     def score(patches: np.ndarray) -> np.ndarray:
-        return predict_informative(classifier, patches, batch_size=batch_size, device=device, progress=progress)
+        return classifier_module.predict_informative(classifier, patches, batch_size=batch_size, device=device, progress=progress)
 
     return PatchFilter(f"classifier:{classifier.arch}:{path.name}:sha256={sha}", score, classifier.threshold)

@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from cemcurate.common.atomic import atomic_path
+from cemcurate.common.lazy import lazy_import
 from cemcurate.filtering.features import FEATURE_NAMES, image_statistics
+
+sklearn_ensemble = lazy_import("sklearn.ensemble")
 
 FOREST_KIND = "cemcurate-stats-forest"
 FOREST_FORMAT = 1
@@ -24,15 +27,13 @@ FOREST_FORMAT = 1
 
 def fit_forest(features: np.ndarray, labels: np.ndarray, seed: int = 0, trees: int = 200):
     """Fit a ``RandomForestClassifier`` on float ``(n, 4)`` features and 0/1 labels ``(n,)``."""
-    from sklearn.ensemble import RandomForestClassifier
-
     labels = np.asarray(labels).astype(np.int64)
     if features.ndim != 2 or features.shape != (len(labels), len(FEATURE_NAMES)):
         raise ValueError(f"expected features ({len(labels)}, {len(FEATURE_NAMES)}), got {features.shape}")
     if set(np.unique(labels)) != {0, 1}:
         raise ValueError(f"need labels of both classes (0 and 1), got {sorted(set(np.unique(labels)))}")
     # min_samples_leaf > 1 keeps the probabilities smooth, which the ROC curve needs.
-    model = RandomForestClassifier(n_estimators=trees, min_samples_leaf=2, random_state=seed, n_jobs=1)
+    model = sklearn_ensemble.RandomForestClassifier(n_estimators=trees, min_samples_leaf=2, random_state=seed, n_jobs=1)
     model.fit(features, labels)
     return model
 
