@@ -41,7 +41,6 @@ spec's ``mode``; 3D models by sliding windows (``window``, ``window_overlap``). 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -52,8 +51,11 @@ from pathlib import Path
 import yaml
 
 from cemcurate.common.atomic import atomic_path
-from cemcurate.common.config import load_config
+from cemcurate.common.config import leaf_paths, load_config
 from finetune.config import DIMS, EvaluateConfig, PredictConfig, TrainConfig
+from finetune.evaluate import evaluate_paths, write_json
+from finetune.predict.command import predict_path
+from finetune.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 _TASK_KEYS = {"name", "config", "test", "overrides", "dim_overrides"}
@@ -142,9 +144,9 @@ def _train_config(task: dict, dim: str | None, train_overrides: dict) -> TrainCo
     task_overrides = task.get("overrides") or {}
     given = {k: v for k, v in train_overrides.items() if v is not None}
     if dim is None:
-        dim = load_config(TrainConfig, path, overrides={**task_overrides, **given}).dim
+        dim = load_config(TrainConfig, path, overrides={**task_overrides, **given}).model.dim
     per_dim = (task.get("dim_overrides") or {}).get(dim) or {}
-    unknown = set(per_dim) - {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(per_dim) - set(leaf_paths(TrainConfig))
     if unknown:
         raise ValueError(f"unknown TrainConfig key(s) {sorted(unknown)}")
     return load_config(TrainConfig, path, overrides={**task_overrides, **per_dim, **given, "dim": dim})
@@ -153,34 +155,31 @@ def _train_config(task: dict, dim: str | None, train_overrides: dict) -> TrainCo
 def run_task(task: dict, init: Init, data_root: Path, out: Path, train_overrides: dict,
              progress: bool = True, dim: str | None = None) -> dict:
     """Train one initialisation on one task in ``dim`` (None: as configured), predict its test set, score it."""
-    from finetune.evaluate import evaluate_paths, write_json
-    from finetune.predict import predict_path
-    from finetune.train import train
-
     cfg = _train_config(task, dim, {**train_overrides, "data_dir": str(data_root), "encoder": init.spec,
                                     "freeze_encoder": init.frozen})
     result = train(cfg, out, progress=progress)
+    data, model, optim = cfg.data, cfg.model, cfg.optim
     test = task["test"]
     t0 = time.perf_counter()
     per_image = bool(test.get("per_image", False))
     pred_out = str(out / "test_pred") + "/" if per_image else str(out / "test_pred.tif")
-    if cfg.dim == "3d":
+    if model.dim == "3d":
         how = {"mode": "sliding", **{k: list(test[k]) for k in ("window", "window_overlap") if k in test}}
     else:
         how = {"mode": test.get("mode", "stack")}
-    pcfg = PredictConfig(**how, output_type="labels", device=cfg.device, tile=int(test.get("tile", 512)))
+    pcfg = PredictConfig(**how, output_type="labels", device=cfg.runtime.device, tile=int(test.get("tile", 512)))
     predict_path(out, str(data_root / test["images"]), pred_out, pcfg, progress=progress)
     predict_seconds = time.perf_counter() - t0
-    ecfg = EvaluateConfig(classes=cfg.classes, label_threshold=cfg.mask_threshold, label_map=cfg.label_map,
-                          unmapped=cfg.unmapped, ignore_label=cfg.ignore_label,
+    ecfg = EvaluateConfig(classes=data.classes, label_threshold=data.mask_threshold, label_map=data.label_map,
+                          unmapped=data.unmapped, ignore_label=data.ignore_label,
                           ignore_mask=str(data_root / test["ignore_mask"]) if test.get("ignore_mask") else "",
                           instances_only=bool(test.get("instances_only", False)), pred_kind="labels",
                           json=str(out / "test_scores.json"))
     scores = evaluate_paths(pred_out, str(data_root / test["masks"]), ecfg)
     write_json(scores, ecfg.json)
-    return {"task": task.get("name", ""), "dim": cfg.dim, "init": init.name, "encoder": init.spec,
-            "frozen": init.frozen, "iters": cfg.iters, "arch": cfg.arch, "batch_size": cfg.batch_size,
-            "crop": cfg.crop, "crop_depth": cfg.crop_depth if cfg.dim == "3d" else None,
+    return {"task": task.get("name", ""), "dim": model.dim, "init": init.name, "encoder": init.spec,
+            "frozen": init.frozen, "iters": optim.iters, "arch": model.arch, "batch_size": optim.batch_size,
+            "crop": cfg.augment.crop, "crop_depth": cfg.dim3d.crop_depth if model.dim == "3d" else None,
             "train_seconds": round(result.seconds, 1), "predict_seconds": round(predict_seconds, 1),
             "iou": scores["iou"], "mean_foreground_iou": scores["mean_foreground_iou"]}
 
@@ -296,7 +295,7 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_sets(items: list[str]) -> dict:
     """``["key=value", ...]`` -> ``{key: yaml value}``, keys checked against :class:`TrainConfig`."""
-    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    valid = set(leaf_paths(TrainConfig))
     out = {}
     for item in items:
         key, sep, value = item.partition("=")

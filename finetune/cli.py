@@ -12,7 +12,11 @@ from pathlib import Path
 
 from cemcurate.common.config import add_config_arguments, load_config
 from cemcurate.io import ReadError
+from finetune.benchmark import add_benchmark_arguments, run_from_args
 from finetune.config import EvaluateConfig, PredictConfig, TrainConfig
+from finetune.evaluate import evaluate_paths, format_table, write_json
+from finetune.predict.command import predict_path
+from finetune.train import train
 
 _EPILOG_TRAIN = """examples:
   finetune train --config configs/finetune/lucchi_pp.yaml --data-dir /data/benchmarks \\
@@ -68,8 +72,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML file with EvaluateConfig keys")
     add_config_arguments(p, EvaluateConfig)
 
-    from finetune.benchmark import add_benchmark_arguments
-
     p = sub.add_parser("benchmark", help="train and score several encoder initialisations (paper Table 2 form)",
                        description="Train, predict and evaluate every benchmark definition with every "
                                    "initialisation and write a Table-2-style results table.")
@@ -81,37 +83,29 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
-            from finetune.train import train
-
             cfg = load_config(TrainConfig, args.config, overrides=vars(args))
             result = train(cfg, args.out, stop_at=args.stop_at, progress=not args.quiet)
             state = "finished" if result.finished else "stopped (re-run the same command to continue)"
-            print(f"{args.out}: {state} at iteration {result.iteration}/{cfg.iters} "
+            print(f"{args.out}: {state} at iteration {result.iteration}/{cfg.optim.iters} "
                   f"after {result.seconds:.0f} s of training")
             if result.val:
                 print(f"validation mean foreground IoU: {result.val['mean_foreground_iou']:.4f}")
         elif args.command == "predict":
-            from finetune.predict import predict_path
-
             cfg = load_config(PredictConfig, args.config, overrides=vars(args))
             for path in predict_path(args.run, args.input, args.output, cfg, progress=not args.quiet):
                 print(path)
         elif args.command == "evaluate":
-            from finetune.evaluate import evaluate_paths, format_table, write_json
-
             cfg = load_config(EvaluateConfig, args.config, overrides=vars(args))
             result = evaluate_paths(args.pred, args.labels, cfg)
             print(format_table(result))
             if cfg.json:
                 write_json(result, cfg.json)
         else:
-            from finetune.benchmark import run_from_args
-
             run_from_args(args)
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ReadError) as exc:  # EncoderError and WeightsError are ValueErrors
+    except (ValueError, OSError, ReadError) as exc:  # WeightsError and CheckpointError are ValueErrors
         print(f"finetune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

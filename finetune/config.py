@@ -1,7 +1,10 @@
 """Config schemas of the ``finetune`` commands: one dataclass per command.
 
-YAML files in ``configs/finetune/`` hold the keys of :class:`TrainConfig`; every key also
-has a ``--flag`` (flags win over the file). Paper settings (Conrad & Narayan 2021,
+:class:`TrainConfig` is made of sections (data, model, augment, dim2d, dim3d, optim,
+runtime), each a dataclass that validates its own fields; YAML files in ``configs/finetune/``
+fill them (a section as a mapping, or its fields flat), and every field also has a
+``--flag`` of its own name (flags win over the file). Compute modules take the section or
+the settings they need, never the whole config. Paper settings (Conrad & Narayan 2021,
 "Benchmark segmentation tasks") are the defaults, except the crop scale, whose default is
 native resolution with a 0.7-1.4x zoom (see ``crop_mode``).
 """
@@ -11,20 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.labels import parse_label_map, parse_unmapped
+from finetune.augment2d import CROP_MODES, Augment2D
+from finetune.data import PLANES
+from finetune.labels import LabelSpec, parse_label_map, parse_unmapped
 from finetune.losses import LOSSES
 from finetune.models.inflate import INFLATE_MODES
-from cemcurate.common.archs import ARCHS
+from cemcurate.common.archs import ARCHS, get_arch
 from finetune.models.unet3d import UPSAMPLE_MODES
+from finetune.predict.sliding import DEFAULT_WINDOW
 
-PLANES = ("xy", "xz", "yz")
-CROP_MODES = ("native", "paper")
 WEIGHTINGS = ("auto", "prevalence", "none")
 DEVICES = ("auto", "cpu", "cuda")
 DIMS = ("2d", "3d")
 PREDICT_MODES = ("auto", "stack", "orthoplane", "sliding")
-# Sliding-window size (z, y, x): ~1 M voxels, enough context for a UNet3D at a CPU-friendly size.
-DEFAULT_WINDOW = (64, 128, 128)
 GEOMETRIES = ("auto", "isotropic", "anisotropic", "planar")
 
 
@@ -39,10 +41,9 @@ def _check_range(name: str, values: list[float], low: float, high: float | None 
 
 
 @dataclass
-class TrainConfig:
-    """``finetune train``: fine-tune a UNet-ResNet on 2D images or 3D volumes with labels."""
+class DataConfig:
+    """Training and validation data and how label values become classes."""
 
-    name: str = field(default="", metadata=_help("run/benchmark name, for logs and tables"))
     data_dir: str = field(default="", metadata=_help(
         "folder that relative image/mask globs are resolved against (empty: the working directory)"))
     images: list[str] = field(default_factory=list, metadata=_help(
@@ -54,8 +55,6 @@ class TrainConfig:
         "optional validation images (scored at checkpoints)", metavar="GLOB"))
     val_masks: list[str] = field(default_factory=list, metadata=_help(
         "validation labels paired with val_images", metavar="GLOB"))
-    planes: list[str] = field(default_factory=lambda: ["xy"], metadata=_help(
-        "2D: planes 3D volumes are sliced along for training: xy for anisotropic data, xy xz yz for isotropic"))
     classes: list[str] = field(default_factory=lambda: ["background", "foreground"], metadata=_help(
         "class names, index 0 first; two classes make a binary task (one sigmoid output)"))
     mask_threshold: float | None = field(default=None, metadata=_help(
@@ -67,14 +66,30 @@ class TrainConfig:
         "label values missing from label_map: error, ignore, background, or a class name/index they all map to"))
     ignore_label: float | None = field(default=None, metadata=_help(
         "raw label value excluded from the loss and the metrics"))
-    background_classes: list[int] = field(default_factory=lambda: [0], metadata=_help(
-        "class indices weighted as background (0.1) by prevalence weighting"))
-    class_weighting: str = field(default="auto", metadata=_help(
-        "cross-entropy class weights: prevalence (3 for classes under 10%% of labelled pixels, 1 above, "
-        "0.1 background), none, or auto (prevalence for multi-class, none for binary)"))
-    class_weights: list[float] = field(default_factory=list, metadata=_help(
-        "explicit loss weight per class, index 0 first (e.g. 1 5 to weight a thin foreground up); "
-        "overrides class_weighting"))
+
+    def __post_init__(self) -> None:
+        if not self.images or not self.masks:
+            raise ValueError("no training data: set images and masks in the config or pass --images GLOB --masks GLOB")
+        if bool(self.val_images) != bool(self.val_masks):
+            raise ValueError("val_images and val_masks must be given together")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must list at least two distinct names (background first), got {self.classes}")
+        parse_unmapped(self.unmapped, self.classes)
+        parse_label_map(self.label_map, self.classes)
+        if self.mask_threshold is not None and (self.label_map or len(self.classes) != 2):
+            raise ValueError("mask_threshold makes a binary task: use it with two classes and no label_map")
+
+    def label_spec(self) -> LabelSpec:
+        """How label files become class maps under these settings."""
+        return LabelSpec(num_classes=len(self.classes), threshold=self.mask_threshold,
+                         mapping=parse_label_map(self.label_map, self.classes), ignore_value=self.ignore_label,
+                         unmapped=parse_unmapped(self.unmapped, self.classes))
+
+
+@dataclass
+class ModelConfig:
+    """The network and where its encoder weights come from."""
+
     dim: str = field(default="2d", metadata=_help(
         "2d: UNet-ResNet on 2D slices (the paper's); 3d: U-Net whose 2D encoder weights are inflated "
         "into 3D, trained on sub-volumes of crop_depth x crop x crop voxels"))
@@ -84,39 +99,24 @@ class TrainConfig:
         "cem500k:PATH (released CEM500K MoCoV2 checkpoint) or PATH (our export, file or folder)"))
     freeze_encoder: bool = field(default=True, metadata=_help(
         "freeze the encoder (weights and BatchNorm statistics), as in the paper for pre-trained encoders"))
-    geometry: str = field(default="auto", metadata=_help(
-        "3D: kernel depth and z stride per encoder stage: auto (from the first training volume's voxel "
-        "size; isotropic when unknown), isotropic (3x3x3 kernels, z pooled like x, y), anisotropic "
-        "(first two stages in-plane only, for z spacing ~4-8x coarser) or planar (2D network per slice)"))
-    inflate: str = field(default="i3d", metadata=_help(
-        "3D: how 2D kernels become 3D: i3d (repeated along z, divided by depth) or center (middle slice only)"))
-    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16], metadata=_help(
-        "3D: widths of the five decoder blocks (the 2D UNet's; smaller saves memory and time)"))
-    upsample: str = field(default="trilinear", metadata=_help(
-        "3D decoder upsampling: trilinear, nearest or transpose (learned transposed convolution)"))
     norm_mean: float | None = field(default=None, metadata=_help(
         "input normalisation mean for images in [0, 1] (default: from the encoder source, else 0.5)"))
     norm_std: float | None = field(default=None, metadata=_help(
         "input normalisation std (default: from the encoder source, else 0.5)"))
-    iters: int = field(default=1000, metadata=_help("training iterations (optimizer steps)"))
-    batch_size: int = field(default=16, metadata=_help("crops per iteration"))
-    lr: float = field(default=0.003, metadata=_help("maximum learning rate of the one-cycle schedule (AdamW)"))
-    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay"))
-    loss: str = field(default="ce", metadata=_help(
-        "ce: BCE-with-logits (binary) or weighted cross-entropy (multi-class), the paper's; "
-        "dice_ce: ce plus soft Dice over the foreground classes (helps thin or rare structures)"))
+
+    def __post_init__(self) -> None:
+        if self.dim not in DIMS:
+            raise ValueError(f"dim must be one of {DIMS}, got {self.dim!r}")
+        get_arch(self.arch)
+        if self.norm_std is not None and not self.norm_std > 0:
+            raise ValueError(f"norm_std must be > 0, got {self.norm_std}")
+
+
+@dataclass
+class AugmentConfig:
+    """Training crops and the augmentations 2D and 3D share."""
+
     crop: int = field(default=512, metadata=_help("training crop side in pixels (multiple of 32)"))
-    crop_depth: int = field(default=32, metadata=_help(
-        "3D: training sub-volume depth in slices (volumes thinner than this are mirrored)"))
-    crop_mode: str = field(default="native", metadata=_help(
-        "2D only. native: crops at native resolution with a zoom in the zoom range (matches whole-slice "
-        "prediction); paper: RandomResizedCrop with paper_scale of the image area and paper_ratio"))
-    zoom: list[float] = field(default_factory=lambda: [0.7, 1.4], metadata=_help(
-        "2D native crop mode: zoom range relative to native resolution (>1 magnifies)"))
-    paper_scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata=_help(
-        "paper crop mode: crop area as a fraction of the image area"))
-    paper_ratio: list[float] = field(default_factory=lambda: [0.5, 1.5], metadata=_help(
-        "paper crop mode: crop aspect-ratio range"))
     rotate: bool = field(default=True, metadata=_help(
         "random rotation: any angle (0-360 degrees) in 2D, multiples of 90 degrees in-plane in 3D"))
     flips: bool = field(default=True, metadata=_help("random flips: horizontal and vertical (3D: also along z)"))
@@ -124,42 +124,67 @@ class TrainConfig:
         "random brightness and contrast change limit (0.3 = +-30%%; 0 disables)"))
     noise_var: list[float] = field(default_factory=list, metadata=_help(
         "Gaussian noise variance range in 8-bit grey levels squared, e.g. 400 1200 (empty: off)"))
-    blur_sigma: float = field(default=0.0, metadata=_help(
-        "2D only: maximum Gaussian blur sigma in pixels (0: off; paper Guay: 7)"))
-    elastic_alpha: float = field(default=0.0, metadata=_help(
-        "3D only: elastic deformation, std of the displacements in voxels (0: off; e.g. 2)"))
-    seed: int = field(default=42, metadata=_help("random seed for initialisation and data sampling"))
-    checkpoint_every: int = field(default=500, metadata=_help(
-        "save a resumable checkpoint (and score the validation set) every N iterations"))
-    log_every: int = field(default=10, metadata=_help("log the training loss every N iterations"))
-    device: str = field(default="auto", metadata=_help("auto (cuda when available), cpu or cuda"))
-    amp: bool = field(default=True, metadata=_help("mixed precision on CUDA (ignored on CPU)"))
-    workers: int = field(default=2, metadata=_help("data-loading worker processes (0: in the main process)"))
 
     def __post_init__(self) -> None:
-        if not self.images or not self.masks:
-            raise ValueError("no training data: set images and masks in the config or pass --images GLOB --masks GLOB")
-        if bool(self.val_images) != bool(self.val_masks):
-            raise ValueError("val_images and val_masks must be given together")
+        if self.crop < 32 or self.crop % 32:
+            raise ValueError(f"crop must be a positive multiple of 32 (the UNet stride), got {self.crop}")
+        if self.noise_var:
+            _check_range("noise_var", self.noise_var, 0.0)
+        if not 0 <= self.brightness_contrast < 1:
+            raise ValueError("brightness_contrast must be in [0, 1)")
+
+
+@dataclass
+class Dim2DConfig:
+    """Settings of 2D models only (``dim: 2d``)."""
+
+    planes: list[str] = field(default_factory=lambda: ["xy"], metadata=_help(
+        "planes 3D volumes are sliced along for training: xy for anisotropic data, xy xz yz for isotropic"))
+    crop_mode: str = field(default="native", metadata=_help(
+        "native: crops at native resolution with a zoom in the zoom range (matches whole-slice "
+        "prediction); paper: RandomResizedCrop with paper_scale of the image area and paper_ratio"))
+    zoom: list[float] = field(default_factory=lambda: [0.7, 1.4], metadata=_help(
+        "native crop mode: zoom range relative to native resolution (>1 magnifies)"))
+    paper_scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata=_help(
+        "paper crop mode: crop area as a fraction of the image area"))
+    paper_ratio: list[float] = field(default_factory=lambda: [0.5, 1.5], metadata=_help(
+        "paper crop mode: crop aspect-ratio range"))
+    blur_sigma: float = field(default=0.0, metadata=_help(
+        "maximum Gaussian blur sigma in pixels (0: off; paper Guay: 7)"))
+
+    def __post_init__(self) -> None:
         bad = [p for p in self.planes if p not in PLANES]
         if bad or not self.planes:
             raise ValueError(f"planes must be a non-empty subset of {PLANES}, got {self.planes}")
-        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"classes must list at least two distinct names (background first), got {self.classes}")
-        parse_unmapped(self.unmapped, self.classes)
-        parse_label_map(self.label_map, self.classes)
-        if self.class_weighting not in WEIGHTINGS:
-            raise ValueError(f"class_weighting must be one of {WEIGHTINGS}, got {self.class_weighting!r}")
-        if self.class_weights and (len(self.class_weights) != len(self.classes) or min(self.class_weights) < 0
-                                   or not max(self.class_weights) > 0):
-            raise ValueError(f"class_weights must give one weight >= 0 per class ({len(self.classes)}), "
-                             f"not all zero, got {self.class_weights}")
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; valid archs: {', '.join(ARCHS)}")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
-        if self.dim not in DIMS:
-            raise ValueError(f"dim must be one of {DIMS}, got {self.dim!r}")
+        _check_range("zoom", self.zoom, 0.0)
+        _check_range("paper_scale", self.paper_scale, 0.0, 1.0)
+        _check_range("paper_ratio", self.paper_ratio, 0.0)
+        if self.blur_sigma < 0:
+            raise ValueError("blur_sigma must be >= 0")
+
+
+@dataclass
+class Dim3DConfig:
+    """Settings of 3D models only (``dim: 3d``)."""
+
+    geometry: str = field(default="auto", metadata=_help(
+        "kernel depth and z stride per encoder stage: auto (from the first training volume's voxel "
+        "size; isotropic when unknown), isotropic (3x3x3 kernels, z pooled like x, y), anisotropic "
+        "(first two stages in-plane only, for z spacing ~4-8x coarser) or planar (2D network per slice)"))
+    inflate: str = field(default="i3d", metadata=_help(
+        "how 2D kernels become 3D: i3d (repeated along z, divided by depth) or center (middle slice only)"))
+    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16], metadata=_help(
+        "widths of the five decoder blocks (the 2D UNet's; smaller saves memory and time)"))
+    upsample: str = field(default="trilinear", metadata=_help(
+        "decoder upsampling: trilinear, nearest or transpose (learned transposed convolution)"))
+    crop_depth: int = field(default=32, metadata=_help(
+        "training sub-volume depth in slices (volumes thinner than this are mirrored)"))
+    elastic_alpha: float = field(default=0.0, metadata=_help(
+        "elastic deformation, std of the displacements in voxels (0: off; e.g. 2)"))
+
+    def __post_init__(self) -> None:
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
         if self.inflate not in INFLATE_MODES:
@@ -168,40 +193,103 @@ class TrainConfig:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
         if len(self.decoder_channels) != 5 or min(self.decoder_channels) < 1:
             raise ValueError(f"decoder_channels must be five positive ints, got {self.decoder_channels}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.crop_depth < 1 or self.elastic_alpha < 0:
             raise ValueError(f"need crop_depth >= 1 and elastic_alpha >= 0, got {self.crop_depth}, {self.elastic_alpha}")
-        if self.dim == "3d" and (self.crop_mode != "native" or self.blur_sigma > 0):
-            raise ValueError("crop_mode paper and blur_sigma are 2D augmentations; 3D training crops sub-volumes "
-                             "at native resolution without blur (set crop_mode native and blur_sigma 0)")
-        if self.dim == "2d" and self.elastic_alpha > 0:
-            raise ValueError("elastic_alpha is a 3D augmentation (dim 3d)")
-        if self.crop < 32 or self.crop % 32:
-            raise ValueError(f"crop must be a positive multiple of 32 (the UNet stride), got {self.crop}")
-        for name in ("iters", "batch_size", "checkpoint_every", "log_every"):
+
+
+@dataclass
+class OptimConfig:
+    """The optimisation recipe (the paper's: AdamW, one-cycle lr, BCE / weighted cross-entropy)."""
+
+    iters: int = field(default=1000, metadata=_help("training iterations (optimizer steps)"))
+    batch_size: int = field(default=16, metadata=_help("crops per iteration"))
+    lr: float = field(default=0.003, metadata=_help("maximum learning rate of the one-cycle schedule (AdamW)"))
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay"))
+    loss: str = field(default="ce", metadata=_help(
+        "ce: BCE-with-logits (binary) or weighted cross-entropy (multi-class), the paper's; "
+        "dice_ce: ce plus soft Dice over the foreground classes (helps thin or rare structures)"))
+    class_weighting: str = field(default="auto", metadata=_help(
+        "cross-entropy class weights: prevalence (3 for classes under 10%% of labelled pixels, 1 above, "
+        "0.1 background), none, or auto (prevalence for multi-class, none for binary)"))
+    class_weights: list[float] = field(default_factory=list, metadata=_help(
+        "explicit loss weight per class, index 0 first (e.g. 1 5 to weight a thin foreground up); "
+        "overrides class_weighting"))
+    background_classes: list[int] = field(default_factory=lambda: [0], metadata=_help(
+        "class indices weighted as background (0.1) by prevalence weighting"))
+    seed: int = field(default=42, metadata=_help("random seed for initialisation and data sampling"))
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.class_weighting not in WEIGHTINGS:
+            raise ValueError(f"class_weighting must be one of {WEIGHTINGS}, got {self.class_weighting!r}")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the run executes; these may change when a run is resumed."""
+
+    name: str = field(default="", metadata=_help("run/benchmark name, for logs and tables"))
+    checkpoint_every: int = field(default=500, metadata=_help(
+        "save a resumable checkpoint (and score the validation set) every N iterations"))
+    log_every: int = field(default=10, metadata=_help("log the training loss every N iterations"))
+    device: str = field(default="auto", metadata=_help("auto (cuda when available), cpu or cuda"))
+    amp: bool = field(default=True, metadata=_help("mixed precision on CUDA (ignored on CPU)"))
+    workers: int = field(default=2, metadata=_help("data-loading worker processes (0: in the main process)"))
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
-        _check_range("zoom", self.zoom, 0.0)
-        _check_range("paper_scale", self.paper_scale, 0.0, 1.0)
-        _check_range("paper_ratio", self.paper_ratio, 0.0)
-        if self.noise_var:
-            _check_range("noise_var", self.noise_var, 0.0)
-        if self.blur_sigma < 0 or not 0 <= self.brightness_contrast < 1:
-            raise ValueError("blur_sigma must be >= 0 and brightness_contrast in [0, 1)")
-        if self.norm_std is not None and not self.norm_std > 0:
-            raise ValueError(f"norm_std must be > 0, got {self.norm_std}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        bad_bg = [b for b in self.background_classes if not 0 <= b < len(self.classes)]
+
+
+@dataclass
+class TrainConfig:
+    """``finetune train``: fine-tune a UNet-ResNet on 2D images or 3D volumes with labels.
+
+    Sections (YAML keys of their own, or their fields given flat): ``data``, ``model``,
+    ``augment``, ``dim2d`` (2D models only), ``dim3d`` (3D models only), ``optim``, ``runtime``.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    dim2d: Dim2DConfig = field(default_factory=Dim2DConfig)
+    dim3d: Dim3DConfig = field(default_factory=Dim3DConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        classes, optim = self.data.classes, self.optim
+        if optim.class_weights and (len(optim.class_weights) != len(classes) or min(optim.class_weights) < 0
+                                    or not max(optim.class_weights) > 0):
+            raise ValueError(f"class_weights must give one weight >= 0 per class ({len(classes)}), "
+                             f"not all zero, got {optim.class_weights}")
+        bad_bg = [b for b in optim.background_classes if not 0 <= b < len(classes)]
         if bad_bg:
-            raise ValueError(f"background_classes {bad_bg} out of range for {len(self.classes)} classes")
-        if self.mask_threshold is not None and (self.label_map or len(self.classes) != 2):
-            raise ValueError("mask_threshold makes a binary task: use it with two classes and no label_map")
+            raise ValueError(f"background_classes {bad_bg} out of range for {len(classes)} classes")
+        if self.model.dim == "3d" and (self.dim2d.crop_mode != "native" or self.dim2d.blur_sigma > 0):
+            raise ValueError("crop_mode paper and blur_sigma are 2D augmentations; 3D training crops sub-volumes "
+                             "at native resolution without blur (set crop_mode native and blur_sigma 0)")
+        if self.model.dim == "2d" and self.dim3d.elastic_alpha > 0:
+            raise ValueError("elastic_alpha is a 3D augmentation (dim 3d)")
+
+    def augment_2d(self) -> Augment2D:
+        """The 2D augmentation settings of this config."""
+        a, d = self.augment, self.dim2d
+        return Augment2D(crop=a.crop, crop_mode=d.crop_mode, zoom=tuple(d.zoom), paper_scale=tuple(d.paper_scale),
+                         paper_ratio=tuple(d.paper_ratio), rotate=a.rotate, flips=a.flips,
+                         brightness_contrast=a.brightness_contrast, noise_var=tuple(a.noise_var),
+                         blur_sigma=d.blur_sigma)
 
 
 # Keys that may change between an interrupted run and its resumption without changing the

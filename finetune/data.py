@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.augment import Augmenter
-from finetune.config import PLANES, TrainConfig
-from finetune.labels import LabelSpec, parse_label_map, parse_unmapped, to_class_map
+from finetune.augment2d import Augment2D, Augmenter
+from finetune.labels import LabelSpec, to_class_map
 from finetune.volumes import expand_patterns, read_array, read_uint8
+
+# Slicing planes of a volume, named by the axes they span: xy = fixed z, xz = fixed y, yz = fixed x.
+PLANES = ("xy", "xz", "yz")
 
 
 @dataclass
@@ -34,13 +36,6 @@ class LabelledVolume:
     image: np.ndarray
     labels: np.ndarray
     name: str
-
-
-def label_spec(cfg: TrainConfig) -> LabelSpec:
-    """The label-reading rules of a training config."""
-    return LabelSpec(num_classes=len(cfg.classes), threshold=cfg.mask_threshold,
-                     mapping=parse_label_map(cfg.label_map, cfg.classes), ignore_value=cfg.ignore_label,
-                     unmapped=parse_unmapped(cfg.unmapped, cfg.classes))
 
 
 def pair_files(images: list[str], masks: list[str], base: str | None, what: str = "") -> list[tuple[Path, Path]]:
@@ -74,7 +69,7 @@ def load_labelled(pairs: list[tuple[Path, Path]], spec: LabelSpec) -> list[Label
 def slice_index(items: list[LabelledVolume], planes: list[str]) -> np.ndarray:
     """Every trainable 2D slice as rows ``(item, plane, index)`` of an ``int64[n, 3]`` array.
 
-    ``plane`` indexes :data:`finetune.config.PLANES`; single-slice items contribute their
+    ``plane`` indexes :data:`PLANES`; single-slice items contribute their
     one xy slice whatever ``planes`` says.
     """
     rows = []
@@ -101,15 +96,21 @@ def get_slice(item: LabelledVolume, plane: int, index: int) -> tuple[np.ndarray,
 class CropSamples(torch.utils.data.Dataset):
     """Sample ``k`` -> ``(image float32[1, crop, crop] in [0, 1], labels uint8[crop, crop])``.
 
-    The length is ``iters * batch_size``; sample ``k`` belongs to iteration ``k // batch_size``.
+    Args:
+        items: the training images/volumes.
+        planes: planes volumes are sliced along (see :func:`slice_index`).
+        augment: the 2D augmentation settings.
+        seed: base seed; sample ``k`` is a pure function of ``(seed, k)``.
+        length: number of samples, ``iters * batch_size`` (sample ``k`` belongs to iteration
+            ``k // batch_size``).
     """
 
-    def __init__(self, items: list[LabelledVolume], cfg: TrainConfig):
+    def __init__(self, items: list[LabelledVolume], planes: list[str], augment: Augment2D, seed: int, length: int):
         self.items = items
-        self.index = slice_index(items, cfg.planes)
-        self.augment = Augmenter(cfg)
-        self.seed = cfg.seed
-        self.length = cfg.iters * cfg.batch_size
+        self.index = slice_index(items, planes)
+        self.augment = Augmenter(augment)
+        self.seed = seed
+        self.length = length
 
     def __len__(self) -> int:
         return self.length

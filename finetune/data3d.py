@@ -150,10 +150,11 @@ def augment_from_config(cfg: TrainConfig, elastic_z: bool = True) -> Augment3D:
     ``elastic_alpha`` -> elastic deformation (``elastic_z=False`` keeps z fixed, for
     geometries that do not mix slices in the first stage).
     """
-    return Augment3D(flip_z=cfg.flips, flip_yx=cfg.flips, rot90=cfg.rotate, brightness=cfg.brightness_contrast,
-                     contrast=cfg.brightness_contrast,
-                     noise_std=math.sqrt(max(cfg.noise_var)) / 255.0 if cfg.noise_var else 0.0,
-                     elastic_alpha=cfg.elastic_alpha, elastic_z=elastic_z)
+    a = cfg.augment
+    return Augment3D(flip_z=a.flips, flip_yx=a.flips, rot90=a.rotate, brightness=a.brightness_contrast,
+                     contrast=a.brightness_contrast,
+                     noise_std=math.sqrt(max(a.noise_var)) / 255.0 if a.noise_var else 0.0,
+                     elastic_alpha=cfg.dim3d.elastic_alpha, elastic_z=elastic_z)
 
 
 def elastic_field(shape: Sequence[int], alpha: float, spacing: int, rng: np.random.Generator,

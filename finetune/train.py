@@ -39,16 +39,16 @@ from cemcurate.common.lazy import lazy_import
 from cemcurate.common.runstate import (append_csv, capture_rng, optimizer_step, read_checkpoint,
                                        refuse_changed_resume, restore_rng, save_checkpoint, trim_csv)
 from cemcurate.common.weights import ResolvedWeights, resolve
-from finetune.config import DEFAULT_WINDOW, RESUME_SAFE_KEYS, TrainConfig
-from finetune.data import CropSamples, LabelledVolume, label_spec, load_labelled, pair_files
+from finetune.config import RESUME_SAFE_KEYS, OptimConfig, TrainConfig
+from finetune.data import CropSamples, LabelledVolume, load_labelled, pair_files
 from finetune.data3d import SubvolumeSamples, augment_from_config
 from finetune.losses import count_classes, prevalence_weights, training_loss
 from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes
 from finetune.models import UNet3D, build_model
 from finetune.models.inflate import StageGeometry
 from cemcurate.common.device import select_device
-from finetune.predict.predictor import SlicePredictor
-from finetune.predict.sliding import predict_sliding
+from finetune.predict.slices import SlicePredictor
+from finetune.predict.sliding import DEFAULT_WINDOW, predict_sliding
 from finetune.volumes import open_volume
 
 torch_tensorboard = lazy_import("torch.utils.tensorboard")
@@ -64,7 +64,7 @@ class TrainResult:
     Attributes:
         run: the run folder.
         iteration: iterations completed so far.
-        finished: ``iteration == cfg.iters`` (``model.pth`` written).
+        finished: ``iteration == cfg.optim.iters`` (``model.pth`` written).
         seconds: training wall time summed over all invocations of this run.
         val: last validation scores (``{"iou": {...}, "mean_foreground_iou": ...}``) or None.
     """
@@ -79,8 +79,8 @@ class TrainResult:
 def resolve_geometry(cfg: TrainConfig, first_image: str | Path | None = None) -> StageGeometry:
     """The 3D stage geometry of ``cfg``: a preset, or for ``auto`` one derived from the voxel
     size of ``first_image`` (isotropic when the file records none)."""
-    if cfg.geometry != "auto":
-        return StageGeometry.preset(cfg.geometry)
+    if cfg.dim3d.geometry != "auto":
+        return StageGeometry.preset(cfg.dim3d.geometry)
     voxel = open_volume(first_image).voxel_size if first_image is not None else None
     if voxel is None or not all(np.isfinite(v) and v > 0 for v in voxel):
         return StageGeometry.preset("isotropic")
@@ -91,39 +91,41 @@ def build_training_model(cfg: TrainConfig, geometry: StageGeometry | None = None
     """The 2D or 3D UNet with seeded random init, encoder weights loaded strictly (inflated
     for 3D, with ``geometry``, default isotropic), frozen as configured. The input
     normalisation is the config's, else the encoder source's, else 0.5/0.5."""
-    weights = resolve(cfg.encoder, cfg.arch)
+    m = cfg.model
+    weights = resolve(m.encoder, m.arch)
     # Seeding right before construction makes every randomly initialised parameter the
     # same in every experiment with the same seed (as in the paper), whatever the source.
-    torch.manual_seed(cfg.seed)
-    common = dict(weights=weights, freeze_encoder=cfg.freeze_encoder, arch=cfg.arch, num_classes=len(cfg.classes),
-                  mean=cfg.norm_mean, std=cfg.norm_std)
-    if cfg.dim == "3d":
-        model = build_model("unet3d", **common, inflate=cfg.inflate, geometry=geometry, upsample=cfg.upsample,
-                            decoder_channels=cfg.decoder_channels)
+    torch.manual_seed(cfg.optim.seed)
+    common = dict(weights=weights, freeze_encoder=m.freeze_encoder, arch=m.arch, num_classes=len(cfg.data.classes),
+                  mean=m.norm_mean, std=m.norm_std)
+    if m.dim == "3d":
+        d3 = cfg.dim3d
+        model = build_model("unet3d", **common, inflate=d3.inflate, geometry=geometry, upsample=d3.upsample,
+                            decoder_channels=d3.decoder_channels)
     else:
         model = build_model("unet2d", **common)
     return model, weights
 
 
-def class_weights(cfg: TrainConfig, items: list[LabelledVolume]) -> np.ndarray | None:
+def class_weights(optim: OptimConfig, classes: list[str], items: list[LabelledVolume]) -> np.ndarray | None:
     """Loss weights from the training labels (None for an unweighted loss).
 
     Always checks that every class occurs in the training labels: a class that never
     occurs points at a wrong threshold or label map, and cannot be learned.
     """
-    counts = count_classes([it.labels for it in items], len(cfg.classes))
-    missing = [f"{i} ({cfg.classes[i]})" for i in np.flatnonzero(counts == 0)]
+    counts = count_classes([it.labels for it in items], len(classes))
+    missing = [f"{i} ({classes[i]})" for i in np.flatnonzero(counts == 0)]
     if missing:
         raise ValueError(f"class(es) {', '.join(missing)} have no pixels in the training labels "
                          f"(pixel counts {counts.tolist()}); check classes, mask_threshold and label_map")
-    if cfg.class_weights:
-        return np.asarray(cfg.class_weights, np.float32)
-    mode = cfg.class_weighting
+    if optim.class_weights:
+        return np.asarray(optim.class_weights, np.float32)
+    mode = optim.class_weighting
     if mode == "auto":
-        mode = "prevalence" if len(cfg.classes) > 2 else "none"
+        mode = "prevalence" if len(classes) > 2 else "none"
     if mode == "none":
         return None
-    return prevalence_weights(counts, cfg.background_classes, class_names=cfg.classes)
+    return prevalence_weights(counts, optim.background_classes, class_names=classes)
 
 
 def validate(model: torch.nn.Module, items: list[LabelledVolume], num_classes: int, device: torch.device,
@@ -160,21 +162,23 @@ def validate(model: torch.nn.Module, items: list[LabelledVolume], num_classes: i
 
 def validation_window(cfg: TrainConfig) -> tuple[int, int, int]:
     """3D validation windows: ``finetune predict``'s default, enlarged to the training crop."""
-    return tuple(max(a, b) for a, b in zip(DEFAULT_WINDOW, (cfg.crop_depth, cfg.crop, cfg.crop)))  # type: ignore[return-value]
+    crop = (cfg.dim3d.crop_depth, cfg.augment.crop, cfg.augment.crop)
+    return tuple(max(a, b) for a, b in zip(DEFAULT_WINDOW, crop))  # type: ignore[return-value]
 
 
 def training_samples(cfg: TrainConfig, items: list[LabelledVolume],
                      geometry: StageGeometry | None = None) -> torch.utils.data.Dataset:
     """2D crops (:class:`CropSamples`) or 3D sub-volumes (:class:`SubvolumeSamples`) of ``items``."""
-    if cfg.dim == "2d":
-        return CropSamples(items, cfg)
+    length = cfg.optim.iters * cfg.optim.batch_size
+    if cfg.model.dim == "2d":
+        return CropSamples(items, cfg.dim2d.planes, cfg.augment_2d(), cfg.optim.seed, length)
     flat = [it.name for it in items if it.image.shape[0] < 2]
     if flat:
         raise ValueError(f"dim 3d trains on volumes, but {', '.join(flat)} has a single slice; use dim 2d for 2D images")
     # Elastic displacements along z would mix slices that an in-plane first stage keeps apart.
     elastic_z = geometry is None or geometry.kernel_depth[0] > 1
-    return SubvolumeSamples(items, (cfg.crop_depth, cfg.crop, cfg.crop), cfg.iters * cfg.batch_size, cfg.seed,
-                            augment_from_config(cfg, elastic_z))
+    crop = (cfg.dim3d.crop_depth, cfg.augment.crop, cfg.augment.crop)
+    return SubvolumeSamples(items, crop, length, cfg.optim.seed, augment_from_config(cfg, elastic_z))
 
 
 def _save_checkpoint(run: Path, iteration: int, elapsed: float, model, optimizer, scheduler, scaler, cfg) -> None:
@@ -186,7 +190,7 @@ def _save_checkpoint(run: Path, iteration: int, elapsed: float, model, optimizer
 
 def _save_model(run: Path, model: torch.nn.Module, cfg: TrainConfig, weights: ResolvedWeights, iteration: int,
                 elapsed: float, val: dict | None) -> None:
-    payload = {"state_dict": model.state_dict(), "model_config": model.config(), "classes": list(cfg.classes),
+    payload = {"state_dict": model.state_dict(), "model_config": model.config(), "classes": list(cfg.data.classes),
                "config": config_to_dict(cfg), "encoder_source": weights.source, "iterations": iteration,
                "seconds": elapsed, "val": val}
     with atomic_path(run / MODEL) as tmp:
@@ -200,34 +204,35 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
         cfg: the resolved config.
         run: run folder (created).
         stop_at: stop with a checkpoint once this many iterations are done (to split a
-            run over several jobs); ``None``: train to ``cfg.iters``.
+            run over several jobs); ``None``: train to ``cfg.optim.iters``.
         progress: show a tqdm bar.
     """
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    device = select_device(cfg.device)
-    amp = cfg.amp and device.type == "cuda"
+    data, optim, runtime = cfg.data, cfg.optim, cfg.runtime
+    device = select_device(runtime.device)
+    amp = runtime.amp and device.type == "cuda"
     if device.type == "cuda":
         # Deterministic kernels: a resumed run must equal an uninterrupted one.
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
 
     # Everything that can fail on bad input is checked before the first iteration.
-    spec = label_spec(cfg)
-    pairs = pair_files(cfg.images, cfg.masks, cfg.data_dir or None)
+    spec = data.label_spec()
+    base = data.data_dir or None
+    pairs = pair_files(data.images, data.masks, base)
     items = load_labelled(pairs, spec)
-    val_items = (load_labelled(pair_files(cfg.val_images, cfg.val_masks, cfg.data_dir or None, "val "), spec)
-                 if cfg.val_images else [])
-    weights_np = class_weights(cfg, items)
+    val_items = load_labelled(pair_files(data.val_images, data.val_masks, base, "val "), spec) if data.val_images else []
+    weights_np = class_weights(optim, data.classes, items)
     weights_t = torch.from_numpy(weights_np) if weights_np is not None else None
-    geometry = resolve_geometry(cfg, pairs[0][0]) if cfg.dim == "3d" else None
+    geometry = resolve_geometry(cfg, pairs[0][0]) if cfg.model.dim == "3d" else None
     dataset = training_samples(cfg, items, geometry)
     model, enc = build_training_model(cfg, geometry)
     model.to(device)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.iters)
+    optimizer = torch.optim.AdamW(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optim.lr, total_steps=optim.iters)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     start, elapsed, last_val = 0, 0.0, None
@@ -244,20 +249,20 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
         trim_csv(run / "train_log.csv", start)
         trim_csv(run / "val_log.csv", start)
     save_config(cfg, run / "config.yaml")
-    stop = cfg.iters if stop_at is None else max(start, min(cfg.iters, stop_at))
+    stop = optim.iters if stop_at is None else max(start, min(optim.iters, stop_at))
 
-    if start >= cfg.iters and (run / MODEL).is_file():
+    if start >= optim.iters and (run / MODEL).is_file():
         return TrainResult(run, start, True, elapsed, None)
 
     tb = torch_tensorboard.SummaryWriter(str(run / "tensorboard"), purge_step=start if start else None)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
-                                         sampler=range(start * cfg.batch_size, stop * cfg.batch_size),
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    bar = tqdm(total=cfg.iters, initial=start, desc=f"train {cfg.name or run.name}", unit="it",
+    loader = torch.utils.data.DataLoader(dataset, batch_size=optim.batch_size,
+                                         sampler=range(start * optim.batch_size, stop * optim.batch_size),
+                                         num_workers=runtime.workers, pin_memory=device.type == "cuda")
+    bar = tqdm(total=optim.iters, initial=start, desc=f"train {runtime.name or run.name}", unit="it",
                disable=not progress, dynamic_ncols=True)
     it = start
     t0 = time.perf_counter()
-    val_header = ["iteration"] + [f"iou_{c}" for c in cfg.classes] + ["mean_foreground_iou"]
+    val_header = ["iteration"] + [f"iou_{c}" for c in data.classes] + ["mean_foreground_iou"]
     try:
         model.train()
         for x, y in loader:
@@ -265,29 +270,29 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
             y = y.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
                 logits = model(x)
-            loss = training_loss(logits, y, cfg.loss, weights_t)
+            loss = training_loss(logits, y, optim.loss, weights_t)
             optimizer_step(loss, optimizer, scaler)
             scheduler.step()
             it += 1
             bar.update(1)
-            if it % cfg.log_every == 0 or it == stop:
+            if it % runtime.log_every == 0 or it == stop:
                 loss_v, lr_v = float(loss.detach()), float(scheduler.get_last_lr()[0])
                 now = elapsed + time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_v:.4f}")
                 tb.add_scalar("train/loss", loss_v, it)
                 tb.add_scalar("train/lr", lr_v, it)
                 append_csv(run / "train_log.csv", ["iteration", "loss", "lr", "seconds"],
-                            [it, f"{loss_v:.6f}", f"{lr_v:.6g}", f"{now:.1f}"])
-            if it % cfg.checkpoint_every == 0 or it == stop:
+                           [it, f"{loss_v:.6f}", f"{lr_v:.6g}", f"{now:.1f}"])
+            if it % runtime.checkpoint_every == 0 or it == stop:
                 if val_items:
-                    last_val = validate(model, val_items, len(cfg.classes), device, amp,
+                    last_val = validate(model, val_items, len(data.classes), device, amp,
                                         window=validation_window(cfg))
-                    for c, v in zip(cfg.classes, last_val["iou"]):
+                    for c, v in zip(data.classes, last_val["iou"]):
                         if v is not None:
                             tb.add_scalar(f"val/iou_{c}", v, it)
                     append_csv(run / "val_log.csv", val_header,
-                                [it] + [("" if v is None else f"{v:.5f}") for v in last_val["iou"]]
-                                + [last_val["mean_foreground_iou"]])
+                               [it] + [("" if v is None else f"{v:.5f}") for v in last_val["iou"]]
+                               + [last_val["mean_foreground_iou"]])
                 _save_checkpoint(run, it, elapsed + time.perf_counter() - t0, model, optimizer, scheduler, scaler, cfg)
     except KeyboardInterrupt:
         if it > start:
@@ -298,7 +303,7 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     bar.close()
     tb.close()
     elapsed += time.perf_counter() - t0
-    finished = it >= cfg.iters
+    finished = it >= optim.iters
     if finished:
         _save_model(run, model, cfg, enc, it, elapsed, last_val)
     return TrainResult(run, it, finished, elapsed, last_val)

@@ -17,12 +17,13 @@ import pytest
 import timm
 import torch
 
+from cemcurate.common.config import build_config
 from cemcurate.io import write_volume
 from finetune.cli import main
 from finetune.config import PredictConfig, TrainConfig
 from finetune.metrics import confusion_matrix, iou_from_confusion
 from finetune.models.inflate import StageGeometry
-from finetune.predict import resolve_mode
+from finetune.predict.command import resolve_mode
 from finetune.train import resolve_geometry, train
 from finetune.volumes import read_array
 
@@ -99,7 +100,7 @@ def test_3d_resume_equals_uninterrupted_run_with_inflated_weights(boundary_volum
                     mask_threshold=0, arch="resnet18", encoder=str(weights), freeze_encoder=False,
                     decoder_channels=[16, 8, 8, 4, 4], crop=32, crop_depth=16, batch_size=2, iters=4,
                     checkpoint_every=2, loss="dice_ce", elastic_alpha=1.5, workers=0)
-        return TrainConfig(**{**base, **kw})
+        return build_config(TrainConfig, **{**base, **kw})
 
     first = train(cfg(), tmp_path / "interrupted", stop_at=2, progress=False)
     assert (first.iteration, first.finished) == (2, False)
@@ -125,11 +126,11 @@ def test_geometry_from_voxel_size_and_clear_errors(boundary_volumes, neuroproof_
     image = neuroproof_boundaries[0][:8, :64, :64]
     write_volume(tmp_path / "aniso.tif", image, (40.0, 10.0, 10.0))
     write_volume(tmp_path / "unknown.tif", image)
-    base = TrainConfig(images=["x"], masks=["y"], dim="3d")
+    base = build_config(TrainConfig, images=["x"], masks=["y"], dim="3d")
     assert resolve_geometry(base, tmp_path / "aniso.tif") == StageGeometry.from_spacing((40, 10, 10))
     assert resolve_geometry(base, tmp_path / "aniso.tif").kernel_depth[0] == 1     # in-plane first stage
     assert resolve_geometry(base, tmp_path / "unknown.tif") == StageGeometry.preset("isotropic")
-    planar = TrainConfig(images=["x"], masks=["y"], dim="3d", geometry="planar")
+    planar = build_config(TrainConfig, images=["x"], masks=["y"], dim="3d", geometry="planar")
     assert resolve_geometry(planar, tmp_path / "aniso.tif") == StageGeometry.preset("planar")
 
     assert resolve_mode("auto", "unet3d") == "sliding" and resolve_mode("auto", "unet2d") == "stack"
@@ -138,9 +139,9 @@ def test_geometry_from_voxel_size_and_clear_errors(boundary_volumes, neuroproof_
     with pytest.raises(ValueError, match="window_overlap"):
         PredictConfig(window=[32, 64, 64], window_overlap=[32, 0, 0])
     with pytest.raises(ValueError, match="2D augmentations"):
-        TrainConfig(images=["x"], masks=["y"], dim="3d", blur_sigma=2.0)
+        build_config(TrainConfig, images=["x"], masks=["y"], dim="3d", blur_sigma=2.0)
     with pytest.raises(ValueError, match="class_weights"):
-        TrainConfig(images=["x"], masks=["y"], class_weights=[1.0])
+        build_config(TrainConfig, images=["x"], masks=["y"], class_weights=[1.0])
 
     # 2D images cannot train a 3D model; the message names the file.
     flat = tmp_path / "flat"

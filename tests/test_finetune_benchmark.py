@@ -35,16 +35,16 @@ def test_every_definition_loads_with_paper_settings():
             cfg = load_config(TrainConfig, REPO / task["config"])
             paper = d.get("paper") or {}
             if "iters" in paper:                      # Table 2 "Training Iterations"
-                assert cfg.iters == paper["iters"], (path.name, cfg.iters)
+                assert cfg.optim.iters == paper["iters"], (path.name, cfg.optim.iters)
             if d["name"] in PAPER_CROPS:
-                assert cfg.crop == PAPER_CROPS[d["name"]], (path.name, cfg.crop)
-                assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.seed) == (0.003, 0.1, 16, 42)
-                assert cfg.arch == "resnet50" and cfg.freeze_encoder
+                assert cfg.augment.crop == PAPER_CROPS[d["name"]], (path.name, cfg.augment.crop)
+                assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.batch_size, cfg.optim.seed) == (0.003, 0.1, 16, 42)
+                assert cfg.model.arch == "resnet50" and cfg.model.freeze_encoder
     assert set(PAPER_CROPS) <= names, sorted(set(PAPER_CROPS) - names)
     assert {"VNC mitochondria", "ISBI-2012 membranes"} <= names
     guay = load_config(TrainConfig, REPO / "configs/finetune/guay.yaml")
-    assert guay.class_weighting == "prevalence" and guay.noise_var == [400, 1200] and guay.blur_sigma == 7
-    assert load_config(TrainConfig, REPO / "configs/finetune/urocell.yaml").planes == ["xy", "xz", "yz"]
+    assert (guay.optim.class_weighting, guay.augment.noise_var, guay.dim2d.blur_sigma) == ("prevalence", [400, 1200], 7)
+    assert load_config(TrainConfig, REPO / "configs/finetune/urocell.yaml").dim2d.planes == ["xy", "xz", "yz"]
 
 
 def test_init_parsing_and_overrides():

@@ -16,6 +16,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from cemcurate.common.config import build_config
 from cemcurate.common.weights import CEM500K_MEAN, WeightsError, WeightSpec, resolve
 from finetune.config import TrainConfig
 from finetune.models import build_model
@@ -133,7 +134,7 @@ def test_frozen_encoder_weights_and_bn_stats_do_not_change_in_training(tmp_path,
     iio.imwrite(tmp_path / "mask.png", iio.imread(mito)[:256, :256])
     state = _timm_state("resnet18", seed=3)
     torch.save(state, tmp_path / "enc.pth")
-    cfg = TrainConfig(images=[str(tmp_path / "img.png")], masks=[str(tmp_path / "mask.png")], mask_threshold=127,
+    cfg = build_config(TrainConfig, images=[str(tmp_path / "img.png")], masks=[str(tmp_path / "mask.png")], mask_threshold=127,
                       arch="resnet18", encoder=str(tmp_path / "enc.pth"), freeze_encoder=True, iters=3,
                       batch_size=2, crop=64, workers=0, device="cpu")
     train(cfg, tmp_path / "run", progress=False)
@@ -143,12 +144,12 @@ def test_frozen_encoder_weights_and_bn_stats_do_not_change_in_training(tmp_path,
     for k, v in state.items():
         assert torch.equal(enc[k], v), f"frozen encoder tensor {k} changed"
     # The decoder did train (same seed -> same initial decoder as a fresh build).
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.optim.seed)
     fresh = build_model("unet2d", arch="resnet18").state_dict()
     changed = [k for k in fresh if k.startswith("net.decoder.") and not torch.equal(fresh[k], saved[k])]
     assert changed
     # Without freezing, the same run updates the encoder.
-    cfg.freeze_encoder = False
+    cfg.model.freeze_encoder = False
     train(cfg, tmp_path / "run_unfrozen", progress=False)
     saved2 = torch.load(tmp_path / "run_unfrozen" / "model.pth", weights_only=True)["state_dict"]
     assert not torch.equal(saved2["net.encoder.layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])

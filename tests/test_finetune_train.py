@@ -16,6 +16,7 @@ import pytest
 import torch
 from skimage.transform import downscale_local_mean
 
+from cemcurate.common.config import build_config
 from finetune.cli import main
 from finetune.config import TrainConfig
 from finetune.train import train
@@ -81,7 +82,7 @@ def _cfg(vnc, **kw) -> TrainConfig:
                 freeze_encoder=False, iters=6, batch_size=2, crop=64, checkpoint_every=2, log_every=1, workers=0,
                 device="cpu")
     base.update(kw)
-    return TrainConfig(**base)
+    return build_config(TrainConfig, **base)
 
 
 def test_resume_equals_uninterrupted_run(vnc, tmp_path):
@@ -90,7 +91,7 @@ def test_resume_equals_uninterrupted_run(vnc, tmp_path):
     assert (first.iteration, first.finished) == (3, False)
     assert not (interrupted / "model.pth").exists()
     ckpt = torch.load(interrupted / "checkpoint.pth", weights_only=True)
-    assert ckpt["iteration"] == 3 and ckpt["config"]["iters"] == 6
+    assert ckpt["iteration"] == 3 and ckpt["config"]["optim"]["iters"] == 6
     # A different setting cannot silently continue this run.
     with pytest.raises(ValueError, match="different config.*lr"):
         train(_cfg(vnc, lr=0.01), interrupted, progress=False)

@@ -1,8 +1,8 @@
-"""finetune pure functions: tiling, losses, class weights, labels, IoU, crops, configs.
+"""finetune pure functions: losses, class weights, labels, IoU, crops, configs.
 
 Each compute function is checked against a plain reference written here (loops, hand
-counts) or against an exact property (a per-pixel model must give identical results
-however the slice is tiled).
+counts) or against an exact property. Tiling is tested with the window engine in
+``test_predict_windows.py``.
 """
 
 from __future__ import annotations
@@ -14,73 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.augment import Augmenter, native_scale_crop
+from cemcurate.common.config import build_config
+from finetune.augment2d import Augmenter, native_scale_crop
 from finetune.config import TrainConfig
 from finetune.labels import LabelSpec, parse_label_map, parse_unmapped, to_class_map
 from finetune.losses import IGNORE_INDEX, count_classes, prevalence_weights, segmentation_loss
 from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes, unlabelled_prediction_mask
 from cemcurate.common.archs import get_arch
 from finetune.models import build_model
-from finetune.predict.tiling import blend_window, plan_tiles, predict_tiled, tile_starts
-
-
-# ---------------------------------------------------------------------------- tiling
-
-def test_tile_starts_cover_the_range_and_stay_inside():
-    for length, tile, stride in [(100, 32, 16), (64, 64, 10), (1000, 512, 448), (33, 32, 1)]:
-        starts = tile_starts(length, tile, stride)
-        covered = np.zeros(length, bool)
-        for s in starts:
-            assert 0 <= s <= length - tile
-            covered[s:s + tile] = True
-        assert covered.all()
-        assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
-    with pytest.raises(ValueError):
-        tile_starts(10, 32, 8)
-
-
-def test_plan_pads_to_multiples_of_32():
-    plan = plan_tiles((100, 70), tile=512, overlap=64)
-    assert plan.tile == (128, 96) and len(plan.starts) == 1
-    assert plan.padded_shape == (128, 96)
-    big = plan_tiles((250, 1000), tile=128, overlap=32)
-    assert big.tile == (128, 128) and all(t % 32 == 0 for t in big.tile)
-    assert len(big.starts) > 1
-    w = blend_window((64, 64), 16)
-    assert w.max() == 1.0 and w.min() > 0 and w[0, 0] < w[32, 32]
-
-
-def _pointwise(tiles: np.ndarray) -> np.ndarray:
-    # A "model" whose output at a pixel depends only on that pixel: any tiling must give
-    # exactly the untiled answer, which exposes offset, padding and blending mistakes.
-    return np.stack([np.sin(3 * tiles) ** 2, tiles ** 2], axis=1).astype(np.float32)
-
-
-def test_tiled_pointwise_model_equals_untiled(data_root):
-    image = np.asarray(__import__("imageio").v3.imread(
-        sorted(glob.glob(str(data_root / "neuroproof_flyem/training_sample2/grayscale_maps/*.png")))[0]),
-        dtype=np.float32)[None] / 255.0                      # real 250 x 250 slice
-    for tile, overlap in [(64, 16), (96, 0), (128, 40), (512, 64)]:
-        plan = plan_tiles(image.shape[1:], tile=tile, overlap=overlap)
-        out = predict_tiled(image, _pointwise, plan, batch_size=5)
-        np.testing.assert_allclose(out[0], _pointwise(image)[0], rtol=1e-5, atol=1e-6)
-
-
-def test_single_tile_reflection_padding_matches_manual_padding():
-    rng = np.random.default_rng(0)
-    slices = rng.random((2, 45, 70), dtype=np.float32)
-    seen = []
-
-    def spy(tiles):
-        seen.append(tiles.copy())
-        return tiles[:, None] * 2
-
-    plan = plan_tiles((45, 70), tile=256, overlap=32)
-    out = predict_tiled(slices, spy, plan)
-    (top, bottom), (left, right) = plan.pad
-    manual = np.pad(slices, ((0, 0), (top, bottom), (left, right)), mode="reflect")
-    np.testing.assert_array_equal(seen[0], manual)
-    np.testing.assert_allclose(out[:, 0], slices * 2)
 
 
 # ---------------------------------------------------------------------------- losses
@@ -135,20 +76,20 @@ def test_prevalence_weights_rule():
 def test_class_weights_from_real_vnc_label_prevalence(data_root, tmp_path):
     """VNC stack1/labels merges 9 grey values; weights follow their real prevalence."""
     from finetune.train import class_weights
-    from finetune.data import label_spec, load_labelled, pair_files
+    from finetune.data import load_labelled, pair_files
 
     labels_dir = data_root / "drosophila_vnc_gerhard/stack1/labels"
     raw_dir = data_root / "drosophila_vnc_gerhard/stack1/raw"
     if not labels_dir.is_dir():
         pytest.skip(f"{labels_dir} not found")
     # classes: intracellular (background), membranes (5 orientations/junctions), glia, mito, synapse
-    cfg = TrainConfig(images=[str(raw_dir / "0[0-3].tif")], masks=[str(labels_dir / "labels0000000[0-3].png")],
+    cfg = build_config(TrainConfig, images=[str(raw_dir / "0[0-3].tif")], masks=[str(labels_dir / "labels0000000[0-3].png")],
                       classes=["intracellular", "membrane", "glia", "mitochondria", "synapse"],
                       label_map=["255:intracellular", "0:membrane", "32:membrane", "64:membrane", "96:membrane",
                                  "128:membrane", "159:glia", "191:mitochondria", "223:synapse"],
                       class_weighting="prevalence")
-    items = load_labelled(pair_files(cfg.images, cfg.masks, None), label_spec(cfg))
-    weights = class_weights(cfg, items)
+    items = load_labelled(pair_files(cfg.data.images, cfg.data.masks, None), cfg.data.label_spec())
+    weights = class_weights(cfg.optim, cfg.data.classes, items)
     # Hand computation straight from the PNG grey values.
     import imageio.v3 as iio
 
@@ -240,8 +181,8 @@ def test_augmenter_is_a_pure_function_of_the_seed():
     image = rng.integers(0, 255, (90, 90), dtype=np.uint8)
     labels = (image > 128).astype(np.uint8)
     for mode in ("native", "paper"):
-        cfg = TrainConfig(images=["x"], masks=["y"], crop=64, crop_mode=mode, noise_var=[400, 1200], blur_sigma=2)
-        aug = Augmenter(cfg)
+        cfg = build_config(TrainConfig, images=["x"], masks=["y"], crop=64, crop_mode=mode, noise_var=[400, 1200], blur_sigma=2)
+        aug = Augmenter(cfg.augment_2d())
         a = aug(image, labels, 123)
         b = aug(image, labels, 123)
         c = aug(image, labels, 124)
@@ -253,13 +194,13 @@ def test_augmenter_is_a_pure_function_of_the_seed():
 
 def test_config_validation_and_registry_errors():
     with pytest.raises(ValueError, match="multiple of 32"):
-        TrainConfig(images=["a"], masks=["b"], crop=100)
+        build_config(TrainConfig, images=["a"], masks=["b"], crop=100)
     with pytest.raises(ValueError, match="no training data"):
-        TrainConfig()
+        build_config(TrainConfig)
     with pytest.raises(ValueError, match="valid archs: resnet18"):
-        TrainConfig(images=["a"], masks=["b"], arch="resnet51")
+        build_config(TrainConfig, images=["a"], masks=["b"], arch="resnet51")
     with pytest.raises(ValueError, match="unknown class"):
-        TrainConfig(images=["a"], masks=["b"], label_map=["3:nucleus"])
+        build_config(TrainConfig, images=["a"], masks=["b"], label_map=["3:nucleus"])
     with pytest.raises(ValueError, match="valid archs"):
         get_arch("vgg16")
     with pytest.raises(ValueError, match="valid models: unet2d"):
@@ -272,7 +213,7 @@ def test_config_validation_and_registry_errors():
 def test_volumes_are_sliced_along_the_configured_planes(data_root, tmp_path):
     """A real 3D label volume (neuroproof crop, body ids > 0 as foreground) sliced xy/xz/yz."""
     from cemcurate.io import write_volume
-    from finetune.data import CropSamples, get_slice, label_spec, load_labelled, pair_files, slice_index
+    from finetune.data import CropSamples, get_slice, load_labelled, pair_files, slice_index
 
     files = sorted(glob.glob(str(data_root / "neuroproof_flyem/training_sample2/grayscale_maps/*.png")))[:12]
     import imageio.v3 as iio
@@ -281,17 +222,17 @@ def test_volumes_are_sliced_along_the_configured_planes(data_root, tmp_path):
     labels = (vol > np.median(vol)).astype(np.uint8)
     write_volume(tmp_path / "img.tif", vol)
     write_volume(tmp_path / "lab.tif", labels)
-    cfg = TrainConfig(images=[str(tmp_path / "img.tif")], masks=[str(tmp_path / "lab.tif")], planes=["xy", "xz", "yz"],
+    cfg = build_config(TrainConfig, images=[str(tmp_path / "img.tif")], masks=[str(tmp_path / "lab.tif")], planes=["xy", "xz", "yz"],
                       crop=32, batch_size=2, iters=3)
-    items = load_labelled(pair_files(cfg.images, cfg.masks, None), label_spec(cfg))
-    index = slice_index(items, cfg.planes)
+    items = load_labelled(pair_files(cfg.data.images, cfg.data.masks, None), cfg.data.label_spec())
+    index = slice_index(items, cfg.dim2d.planes)
     assert len(index) == 12 + 40 + 56
     img, lab = get_slice(items[0], 1, 7)                                  # xz plane at y = 7
     np.testing.assert_array_equal(img, vol[:, 7, :])
     np.testing.assert_array_equal(lab, labels[:, 7, :])
     img, _ = get_slice(items[0], 2, 5)                                    # yz plane at x = 5
     np.testing.assert_array_equal(img, vol[:, :, 5])
-    x, y = CropSamples(items, cfg)[4]
+    x, y = CropSamples(items, cfg.dim2d.planes, cfg.augment_2d(), cfg.optim.seed, 6)[4]
     assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and 0 <= float(x.min()) <= float(x.max()) <= 1
     assert y.shape == (32, 32) and set(np.unique(y.numpy())) <= {0, 1}
     assert len(slice_index(items, ["xy"])) == 12

@@ -171,6 +171,19 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
     return _build(cls, values)
 
 
+def build_config(cls: type[T], **fields: Any) -> T:
+    """``cls`` from its defaults and ``fields`` given by name (of any section), e.g.
+    ``build_config(TrainConfig, images=[...], masks=[...], iters=10)``.
+
+    Raises:
+        ValueError: a name that is not a field of ``cls`` (so a typo never passes silently).
+    """
+    unknown = sorted(set(fields) - set(leaf_paths(cls)))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid: {sorted(leaf_paths(cls))}")
+    return load_config(cls, None, fields)
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain, YAML-safe dict of a config dataclass, nested by section (paths and tuples become
     str and lists)."""

@@ -1,4 +1,4 @@
-"""Training augmentations: a random crop (native-scale or the paper's), then albumentations.
+"""2D training augmentations: a random crop (native-scale or the paper's), then albumentations.
 
 Why a native-scale crop is the default: the paper's RandomResizedCrop (0.08-1 of the image
 area, aspect 0.5-1.5) was tuned on images about the size of the crop. On large images it
@@ -15,12 +15,52 @@ identical to an uninterrupted one.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import albumentations as A
 import cv2
 import numpy as np
 
-from finetune.config import TrainConfig
+CROP_MODES = ("native", "paper")
+
+
+@dataclass(frozen=True)
+class Augment2D:
+    """2D augmentation settings (the counterpart of :class:`finetune.augment3d.Augment3D`).
+
+    Attributes:
+        crop: output side in pixels.
+        crop_mode: ``native`` (native-scale crop with a zoom in ``zoom``, rotated by any angle
+            when ``rotate``) or ``paper`` (RandomResizedCrop over ``paper_scale`` of the image
+            area and aspect ratios ``paper_ratio``, then a rotation when ``rotate``).
+        zoom: ``(min, max)`` magnification relative to native resolution (native mode).
+        paper_scale, paper_ratio: ``(min, max)`` crop area fraction and aspect ratio (paper mode).
+        rotate: random rotation by any angle.
+        flips: random horizontal and vertical flips.
+        brightness_contrast: brightness and contrast change limit (0.3 = +-30%), applied with
+            probability 0.5; 0 disables.
+        noise_var: ``(min, max)`` Gaussian noise variance in 8-bit grey levels squared, applied
+            with probability 0.5; empty disables.
+        blur_sigma: maximum Gaussian blur sigma in pixels, probability 0.5; 0 disables.
+    """
+
+    crop: int = 512
+    crop_mode: str = "native"
+    zoom: tuple[float, float] = (0.7, 1.4)
+    paper_scale: tuple[float, float] = (0.08, 1.0)
+    paper_ratio: tuple[float, float] = (0.5, 1.5)
+    rotate: bool = True
+    flips: bool = True
+    brightness_contrast: float = 0.3
+    noise_var: tuple[float, ...] = ()
+    blur_sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+        if self.crop < 1 or self.blur_sigma < 0 or not 0 <= self.brightness_contrast < 1:
+            raise ValueError(f"need crop >= 1, blur_sigma >= 0 and 0 <= brightness_contrast < 1, got "
+                             f"{self.crop}, {self.blur_sigma}, {self.brightness_contrast}")
 
 
 def native_crop_matrix(top_left: tuple[float, float], crop: int, zoom: float, angle_deg: float) -> np.ndarray:
@@ -76,41 +116,41 @@ def native_scale_crop(image: np.ndarray, labels: np.ndarray, crop: int, zoom: fl
 
 
 class Augmenter:
-    """Seeded augmentation of one 2D training sample.
+    """Seeded augmentation of one 2D training sample with the settings ``aug``.
 
     ``augmenter(image uint8[H, W], labels uint8[H, W], seed) -> (uint8[crop, crop], uint8[crop, crop])``.
     """
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, aug: Augment2D):
+        self.aug = aug
         reflect = cv2.BORDER_REFLECT_101
         photometric: list[A.BasicTransform] = []
-        if cfg.flips:
+        if aug.flips:
             photometric += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
-        if cfg.brightness_contrast > 0:
-            lim = cfg.brightness_contrast
+        if aug.brightness_contrast > 0:
+            lim = aug.brightness_contrast
             photometric.append(A.RandomBrightnessContrast(brightness_limit=lim, contrast_limit=lim, p=0.5))
-        if cfg.noise_var:
+        if aug.noise_var:
             # albumentations scales the noise std by the dtype maximum (255 for uint8).
-            lo, hi = (math.sqrt(v) / 255.0 for v in cfg.noise_var)
+            lo, hi = (math.sqrt(v) / 255.0 for v in aug.noise_var)
             photometric.append(A.GaussNoise(std_range=(lo, hi), p=0.5))
-        if cfg.blur_sigma > 0:
-            photometric.append(A.GaussianBlur(blur_limit=0, sigma_limit=(min(0.1, cfg.blur_sigma), cfg.blur_sigma), p=0.5))
-        if cfg.crop_mode == "paper":
+        if aug.blur_sigma > 0:
+            photometric.append(A.GaussianBlur(blur_limit=0, sigma_limit=(min(0.1, aug.blur_sigma), aug.blur_sigma), p=0.5))
+        if aug.crop_mode == "paper":
             geometric: list[A.BasicTransform] = [A.RandomResizedCrop(
-                size=(cfg.crop, cfg.crop), scale=tuple(cfg.paper_scale), ratio=tuple(cfg.paper_ratio))]
-            if cfg.rotate:
+                size=(aug.crop, aug.crop), scale=tuple(aug.paper_scale), ratio=tuple(aug.paper_ratio))]
+            if aug.rotate:
                 geometric.append(A.Rotate(limit=180, border_mode=reflect, p=1.0))
             photometric = geometric + photometric
         self.pipeline = A.Compose(photometric)
 
     def __call__(self, image: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        cfg = self.cfg
+        aug = self.aug
         rng = np.random.default_rng(seed)
-        if cfg.crop_mode == "native":
-            zoom = float(np.exp(rng.uniform(math.log(cfg.zoom[0]), math.log(cfg.zoom[1]))))
-            angle = float(rng.uniform(-180.0, 180.0)) if cfg.rotate else 0.0
-            image, labels = native_scale_crop(image, labels, cfg.crop, zoom, angle, rng)
+        if aug.crop_mode == "native":
+            zoom = float(np.exp(rng.uniform(math.log(aug.zoom[0]), math.log(aug.zoom[1]))))
+            angle = float(rng.uniform(-180.0, 180.0)) if aug.rotate else 0.0
+            image, labels = native_scale_crop(image, labels, aug.crop, zoom, angle, rng)
         self.pipeline.set_random_seed(int(rng.integers(2**31 - 1)))
         out = self.pipeline(image=np.ascontiguousarray(image), mask=np.ascontiguousarray(labels))
         return out["image"], out["mask"]
