@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from cemcurate.build import BuildConfig
 from cemcurate.common.config import add_config_arguments, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +49,4 @@ def test_unknown_keys_and_invalid_values_are_errors(tmp_path):
 
 
 def test_build_yaml_holds_the_paper_defaults():
-    from cemcurate.build import BuildConfig
-
     assert load_config(BuildConfig, REPO / "configs/curate/build.yaml") == BuildConfig()

@@ -69,6 +69,18 @@ def clustered_hashes(n: int, rng: np.random.Generator, mean_cluster: int = 8, ma
     return hashes
 
 
+def drifting_hashes(n: int, rng: np.random.Generator, max_flips: int = 4) -> np.ndarray:
+    """A slow drift: each hash is the previous one with 0..max_flips random bits flipped (like
+    adjacent planes of a volume, which differ by a few bits), so neighbours in the series are
+    near-duplicates and distant ones are not."""
+    hashes = np.empty(n, dtype=np.uint64)
+    hashes[0] = rng.integers(0, 2**64, dtype=np.uint64, endpoint=False)
+    for i in range(1, n):
+        flips = rng.choice(64, rng.integers(0, max_flips + 1), replace=False)
+        hashes[i] = flip_bits(int(hashes[i - 1]), flips)
+    return hashes
+
+
 def assert_greedy_properties(hashes: np.ndarray, exemplar: np.ndarray, max_hamming: int) -> None:
     n = len(hashes)
     assert exemplar.dtype == np.int64 and exemplar.shape == (n,)
@@ -159,8 +171,8 @@ def test_real_hashes_match_reference_loop(neuroproof_hashes, vnc_tile_hashes, mo
     assert np.array_equal(group_near_duplicates(hashes, order=sequential), reference_greedy(hashes, 11, sequential))
 
 
-def test_default_order_is_seeded_permutation(neuroproof_hashes):
-    hashes = neuroproof_hashes["yz_top_left"]
+def test_default_order_is_seeded_permutation():
+    hashes = drifting_hashes(250, np.random.default_rng(7))
     order = np.random.default_rng(5).permutation(len(hashes))
     assert np.array_equal(group_near_duplicates(hashes, seed=5), group_near_duplicates(hashes, order=order))
     assert not np.array_equal(group_near_duplicates(hashes, seed=5), group_near_duplicates(hashes, seed=6))
@@ -294,17 +306,23 @@ def test_assign_to_exemplars_picks_closest_then_lowest_index():
     assert assign_to_exemplars(new, exemplars[:0], 11).tolist() == [-1, -1, -1, -1]
 
 
-def test_assign_to_exemplars_matches_brute_force(neuroproof_hashes):
+def test_assign_to_exemplars_matches_brute_force():
     rng = np.random.default_rng(2)
     exemplars = np.unique(clustered_hashes(5000, rng))
-    new = np.concatenate([neuroproof_hashes["xy_top_left"], clustered_hashes(2000, rng)])
+    # A drift that starts at an exemplar: close to it at first, then farther than the threshold.
+    drift = drifting_hashes(250, rng)
+    drift ^= drift[0] ^ exemplars[17]
+    # Exemplars with 0..14 bits flipped: on both sides of the threshold, with ties between exemplars.
+    near = np.array([flip_bits(int(h), rng.choice(64, rng.integers(0, 15), replace=False))
+                     for h in exemplars[rng.integers(0, len(exemplars), 500)]], dtype=np.uint64)
+    new = np.concatenate([drift, near, clustered_hashes(2000, rng)])
     distance = hamming_distance(new[:, None], exemplars[None, :]).astype(int)
     expected = np.where(distance.min(axis=1) <= 11, distance.argmin(axis=1), -1)  # argmin: lowest index on ties
     assert np.array_equal(assign_to_exemplars(new, exemplars, 11), expected)
 
 
-def test_group_incremental(neuroproof_hashes):
-    hashes = neuroproof_hashes["xz_top_left"]
+def test_group_incremental():
+    hashes = drifting_hashes(250, np.random.default_rng(4))
     first_run = group_near_duplicates(hashes[:125], seed=0)
     kept = hashes[:125][first_run == np.arange(125)]
     new = hashes[125:]
@@ -319,7 +337,7 @@ def test_group_incremental(neuroproof_hashes):
     expected_new[unmatched] = unmatched[reference_greedy(new[unmatched], 11, local_order)]
     assert np.array_equal(result.new_exemplar, expected_new)
     assert np.all((result.existing_exemplar >= 0) != (result.new_exemplar >= 0))
-    assert 0 < len(unmatched) < len(new)  # plane 125 is next to plane 124, so some match
+    assert 0 < len(unmatched) < len(new)  # hash 125 drifted a few bits from 124, so some match
     # kept set after the increment: nothing within 11 bits of anything else
     all_kept = np.concatenate([kept, new[result.is_new_exemplar]])
     between = hamming_distance(all_kept[:, None], all_kept[None, :]).astype(int)

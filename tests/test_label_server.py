@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from PIL import Image
 
 from cemcurate.filtering.cli import add_label_command
 from cemcurate.filtering.labels import (LabelPool, append_labels, export_sheets, import_sheet, labels_path,
@@ -201,8 +202,6 @@ def test_torn_last_line_is_skipped_and_appends_continue(tmp_path):
 
 
 def test_contact_sheets_round_trip(build, tmp_path):
-    from PIL import Image
-
     out, _ = build
     append_labels(labels_path(out), [(0, 1)])
     parser = argparse.ArgumentParser()

@@ -12,11 +12,16 @@ import pandas as pd
 import pytest
 import tifffile
 
+import cemcurate.build.cut as cut_module
+import cemcurate.build.orchestrate as orchestrate
 from cemcurate import open_patches
 from cemcurate.cli import main
+from cemcurate.dedup.preview import boundary_pairs, patch_pixels
 from cemcurate.dhash import dhash64, dhash_hex
+from cemcurate.filtering.filters import make_filter
 from cemcurate.build import BuildConfig, build
 from cemcurate.sources import SourceSpec
+from cemcurate.store import ShardReader
 
 
 def tiles(length: int, patch: int = 224, min_edge: int = 112) -> int:
@@ -134,8 +139,6 @@ def test_interrupted_build_keeps_old_outputs_and_resumes(built, tmp_path, monkey
     work = tmp_path / "out"
     shutil.copytree(out, work)
     before = pd.read_parquet(work / "manifest.parquet")
-    import cemcurate.build.orchestrate as orchestrate
-
     real, done = orchestrate.process_source, []
 
     def interrupted(spec, *args, **kwargs):
@@ -222,8 +225,6 @@ def test_source_keys_are_unique_for_similar_names():
 
 
 def test_dedup_preview_recuts_duplicates_from_the_source(built):
-    from cemcurate.dedup.preview import boundary_pairs, patch_pixels
-
     _, out, _ = built
     m = pd.read_parquet(out / "manifest.parquet")
     stored = m[(m.shard_row >= 0) & m.source.isin(["vnc", "neuroproof", "tomo.tif"])].groupby(["source", "plane"]).head(2)
@@ -252,8 +253,17 @@ def test_filter_stage_marks_uninformative_and_rescoring_reuses_sources(tmp_path,
     work = tmp_path / "out"
     build(raw, work, BuildConfig(workers=1), progress=False)
     m = pd.read_parquet(work / "manifest.parquet")
-    stored = m.shard_row >= 0
-    assert m.loc[stored, "informative_prob"].between(0, 1).all() and m.loc[~stored, "informative_prob"].isna().all()
+    stored = (m.shard_row >= 0).to_numpy()
+    # Each stored patch carries the stats filter's score of its own stored pixels: the rules
+    # give exactly 0 or 1, and kept / reason follow the 0.5 threshold.
+    pixels = ShardReader(work, 224).read(m.loc[stored, "shard"].to_numpy(), m.loc[stored, "shard_row"].to_numpy())
+    probs = m.loc[stored, "informative_prob"].to_numpy()
+    np.testing.assert_array_equal(probs, make_filter("stats")(pixels))
+    assert set(np.unique(probs)) == {0.0, 1.0} and m.loc[~stored, "informative_prob"].isna().all()
+    informative = m.informative_prob.fillna(0).to_numpy() >= 0.5
+    np.testing.assert_array_equal(m.kept.to_numpy(), ~m.duplicate.to_numpy() & informative)
+    expected_reason = np.where(m.duplicate, "duplicate", np.where(informative, "", "uninformative"))
+    assert m.reason.tolist() == expected_reason.tolist()
     resin = m[m.source == "resin.png"]
     assert (resin.reason.isin(["uninformative", "duplicate"])).all() and not resin.kept.any()
     assert (resin.reason == "uninformative").any()
@@ -282,8 +292,6 @@ def test_growing_stack_is_deduplicated_incrementally(tmp_path, data_root, monkey
     before = pd.read_parquet(out / "manifest.parquet")
     for i in (1, 3, 5):
         os.symlink(files[i], raw / "vnc" / files[i].name)
-    import cemcurate.build.cut as cut_module
-
     hashed = []
     real_dhash = cut_module.dhash64
     monkeypatch.setattr(cut_module, "dhash64", lambda p, *a, **k: hashed.append(len(p)) or real_dhash(p, *a, **k))

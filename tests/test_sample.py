@@ -1,6 +1,7 @@
 """The default input: the pinned public sample is verified by SHA-256 and fetched once."""
 
 import io
+import shutil
 import urllib.request
 
 import pytest
@@ -40,7 +41,14 @@ def test_corrupt_download_is_rejected_and_not_kept(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
 
-def test_default_input_prefers_cem_data(monkeypatch, data_root):
-    monkeypatch.setenv("CEM_DATA", str(data_root))
-    raw, sidecar = sample.default_input()
-    assert raw == data_root and sidecar.name == "shared_data_sources.yaml"
+def test_default_input_prefers_cem_data(monkeypatch, data_root, tmp_path):
+    # A folder other than ../shared/data (which is found without $CEM_DATA too), holding one real image.
+    raw = tmp_path / "my_em"
+    raw.mkdir()
+    shutil.copy(data_root / "isbi2012_unet/train/image/0.png", raw / "0.png")
+    monkeypatch.setenv("CEM_DATA", str(raw))
+    found, sidecar = sample.default_input()
+    assert found == raw and sidecar.name == "shared_data_sources.yaml"
+    (raw / "cemcurate.yaml").write_text("- {path: '*.png'}\n")
+    found, sidecar = sample.default_input()
+    assert found == raw and sidecar is None  # the folder's own sidecar is found by the build

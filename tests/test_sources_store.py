@@ -1,3 +1,6 @@
+from pathlib import Path
+
+import imageio.v3 as iio
 import numpy as np
 import pytest
 
@@ -14,8 +17,21 @@ def test_glob_to_regex(pattern, path, hit):
     assert bool(glob_to_regex(pattern).match(path)) is hit
 
 
-def test_discover_sources_on_real_folders(tmp_path, data_root):
-    vnc = data_root / "drosophila_vnc_gerhard"
+def vnc_layout(root: Path) -> Path:
+    """The file layout of the VNC data folder (../shared/data/drosophila_vnc_gerhard), with empty
+    files: discovering sources looks at names only, never at contents."""
+    vnc = root / "drosophila_vnc_gerhard"
+    for i in range(20):
+        for name in (f"stack1/raw/{i:02d}.tif", f"stack2/raw/{i:02d}.tif", f"stack1/labels/labels{i:08d}.png",
+                     f"stack1/membranes/{i:02d}.png", f"stack1/mitochondria/{i:02d}.png"):
+            (vnc / name).parent.mkdir(parents=True, exist_ok=True)
+            (vnc / name).touch()
+    (vnc / "README.md").touch()
+    return vnc
+
+
+def test_discover_sources_with_a_sidecar(tmp_path):
+    vnc = vnc_layout(tmp_path / "data")
     sidecar = tmp_path / "s.yaml"
     sidecar.write_text(
         "sources:\n"
@@ -46,7 +62,6 @@ def test_sidecar_errors_name_the_file_and_entry(tmp_path):
 
 
 def test_store_random_batches_match_written_real_patches(tmp_path, data_root):
-    import imageio.v3 as iio
     image = iio.imread(data_root / "isbi2012_unet/train/image/3.png")
     patches = np.stack([image[y:y + 64, x:x + 64] for y in range(0, 512, 64) for x in range(0, 512, 64)])
     store = write_patch_store(tmp_path / "out", patches)
