@@ -81,9 +81,8 @@ class DataConfig:
 
     def label_spec(self) -> LabelSpec:
         """How label files become class maps under these settings."""
-        return LabelSpec(num_classes=len(self.classes), threshold=self.mask_threshold,
-                         mapping=parse_label_map(self.label_map, self.classes), ignore_value=self.ignore_label,
-                         unmapped=parse_unmapped(self.unmapped, self.classes))
+        return LabelSpec.from_settings(self.classes, self.mask_threshold, self.label_map, self.ignore_label,
+                                       self.unmapped)
 
 
 @dataclass
@@ -232,7 +231,7 @@ class OptimConfig:
 
 @dataclass
 class RuntimeConfig:
-    """Where and how the run executes; these may change when a run is resumed."""
+    """Where and how the run executes: its name, logging and checkpoint cadence, device and workers."""
 
     name: str = field(default="", metadata=_help("run/benchmark name, for logs and tables"))
     checkpoint_every: int = field(default=500, metadata=_help(

@@ -21,17 +21,11 @@ import numpy as np
 from cemcurate.common.atomic import atomic_path
 from cemcurate.io import open_series
 from finetune.config import EvaluateConfig
-from finetune.labels import LabelSpec, parse_label_map, parse_unmapped, to_class_map
+from finetune.labels import LabelSpec, to_class_map
 from finetune.metrics import confusion_matrix, iou_from_confusion, unlabelled_prediction_mask
 from finetune.volumes import expand_patterns, open_volume
 
 _SLAB = 32
-
-
-def eval_label_spec(cfg: EvaluateConfig) -> LabelSpec:
-    return LabelSpec(num_classes=len(cfg.classes), threshold=cfg.label_threshold,
-                     mapping=parse_label_map(cfg.label_map, cfg.classes), ignore_value=cfg.ignore_label,
-                     unmapped=parse_unmapped(cfg.unmapped, cfg.classes))
 
 
 def prediction_kind(dtype: np.dtype, max_value: float, num_classes: int, kind: str = "auto") -> str:
@@ -69,7 +63,7 @@ def _max_value(vol) -> float:
 
 def score_volume(pred_vol, label_vol, cfg: EvaluateConfig, ignore_vol=None, name: str = "") -> np.ndarray:
     """Confusion matrix of one prediction volume against one label volume (lazy volumes)."""
-    spec = eval_label_spec(cfg)
+    spec = LabelSpec.from_settings(cfg.classes, cfg.label_threshold, cfg.label_map, cfg.ignore_label, cfg.unmapped)
     k = spec.num_classes
     if tuple(pred_vol.shape) != tuple(label_vol.shape):
         raise ValueError(f"{name}: prediction shape {pred_vol.shape} (z, y, x) does not match labels {label_vol.shape}")

@@ -63,6 +63,14 @@ class LabelSpec:
             if not 0 <= cls < self.num_classes:
                 raise ValueError(f"label map sends value {value:g} to class {cls}, outside 0..{self.num_classes - 1}")
 
+    @classmethod
+    def from_settings(cls, classes: Sequence[str], threshold: float | None, label_map: Sequence[str],
+                      ignore_value: float | None, unmapped: str) -> "LabelSpec":
+        """The spec of the command-line settings (``--classes``, ``--mask-threshold`` /
+        ``--label-threshold``, ``--label-map``, ``--ignore-label``, ``--unmapped``)."""
+        return cls(num_classes=len(classes), threshold=threshold, mapping=parse_label_map(label_map, classes),
+                   ignore_value=ignore_value, unmapped=parse_unmapped(unmapped, classes))
+
 
 def parse_label_map(entries: Sequence[str], class_names: Sequence[str]) -> tuple[tuple[float, int], ...]:
     """Parse ``["VALUE:CLASS", ...]`` where CLASS is a class index or name.

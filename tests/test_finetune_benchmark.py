@@ -8,6 +8,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import tifffile
 import torch
 import yaml
 from skimage.transform import downscale_local_mean
@@ -24,6 +25,11 @@ PAPER_CROPS = {"Lucchi++": 512, "Kasthuri++": 512, "Guay": 512, "CREMI Synaptic 
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Foreground IoU of two boolean arrays, written out independently of finetune.metrics."""
+    return float(np.logical_and(pred, truth).sum() / np.logical_or(pred, truth).sum())
 
 
 def test_every_definition_loads_with_paper_settings():
@@ -90,11 +96,15 @@ def test_tiny_benchmark_end_to_end(data_root, tmp_path):
     assert rc == 0
     rows = json.loads((out / "results.json").read_text())
     assert [(r["init"], r["frozen"], r["iters"]) for r in rows] == [("Random Init.", False, 3), ("enc", True, 3)]
+    truth = np.stack([iio.imread(tmp_path / f"data/mito/{i}.png") > 127 for i in (3, 4)])
     for r in rows:
         assert 0.0 <= r["mean_foreground_iou"] <= 1.0 and r["train_seconds"] > 0
-        scores = json.loads((Path(out) / "Tiny_VNC" / "mito" / r["init"].replace(" ", "_") / "test_scores.json").read_text())
-        assert len(scores["per_image"]) == 2
-        assert scores["mean_foreground_iou"] == pytest.approx(r["mean_foreground_iou"])
+        run = Path(out) / "Tiny_VNC" / "mito" / r["init"].replace(" ", "_")
+        assert len(json.loads((run / "test_scores.json").read_text())["per_image"]) == 2
+        # The table's IoU, recomputed from the prediction files the run wrote (pixels pooled over the test set).
+        pred = np.stack([tifffile.imread(f) for f in sorted((run / "test_pred").glob("*.tif"))]) == 1
+        assert pred.shape == truth.shape
+        assert r["mean_foreground_iou"] == pytest.approx(_iou(pred, truth), abs=1e-9)
     table = (out / "results.md").read_text()
     assert "| Benchmark | Training Iterations | Random Init. | enc | Paper CEM500K-moco |" in table
     assert "| Tiny VNC | 3 |" in table and "0.500" in table
@@ -159,6 +169,7 @@ def test_neuroproof_benchmark_2d_vs_3d(data_root, tmp_path, monkeypatch):
     assert len(written) == 4 and prepare_neuroproof(source, data, limit=(32, 64, 64)) == dest
     assert {p: p.stat().st_mtime_ns for p in dest.rglob("*.tif")} == written       # idempotent: nothing rewritten
     torch.save(timm.create_model("resnet18", num_classes=0, in_chans=1).state_dict(), tmp_path / "enc.pth")
+    truth = tifffile.imread(dest / "test" / "boundary.tif") > 0
     out = tmp_path / "out"
     rc = main(["benchmark", str(REPO / "benchmarks/finetune/neuroproof_boundary.yaml"), "--dims", "2d", "3d",
                "--inits", "random", f"ours={tmp_path / 'enc.pth'}", "--out", str(out), "--data-root", str(data),
@@ -172,8 +183,9 @@ def test_neuroproof_benchmark_2d_vs_3d(data_root, tmp_path, monkeypatch):
         run = out / "NeuroProof_boundaries" / "boundaries" / r["dim"] / r["init"].replace(" ", "_")
         model = torch.load(run / "model.pth", map_location="cpu", weights_only=False)
         assert model["model_config"]["model"] == {"2d": "unet2d", "3d": "unet3d"}[r["dim"]]
-        assert json.loads((run / "test_scores.json").read_text())["mean_foreground_iou"] == pytest.approx(
-            r["mean_foreground_iou"])
+        # Recomputed from the written prediction volume and the test labels, not from the scores file.
+        pred = tifffile.imread(run / "test_pred.tif") == 1
+        assert r["mean_foreground_iou"] == pytest.approx(_iou(pred, truth), abs=1e-9)
     table = (out / "results.md").read_text()
     assert "| NeuroProof boundaries (2D) | 2 |" in table and "| NeuroProof boundaries (3D) | 2 |" in table
     assert "| 3d | ours | 2 | resnet18 | 32x32x32 | 2 |" in table

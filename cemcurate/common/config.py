@@ -51,14 +51,20 @@ def _is_section(tp: Any) -> bool:
 
 def _leaves(cls: type, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dataclasses.Field, Any]]:
     """``(section path, field, type)`` of every non-section field of ``cls``, depth first."""
+    for path, _, f, tp in _leaves_with_sections(cls, path):
+        yield path, f, tp
+
+
+def _leaves_with_sections(cls: type, path: tuple[str, ...] = ()):
+    """As :func:`_leaves`, with the dataclass that holds each field."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         if _is_section(hints[f.name]):
-            yield from _leaves(hints[f.name], path + (f.name,))
+            yield from _leaves_with_sections(hints[f.name], path + (f.name,))
         else:
-            yield path, f, hints[f.name]
+            yield path, cls, f, hints[f.name]
 
 
 def leaf_paths(cls: type) -> dict[str, tuple[str, ...]]:
@@ -88,11 +94,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tu
     unset flags stay ``None``."""
     leaf_paths(cls)  # fail early on ambiguous names
     groups: dict[tuple[str, ...], Any] = {}
-    for path, f, tp in _leaves(cls):
+    for path, section, f, tp in _leaves_with_sections(cls):
         if f.name in exclude:
             continue
         if path not in groups:
-            groups[path] = parser.add_argument_group(f"{' / '.join(path)} settings") if path else parser
+            summary = (section.__doc__ or "").strip().splitlines()[0] if path else ""
+            groups[path] = parser.add_argument_group(f"{'.'.join(path)} settings", summary) if path else parser
         target = groups[path]
         inner, is_list = _base_type(tp)
         help_text = f"{f.metadata.get('help', '')} (default: {_default(f)})"
