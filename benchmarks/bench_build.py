@@ -23,7 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
+import tifffile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -51,8 +53,6 @@ def bench_build_throughput(data: Path, tmp: Path) -> tuple[str, Path]:
 
 
 def bench_store_reads(out: Path, tmp: Path, batches: int = 200, batch_size: int = 64) -> list[str]:
-    import tifffile
-
     store = open_patches(out)
     folder = tmp / "tiffs"
     folder.mkdir()
@@ -84,9 +84,6 @@ def bench_store_reads(out: Path, tmp: Path, batches: int = 200, batch_size: int 
 
 def make_big_volume(data: Path, path: Path, gigabytes: float) -> tuple[int, int, int]:
     """Tile real neuroproof sections into an uncompressed uint16 tif of about ``gigabytes``."""
-    import imageio.v3 as iio
-    import tifffile
-
     sections = [iio.imread(p) for p in sorted((data / "neuroproof_flyem/training_sample2/grayscale_maps").glob("*.png"))]
     side = 1000  # 4 x 4 sections of 250 px
     depth = int(gigabytes * 1e9 / (side * side * 2))

@@ -32,10 +32,24 @@ import sys
 import time
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
+import PIL
+import tifffile
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# cemcurate.dedup loads numpy only: no pandas or pyarrow (the patch store), whose import peak
+# would hide the memory the grouping itself needs in --child runs.
+from cemcurate.common.lazy import lazy_import  # noqa: E402
+from cemcurate.dedup import group_near_duplicates  # noqa: E402
+from cemcurate.dhash import dhash64, dhash_hex  # noqa: E402
+
+faiss = lazy_import("faiss")
+imagehash = lazy_import("imagehash")
+threadpoolctl = lazy_import("threadpoolctl")
 
 PATCH = 224
 MAX_HAMMING = 11
@@ -46,9 +60,6 @@ MAX_HAMMING = 11
 
 def real_patches(data: Path) -> np.ndarray:
     """Real 224 x 224 uint8 patches: VNC stack1+2 tiles, neuroproof planes, ISBI tiles."""
-    import imageio.v3 as iio
-    import tifffile
-
     patches = []
     for stack in ("stack1", "stack2"):
         for f in sorted((data / "drosophila_vnc_gerhard" / stack / "raw").glob("*.tif")):
@@ -140,18 +151,12 @@ def best_times(functions: dict, repeats: int) -> dict:
 
 
 def bench_dhash(data: Path) -> list[str]:
-    import imagehash
-
-    from cemcurate.dhash import dhash64, dhash_hex
-    from PIL import Image
-    from threadpoolctl import threadpool_limits
-
     patches = real_patches(data)
     rows = [
         "| dHash, real 224 x 224 patches | patches | time | patches/s | ratio |",
         "|---|---|---|---|---|",
     ]
-    with threadpool_limits(1):
+    with threadpoolctl.threadpool_limits(1):
         timed = best_times(
             {
                 "imagehash": lambda: [str(imagehash.dhash(Image.fromarray(p), hash_size=8)) for p in patches],
@@ -197,10 +202,6 @@ def peak_rss_mb() -> float:
 
 
 def child(kind: str, n: int) -> None:
-    # cemcurate.dedup loads numpy only: no pandas or pyarrow (the patch store), whose import
-    # peak would hide the memory the grouping itself needs.
-    from cemcurate.dedup import group_near_duplicates
-
     assert "pandas" not in sys.modules, "cemcurate.dedup must not import pandas"
     hashes = clustered_hashes(n, seed=n) if kind == "clustered" else uniform_hashes(n, seed=n)
     rss_before = peak_rss_mb()
@@ -212,9 +213,6 @@ def child(kind: str, n: int) -> None:
 
 
 def bench_grouping(data: Path, skip_1e6: bool) -> list[str]:
-    from cemcurate.dedup import group_near_duplicates
-    from cemcurate.dhash import dhash64
-
     rows = [
         "| grouping (max_hamming 11) | N | exemplars | time | ratio vs per-patch loop | ratio vs shrinking loop |",
         "|---|---|---|---|---|---|",
@@ -260,8 +258,6 @@ def bench_grouping(data: Path, skip_1e6: bool) -> list[str]:
 
 
 def bench_faiss_brute() -> list[str]:
-    import faiss
-
     rows = ["| exhaustive range search, faiss IndexBinaryFlat, all cores | pairs | time | pairs/s |", "|---|---|---|---|"]
     for n_query, n_base in ((100_000, 100_000), (10_000, 1_000_000)):
         base = clustered_hashes(n_base, seed=3)
@@ -289,10 +285,7 @@ def main() -> None:
         return
     if not args.data.is_dir():
         sys.exit(f"real data not found at {args.data}: pass --data or set CEM_DATA")
-    import numpy
-    import PIL
-
-    print(f"numpy {numpy.__version__}, Pillow {PIL.__version__}, {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}\n")
+    print(f"numpy {np.__version__}, Pillow {PIL.__version__}, {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}\n")
     for section in (bench_dhash(args.data), bench_grouping(args.data, args.skip_1e6), bench_faiss_brute()):
         print("\n".join(section), end="\n\n", flush=True)
     print(f"load average at end {os.getloadavg()[0]:.1f}")

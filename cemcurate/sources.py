@@ -65,7 +65,10 @@ def open_volumes(spec: SourceSpec) -> list[Volume]:
     A stack is one volume of its files in order; a file gives one volume per array it holds
     (only the ``dataset`` one when the sidecar names it).
     """
-    volumes = [open_series(spec.files)] if spec.options.stack else open_file(spec.files[0], dataset=spec.options.dataset)
+    if spec.options.stack:
+        volumes = [open_series(spec.files)]
+    else:
+        volumes = open_file(spec.files[0], dataset=spec.options.dataset)
     if spec.options.voxel_size is not None:
         for vol in volumes:
             vol.voxel_size, vol.voxel_size_from = spec.options.voxel_size, "sidecar"

@@ -151,7 +151,8 @@ def read_store_info(out_dir: str | Path) -> StoreInfo:
         raise _not_finished(layout.root, layout.store_info)
     info = json.loads(layout.store_info.read_text())
     if info.get("format") != STORE_FORMAT:
-        raise StoreError(f"{layout.store_info}: store format {info.get('format')} is not supported (expected {STORE_FORMAT})")
+        raise StoreError(f"{layout.store_info}: store format {info.get('format')} is not supported "
+                         f"(expected {STORE_FORMAT})")
     return StoreInfo(int(info["patch_size"]), float(info["mean"]), float(info["std"]))
 
 

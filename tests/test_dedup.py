@@ -256,7 +256,8 @@ def test_range_index_with_skewed_blocks(monkeypatch):
     # hold one giant bucket; those queries must fall back to a scan and stay exact.
     scanned = []
     plain_scan = HammingRangeIndex._query_brute
-    monkeypatch.setattr(HammingRangeIndex, "_query_brute", lambda self, q: scanned.append(len(q)) or plain_scan(self, q))
+    monkeypatch.setattr(HammingRangeIndex, "_query_brute",
+                        lambda self, q: scanned.append(len(q)) or plain_scan(self, q))
     rng = np.random.default_rng(9)
     base = np.unique(clustered_hashes(8000, rng))
     base[: len(base) * 9 // 10] &= np.uint64(0xFFFFFFFF00000000)

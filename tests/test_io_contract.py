@@ -142,7 +142,10 @@ def test_reader_contract(suffix, vnc_crop, tmp_path):
     else:
         expected = case.voxel if n > 1 else (NAN, *case.voxel[1:])
         assert vol.voxel_size[1:] == pytest.approx(expected[1:], rel=1e-6)
-        assert math.isnan(vol.voxel_size[0]) if math.isnan(expected[0]) else vol.voxel_size[0] == pytest.approx(expected[0])
+        if math.isnan(expected[0]):
+            assert math.isnan(vol.voxel_size[0])
+        else:
+            assert vol.voxel_size[0] == pytest.approx(expected[0])
 
     empty = tmp_path / f"empty{suffix}"
     empty.mkdir() if path.is_dir() else empty.write_bytes(b"")

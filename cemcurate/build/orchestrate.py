@@ -123,4 +123,5 @@ def build(raw: str | Path, out_dir: str | Path, cfg: BuildConfig | None = None, 
         tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     write_report(layout.root, manifest, sources, cfg)
     failed = {r.name: r.sources[0].error for r in ordered if not r.ok}
-    return BuildSummary(layout.root, len(specs), len(manifest), int(manifest["kept"].sum()), failed, len(skipped), reused)
+    return BuildSummary(layout.root, len(specs), len(manifest), int(manifest["kept"].sum()), failed, len(skipped),
+                        reused)

@@ -51,7 +51,8 @@ def process_volume(vol: Volume, name: str, shard: str, spec: SourceSpec, cfg: Bu
     if n == 0:
         all_path.unlink(missing_ok=True)
         if min(vol.shape[1:]) < cfg.min_edge:
-            notes.append(f"slices of {vol.shape[1]}x{vol.shape[2]} px are smaller than min-edge {cfg.min_edge}: no patches")
+            notes.append(f"slices of {vol.shape[1]}x{vol.shape[2]} px are smaller than min-edge {cfg.min_edge}: "
+                         "no patches")
     exemplar = (group_near_duplicates(cut.hashes, cfg.max_hamming, seed=cfg.seed)
                 if cfg.dedup and n else np.arange(n, dtype=np.int64))
     unique = exemplar == np.arange(n)

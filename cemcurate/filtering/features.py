@@ -183,7 +183,8 @@ def canny_fraction(patches: np.ndarray, sigma: float = CANNY_SIGMA) -> np.ndarra
     patches = check_patches(patches)
     out = np.empty(len(patches), np.float64)
     for i, patch in enumerate(patches):
-        edges = skimage_feature.canny(patch.astype(np.float64) / 255.0, sigma=sigma, low_threshold=CANNY_LOW, high_threshold=CANNY_HIGH)
+        edges = skimage_feature.canny(patch.astype(np.float64) / 255.0, sigma=sigma,
+                                      low_threshold=CANNY_LOW, high_threshold=CANNY_HIGH)
         out[i] = edges.mean()
     return out
 
