@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from cemcurate.io import open_file
+from cemcurate.io import open_file, write_volume
 from finetune.cli import main
 from finetune.config import PredictConfig
 from finetune.models import build_model
-from finetune.predict import SlicePredictor, predict_orthoplane, predict_stack
+from finetune.predict import SlicePredictor, plan_tiles, predict_orthoplane, predict_stack
+from finetune.train import MODEL
 from finetune.volumes import open_input
 
 SHAPE = (24, 40, 56)   # z, y, x
@@ -33,15 +34,11 @@ def volume_path(data_root, tmp_path_factory):
         pytest.skip("neuroproof training_sample2 grayscale maps not found")
     vol = np.stack([iio.imread(f)[100:100 + SHAPE[1], 80:80 + SHAPE[2]] for f in files[50:50 + SHAPE[0]]])
     path = tmp_path_factory.mktemp("neuroproof") / "crop.tif"
-    from cemcurate.io import write_volume
-
     write_volume(path, vol, voxel_size=(10.0, 10.0, 10.0))
     return path
 
 
 def _save_run(folder, arch="resnet18", classes=("background", "mito"), seed=0):
-    from finetune.train import MODEL
-
     torch.manual_seed(seed)
     model = build_model("unet2d", arch=arch, num_classes=len(classes))
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,13 +86,72 @@ def test_tiled_equals_untiled_on_a_slice_that_fits_one_tile(volume_path):
     np.testing.assert_allclose(tiled, direct, rtol=1e-5, atol=1e-6)
 
 
+def _reference_blend(slices: np.ndarray, model_fn, tile: int, overlap: int) -> np.ndarray:
+    """Plain tiled prediction of (N, H, W) slices larger than the tile on both axes: a reflection
+    margin of overlap // 2, tiles every tile - overlap pixels plus one flush with the end, each
+    weighted by a linear ramp over overlap pixels to its edges, then divided by the summed weights."""
+    m = overlap // 2
+    padded = np.pad(slices, ((0, 0), (m, m), (m, m)), mode="reflect")
+
+    def starts(length):
+        s = list(range(0, length - tile + 1, tile - overlap))
+        return s if s[-1] == length - tile else s + [length - tile]
+
+    ramp = np.array([min((i + 0.5) / overlap, (tile - i - 0.5) / overlap, 1.0) for i in range(tile)])
+    weight = np.outer(ramp, ramp)
+    num, den = None, np.zeros(padded.shape[1:])
+    for y in starts(padded.shape[1]):
+        for x in starts(padded.shape[2]):
+            probs = model_fn(padded[:, y:y + tile, x:x + tile])
+            num = np.zeros((len(slices), probs.shape[1]) + padded.shape[1:]) if num is None else num
+            num[:, :, y:y + tile, x:x + tile] += probs * weight
+            den[y:y + tile, x:x + tile] += weight
+    h, w = slices.shape[1:]
+    return (num / den)[:, :, m:m + h, m:m + w]
+
+
+def test_tiles_of_real_slices_blend_like_a_plain_reference(data_root):
+    files = sorted(glob.glob(str(data_root / "neuroproof_flyem/training_sample2/grayscale_maps/*.png")))
+    if len(files) < 2:
+        pytest.skip("neuroproof training_sample2 grayscale maps not found")
+    # Two real slices larger than the tile on both axes, neither side a multiple of 32.
+    slices = np.stack([iio.imread(f)[:150, 20:190] for f in files[40:42]]).astype(np.float32) / 255.0
+    tile, overlap = 64, 20
+    plan = plan_tiles(slices.shape[1:], tile, overlap)
+    assert plan.window == (tile, tile) and min(len(s) for s in plan.starts) >= 3
+    # (a) a context-free model (1x1 convolution): tiling changes nothing
+    torch.manual_seed(0)
+    pointwise = torch.nn.Conv2d(1, 1, 1)
+    with torch.inference_mode():
+        untiled = torch.sigmoid(pointwise(torch.from_numpy(slices)[:, None])).numpy()
+    tiled = SlicePredictor(pointwise, "cpu", tile=tile, overlap=overlap, batch_size=3)(slices)
+    np.testing.assert_allclose(tiled, untiled, rtol=1e-5, atol=1e-6)
+    # (b) a UNet depends on where a pixel sits in its tile: wrong weights or offsets show
+    model = build_model("unet2d", arch="resnet18").eval()
+
+    @torch.inference_mode()
+    def unet(tiles):
+        return torch.sigmoid(model(torch.from_numpy(np.ascontiguousarray(tiles))[:, None])).numpy()
+
+    got = SlicePredictor(model, "cpu", tile=tile, overlap=overlap, batch_size=4)(slices)
+    np.testing.assert_allclose(got, _reference_blend(slices, unet, tile, overlap), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, unet(np.pad(slices, ((0, 0), (5, 5), (11, 11)), mode="reflect"))[:, :, 5:-5, 11:-11],
+                           atol=1e-3), "tiling must matter for a UNet, or (b) tests nothing"
+    # (c) every pixel covered, weights normalise: a constant model gives its constant
+    const = SlicePredictor(torch.nn.Conv2d(1, 1, 1).requires_grad_(False), "cpu", tile=tile, overlap=overlap)
+    const.model.weight.zero_()
+    const.model.bias.fill_(0.4)
+    np.testing.assert_allclose(const(slices), 1 / (1 + np.exp(-0.4)), rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_cli_predict_stack_and_orthoplane_outputs(volume_path, tmp_path):
     run = tmp_path / "run"
     _save_run(run)
     out_stack = tmp_path / "stack.tif"
     out_ortho = tmp_path / "ortho.tif"
-    assert main(["predict", str(run), str(volume_path), str(out_stack), "--quiet", "--tile", "32", "--overlap", "8"]) == 0
+    assert main(["predict", str(run), str(volume_path), str(out_stack), "--quiet", "--tile", "32",
+                 "--overlap", "8"]) == 0
     assert main(["predict", str(run), str(volume_path), str(out_ortho), "--mode", "orthoplane", "--quiet",
                  "--prob-dtype", "float32", "--chunk", "8"]) == 0
     [stack] = open_file(out_stack)

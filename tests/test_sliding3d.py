@@ -8,8 +8,8 @@ import torch
 
 from finetune.models import logits_to_probs
 from finetune.models.unet3d import build_unet3d
-from finetune.predict.sliding import (gaussian_weights, gaussian_weights_1d, plan_sliding, predict_sliding,
-                                      reflect_indices, window_starts)
+from finetune.predict.sliding import plan_sliding, predict_sliding
+from finetune.predict.windows import gaussian_weights_1d, reflect_indices, window_starts, window_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -56,7 +56,7 @@ def test_gaussian_weights():
     assert g.max() == pytest.approx(1.0, abs=1e-3) and g.min() >= 1e-3
     np.testing.assert_allclose(g, g[::-1])
     assert g[8] > g[4] > g[0]
-    w = gaussian_weights((4, 8, 6))
+    w = window_weights((4, 8, 6), "gaussian")
     assert w.shape == (4, 8, 6) and w.dtype == np.float32
     np.testing.assert_allclose(w, np.einsum("i,j,k->ijk", gaussian_weights_1d(4), gaussian_weights_1d(8),
                                             gaussian_weights_1d(6)), rtol=1e-6)
@@ -77,7 +77,7 @@ def test_plan_weight_sum_is_the_product_of_axis_sums():
     assert plan.window == (16, 24, 20)  # x fits in one window: shrunk, not padded
     assert plan.pad == ((3, 3), (4, 4), (0, 0))
     wsum = np.zeros(plan.padded_shape, np.float64)
-    w = plan.weight_volume()
+    w = plan.window_weight()
     for z in plan.starts[0]:
         for y in plan.starts[1]:
             for x in plan.starts[2]:

@@ -1,93 +1,24 @@
-"""Prediction: tiling (pure), slice predictor, stack/orthoplane/sliding volume passes, writers.
+"""Prediction: one N-d window engine (pure plan, blend, encoding), the predictor on top of it,
+2D slices (stack / orthoplane), 3D sliding windows, and the writers.
 
-:func:`predict_path` is the whole ``finetune predict`` command as a function.
+Modules, from the bottom up: :mod:`~finetune.predict.windows` (window starts, padding,
+blend weights, weight sums, the uint8 encoding), :mod:`~finetune.predict.predictor`
+(blend a model's windows, streaming), :mod:`~finetune.predict.slices` (2D tiles,
+:class:`SlicePredictor`), :mod:`~finetune.predict.orthoplane` (stack and orthoplane
+passes), :mod:`~finetune.predict.sliding` (3D windows), :mod:`~finetune.predict.output`
+(:class:`PredictionWriter`). :func:`finetune.predict.command.predict_path` is the whole
+``finetune predict`` command as a function (the only module here that reads a config).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import torch
-
-from finetune.config import PredictConfig
 from finetune.predict.orthoplane import predict_orthoplane, predict_stack
 from finetune.predict.output import PredictionWriter
-from cemcurate.common.device import select_device
-from finetune.predict.predictor import SlicePredictor, default_batch_pixels, load_model
-from finetune.predict.sliding import predict_sliding
-from finetune.predict.tiling import plan_tiles, predict_tiled
+from finetune.predict.predictor import ModelWindows, batch_for, default_batch_pixels, predict_windows
+from finetune.predict.slices import SlicePredictor, plan_tiles, predict_tiled
+from finetune.predict.sliding import DEFAULT_WINDOW, plan_sliding, predict_sliding
+from finetune.predict.windows import WindowPlan, plan_windows
 
-__all__ = ["PredictionWriter", "SlicePredictor", "load_model", "plan_tiles", "predict_orthoplane", "predict_path",
-           "predict_sliding", "predict_stack", "predict_tiled", "resolve_mode"]
-
-
-def sliding_batch(cfg: PredictConfig, device: torch.device) -> int:
-    """Windows per forward pass: ``batch_size``, capped by ``batch_pixels`` voxels, at least 1."""
-    budget = cfg.batch_pixels or default_batch_pixels(device)
-    return max(1, min(cfg.batch_size, budget // (cfg.window[0] * cfg.window[1] * cfg.window[2])))
-
-
-def _is_folder_output(output: str) -> bool:
-    return output.endswith(("/", os.sep)) or (Path(output).is_dir() and not output.lower().endswith(".zarr"))
-
-
-def resolve_mode(mode: str, model_kind: str, model_path: str | Path = "") -> str:
-    """The prediction mode for a model (``unet2d`` or ``unet3d``): ``auto`` picks stack or
-    sliding; a mode the model cannot run is an error naming the model file."""
-    is_3d = model_kind == "unet3d"
-    if mode == "auto":
-        return "sliding" if is_3d else "stack"
-    if is_3d != (mode == "sliding"):
-        kind, valid = ("3D", "sliding (or auto)") if is_3d else ("2D", "stack, orthoplane (or auto)")
-        raise ValueError(f"{model_path}: a {kind} model cannot predict in {mode} mode; use --mode {valid}")
-    return mode
-
-
-def predict_path(model_path: str | Path, input_spec: str, output: str, cfg: PredictConfig,
-                 progress: bool = True) -> list[Path]:
-    """Predict ``input_spec`` with the model in ``model_path`` and write ``output``.
-
-    Args:
-        model_path: a run folder or its ``model.pth``.
-        input_spec: a volume file, a folder or glob of 2D images (see :mod:`finetune.volumes`).
-        output: a file whose suffix picks the format, or a folder (ending in ``/`` or
-            existing) to predict each input file separately into ``<folder>/<stem><suffix>``,
-            which also handles 2D images of different sizes.
-
-    Returns:
-        The files written.
-    """
-    from finetune.volumes import expand_patterns, open_input
-
-    device = select_device(cfg.device)
-    model, info = load_model(model_path, device)
-    mode = resolve_mode(cfg.mode, info["model_config"]["model"], model_path)
-    classes = list(info.get("classes") or [str(i) for i in range(max(2, model.num_classes))])
-    predictor = (None if mode == "sliding" else
-                 SlicePredictor(model, device, cfg.amp, cfg.tile, cfg.overlap, cfg.batch_size, cfg.batch_pixels))
-    channels = 1 if len(classes) == 2 else len(classes)
-    if _is_folder_output(output):
-        jobs = []
-        for path in expand_patterns([input_spec], what="input"):
-            stem = path.name.split(".")[0]
-            jobs.append((str(path), Path(output) / f"{stem}{cfg.suffix}"))
-    else:
-        jobs = [(input_spec, Path(output))]
-    written: list[Path] = []
-    for spec, out_path in jobs:
-        source = open_input(spec)
-        if mode == "orthoplane" and min(source.shape) < 2:
-            raise ValueError(f"{spec}: orthoplane prediction needs a 3D volume, got shape {source.shape}; use --mode stack")
-        with PredictionWriter(out_path, source.shape, classes, cfg.output_type, cfg.prob_dtype, cfg.threshold,
-                              source.voxel_size) as writer:
-            if mode == "stack":
-                predict_stack(source, predictor, writer.write, cfg.chunk, progress)
-            elif mode == "sliding":
-                predict_sliding(model, source, cfg.window, cfg.window_overlap, sliding_batch(cfg, device), writer.write,
-                                device, cfg.amp, progress=progress)
-            else:
-                predict_orthoplane(source, predictor, writer.write, channels, cfg.chunk,
-                                   cfg.memory_limit_gb * 2**30, out_path.parent, progress)
-        written += writer.paths
-    return written
+__all__ = ["DEFAULT_WINDOW", "ModelWindows", "PredictionWriter", "SlicePredictor", "WindowPlan", "batch_for",
+           "default_batch_pixels", "plan_sliding", "plan_tiles", "plan_windows", "predict_orthoplane",
+           "predict_sliding", "predict_stack", "predict_tiled", "predict_windows"]

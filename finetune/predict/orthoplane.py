@@ -21,6 +21,8 @@ from typing import Callable, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from finetune.predict.windows import decode_uint8, encode_probs
+
 SlicePredict = Callable[[np.ndarray], np.ndarray]
 Write = Callable[[int, np.ndarray], None]
 
@@ -73,20 +75,19 @@ def predict_orthoplane(source: Source, predict: SlicePredict, write: Write, chan
     try:
         volume = _array((z, y, x), np.uint8, in_memory, tmp, "input")
         for z0, z1 in _chunks(z, chunk):
-            volume[z0:z1] = np.clip(np.rint(source.read_unit(z0, z1) * 255.0), 0, 255)
+            volume[z0:z1] = encode_probs(source.read_unit(z0, z1), np.uint8)
         acc = _array((channels, z, y, x), np.float32, in_memory, tmp, "sum")
-        scale = np.float32(1.0 / 255.0)
         steps = [("xy", a, b) for a, b in _chunks(z, chunk)] + [("xz", a, b) for a, b in _chunks(y, chunk)] + \
                 [("yz", a, b) for a, b in _chunks(x, chunk)]
         for plane, a, b in tqdm(steps, desc="predict orthoplane", unit="chunk", disable=not progress):
             if plane == "xy":
-                acc[:, a:b] += predict(volume[a:b].astype(np.float32) * scale).transpose(1, 0, 2, 3)
+                acc[:, a:b] += predict(decode_uint8(volume[a:b])).transpose(1, 0, 2, 3)
             elif plane == "xz":
-                slices = volume[:, a:b, :].transpose(1, 0, 2).astype(np.float32) * scale   # (n, z, x)
-                acc[:, :, a:b, :] += predict(slices).transpose(1, 2, 0, 3)                 # (C, z, n, x)
+                slices = decode_uint8(volume[:, a:b, :].transpose(1, 0, 2))  # (n, z, x)
+                acc[:, :, a:b, :] += predict(slices).transpose(1, 2, 0, 3)    # (C, z, n, x)
             else:
-                slices = volume[:, :, a:b].transpose(2, 0, 1).astype(np.float32) * scale   # (n, z, y)
-                acc[:, :, :, a:b] += predict(slices).transpose(1, 2, 3, 0)                 # (C, z, y, n)
+                slices = decode_uint8(volume[:, :, a:b].transpose(2, 0, 1))  # (n, z, y)
+                acc[:, :, :, a:b] += predict(slices).transpose(1, 2, 3, 0)    # (C, z, y, n)
         for z0, z1 in _chunks(z, chunk):
             write(z0, np.asarray(acc[:, z0:z1]) / np.float32(3.0))
         del volume, acc

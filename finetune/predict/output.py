@@ -16,6 +16,7 @@ import numpy as np
 
 from cemcurate.io import open_chunked_output, suffix_of
 from finetune.metrics import probs_to_classes
+from finetune.predict.windows import encode_probs
 
 
 def class_output_path(path: Path, class_name: str) -> Path:
@@ -23,13 +24,6 @@ def class_output_path(path: Path, class_name: str) -> Path:
     suffix = suffix_of(path)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
     return path.with_name(f"{stem}_{class_name}{suffix}")
-
-
-def encode_probs(probs: np.ndarray, dtype: str) -> np.ndarray:
-    """float probabilities in [0, 1] -> ``uint8`` (round(p * 255)) or ``float32``."""
-    if dtype == "uint8":
-        return np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)
-    return probs.astype(np.float32, copy=False)
 
 
 class PredictionWriter:

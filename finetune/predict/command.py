@@ -1,0 +1,127 @@
+"""``finetune predict`` as a function: load a run's model, pick the mode, stream inputs to outputs.
+
+The one module of :mod:`finetune.predict` that knows the command's config
+(:class:`~finetune.config.PredictConfig`); the compute modules below it take plain values.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from cemcurate.common.device import select_device
+from finetune.config import PredictConfig
+from finetune.models import UNet2D, build_model
+from finetune.predict.orthoplane import predict_orthoplane, predict_stack
+from finetune.predict.output import PredictionWriter
+from finetune.predict.predictor import batch_for
+from finetune.predict.slices import SlicePredictor
+from finetune.predict.sliding import predict_sliding
+from finetune.volumes import expand_patterns, open_input
+
+
+def model_file(path: str | Path) -> Path:
+    """``RUN/model.pth`` for a run folder, else ``path`` itself."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "model.pth"
+        if not candidate.is_file():
+            raise FileNotFoundError(f"{path}: no model.pth in this run folder; has training finished? "
+                                    "(checkpoint.pth is resumable state, not a final model)")
+        return candidate
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    return path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet2D, dict]:
+    """Rebuild a trained model from ``RUN`` or ``RUN/model.pth``.
+
+    Returns:
+        ``(model in eval mode on device, saved payload without the weights)``; the
+        payload holds ``model_config``, ``classes`` and the training ``config``.
+    """
+    path = model_file(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot read model file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or "state_dict" not in payload or "model_config" not in payload:
+        raise ValueError(f"{path}: not a finetune model file (expected keys state_dict and model_config)")
+    cfg = dict(payload["model_config"])
+    model = build_model(cfg.pop("model"), **cfg)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    model.to(device).eval()
+    info = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model, info
+
+
+def sliding_batch(cfg: PredictConfig, device: torch.device) -> int:
+    """Windows per forward pass: ``batch_size``, capped by ``batch_pixels`` voxels, at least 1."""
+    return batch_for(cfg.window[0] * cfg.window[1] * cfg.window[2], cfg.batch_size, cfg.batch_pixels, device)
+
+
+def _is_folder_output(output: str) -> bool:
+    return output.endswith(("/", os.sep)) or (Path(output).is_dir() and not output.lower().endswith(".zarr"))
+
+
+def resolve_mode(mode: str, model_kind: str, model_path: str | Path = "") -> str:
+    """The prediction mode for a model (``unet2d`` or ``unet3d``): ``auto`` picks stack or
+    sliding; a mode the model cannot run is an error naming the model file."""
+    is_3d = model_kind == "unet3d"
+    if mode == "auto":
+        return "sliding" if is_3d else "stack"
+    if is_3d != (mode == "sliding"):
+        kind, valid = ("3D", "sliding (or auto)") if is_3d else ("2D", "stack, orthoplane (or auto)")
+        raise ValueError(f"{model_path}: a {kind} model cannot predict in {mode} mode; use --mode {valid}")
+    return mode
+
+
+def predict_path(model_path: str | Path, input_spec: str, output: str, cfg: PredictConfig,
+                 progress: bool = True) -> list[Path]:
+    """Predict ``input_spec`` with the model in ``model_path`` and write ``output``.
+
+    Args:
+        model_path: a run folder or its ``model.pth``.
+        input_spec: a volume file, a folder or glob of 2D images (see :mod:`finetune.volumes`).
+        output: a file whose suffix picks the format, or a folder (ending in ``/`` or
+            existing) to predict each input file separately into ``<folder>/<stem><suffix>``,
+            which also handles 2D images of different sizes.
+
+    Returns:
+        The files written.
+    """
+    device = select_device(cfg.device)
+    model, info = load_model(model_path, device)
+    mode = resolve_mode(cfg.mode, info["model_config"]["model"], model_path)
+    classes = list(info.get("classes") or [str(i) for i in range(max(2, model.num_classes))])
+    predictor = (None if mode == "sliding" else
+                 SlicePredictor(model, device, cfg.amp, cfg.tile, cfg.overlap, cfg.batch_size, cfg.batch_pixels))
+    channels = 1 if len(classes) == 2 else len(classes)
+    if _is_folder_output(output):
+        jobs = []
+        for path in expand_patterns([input_spec], what="input"):
+            stem = path.name.split(".")[0]
+            jobs.append((str(path), Path(output) / f"{stem}{cfg.suffix}"))
+    else:
+        jobs = [(input_spec, Path(output))]
+    written: list[Path] = []
+    for spec, out_path in jobs:
+        source = open_input(spec)
+        if mode == "orthoplane" and min(source.shape) < 2:
+            raise ValueError(f"{spec}: orthoplane prediction needs a 3D volume, got shape {source.shape}; "
+                             "use --mode stack")
+        with PredictionWriter(out_path, source.shape, classes, cfg.output_type, cfg.prob_dtype, cfg.threshold,
+                              source.voxel_size) as writer:
+            if mode == "stack":
+                predict_stack(source, predictor, writer.write, cfg.chunk, progress)
+            elif mode == "sliding":
+                predict_sliding(model, source, cfg.window, cfg.window_overlap, sliding_batch(cfg, device),
+                                writer.write, device, cfg.amp, progress=progress)
+            else:
+                predict_orthoplane(source, predictor, writer.write, channels, cfg.chunk,
+                                   cfg.memory_limit_gb * 2**30, out_path.parent, progress)
+        written += writer.paths
+    return written
