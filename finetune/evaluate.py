@@ -23,7 +23,7 @@ from cemcurate.io import open_series
 from finetune.config import EvaluateConfig
 from finetune.labels import LabelSpec, to_class_map
 from finetune.metrics import confusion_matrix, iou_from_confusion, unlabelled_prediction_mask
-from finetune.volumes import expand_patterns, open_volume
+from finetune.volumes import expand_patterns, input_files, open_volume
 
 _SLAB = 32
 
@@ -100,9 +100,9 @@ def evaluate_paths(pred: str, labels: str, cfg: EvaluateConfig) -> dict:
         A JSON-ready dict: ``iou`` per class, ``mean_foreground_iou``, ``confusion``
         (rows = true class), ``per_image`` (2D sets) and the inputs.
     """
-    pred_paths = _expand(pred)
-    label_paths = _expand(labels)
-    ignore_paths = _expand(cfg.ignore_mask) if cfg.ignore_mask else None
+    pred_paths = input_files(pred)
+    label_paths = input_files(labels)
+    ignore_paths = input_files(cfg.ignore_mask) if cfg.ignore_mask else None
     single_images = len(label_paths) > 1 and all(open_volume(p).shape[0] == 1 for p in label_paths)
     k = len(cfg.classes)
     per_image = []
@@ -126,18 +126,6 @@ def evaluate_paths(pred: str, labels: str, cfg: EvaluateConfig) -> dict:
     return {"pred": str(pred), "labels": str(labels), "classes": list(cfg.classes), "iou": iou,
             "mean_foreground_iou": float(np.mean(fg)) if fg else None, "confusion": cm.tolist(),
             "scored_pixels": int(cm.sum()), "instances_only": cfg.instances_only, "per_image": per_image}
-
-
-def _expand(spec: str) -> list[Path]:
-    p = Path(spec)
-    if p.is_dir() and not spec.lower().rstrip("/").endswith(".zarr"):
-        from cemcurate.io import natural_sort_key
-
-        files = sorted((q for q in p.iterdir() if q.is_file() and not q.name.startswith(".")), key=natural_sort_key)
-        if not files:
-            raise ValueError(f"{p}: folder holds no files")
-        return files
-    return expand_patterns([spec], what="input")
 
 
 def format_table(result: dict) -> str:

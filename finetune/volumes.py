@@ -118,6 +118,23 @@ class InputVolume:
         return self.read_uint8(z0, z1).astype(np.float32) / np.float32(255.0)
 
 
+def input_files(spec: str | os.PathLike) -> list[Path]:
+    """The files of an input spec (see the module docstring): a folder's files in natural order
+    (hidden ones left out), or what a file path or glob matches.
+
+    Raises:
+        ValueError: an empty folder, or a pattern that matches nothing.
+    """
+    path_part, _ = _split_dataset(str(spec))
+    p = Path(path_part)
+    if p.is_dir() and not str(p).lower().rstrip("/").endswith(".zarr"):
+        paths = sorted((q for q in p.iterdir() if q.is_file() and not q.name.startswith(".")), key=natural_sort_key)
+        if not paths:
+            raise ValueError(f"{p}: folder holds no image files")
+        return paths
+    return expand_patterns([str(spec)], what="input")
+
+
 def open_input(spec: str | os.PathLike | list[Path]) -> InputVolume:
     """Open a prediction/evaluation input (see the module docstring) as one volume.
 
@@ -127,15 +144,7 @@ def open_input(spec: str | os.PathLike | list[Path]) -> InputVolume:
     if isinstance(spec, list):
         paths, name = spec, str(spec[0].parent) if spec else "inputs"
     else:
-        path_part, _ = _split_dataset(str(spec))
-        p = Path(path_part)
-        if p.is_dir() and not str(p).lower().endswith(".zarr"):
-            paths = sorted((q for q in p.iterdir() if q.is_file() and not q.name.startswith(".")), key=natural_sort_key)
-            if not paths:
-                raise ValueError(f"{p}: folder holds no image files")
-        else:
-            paths = expand_patterns([str(spec)], what="input")
-        name = str(spec)
+        paths, name = input_files(spec), str(spec)
     if not paths:
         raise ValueError("no input files")
     vol = open_volume(paths[0]) if len(paths) == 1 else open_series(paths)
