@@ -8,7 +8,9 @@ __all__ = ["PatchStore", "open_patches"]
 
 
 def __getattr__(name: str):
-    # Lazy, so that importing a compute module (e.g. cemcurate.dhash) does not load pandas.
+    # Lazy (PEP 562), so that importing a compute module (cemcurate.dhash, cemcurate.dedup)
+    # does not load pandas through cemcurate.store: a plain import here makes
+    # `import cemcurate.dhash` about 0.3 s slower (0.13-0.21 s -> 0.43-0.55 s, measured).
     if name in __all__:
         from cemcurate import store
 
