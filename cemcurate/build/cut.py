@@ -1,7 +1,8 @@
 """One volume to patches: intensity window, standardised planes, tiles, hashes and statistics.
 
-Pure steps on a :class:`cemcurate.io.Volume`; the only files touched are the shard being
-written and, for volumes cut in three planes, a scratch memory map.
+Pure steps on a :class:`cemcurate.io.Volume`, given the settings they use (not the build
+config); the only files touched are the shard being written and, for volumes cut in three
+planes, a scratch memory map.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from cemcurate.build.config import BuildConfig
 from cemcurate.build.records import CutPatches
 from cemcurate.dhash import dhash64, dhash_hex
 from cemcurate.io import Volume
@@ -25,15 +25,17 @@ from cemcurate.store import ShardWriter
 SLAB_VOXELS = 8 << 20
 
 
-def volume_window(vol: Volume, cfg: BuildConfig, invert: bool) -> IntensityWindow:
-    """The uint8 mapping of a volume, from evenly spread sample slices (subsampled in-plane)."""
+def volume_window(vol: Volume, invert: bool, low_percentile: float, high_percentile: float,
+                  sample_slices: int) -> IntensityWindow:
+    """The uint8 mapping of a volume: the percentiles (0-100) of up to ``sample_slices`` evenly
+    spread slices, subsampled in-plane; uint8 volumes pass through."""
     if vol.dtype == np.uint8:
         return IntensityWindow(None, None, invert)
     # Every k-th pixel of up to N slices: ~1e6 values are plenty for 0.1/99.9 percentiles.
-    indices = sample_slice_indices(vol.shape[0], cfg.window_sample_slices)
+    indices = sample_slice_indices(vol.shape[0], sample_slices)
     step = max(1, int(np.sqrt(vol.shape[1] * vol.shape[2] * len(indices) / 2e6)))
     sample = np.concatenate([vol.read_slices(int(z), int(z) + 1)[0, ::step, ::step].ravel() for z in indices])
-    return compute_window(sample, cfg.low_percentile, cfg.high_percentile, invert)
+    return compute_window(sample, low_percentile, high_percentile, invert)
 
 
 def iter_standard_planes(vol: Volume, window: IntensityWindow, planes: tuple[str, ...],
@@ -68,15 +70,16 @@ def iter_standard_planes(vol: Volume, window: IntensityWindow, planes: tuple[str
         scratch.unlink(missing_ok=True)
 
 
-def cut_patches(images: Iterator[tuple[str, int, np.ndarray]], writer: ShardWriter, cfg: BuildConfig) -> CutPatches:
-    """Tile every ``(plane, index, uint8 image)``, append the patches to ``writer`` and return
-    their crops, hashes and statistics (see :class:`CutPatches`)."""
+def cut_patches(images: Iterator[tuple[str, int, np.ndarray]], writer: ShardWriter, min_edge: int) -> CutPatches:
+    """Tile every ``(plane, index, uint8 image)`` into patches of the writer's patch size (edge
+    crops need both sides >= ``min_edge`` px), append them to ``writer`` and return their
+    crops, hashes and statistics (see :class:`CutPatches`)."""
     grids, planes, slices, hashes, stats = [], [], [], [], []
     for plane, index, image in images:
-        grid = tile_grid(*image.shape, cfg.patch_size, cfg.min_edge)
+        grid = tile_grid(*image.shape, writer.patch_size, min_edge)
         if len(grid) == 0:
             continue
-        patches = crop_patches(image, grid, cfg.patch_size)
+        patches = crop_patches(image, grid, writer.patch_size)
         writer.append(patches)
         grids.append(grid)
         planes += [plane] * len(grid)

@@ -67,7 +67,7 @@ def extend_stack(spec: SourceSpec, cfg: BuildConfig, layout: BuildLayout, shard:
     new_path = layout.work_file(shard, ".new.u8")
     images = (("xy", z, window.apply(vol.read_slices(z, z + 1))[0]) for z in new_slices)
     with ShardWriter(new_path, cfg.patch_size) as writer:
-        cut = cut_patches(images, writer, cfg)
+        cut = cut_patches(images, writer, cfg.min_edge)
     n_old, n_new = len(old), len(cut)
     if cfg.dedup and n_new:
         exemplars = old[~old["duplicate"]]

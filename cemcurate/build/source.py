@@ -43,10 +43,11 @@ def process_volume(vol: Volume, name: str, shard: str, spec: SourceSpec, cfg: Bu
     planes, note = planes_for_spacing(vol.voxel_size, vol.shape[0], cfg.isotropy_tolerance, vol.xy_only)
     if note:
         notes.append(note)
-    window = volume_window(vol, cfg, spec.options.invert)
+    window = volume_window(vol, spec.options.invert, cfg.low_percentile, cfg.high_percentile, cfg.window_sample_slices)
     all_path = layout.work_file(shard, ".all.u8")
+    images = iter_standard_planes(vol, window, planes, layout.work_file(shard, ".std.npy"))
     with ShardWriter(all_path, cfg.patch_size) as writer:
-        cut = cut_patches(iter_standard_planes(vol, window, planes, layout.work_file(shard, ".std.npy")), writer, cfg)
+        cut = cut_patches(images, writer, cfg.min_edge)
     n = writer.count
     if n == 0:
         all_path.unlink(missing_ok=True)
