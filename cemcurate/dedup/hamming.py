@@ -56,7 +56,8 @@ def hamming_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """
     for name, value in (("a", a), ("b", b)):
         if not isinstance(value, (np.ndarray, np.generic)) or np.asarray(value).dtype != np.uint64:
-            raise ValueError(f"{name} must be a numpy uint64 array, got {getattr(value, 'dtype', type(value).__name__)}")
+            got = getattr(value, "dtype", type(value).__name__)
+            raise ValueError(f"{name} must be a numpy uint64 array, got {got}")
     return np.bitwise_count(np.bitwise_xor(a, b))
 
 
@@ -92,7 +93,8 @@ class HammingRangeIndex:
             raise ValueError(f"strategy must be 'auto', 'blocks' or 'brute', got {strategy!r}")
         self.base = base_hashes
         self.max_hamming = max_hamming
-        self.blocks = None if strategy == "brute" else self._choose_blocks(len(base_hashes), max_hamming, strategy == "blocks")
+        self.blocks = (None if strategy == "brute"
+                       else self._choose_blocks(len(base_hashes), max_hamming, strategy == "blocks"))
         self.tables = [self._build_table(*block[:2]) for block in self.blocks] if self.blocks else []
 
     # -- planning
