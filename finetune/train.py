@@ -45,7 +45,7 @@ from finetune.data3d import SubvolumeSamples, augment_from_config
 from finetune.losses import count_classes, prevalence_weights, training_loss
 from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes
 from finetune.models import UNet3D, build_model
-from finetune.models.inflate import StageGeometry
+from finetune.models.geometry import StageGeometry
 from cemcurate.common.device import select_device
 from finetune.predict.slices import SlicePredictor
 from finetune.predict.sliding import DEFAULT_WINDOW, predict_sliding

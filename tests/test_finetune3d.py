@@ -22,7 +22,7 @@ from cemcurate.io import write_volume
 from finetune.cli import main
 from finetune.config import PredictConfig, TrainConfig
 from finetune.metrics import confusion_matrix, iou_from_confusion
-from finetune.models.inflate import StageGeometry
+from finetune.models.geometry import StageGeometry
 from finetune.predict.command import resolve_mode
 from finetune.train import resolve_geometry, train
 from finetune.volumes import read_array

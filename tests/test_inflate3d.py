@@ -13,7 +13,8 @@ import pytest
 import timm
 import torch
 
-from finetune.models.inflate import STAGES, StageGeometry, inflate_kernel, inflate_state_dict, stage_of
+from finetune.models.geometry import STAGES, StageGeometry
+from finetune.models.inflate import inflate_kernel, inflate_state_dict, stage_of
 from finetune.models.unet3d import ResNetEncoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

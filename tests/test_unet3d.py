@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from cemcurate.common.weights import ResolvedWeights, WeightsError, resolve
-from finetune.models.inflate import StageGeometry, inflate_state_dict
+from finetune.models.geometry import StageGeometry
+from finetune.models.inflate import inflate_state_dict
 from finetune.models import build_model
 from finetune.models.unet3d import UNet3D, UNetDecoder, ResNetEncoder, conv_nd
 

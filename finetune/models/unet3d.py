@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finetune.models.inflate import STAGES, StageGeometry
+from finetune.models.geometry import STAGES, StageGeometry
 from cemcurate.common.archs import get_arch
 from finetune.models.base import SegmentationModel, output_channels
 from finetune.models.registry import DEFAULT_MEAN, DEFAULT_STD, register_model
