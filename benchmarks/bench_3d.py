@@ -62,7 +62,7 @@ def current_rss_mb() -> float:
 
 
 def load_neuroproof(data_root: Path, workdir: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    from finetune.data3d import boundary_map, neuroproof_sample
+    from finetune.neuroproof import boundary_map, neuroproof_sample
 
     sample = data_root / "neuroproof_flyem" / "training_sample2"
     if not (sample / "groundtruth.h5.gz").is_file():
@@ -174,6 +174,7 @@ def _cubic_zoom_field(shape, alpha: float, spacing: int, rng: np.random.Generato
 
 def part_samples(args: argparse.Namespace, workdir: Path) -> dict:
     """ms per 32 x 128 x 128 training sample: plain, elastic, elastic with the reference field."""
+    import finetune.augment3d as augment3d
     import finetune.data3d as data3d
 
     rng = np.random.default_rng(0)
@@ -182,19 +183,21 @@ def part_samples(args: argparse.Namespace, workdir: Path) -> dict:
     size, n = (32, 128, 128), args.samples
 
     def ms_per_sample(alpha: float) -> float:
-        ds = data3d.SubvolumeSamples([(image, labels)], size, n, 0, data3d.Augment3D(elastic_alpha=alpha, p_elastic=1.0))
+        augment = augment3d.Augment3D(elastic_alpha=alpha, p_elastic=1.0)
+        ds = data3d.SubvolumeSamples([(image, labels)], size, n, 0, augment)
         t0 = time.perf_counter()
         for k in range(n):
             ds[k]
         return round((time.perf_counter() - t0) / n * 1000, 1)
 
     plain, elastic = ms_per_sample(0.0), ms_per_sample(2.0)
-    ours = data3d.elastic_field
-    data3d.elastic_field = lambda shape, alpha, spacing, rng, along_z=True: _cubic_zoom_field(shape, alpha, spacing, rng)
+    ours = augment3d.elastic_field
+    augment3d.elastic_field = lambda shape, alpha, spacing, rng, along_z=True: _cubic_zoom_field(
+        shape, alpha, spacing, rng)
     try:
         reference = ms_per_sample(2.0)
     finally:
-        data3d.elastic_field = ours
+        augment3d.elastic_field = ours
     return {"size": size, "samples": n, "plain_ms": plain, "elastic_ms": elastic, "elastic_cubic_zoom_ms": reference,
             "elastic_speedup": round(reference / elastic, 2), "threads": torch.get_num_threads()}
 

@@ -3,7 +3,7 @@
 Source: FlyEM NeuroProof ``training_sample2`` (FIB-SEM of the Drosophila medulla, 250^3
 uint8 voxels of 10 nm; ``grayscale_maps/*.png`` and ``groundtruth.h5.gz``). Targets are
 neuron boundaries: voxels whose body id differs from a 6-neighbour
-(:func:`finetune.data3d.boundary_map`, computed on the whole cube). The split::
+(:func:`finetune.neuroproof.boundary_map`, computed on the whole cube). The split::
 
     OUT/neuroproof_boundary/train/image.tif, boundary.tif   z 0-99, all y, x         (100 x 250 x 250)
     OUT/neuroproof_boundary/test/image.tif, boundary.tif    z 150-249, y, x 0-127    (100 x 128 x 128)
@@ -33,6 +33,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from cemcurate.common.atomic import atomic_path  # noqa: E402
 from cemcurate.io import write_volume  # noqa: E402
+from finetune.benchmark import default_data_root  # noqa: E402
+from finetune.neuroproof import boundary_map, neuroproof_sample  # noqa: E402
 
 NAME = "neuroproof_boundary"
 VOXEL_NM = (10.0, 10.0, 10.0)
@@ -43,8 +45,6 @@ SPLITS = {"train": TRAIN_REGION, "test": TEST_REGION}
 
 
 def default_source() -> Path:
-    from finetune.benchmark import default_data_root
-
     return default_data_root() / "neuroproof_flyem" / "training_sample2"
 
 
@@ -60,8 +60,6 @@ def prepare_neuroproof(source: str | Path, out: str | Path, limit: Sequence[int]
     Raises:
         ValueError: ``source`` is not a NeuroProof sample.
     """
-    from finetune.data3d import boundary_map, neuroproof_sample
-
     source, dest = Path(source), Path(out) / NAME
     if not (source / "groundtruth.h5.gz").is_file() or not any((source / "grayscale_maps").glob("*.png")):
         raise ValueError(f"{source}: NeuroProof training_sample2 not found (expected grayscale_maps/*.png and "

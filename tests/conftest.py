@@ -54,7 +54,7 @@ def neuroproof_volume(data_root: Path):
 @pytest.fixture(scope="session")
 def neuroproof_boundaries(data_root: Path, tmp_path_factory):
     """training_sample2 image ``uint8[250, 250, 250]`` and its neuron boundaries ``uint8`` 0/1."""
-    from finetune.data3d import boundary_map, neuroproof_sample
+    from finetune.neuroproof import boundary_map, neuroproof_sample
 
     sample = data_root / "neuroproof_flyem" / "training_sample2"
     if not (sample / "groundtruth.h5.gz").is_file():

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.data3d import Augment3D, SubvolumeSamples, augment_subvolume, boundary_map
+from finetune.augment3d import Augment3D, augment_subvolume
+from finetune.data3d import SubvolumeSamples
 from finetune.losses import dice_loss, training_loss
+from finetune.neuroproof import boundary_map
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
