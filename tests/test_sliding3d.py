@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from finetune.models import logits_to_probs
 from finetune.models.unet3d import build_unet3d
@@ -115,8 +116,6 @@ def test_one_window_equals_whole_volume_prediction():
 
 
 def test_streams_into_memmap_zarr_and_callables(volume, tmp_path):
-    import zarr
-
     mm = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.uint8, shape=volume.shape)
     assert predict_sliding(Identity(), volume, window=(12, 32, 32), overlap=4, out=mm, activation="none") is mm
     np.testing.assert_array_equal(mm, volume)  # uint8 output stores round(255 * p)
