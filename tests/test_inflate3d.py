@@ -46,6 +46,16 @@ def timm_features(net: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return feats
 
 
+def features_of_repeated_slice(net: torch.nn.Module, enc: torch.nn.Module, depth: int,
+                               seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """2D features of a random 32 x 32 slice, and 3D features of that slice repeated ``depth`` times along z."""
+    torch.manual_seed(seed)
+    sl = torch.rand(1, 1, 32, 32)
+    vol = sl[:, :, None].expand(1, 1, depth, 32, 32).contiguous()
+    with torch.no_grad():
+        return timm_features(net, sl), enc(vol)[1:]
+
+
 def encoder_3d(net2d: torch.nn.Module, arch: str, geometry, mode: str = "i3d") -> ResNetEncoder:
     enc = ResNetEncoder(arch, dim=3, geometry=geometry)
     enc.load_state_dict(inflate_state_dict(net2d.state_dict(), enc.geometry, mode), strict=True)
@@ -81,12 +91,7 @@ def test_i3d_constant_volume_reproduces_2d_features_isotropic():
     # several hundred slices; 448 slices leave the middle of every stage away from the borders.
     net = randomised_2d("resnet18", seed=3)
     enc = encoder_3d(net, "resnet18", "isotropic")
-    torch.manual_seed(0)
-    sl = torch.rand(1, 1, 32, 32)
-    vol = sl[:, :, None].expand(1, 1, 448, 32, 32).contiguous()
-    with torch.no_grad():
-        ref = timm_features(net, sl)
-        got = enc(vol)[1:]
+    ref, got = features_of_repeated_slice(net, enc, 448, seed=0)
     for stage, r, g in zip(STAGES, ref, got):
         z = g.shape[2]
         assert z == 448 // 2 ** (STAGES.index(stage) + 1), stage
@@ -101,12 +106,7 @@ def test_i3d_anisotropic_geometry_and_bottleneck():
     net = randomised_2d("resnet50", seed=5)
     geo = StageGeometry(kernel_depth=(1, 1, 3, 3, 3), z_stride=(1, 1, 1, 2, 2))
     enc = encoder_3d(net, "resnet50", geo)
-    torch.manual_seed(1)
-    sl = torch.rand(1, 1, 32, 32)
-    vol = sl[:, :, None].expand(1, 1, 64, 32, 32).contiguous()
-    with torch.no_grad():
-        ref = timm_features(net, sl)
-        got = enc(vol)[1:]
+    ref, got = features_of_repeated_slice(net, enc, 64, seed=1)
     assert [g.shape[2] for g in got] == [64, 64, 64, 32, 16]
     # Depth-1 stages have no z context at all: equal on every slice, borders included.
     for g, r in zip(got[:2], ref[:2]):
@@ -118,12 +118,7 @@ def test_i3d_anisotropic_geometry_and_bottleneck():
 def test_center_mode_matches_2d_on_every_slice():
     net = randomised_2d("resnet18", seed=7)
     enc = encoder_3d(net, "resnet18", "isotropic", mode="center")
-    torch.manual_seed(2)
-    sl = torch.rand(1, 1, 32, 32)
-    vol = sl[:, :, None].expand(1, 1, 32, 32, 32).contiguous()
-    with torch.no_grad():
-        ref = timm_features(net, sl)
-        got = enc(vol)[1:]
+    ref, got = features_of_repeated_slice(net, enc, 32, seed=2)
     for g, r in zip(got, ref):
         assert max(_close(g[:, :, z], r) for z in range(g.shape[2])) < 1e-4
 
