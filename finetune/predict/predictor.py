@@ -111,9 +111,9 @@ def predict_windows(read: Read, plan: WindowPlan, model_fn: WindowFn, write: Wri
     rest_norm = outer([norm[crop] for norm, crop in zip(plan.norm[1:], rest_crop)])
     blend = plan.num_windows > 1
     weight = plan.window_weight()
-    # (input, window box in the slab, target box in the accumulator) of every window of one first-axis start
+    # (window in the slab, its target in the accumulator) for every window of one first-axis start
     boxes = [_box(corner, rest_window) for corner in itertools.product(*plan.starts[1:])]
-    jobs = [(i, (i, slice(None)) + box, (i, slice(None), slice(None)) + box) for i in range(count) for box in boxes]
+    jobs = [((i, slice(None)) + box, (i, slice(None), slice(None)) + box) for i in range(count) for box in boxes]
     acc: np.ndarray | None = None
     base = 0  # padded first-axis row of acc[:, :, 0]
 
@@ -143,7 +143,7 @@ def predict_windows(read: Read, plan: WindowPlan, model_fn: WindowFn, write: Wri
                 slab = np.pad(slab, rest_pad, mode="reflect")  # (count, w0, *padded rest)
             for b0 in range(0, len(jobs), batch_size):
                 batch = jobs[b0:b0 + batch_size]
-                windows = np.stack([slab[source] for _, source, _ in batch])
+                windows = np.stack([slab[source] for source, _ in batch])
                 pred = np.asarray(model_fn(windows), dtype=np.float32)
                 if pred.ndim != plan.ndim + 2 or pred.shape[0] != len(batch) or tuple(pred.shape[2:]) != plan.window:
                     raise ValueError(f"model returned shape {tuple(pred.shape)} for windows {tuple(windows.shape)}; "
@@ -153,7 +153,7 @@ def predict_windows(read: Read, plan: WindowPlan, model_fn: WindowFn, write: Wri
                     base = s0
                 if blend:
                     pred = pred * weight
-                for k, (_, _, target) in enumerate(batch):
+                for k, (_, target) in enumerate(batch):
                     if blend:
                         acc[target] += pred[k]
                     else:

@@ -34,7 +34,9 @@ def plan_tiles(shape: tuple[int, int], tile: int = 512, overlap: int = 64, multi
         The plan; ``plan.window`` is the ``(th, tw)`` tile, multiples of ``multiple``.
     """
     shape = tuple(int(n) for n in shape)
-    if len(shape) != 2 or min(shape) < 1:
+    if len(shape) != 2:
+        raise ValueError(f"a slice shape is (H, W), got {shape}")
+    if min(shape) < 1:
         raise ValueError(f"cannot tile an empty slice of shape {shape}")
     return plan_windows(shape, tile, overlap, multiple, blend="linear", fit="all")
 

@@ -26,10 +26,9 @@ Axes are in array order (``(y, x)`` for slices, ``(z, y, x)`` for volumes).
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from functools import reduce
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -172,10 +171,6 @@ class WindowPlan:
     @property
     def num_windows(self) -> int:
         return int(np.prod([len(s) for s in self.starts]))
-
-    def positions(self) -> Iterator[tuple[int, ...]]:
-        """Window corners in padded coordinates, first axis slowest."""
-        return itertools.product(*self.starts)
 
     def window_weight(self) -> np.ndarray:
         """``float32[window]`` weight of one window."""
