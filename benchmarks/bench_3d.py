@@ -76,7 +76,7 @@ def load_neuroproof(data_root: Path, workdir: Path) -> tuple[np.ndarray, np.ndar
 def part_sliding(args: argparse.Namespace, workdir: Path) -> dict:
     import zarr
 
-    from finetune.models.unet3d import build_unet3d
+    from finetune.models import build_model
     from finetune.predict.sliding import plan_sliding, predict_sliding
 
     data = load_neuroproof(args.data_root, workdir)
@@ -93,7 +93,7 @@ def part_sliding(args: argparse.Namespace, workdir: Path) -> dict:
     del vol
     volume = np.load(workdir / "volume.npy", mmap_mode="r")
     torch.manual_seed(0)
-    model = build_unet3d(ARCH, 2, None, geometry="isotropic", decoder_channels=BENCH_DECODER).eval()
+    model = build_model("unet3d", arch=ARCH, num_classes=2, geometry="isotropic", decoder_channels=BENCH_DECODER).eval()
     window, overlap = tuple(args.window), tuple(args.overlap)
     out = zarr.open_array(str(workdir / "probs.zarr"), mode="w", shape=(1,) + shape, chunks=(1, 32, 256, 256),
                           dtype="uint8")
@@ -134,7 +134,6 @@ def _time_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
 
 def part_train(args: argparse.Namespace, workdir: Path) -> dict:
     from finetune.models import build_model
-    from finetune.models.unet3d import build_unet3d
 
     g = torch.Generator().manual_seed(0)
     x3, y3 = torch.rand(4, 1, 32, 32, 32, generator=g), (torch.rand(4, 32, 32, 32, generator=g) > 0.9).long()
@@ -142,7 +141,8 @@ def part_train(args: argparse.Namespace, workdir: Path) -> dict:
     rows = []
     for frozen in (True, False):
         torch.manual_seed(0)
-        m3 = build_unet3d(ARCH, 2, None, geometry="isotropic", decoder_channels=SMP_DECODER, freeze_encoder=frozen)
+        m3 = build_model("unet3d", arch=ARCH, num_classes=2, geometry="isotropic", decoder_channels=SMP_DECODER,
+                         freeze_encoder=frozen)
         s3 = _time_steps(m3, x3, y3, args.train_steps, 2)
         del m3
         torch.manual_seed(0)

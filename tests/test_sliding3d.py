@@ -8,7 +8,7 @@ import torch
 import zarr
 
 from finetune.models import logits_to_probs
-from finetune.models.unet3d import build_unet3d
+from finetune.models import build_model
 from finetune.predict.sliding import plan_sliding, predict_sliding
 from finetune.predict.windows import gaussian_weights_1d, reflect_indices, window_starts, window_weights
 
@@ -105,7 +105,8 @@ def test_identity_and_constant_models_blend_exactly(volume, batch_size):
 
 
 def test_one_window_equals_whole_volume_prediction():
-    model = build_unet3d("resnet18", 2, None, geometry="isotropic", decoder_channels=(32, 16, 8, 8, 4)).eval()
+    model = build_model("unet3d", arch="resnet18", num_classes=2, geometry="isotropic",
+                        decoder_channels=(32, 16, 8, 8, 4)).eval()
     vol = np.random.default_rng(1).integers(0, 256, (20, 40, 36)).astype(np.uint8)
     with torch.no_grad():
         whole = logits_to_probs(model(torch.from_numpy(vol / np.float32(255.0))[None, None].float()))[0].numpy()
