@@ -11,10 +11,12 @@ native resolution with a 0.7-1.4x zoom (see ``crop_mode``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from finetune.augment2d import CROP_MODES, Augment2D
+from finetune.augment3d import Augment3D
 from finetune.data import PLANES
 from finetune.labels import LabelSpec, parse_label_map, parse_unmapped
 from finetune.losses import LOSSES
@@ -281,6 +283,21 @@ class TrainConfig:
                              "at native resolution without blur (set crop_mode native and blur_sigma 0)")
         if self.model.dim == "2d" and self.dim3d.elastic_alpha > 0:
             raise ValueError("elastic_alpha is a 3D augmentation (dim 3d)")
+
+    def augment_3d(self, elastic_z: bool = True) -> Augment3D:
+        """The 3D counterpart of the augmentations this config asks for.
+
+        ``flips`` -> flips along z, y and x; ``rotate`` -> 90-degree rotations in-plane;
+        ``brightness_contrast`` -> brightness shift and contrast change of up to that fraction;
+        ``noise_var`` (8-bit grey levels squared) -> noise of std up to ``sqrt(max) / 255``;
+        ``elastic_alpha`` -> elastic deformation (``elastic_z=False`` keeps z fixed, for
+        geometries that do not mix slices in the first stage).
+        """
+        a = self.augment
+        return Augment3D(flip_z=a.flips, flip_yx=a.flips, rot90=a.rotate, brightness=a.brightness_contrast,
+                         contrast=a.brightness_contrast,
+                         noise_std=math.sqrt(max(a.noise_var)) / 255.0 if a.noise_var else 0.0,
+                         elastic_alpha=self.dim3d.elastic_alpha, elastic_z=elastic_z)
 
     def augment_2d(self) -> Augment2D:
         """The 2D augmentation settings of this config."""

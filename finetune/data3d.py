@@ -5,37 +5,19 @@ volume, where, which augmentation), as in :mod:`finetune.data`, so data-loader w
 resumed runs see the same stream.
 
 ``finetune train --dim 3d`` (:func:`finetune.train.train`) builds its data from
-:class:`SubvolumeSamples` and :func:`augment_from_config`; its losses
+:class:`SubvolumeSamples` and :meth:`finetune.config.TrainConfig.augment_3d`; its losses
 (:func:`finetune.losses.training_loss`) work on 3D batches as on 2D ones. NeuroProof
 boundary targets are in :mod:`finetune.neuroproof`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from finetune.augment3d import Augment3D, augment_subvolume
-from finetune.config import TrainConfig
-
-
-def augment_from_config(cfg: TrainConfig, elastic_z: bool = True) -> Augment3D:
-    """The 3D counterpart of the 2D augmentations a :class:`~finetune.config.TrainConfig` asks for.
-
-    ``flips`` -> flips along z, y and x; ``rotate`` -> 90-degree rotations in-plane;
-    ``brightness_contrast`` -> brightness shift and contrast change of up to that fraction;
-    ``noise_var`` (8-bit grey levels squared) -> noise of std up to ``sqrt(max) / 255``;
-    ``elastic_alpha`` -> elastic deformation (``elastic_z=False`` keeps z fixed, for
-    geometries that do not mix slices in the first stage).
-    """
-    a = cfg.augment
-    return Augment3D(flip_z=a.flips, flip_yx=a.flips, rot90=a.rotate, brightness=a.brightness_contrast,
-                     contrast=a.brightness_contrast,
-                     noise_std=math.sqrt(max(a.noise_var)) / 255.0 if a.noise_var else 0.0,
-                     elastic_alpha=cfg.dim3d.elastic_alpha, elastic_z=elastic_z)
 
 
 def random_crop(image: np.ndarray, labels: np.ndarray, size: Sequence[int],

@@ -41,7 +41,7 @@ from cemcurate.common.runstate import (append_csv, capture_rng, optimizer_step, 
 from cemcurate.common.weights import ResolvedWeights, resolve
 from finetune.config import RESUME_SAFE_KEYS, OptimConfig, TrainConfig
 from finetune.data import CropSamples, LabelledVolume, load_labelled, pair_files
-from finetune.data3d import SubvolumeSamples, augment_from_config
+from finetune.data3d import SubvolumeSamples
 from finetune.losses import count_classes, prevalence_weights, training_loss
 from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes
 from finetune.models import UNet3D, build_model
@@ -178,7 +178,7 @@ def training_samples(cfg: TrainConfig, items: list[LabelledVolume],
     # Elastic displacements along z would mix slices that an in-plane first stage keeps apart.
     elastic_z = geometry is None or geometry.kernel_depth[0] > 1
     crop = (cfg.dim3d.crop_depth, cfg.augment.crop, cfg.augment.crop)
-    return SubvolumeSamples(items, crop, length, cfg.optim.seed, augment_from_config(cfg, elastic_z))
+    return SubvolumeSamples(items, crop, length, cfg.optim.seed, cfg.augment_3d(elastic_z))
 
 
 def _save_checkpoint(run: Path, iteration: int, elapsed: float, model, optimizer, scheduler, scaler, cfg) -> None:
