@@ -2,9 +2,10 @@
 and the 3D UNet with an inflatable ResNet encoder. Importing this package registers both."""
 
 from finetune.models import unet2d, unet3d
+from finetune.models.base import SegmentationModel, logits_to_probs, output_channels
 from finetune.models.registry import DEFAULT_MEAN, DEFAULT_STD, MODELS, build_model
-from finetune.models.unet2d import UNet2D, logits_to_probs, output_channels
+from finetune.models.unet2d import UNet2D
 from finetune.models.unet3d import UNet3D
 
-__all__ = ["DEFAULT_MEAN", "DEFAULT_STD", "MODELS", "UNet2D", "UNet3D", "build_model", "logits_to_probs",
-           "output_channels", "unet2d", "unet3d"]
+__all__ = ["DEFAULT_MEAN", "DEFAULT_STD", "MODELS", "SegmentationModel", "UNet2D", "UNet3D", "build_model",
+           "logits_to_probs", "output_channels", "unet2d", "unet3d"]

@@ -16,10 +16,8 @@ import torch
 import torch.nn as nn
 
 from cemcurate.common.archs import get_arch
-from finetune.models.base import SegmentationModel, logits_to_probs, output_channels
+from finetune.models.base import SegmentationModel, output_channels
 from finetune.models.registry import DEFAULT_MEAN, DEFAULT_STD, register_model
-
-__all__ = ["UNet2D", "build_unet2d", "logits_to_probs"]  # logits_to_probs: moved to base, old import path
 
 
 class UNet2D(SegmentationModel):

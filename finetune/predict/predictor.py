@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from finetune.models.unet2d import logits_to_probs
+from finetune.models.base import logits_to_probs
 from finetune.predict.windows import WindowPlan, outer, reflect_indices
 
 Read = Callable[[int, int], np.ndarray]
