@@ -41,6 +41,16 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from cemcurate.common.lazy import lazy_import  # noqa: E402
+from finetune import augment3d, data3d  # noqa: E402
+from finetune.losses import training_loss  # noqa: E402
+from finetune.models import build_model  # noqa: E402
+from finetune.neuroproof import boundary_map, neuroproof_sample  # noqa: E402
+from finetune.predict.sliding import plan_sliding, predict_sliding  # noqa: E402
+
+zarr = lazy_import("zarr")
 
 ARCH = "resnet18"
 BENCH_DECODER = (64, 32, 16, 16, 8)  # 3D decoder for prediction speed (CPU budget)
@@ -62,8 +72,6 @@ def current_rss_mb() -> float:
 
 
 def load_neuroproof(data_root: Path, workdir: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    from finetune.neuroproof import boundary_map, neuroproof_sample
-
     sample = data_root / "neuroproof_flyem" / "training_sample2"
     if not (sample / "groundtruth.h5.gz").is_file():
         return None
@@ -74,11 +82,6 @@ def load_neuroproof(data_root: Path, workdir: Path) -> tuple[np.ndarray, np.ndar
 # ----------------------------------------------------------------------------- sliding
 
 def part_sliding(args: argparse.Namespace, workdir: Path) -> dict:
-    import zarr
-
-    from finetune.models import build_model
-    from finetune.predict.sliding import plan_sliding, predict_sliding
-
     data = load_neuroproof(args.data_root, workdir)
     shape = (256, 256, 256)
     vol = np.lib.format.open_memmap(workdir / "volume.npy", mode="w+", dtype=np.uint8, shape=shape)
@@ -116,8 +119,6 @@ def part_sliding(args: argparse.Namespace, workdir: Path) -> dict:
 # ----------------------------------------------------------------------------- training speed
 
 def _time_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> list[float]:
-    from finetune.losses import training_loss
-
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1)
     times = []
@@ -133,8 +134,6 @@ def _time_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
 
 
 def part_train(args: argparse.Namespace, workdir: Path) -> dict:
-    from finetune.models import build_model
-
     g = torch.Generator().manual_seed(0)
     x3, y3 = torch.rand(4, 1, 32, 32, 32, generator=g), (torch.rand(4, 32, 32, 32, generator=g) > 0.9).long()
     x2, y2 = torch.rand(8, 1, 128, 128, generator=g), (torch.rand(8, 128, 128, generator=g) > 0.9).long()
@@ -165,8 +164,6 @@ def part_train(args: argparse.Namespace, workdir: Path) -> dict:
 
 def _cubic_zoom_field(shape, alpha: float, spacing: int, rng: np.random.Generator) -> np.ndarray:
     """Reference elastic field: one cubic-spline zoom from the control points to every voxel."""
-    from scipy import ndimage
-
     grid = tuple(max(2, -(-n // spacing) + 1) for n in shape)
     return np.stack([ndimage.zoom(rng.normal(0.0, alpha, grid), [n / g for n, g in zip(shape, grid)], order=3,
                                   mode="nearest")[: shape[0], : shape[1], : shape[2]] for _ in range(3)])
@@ -174,9 +171,6 @@ def _cubic_zoom_field(shape, alpha: float, spacing: int, rng: np.random.Generato
 
 def part_samples(args: argparse.Namespace, workdir: Path) -> dict:
     """ms per 32 x 128 x 128 training sample: plain, elastic, elastic with the reference field."""
-    import finetune.augment3d as augment3d
-    import finetune.data3d as data3d
-
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (100, 250, 250), dtype=np.uint8)
     labels = (image > 128).astype(np.uint8)
