@@ -23,7 +23,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cemcurate.io import ReadError, open_file, write_volume
+from cemcurate.io import ReadError, close_cached_files, open_file, write_volume
 from cemcurate.io.formats import READERS
 
 VOXEL = (50.0, 4.6, 4.6)  # (z, y, x) nm of the VNC stack (data README)
@@ -99,6 +99,14 @@ CASES: dict[str, Case] = {
     ".avi": LOSSLESS_VIDEO, ".mkv": Case(_video("ffv1"), xy_only=True, cut_short_reads=UNCOUNTED),
     ".mp4": LOSSY_VIDEO, ".mov": LOSSY_VIDEO,
 }
+
+
+@pytest.fixture(autouse=True)
+def no_open_handles():
+    """Close the readers' cached handles after each case. A video decoder left open here would be
+    inherited by the worker processes a later test forks, and freeing it there deadlocks FFmpeg."""
+    yield
+    close_cached_files()
 
 
 @pytest.fixture(scope="module")
