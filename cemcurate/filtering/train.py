@@ -39,6 +39,7 @@ from cemcurate.filtering.features import image_statistics
 from cemcurate.filtering.forest import fit_forest, forest_prob, save_forest
 from cemcurate.filtering.labels import LabelPool, load_labelled
 from cemcurate.filtering.rules import rule_informative_prob
+from cemcurate.layout import BuildLayout
 
 albumentations = lazy_import("albumentations")
 matplotlib = lazy_import("matplotlib")
@@ -208,7 +209,7 @@ def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, prog
     """Run ``cemcurate filter train OUT``; returns the metrics written to ``metrics.json``."""
     cfg = cfg or FilterTrainConfig()
     out_dir = Path(out_dir)
-    dest = Path(cfg.output) if cfg.output else out_dir / "filter"
+    dest = Path(cfg.output) if cfg.output else BuildLayout(out_dir).filter_dir
     # Cheap checks first, so a typo fails before minutes of work.
     get_arch(cfg.arch)
     device = select_device(cfg.device)
