@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import pickle
 import shutil
 import struct
@@ -802,3 +803,26 @@ def test_no_resource_warnings_when_reading(data_root, recwarn):
     full(one(data_root / "cylindra_cryoet/14pf_MT.tif"))
     full(one(data_root / "mrcfile_testdata/EMD-3197.map"))
     assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+
+
+def test_handles_opened_before_a_fork_are_kept_but_not_used_or_freed_in_the_child(tmp_path):
+    from cemcurate.io import handles
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x")
+    closed = []
+    parent_obj = handles.get("test", str(path), lambda: (object(), lambda: closed.append("parent")))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh cache, the parent's object still referenced, nothing closed
+        child_obj = handles.get("test", str(path), lambda: (object(), lambda: closed.append("child")))
+        handles.close_all()
+        ok = child_obj is not parent_obj and closed == ["child"] and any(
+            entry[0] is parent_obj for kept in handles._INHERITED for entry in kept)
+        os.write(write_end, b"1" if ok else b"0")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 1) == b"1"
+    assert handles.get("test", str(path), lambda: (object(), lambda: None)) is parent_obj  # the parent's stays
+    handles.drop("test", str(path))
+    assert closed == ["parent"]

@@ -5,7 +5,9 @@ multi-page TIFFs (tifffile re-parses every page header) or videos (decoding rest
 frame 0). Readers therefore keep their backend objects here, keyed by path and the
 file's modification time and size (a rewritten file is reopened), and at most
 ``MAX_OPEN`` stay open; the least recently used is closed first. Entries made in another
-process (inherited through ``fork``) are never used or closed here.
+process (inherited through ``fork``) are never used, closed or freed here: a forked child
+starts with an empty cache and keeps the inherited objects referenced until it exits,
+because freeing a PyAV decoder that another process opened deadlocks inside FFmpeg.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ _CACHE: OrderedDict[tuple, tuple[Any, Callable[[], None]]] = OrderedDict()
 
 def _key(kind: str, path: str, extra: tuple) -> tuple:
     st = os.stat(path)
-    return (os.getpid(), kind, path, st.st_mtime_ns, st.st_size, extra)
+    return (kind, path, st.st_mtime_ns, st.st_size, extra)
 
 
 def get(kind: str, path: str, opener: Callable[[], tuple[Any, Callable[[], None]]], *extra: Any) -> Any:
@@ -47,7 +49,7 @@ def get(kind: str, path: str, opener: Callable[[], tuple[Any, Callable[[], None]
 def drop(kind: str, path: str, *extra: Any) -> None:
     """Close and forget one entry (e.g. a video decoder that must restart)."""
     with _LOCK:
-        for key in [k for k in _CACHE if k[0] == os.getpid() and k[1] == kind and k[2] == path and k[5] == extra]:
+        for key in [k for k in _CACHE if (k[0], k[1], k[4]) == (kind, path, extra)]:
             _close(key, _CACHE.pop(key))
 
 
@@ -59,12 +61,22 @@ def close_all() -> None:
 
 
 def _close(key: tuple, entry: tuple[Any, Callable[[], None]]) -> None:
-    if key[0] != os.getpid():
-        return
     try:
         entry[1]()
     except Exception:  # a handle that fails to close must not break reading others
         pass
 
 
+# Objects a parent process opened before forking this one: never freed (see the module docstring).
+_INHERITED: list[list[tuple[Any, Callable[[], None]]]] = []
+
+
+def _after_fork_in_child() -> None:
+    global _LOCK
+    _LOCK = threading.RLock()  # the parent's lock may have been held by one of its threads
+    _INHERITED.append(list(_CACHE.values()))
+    _CACHE.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(close_all)
