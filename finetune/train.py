@@ -8,7 +8,7 @@ multi-class ones, seed 42, encoder frozen (including BatchNorm statistics).
 ``dim: 3d`` keeps that recipe and swaps the model and the data: a
 :class:`~finetune.models.unet3d.UNet3D` whose encoder holds the same 2D weights inflated
 to 3D (:mod:`finetune.models.inflate`), trained on random ``crop_depth x crop x crop``
-sub-volumes with 3D augmentations (:mod:`finetune.data3d`) and validated by
+sub-volumes (:mod:`finetune.data3d`) with 3D augmentations (:mod:`finetune.augment3d`) and validated by
 sliding-window prediction (:mod:`finetune.predict.sliding`).
 
 A run folder ``RUN`` holds:

@@ -11,7 +11,7 @@ next skip feature, concatenating it and applying two conv-BN-ReLU; a 3x3(x3) con
 head gives the logits.
 
 In 3D the kernel depth and the z stride of every encoder stage come from a
-:class:`~finetune.models.inflate.StageGeometry` (isotropic by default, anisotropic keeps
+:class:`~finetune.models.geometry.StageGeometry` (isotropic by default, anisotropic keeps
 the first stages in-plane). Decoder blocks use the kernel depth of the encoder stage whose
 resolution they restore, and upsample z only where the encoder strided z.
 
@@ -284,7 +284,7 @@ class UNet3D(SegmentationModel):
         arch: encoder architecture (resnet18/34/50/...).
         num_classes: classes including background (2 = binary, one sigmoid output).
         geometry: per-stage kernel depth and z stride (a
-            :class:`~finetune.models.inflate.StageGeometry`, a preset name or a mapping).
+            :class:`~finetune.models.geometry.StageGeometry`, a preset name or a mapping).
         decoder_channels: channels of the five decoder blocks.
         upsample: ``trilinear`` (default), ``nearest`` or ``transpose`` (learned).
         mean, std: input normalisation applied to voxels scaled to [0, 1].
