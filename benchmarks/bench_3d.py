@@ -81,6 +81,7 @@ def load_neuroproof(data_root: Path, workdir: Path) -> tuple[np.ndarray, np.ndar
 
 # ----------------------------------------------------------------------------- sliding
 
+
 def part_sliding(args: argparse.Namespace, workdir: Path) -> dict:
     data = load_neuroproof(args.data_root, workdir)
     shape = (256, 256, 256)
@@ -98,8 +99,9 @@ def part_sliding(args: argparse.Namespace, workdir: Path) -> dict:
     torch.manual_seed(0)
     model = build_model("unet3d", arch=ARCH, num_classes=2, geometry="isotropic", decoder_channels=BENCH_DECODER).eval()
     window, overlap = tuple(args.window), tuple(args.overlap)
-    out = zarr.open_array(str(workdir / "probs.zarr"), mode="w", shape=(1,) + shape, chunks=(1, 32, 256, 256),
-                          dtype="uint8")
+    out = zarr.open_array(
+        str(workdir / "probs.zarr"), mode="w", shape=(1,) + shape, chunks=(1, 32, 256, 256), dtype="uint8"
+    )
     plan = plan_sliding(shape, window, overlap)
     rss0, peak0 = current_rss_mb(), peak_rss_mb()
     t0 = time.perf_counter()
@@ -107,16 +109,28 @@ def part_sliding(args: argparse.Namespace, workdir: Path) -> dict:
     seconds = time.perf_counter() - t0
     peak1 = peak_rss_mb()
     written = np.asarray(out[0, ::64, ::64, ::64])
-    return {"source": source, "shape": shape, "window": window, "overlap": overlap, "batch_size": args.batch_size,
-            "windows": plan.num_windows, "model": f"UNet3D {ARCH} isotropic, decoder {BENCH_DECODER}",
-            "seconds": round(seconds, 1), "voxels_per_s": round(float(np.prod(shape)) / seconds),
-            "rss_before_mb": round(rss0), "peak_rss_mb": round(peak1), "peak_before_mb": round(peak0),
-            "prediction_peak_over_baseline_mb": round(peak1 - rss0),
-            "whole_volume_float32_mb": round(float(np.prod(shape)) * 4 / 2**20),
-            "output_nonzero": bool(written.any()), "threads": torch.get_num_threads()}
+    return {
+        "source": source,
+        "shape": shape,
+        "window": window,
+        "overlap": overlap,
+        "batch_size": args.batch_size,
+        "windows": plan.num_windows,
+        "model": f"UNet3D {ARCH} isotropic, decoder {BENCH_DECODER}",
+        "seconds": round(seconds, 1),
+        "voxels_per_s": round(float(np.prod(shape)) / seconds),
+        "rss_before_mb": round(rss0),
+        "peak_rss_mb": round(peak1),
+        "peak_before_mb": round(peak0),
+        "prediction_peak_over_baseline_mb": round(peak1 - rss0),
+        "whole_volume_float32_mb": round(float(np.prod(shape)) * 4 / 2**20),
+        "output_nonzero": bool(written.any()),
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ----------------------------------------------------------------------------- training speed
+
 
 def _time_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> list[float]:
     model.train()
@@ -140,8 +154,14 @@ def part_train(args: argparse.Namespace, workdir: Path) -> dict:
     rows = []
     for frozen in (True, False):
         torch.manual_seed(0)
-        m3 = build_model("unet3d", arch=ARCH, num_classes=2, geometry="isotropic", decoder_channels=SMP_DECODER,
-                         freeze_encoder=frozen)
+        m3 = build_model(
+            "unet3d",
+            arch=ARCH,
+            num_classes=2,
+            geometry="isotropic",
+            decoder_channels=SMP_DECODER,
+            freeze_encoder=frozen,
+        )
         s3 = _time_steps(m3, x3, y3, args.train_steps, 2)
         del m3
         torch.manual_seed(0)
@@ -151,22 +171,40 @@ def part_train(args: argparse.Namespace, workdir: Path) -> dict:
         del m2
         # On a shared machine the fastest step is the least disturbed one; the median is
         # what a run of this length would see.
-        rows.append({"encoder": "frozen" if frozen else "trained",
-                     "3d_it_per_s": round(1 / min(s3), 3), "2d_it_per_s": round(1 / min(s2), 3),
-                     "3d_median_s_per_it": round(float(np.median(s3)), 2),
-                     "2d_median_s_per_it": round(float(np.median(s2)), 2)})
-    return {"voxels_per_batch": 131072, "3d_batch": "4 x 32^3", "2d_batch": "8 x 128^2",
-            "models": f"{ARCH}; decoder {SMP_DECODER} in both", "steps_timed": args.train_steps, "rows": rows,
-            "threads": torch.get_num_threads()}
+        rows.append(
+            {
+                "encoder": "frozen" if frozen else "trained",
+                "3d_it_per_s": round(1 / min(s3), 3),
+                "2d_it_per_s": round(1 / min(s2), 3),
+                "3d_median_s_per_it": round(float(np.median(s3)), 2),
+                "2d_median_s_per_it": round(float(np.median(s2)), 2),
+            }
+        )
+    return {
+        "voxels_per_batch": 131072,
+        "3d_batch": "4 x 32^3",
+        "2d_batch": "8 x 128^2",
+        "models": f"{ARCH}; decoder {SMP_DECODER} in both",
+        "steps_timed": args.train_steps,
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ----------------------------------------------------------------------------- 3D samples
 
+
 def _cubic_zoom_field(shape, alpha: float, spacing: int, rng: np.random.Generator) -> np.ndarray:
     """Reference elastic field: one cubic-spline zoom from the control points to every voxel."""
     grid = tuple(max(2, -(-n // spacing) + 1) for n in shape)
-    return np.stack([ndimage.zoom(rng.normal(0.0, alpha, grid), [n / g for n, g in zip(shape, grid)], order=3,
-                                  mode="nearest")[: shape[0], : shape[1], : shape[2]] for _ in range(3)])
+    return np.stack(
+        [
+            ndimage.zoom(rng.normal(0.0, alpha, grid), [n / g for n, g in zip(shape, grid)], order=3, mode="nearest")[
+                : shape[0], : shape[1], : shape[2]
+            ]
+            for _ in range(3)
+        ]
+    )
 
 
 def part_samples(args: argparse.Namespace, workdir: Path) -> dict:
@@ -187,13 +225,21 @@ def part_samples(args: argparse.Namespace, workdir: Path) -> dict:
     plain, elastic = ms_per_sample(0.0), ms_per_sample(2.0)
     ours = augment3d.elastic_field
     augment3d.elastic_field = lambda shape, alpha, spacing, rng, along_z=True: _cubic_zoom_field(
-        shape, alpha, spacing, rng)
+        shape, alpha, spacing, rng
+    )
     try:
         reference = ms_per_sample(2.0)
     finally:
         augment3d.elastic_field = ours
-    return {"size": size, "samples": n, "plain_ms": plain, "elastic_ms": elastic, "elastic_cubic_zoom_ms": reference,
-            "elastic_speedup": round(reference / elastic, 2), "threads": torch.get_num_threads()}
+    return {
+        "size": size,
+        "samples": n,
+        "plain_ms": plain,
+        "elastic_ms": elastic,
+        "elastic_cubic_zoom_ms": reference,
+        "elastic_speedup": round(reference / elastic, 2),
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -205,32 +251,50 @@ def to_markdown(results: dict) -> str:
     lines = []
     s = results.get("sliding")
     if s:
-        lines += ["### Sliding-window prediction (256^3)", "",
-                  f"{s['model']}; window {s['window']}, overlap {s['overlap']}, batch {s['batch_size']}, "
-                  f"{s['windows']} windows; input {s['source']} (uint8 memmap), output zarr uint8; "
-                  f"{s['threads']} torch threads.", "",
-                  "| seconds | voxels/s | RSS before (MB) | peak RSS (MB) | prediction peak over baseline (MB) |",
-                  "|---|---|---|---|---|",
-                  f"| {s['seconds']} | {s['voxels_per_s']:,} | {s['rss_before_mb']} | {s['peak_rss_mb']} | "
-                  f"{s['prediction_peak_over_baseline_mb']} |", ""]
+        lines += [
+            "### Sliding-window prediction (256^3)",
+            "",
+            f"{s['model']}; window {s['window']}, overlap {s['overlap']}, batch {s['batch_size']}, "
+            f"{s['windows']} windows; input {s['source']} (uint8 memmap), output zarr uint8; "
+            f"{s['threads']} torch threads.",
+            "",
+            "| seconds | voxels/s | RSS before (MB) | peak RSS (MB) | prediction peak over baseline (MB) |",
+            "|---|---|---|---|---|",
+            f"| {s['seconds']} | {s['voxels_per_s']:,} | {s['rss_before_mb']} | {s['peak_rss_mb']} | "
+            f"{s['prediction_peak_over_baseline_mb']} |",
+            "",
+        ]
     t = results.get("train")
     if t:
-        lines += ["### Training speed, 3D vs 2D at matched voxels per batch", "",
-                  f"{t['models']}; 3D batch {t['3d_batch']}, 2D batch {t['2d_batch']} "
-                  f"({t['voxels_per_batch']:,} voxels); {t['steps_timed']} timed steps each (AdamW, BCE); it/s from the "
-                  "fastest step, and the median step time.", "",
-                  "| encoder | 3D it/s | 2D it/s | 3D median s/it | 2D median s/it |", "|---|---|---|---|---|"]
-        lines += [f"| {r['encoder']} | {r['3d_it_per_s']} | {r['2d_it_per_s']} | {r['3d_median_s_per_it']} | "
-                  f"{r['2d_median_s_per_it']} |" for r in t["rows"]]
+        lines += [
+            "### Training speed, 3D vs 2D at matched voxels per batch",
+            "",
+            f"{t['models']}; 3D batch {t['3d_batch']}, 2D batch {t['2d_batch']} "
+            f"({t['voxels_per_batch']:,} voxels); {t['steps_timed']} timed steps each (AdamW, BCE); it/s from the "
+            "fastest step, and the median step time.",
+            "",
+            "| encoder | 3D it/s | 2D it/s | 3D median s/it | 2D median s/it |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['encoder']} | {r['3d_it_per_s']} | {r['2d_it_per_s']} | {r['3d_median_s_per_it']} | "
+            f"{r['2d_median_s_per_it']} |"
+            for r in t["rows"]
+        ]
         lines.append("")
     a = results.get("samples")
     if a:
-        lines += ["### 3D training samples", "",
-                  f"ms per {' x '.join(map(str, a['size']))} sample (crop, flips, rotation, intensity; "
-                  f"{a['samples']} samples, {a['threads']} torch threads), elastic alpha 2 voxels, spacing 16:", "",
-                  "| plain | elastic | elastic, one cubic zoom to every voxel (reference) | speed-up |",
-                  "|---|---|---|---|",
-                  f"| {a['plain_ms']} | {a['elastic_ms']} | {a['elastic_cubic_zoom_ms']} | {a['elastic_speedup']}x |", ""]
+        lines += [
+            "### 3D training samples",
+            "",
+            f"ms per {' x '.join(map(str, a['size']))} sample (crop, flips, rotation, intensity; "
+            f"{a['samples']} samples, {a['threads']} torch threads), elastic alpha 2 voxels, spacing 16:",
+            "",
+            "| plain | elastic | elastic, one cubic zoom to every voxel (reference) | speed-up |",
+            "|---|---|---|---|",
+            f"| {a['plain_ms']} | {a['elastic_ms']} | {a['elastic_cubic_zoom_ms']} | {a['elastic_speedup']}x |",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -268,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             if proc.returncode != 0:
                 raise SystemExit(f"bench_3d: part {part} failed (exit {proc.returncode})")
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-            results[part] = json.loads(line[len("RESULT "):])
+            results[part] = json.loads(line[len("RESULT ") :])
             results[part]["wall_s"] = round(time.perf_counter() - t0, 1)
             print(f"{part}: {results[part]['wall_s']} s", file=sys.stderr, flush=True)
     results["total_wall_s"] = round(time.perf_counter() - t_all, 1)

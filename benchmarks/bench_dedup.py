@@ -166,14 +166,21 @@ def bench_dhash(data: Path) -> list[str]:
         )
         (t_ref, expected), (t_ours, hashes) = timed["imagehash"], timed["dhash64"]
         assert dhash_hex(hashes) == expected, "dhash64 differs from imagehash.dhash"
-        rows.append(f"| imagehash.dhash, one PIL call per patch, 1 core | {len(patches)} | {t_ref:.3f} s | {len(patches) / t_ref:.0f} | 1.0 |")
-        rows.append(f"| dhash64, batched, 1 core | {len(patches)} | {t_ours:.3f} s | {len(patches) / t_ours:.0f} | {t_ref / t_ours:.1f} |")
+        rows.append(
+            f"| imagehash.dhash, one PIL call per patch, 1 core | {len(patches)} | {t_ref:.3f} s | "
+            f"{len(patches) / t_ref:.0f} | 1.0 |"
+        )
+        rows.append(
+            f"| dhash64, batched, 1 core | {len(patches)} | {t_ours:.3f} s | {len(patches) / t_ours:.0f} | "
+            f"{t_ref / t_ours:.1f} |"
+        )
         big = np.concatenate([patches] * 3)
         timed = best_times({workers: (lambda w=workers: dhash64(big, workers=w)) for workers in (1, 2)}, 3)
         for workers, (t_w, h_w) in timed.items():
             assert np.array_equal(h_w, timed[1][1])
             rows.append(
-                f"| dhash64, workers={workers} (BLAS 1 thread each) | {len(big)} | {t_w:.3f} s | {len(big) / t_w:.0f} | {t_ref / len(patches) * len(big) / t_w:.1f} |"
+                f"| dhash64, workers={workers} (BLAS 1 thread each) | {len(big)} | {t_w:.3f} s | "
+                f"{len(big) / t_w:.0f} | {t_ref / len(patches) * len(big) / t_w:.1f} |"
             )
     return rows
 
@@ -218,15 +225,18 @@ def bench_grouping(data: Path, skip_1e6: bool) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     real = np.unique(dhash64(real_patches(data)), return_inverse=True)[0]
-    cases = [("real hashes (VNC, neuroproof, ISBI)", real, 5), ("synthetic clustered", clustered_hashes(10_000, 1), 5),
-             ("synthetic clustered", clustered_hashes(100_000, 2), 1)]
+    cases = [
+        ("real hashes (VNC, neuroproof, ISBI)", real, 5),
+        ("synthetic clustered", clustered_hashes(10_000, 1), 5),
+        ("synthetic clustered", clustered_hashes(100_000, 2), 1),
+    ]
     for label, hashes, repeats in cases:
         order = np.random.default_rng(0).permutation(len(hashes))
         timed = best_times(
             {
-                "per_patch": lambda: reference_per_patch(hashes, MAX_HAMMING, order),
-                "shrinking": lambda: reference_shrinking(hashes, MAX_HAMMING, order),
-                "ours": lambda: group_near_duplicates(hashes, MAX_HAMMING, order=order),
+                "per_patch": lambda h=hashes, o=order: reference_per_patch(h, MAX_HAMMING, o),
+                "shrinking": lambda h=hashes, o=order: reference_shrinking(h, MAX_HAMMING, o),
+                "ours": lambda h=hashes, o=order: group_near_duplicates(h, MAX_HAMMING, order=o),
             },
             repeats,
         )
@@ -235,30 +245,55 @@ def bench_grouping(data: Path, skip_1e6: bool) -> list[str]:
         kept = int(np.sum(exemplar == np.arange(len(hashes))))
         rows.append(f"| per-patch reference loop, {label} | {len(hashes)} | {kept} | {t_loop:.3f} s | 1.0 | |")
         rows.append(f"| shrinking reference loop, {label} | {len(hashes)} | {kept} | {t_shrink:.3f} s | | 1.0 |")
-        rows.append(f"| group_near_duplicates, {label} | {len(hashes)} | {kept} | {t_ours:.3f} s | {t_loop / t_ours:.1f} | {t_shrink / t_ours:.1f} |")
-    rows += ["", "| grouping vs the CEM500K reference loop (bool bit arrays, np.delete) | N | exemplars | time | ratio |", "|---|---|---|---|---|"]
-    for label, hashes, repeats in cases[:2]:
+        rows.append(
+            f"| group_near_duplicates, {label} | {len(hashes)} | {kept} | {t_ours:.3f} s | {t_loop / t_ours:.1f} | "
+            f"{t_shrink / t_ours:.1f} |"
+        )
+    rows += [
+        "",
+        "| grouping vs the CEM500K reference loop (bool bit arrays, np.delete) | N | exemplars | time | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for label, hashes, _ in cases[:2]:
         order = np.random.default_rng(0).permutation(len(hashes))
-        timed = best_times({"cem500k": lambda: reference_cem500k(hashes, MAX_HAMMING, order),
-                            "ours": lambda: group_near_duplicates(hashes, MAX_HAMMING, order=order)}, 3)
+        timed = best_times(
+            {
+                "cem500k": lambda h=hashes, o=order: reference_cem500k(h, MAX_HAMMING, o),
+                "ours": lambda h=hashes, o=order: group_near_duplicates(h, MAX_HAMMING, order=o),
+            },
+            3,
+        )
         (t_ref, expected), (t_ours, exemplar) = timed.values()
         assert np.array_equal(exemplar, expected)
         kept = int(np.sum(exemplar == np.arange(len(hashes))))
         rows.append(f"| CEM500K reference loop, {label} | {len(hashes)} | {kept} | {t_ref:.3f} s | 1.0 |")
-        rows.append(f"| group_near_duplicates, {label} | {len(hashes)} | {kept} | {t_ours:.3f} s | **{t_ref / t_ours:.0f}x** |")
-    rows += ["", "| group_near_duplicates alone, fresh process | N | exemplars | time | peak RSS growth during the call (process peak) |", "|---|---|---|---|---|"]
+        rows.append(
+            f"| group_near_duplicates, {label} | {len(hashes)} | {kept} | {t_ours:.3f} s | **{t_ref / t_ours:.0f}x** |"
+        )
+    rows += [
+        "",
+        "| group_near_duplicates alone, fresh process | N | exemplars | time | peak RSS growth during the call "
+        "(process peak) |",
+        "|---|---|---|---|---|",
+    ]
     sizes = [("clustered", 100_000), ("uniform (worst case: no duplicates)", 100_000)]
     if not skip_1e6:
         sizes.append(("clustered", 1_000_000))
     for kind, n in sizes:
         result = time_grouping_child(kind.split()[0], n)
         growth = result["rss_mb"] - result["rss_before_mb"]
-        rows.append(f"| synthetic {kind} | {n} | {result['kept']} | {result['seconds']:.2f} s | {growth:.0f} MB ({result['rss_mb']:.0f} MB) |")
+        rows.append(
+            f"| synthetic {kind} | {n} | {result['kept']} | {result['seconds']:.2f} s | {growth:.0f} MB "
+            f"({result['rss_mb']:.0f} MB) |"
+        )
     return rows
 
 
 def bench_faiss_brute() -> list[str]:
-    rows = ["| exhaustive range search, faiss IndexBinaryFlat, all cores | pairs | time | pairs/s |", "|---|---|---|---|"]
+    rows = [
+        "| exhaustive range search, faiss IndexBinaryFlat, all cores | pairs | time | pairs/s |",
+        "|---|---|---|---|",
+    ]
     for n_query, n_base in ((100_000, 100_000), (10_000, 1_000_000)):
         base = clustered_hashes(n_base, seed=3)
         index = faiss.IndexBinaryFlat(64)
@@ -285,7 +320,10 @@ def main() -> None:
         return
     if not args.data.is_dir():
         sys.exit(f"real data not found at {args.data}: pass --data or set CEM_DATA")
-    print(f"numpy {np.__version__}, Pillow {PIL.__version__}, {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"numpy {np.__version__}, Pillow {PIL.__version__}, {os.cpu_count()} CPUs, load average at start "
+        f"{os.getloadavg()[0]:.1f}\n"
+    )
     for section in (bench_dhash(args.data), bench_grouping(args.data, args.skip_1e6), bench_faiss_brute()):
         print("\n".join(section), end="\n\n", flush=True)
     print(f"load average at end {os.getloadavg()[0]:.1f}")

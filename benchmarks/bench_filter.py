@@ -44,7 +44,7 @@ def real_patches(data: Path, n: int) -> np.ndarray:
     tiles = []
     for f in files:
         image = tifffile.imread(f)
-        tiles += [image[y:y + 224, x:x + 224] for y in range(0, 896, 224) for x in range(0, 896, 224)]
+        tiles += [image[y : y + 224, x : x + 224] for y in range(0, 896, 224) for x in range(0, 896, 224)]
         if len(tiles) >= n:
             break
     tiles = np.stack(tiles)
@@ -64,8 +64,12 @@ def timed(fn, patches: np.ndarray, repeats: int = 1) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("CEM_DATA", REPO.parent / "shared" / "data")),
-                        help="real-data root (default: $CEM_DATA or ../shared/data)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("CEM_DATA", REPO.parent / "shared" / "data")),
+        help="real-data root (default: $CEM_DATA or ../shared/data)",
+    )
     parser.add_argument("--patches", type=int, default=512, help="patches per timed run")
     parser.add_argument("--batch-size", type=int, default=64, help="ResNet inference batch size")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -86,22 +90,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         stats = make_filter("stats")
         rows.append(("`--filter stats` (label-free rules)", "-", timed(stats, patches, args.repeats)))
-        rows.append(("4 image statistics (`image_statistics`)", "-", timed(image_statistics, patches[: max(64, args.patches // 4)], args.repeats)))
+        rows.append(
+            (
+                "4 image statistics (`image_statistics`)",
+                "-",
+                timed(image_statistics, patches[: max(64, args.patches // 4)], args.repeats),
+            )
+        )
         rng = np.random.default_rng(0)
         forest = fit_forest(rng.normal(size=(200, 4)), rng.integers(0, 2, 200), trees=200)
         save_forest(Path(tmp) / "forest.pkl", forest)
         forest_filter = make_filter(Path(tmp) / "forest.pkl")
-        rows.append(("Random Forest on the 4 statistics (`stats_forest.pkl`, 200 trees)", "-",
-                     timed(forest_filter, patches[: max(64, args.patches // 4)], args.repeats)))
+        rows.append(
+            (
+                "Random Forest on the 4 statistics (`stats_forest.pkl`, 200 trees)",
+                "-",
+                timed(forest_filter, patches[: max(64, args.patches // 4)], args.repeats),
+            )
+        )
         torch.manual_seed(0)
         save_classifier(Path(tmp) / "clf.pth", create_model(args.arch), args.arch, 224, 0.5, 0.2)
         resnet = make_filter(Path(tmp) / "clf.pth", batch_size=args.batch_size, device="cpu")
-        rows.append((f"ResNet classifier ({args.arch}, 224 px, float32)", str(args.batch_size),
-                     timed(resnet, patches, args.repeats)))
+        rows.append(
+            (
+                f"ResNet classifier ({args.arch}, 224 px, float32)",
+                str(args.batch_size),
+                timed(resnet, patches, args.repeats),
+            )
+        )
 
     cpu = platform.processor() or platform.machine()
-    print(f"CPU: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-          f"{args.patches} real 224-px VNC patches\n")
+    print(
+        f"CPU: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+        f"{args.patches} real 224-px VNC patches\n"
+    )
     print("| filter | batch | patches/s |")
     print("|---|---|---|")
     for name, batch, rate in rows:

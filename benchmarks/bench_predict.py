@@ -116,8 +116,15 @@ def worker(args) -> dict:
             if args.mode == "stack":
                 predict_stack(source, predictor, writer.write, chunk=16)
             else:
-                predict_orthoplane(source, predictor, writer.write, 1, chunk=16, memory_limit=args.memory_limit_gb * 2**30,
-                                   workdir=out.parent)
+                predict_orthoplane(
+                    source,
+                    predictor,
+                    writer.write,
+                    1,
+                    chunk=16,
+                    memory_limit=args.memory_limit_gb * 2**30,
+                    workdir=out.parent,
+                )
     else:  # naive: whole volume in memory, one un-tiled slice at a time
         vol = vol_meta.read_slices(0, shape[0]).astype(np.float32) / 255.0
 
@@ -140,18 +147,49 @@ def worker(args) -> dict:
         write_volume(out, np.rint(acc * 255).astype(np.uint8))
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"model": args.model, "arch": args.arch if args.model == "unet" else "conv3x3", "mode": args.mode,
-            "impl": args.impl, "shape": list(shape), "voxels": int(np.prod(shape)), "seconds": round(seconds, 2),
-            "voxels_per_s": round(float(np.prod(shape)) / seconds) if args.impl != "baseline" and seconds > 0 else None,
-            "peak_rss_mb": round(peak / 2**20), "threads": args.threads,
-            "batch": (max(1, min(args.batch_size, 512 * 512 // int(np.prod([-(-n // 32) * 32 for n in shape[1:]]))))
-                      if args.impl == "pipeline" else 1)}
+    return {
+        "model": args.model,
+        "arch": args.arch if args.model == "unet" else "conv3x3",
+        "mode": args.mode,
+        "impl": args.impl,
+        "shape": list(shape),
+        "voxels": int(np.prod(shape)),
+        "seconds": round(seconds, 2),
+        "voxels_per_s": round(float(np.prod(shape)) / seconds) if args.impl != "baseline" and seconds > 0 else None,
+        "peak_rss_mb": round(peak / 2**20),
+        "threads": args.threads,
+        "batch": (
+            max(1, min(args.batch_size, 512 * 512 // int(np.prod([-(-n // 32) * 32 for n in shape[1:]]))))
+            if args.impl == "pipeline"
+            else 1
+        ),
+    }
 
 
 def run_case(model: str, mode: str, impl: str, inp: Path, out: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--model", model, "--mode", mode, "--impl", impl, "--input", str(inp),
-           "--output", str(out), "--arch", args.arch, "--threads", str(args.threads),
-           "--memory-limit-gb", str(args.memory_limit_gb), "--batch-size", str(args.batch_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--model",
+        model,
+        "--mode",
+        mode,
+        "--impl",
+        impl,
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--arch",
+        args.arch,
+        "--threads",
+        str(args.threads),
+        "--memory-limit-gb",
+        str(args.memory_limit_gb),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if res.returncode != 0:
         raise SystemExit(f"worker failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
@@ -161,12 +199,16 @@ def run_case(model: str, mode: str, impl: str, inp: Path, out: Path, args) -> di
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | mode | implementation | batch | volume (z, y, x) | seconds | voxels/s | peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | mode | implementation | batch | volume (z, y, x) | seconds | voxels/s | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         vps = f"{r['voxels_per_s']:,}" if r["voxels_per_s"] else "-"
-        lines.append(f"| {r['arch']} | {r['mode']} | {r['impl']} | {r.get('batch', '-')} | {tuple(r['shape'])} | "
-                     f"{r['seconds']} | {vps} | {r['peak_rss_mb']} |")
+        lines.append(
+            f"| {r['arch']} | {r['mode']} | {r['impl']} | {r.get('batch', '-')} | {tuple(r['shape'])} | "
+            f"{r['seconds']} | {vps} | {r['peak_rss_mb']} |"
+        )
     return "\n".join(lines)
 
 
@@ -179,8 +221,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     p.add_argument("--memory-limit-gb", type=float, default=4.0, help="orthoplane RAM limit (else memory maps)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "predict", help="work/output folder")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="most tiles per forward pass in the pipeline runs (capped at 512^2 pixels on the CPU)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="most tiles per forward pass in the pipeline runs (capped at 512^2 pixels on the CPU)",
+    )
     p.add_argument("--only", choices=("standin", "unet"), help="run only one kind of model")
     # internal: one measurement per subprocess
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -197,7 +243,9 @@ def main() -> None:
     t0 = time.perf_counter()
     full = make_volume(args.size, args.out / f"volume{args.size}.tif")
     # Baselines: the process after imports and model construction, before any prediction.
-    rows = [run_case("unet", "stack", "baseline", full, args.out / "unused.tif", args)] if args.only != "standin" else []
+    rows = (
+        [run_case("unet", "stack", "baseline", full, args.out / "unused.tif", args)] if args.only != "standin" else []
+    )
     if args.only != "unet":
         rows.append(run_case("standin", "stack", "baseline", full, args.out / "unused.tif", args))
         for mode in ("stack", "orthoplane"):

@@ -57,7 +57,12 @@ def data_root() -> Path:
 def real_patches(root: Path) -> np.ndarray:
     """64 real 224 x 224 uint8 patches: 48 ssTEM tiles (VNC) and 16 FIB-SEM slices (neuroproof)."""
     vnc = sorted((root / "drosophila_vnc_gerhard" / "stack1" / "raw").glob("*.tif"))[:3]
-    tiles = [tifffile.imread(f)[y:y + 224, x:x + 224] for f in vnc for y in range(0, 896, 224) for x in range(0, 896, 224)]
+    tiles = [
+        tifffile.imread(f)[y : y + 224, x : x + 224]
+        for f in vnc
+        for y in range(0, 896, 224)
+        for x in range(0, 896, 224)
+    ]
     import imageio.v3 as iio
 
     fib = sorted((root / "neuroproof_flyem" / "training_sample2" / "grayscale_maps").glob("*.png"))[::15][:16]
@@ -66,6 +71,7 @@ def real_patches(root: Path) -> np.ndarray:
 
 
 # --- 1. augmentations ------------------------------------------------------------------------
+
 
 class PilGaussianBlur:
     """MoCoV2's blur: a PIL Gaussian filter with a radius (standard deviation) drawn per image."""
@@ -92,20 +98,22 @@ class TensorGaussNoise:
 
 def reference_transform(mean: float, std: float, size: int = 224) -> T.Compose:
     """The CEM500K MoCoV2 recipe with torchvision PIL transforms (colour ops on a 3-channel copy, as released)."""
-    return T.Compose([
-        T.Grayscale(3),
-        T.RandomApply([T.RandomRotation(180)], p=0.5),
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([PilGaussianBlur((0.1, 2.0))], p=0.5),
-        T.Grayscale(1),
-        T.RandomHorizontalFlip(),
-        T.RandomVerticalFlip(),
-        T.ToTensor(),
-        TensorGaussNoise(),
-        T.Normalize([mean], [std]),
-    ])
+    return T.Compose(
+        [
+            T.Grayscale(3),
+            T.RandomApply([T.RandomRotation(180)], p=0.5),
+            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([PilGaussianBlur((0.1, 2.0))], p=0.5),
+            T.Grayscale(1),
+            T.RandomHorizontalFlip(),
+            T.RandomVerticalFlip(),
+            T.ToTensor(),
+            TensorGaussNoise(),
+            T.Normalize([mean], [std]),
+        ]
+    )
 
 
 def bench_augment(patches: np.ndarray, views: int) -> dict:
@@ -137,11 +145,17 @@ def bench_augment(patches: np.ndarray, views: int) -> dict:
         rounds += 1
     assert out.shape == (1, 224, 224) and q.shape[1:] == (1, 224, 224)
     ours, ref = ours_views / ours_time, ref_views / ref_time
-    return {"ours_views_per_s": ours, "reference_views_per_s": ref, "speedup": ours / ref,
-            "ours_views": ours_views, "reference_views": ref_views}
+    return {
+        "ours_views_per_s": ours,
+        "reference_views_per_s": ref,
+        "speedup": ours / ref,
+        "ours_views": ours_views,
+        "reference_views": ref_views,
+    }
 
 
 # --- 2. training step ------------------------------------------------------------------------
+
 
 class PlainMoCo:
     """MoCo written out plainly (single process, no shuffle-BN): the yardstick for our module's overhead."""
@@ -168,7 +182,7 @@ class PlainMoCo:
         loss.backward()
         self.opt.step()
         with torch.no_grad():
-            self.queue[:, self.ptr:self.ptr + len(k)] = k.T
+            self.queue[:, self.ptr : self.ptr + len(k)] = k.T
             self.ptr = (self.ptr + len(k)) % self.queue.shape[1]
         return loss.item()
 
@@ -211,18 +225,25 @@ def bench_step(patches: np.ndarray, arch: str, size: int, batch: int, steps: int
         else:
             t_plain.append(run_plain(i)), t_ours.append(run_ours(i))
     med_ours, med_plain = statistics.median(t_ours), statistics.median(t_plain)
-    return {"arch": arch, "image_size": size, "batch": batch, "steps": steps, "queue": queue_size,
-            "ours_images_per_s": batch / med_ours, "plain_images_per_s": batch / med_plain,
-            "overhead_percent": 100 * (med_ours / med_plain - 1)}
+    return {
+        "arch": arch,
+        "image_size": size,
+        "batch": batch,
+        "steps": steps,
+        "queue": queue_size,
+        "ours_images_per_s": batch / med_ours,
+        "plain_images_per_s": batch / med_plain,
+        "overhead_percent": 100 * (med_ours / med_plain - 1),
+    }
 
 
 # --- 3. data loader --------------------------------------------------------------------------
 
+
 def bench_loader(patches: np.ndarray, batch: int, batches: int, workers: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         write_patch_store(Path(tmp) / "store", patches)
-        ds = ViewPairs(Path(tmp) / "store", seed=0, global_batch=batch, rank=0, world_size=1,
-                       params=AugmentParams())
+        ds = ViewPairs(Path(tmp) / "store", seed=0, global_batch=batch, rank=0, world_size=1, params=AugmentParams())
         per_epoch = ds.steps_per_epoch()
         t_start = time.perf_counter()
         it = iter(view_loader(ds, 0, batches + 1, workers, pin_memory=False))
@@ -232,8 +253,14 @@ def bench_loader(patches: np.ndarray, batch: int, batches: int, workers: int) ->
             q, k = next(it)
         t_end = time.perf_counter()
     views = 2 * batch * batches
-    return {"workers": workers, "batch": batch, "batches": batches, "steps_per_epoch": per_epoch,
-            "startup_s": t_first - t_start, "views_per_s": views / (t_end - t_first)}
+    return {
+        "workers": workers,
+        "batch": batch,
+        "batches": batches,
+        "steps_per_epoch": per_epoch,
+        "startup_s": t_first - t_start,
+        "views_per_s": views / (t_end - t_first),
+    }
 
 
 def main() -> None:
@@ -244,18 +271,33 @@ def main() -> None:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     patches = real_patches(data_root())
-    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                           "opencv": cv2.__version__, "load_avg_start": os.getloadavg()}}
+    results = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "opencv": cv2.__version__,
+            "load_avg_start": os.getloadavg(),
+        }
+    }
     results["augment"] = bench_augment(patches, views=1024 if args.quick else 6144)
-    print(f"augment: ours {results['augment']['ours_views_per_s']:.0f} views/s, reference "
-          f"{results['augment']['reference_views_per_s']:.0f} views/s, x{results['augment']['speedup']:.2f}", flush=True)
+    print(
+        f"augment: ours {results['augment']['ours_views_per_s']:.0f} views/s, reference "
+        f"{results['augment']['reference_views_per_s']:.0f} views/s, x{results['augment']['speedup']:.2f}",
+        flush=True,
+    )
     results["step"] = bench_step(patches, "resnet18", 112, 32, steps=4 if args.quick else 12)
-    print(f"train step: ours {results['step']['ours_images_per_s']:.2f} img/s, plain "
-          f"{results['step']['plain_images_per_s']:.2f} img/s, overhead {results['step']['overhead_percent']:+.1f}%",
-          flush=True)
+    print(
+        f"train step: ours {results['step']['ours_images_per_s']:.2f} img/s, plain "
+        f"{results['step']['plain_images_per_s']:.2f} img/s, overhead {results['step']['overhead_percent']:+.1f}%",
+        flush=True,
+    )
     results["loader"] = bench_loader(patches, batch=32, batches=10 if args.quick else 60, workers=2)
-    print(f"loader: {results['loader']['views_per_s']:.0f} views/s with 2 workers "
-          f"(startup {results['loader']['startup_s']:.1f} s)", flush=True)
+    print(
+        f"loader: {results['loader']['views_per_s']:.0f} views/s with 2 workers "
+        f"(startup {results['loader']['startup_s']:.1f} s)",
+        flush=True,
+    )
     results["machine"]["load_avg_end"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -62,10 +62,15 @@ def prepare_neuroproof(source: str | Path, out: str | Path, limit: Sequence[int]
     """
     source, dest = Path(source), Path(out) / NAME
     if not (source / "groundtruth.h5.gz").is_file() or not any((source / "grayscale_maps").glob("*.png")):
-        raise ValueError(f"{source}: NeuroProof training_sample2 not found (expected grayscale_maps/*.png and "
-                         "groundtruth.h5.gz); pass --source or set CEM_DATA")
-    stamp = {"source": str(source.resolve()), "limit": list(limit) if limit else None,
-             "splits": {k: [[s.start, s.stop] for s in v] for k, v in SPLITS.items()}}
+        raise ValueError(
+            f"{source}: NeuroProof training_sample2 not found (expected grayscale_maps/*.png and "
+            "groundtruth.h5.gz); pass --source or set CEM_DATA"
+        )
+    stamp = {
+        "source": str(source.resolve()),
+        "limit": list(limit) if limit else None,
+        "splits": {k: [[s.start, s.stop] for s in v] for k, v in SPLITS.items()},
+    }
     stamp_path = dest / "prepared.json"
     files = [dest / split / f"{kind}.tif" for split in SPLITS for kind in ("image", "boundary")]
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp and all(f.is_file() for f in files):
@@ -85,10 +90,16 @@ def prepare_neuroproof(source: str | Path, out: str | Path, limit: Sequence[int]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, type=Path, help="benchmark data root (written: OUT/neuroproof_boundary)")
-    parser.add_argument("--source", type=Path, default=None,
-                        help="NeuroProof training_sample2 folder (default: $CEM_DATA or ../shared/data "
-                             "/neuroproof_flyem/training_sample2)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="benchmark data root (written: OUT/neuroproof_boundary)"
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="NeuroProof training_sample2 folder (default: $CEM_DATA or ../shared/data "
+        "/neuroproof_flyem/training_sample2)",
+    )
     args = parser.parse_args(argv)
     try:
         dest = prepare_neuroproof(args.source or default_source(), args.out)

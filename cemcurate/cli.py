@@ -26,8 +26,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
             cfg.sources = str(sidecar)
         print(f"no RAW folder given: using {raw}")
     summary = build(raw, args.out, cfg, progress=not args.quiet)
-    print(f"{summary.n_sources} source(s) ({summary.reused} reused from an earlier run, {summary.skipped} file(s) skipped), "
-          f"{summary.n_raw} raw patches, {summary.n_kept} kept -> {summary.out_dir}")
+    print(
+        f"{summary.n_sources} source(s) ({summary.reused} reused from an earlier run, {summary.skipped} file(s) "
+        f"skipped), {summary.n_raw} raw patches, {summary.n_kept} kept -> {summary.out_dir}"
+    )
     print(f"report: {BuildLayout(summary.out_dir).report}")
     if summary.failed:
         print(f"{len(summary.failed)} source(s) failed:", file=sys.stderr)
@@ -50,33 +52,61 @@ def _cmd_dedup_preview(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cemcurate", description="Curate EM images into a deduplicated, filtered patch dataset (CEM500K-style).")
+    parser = argparse.ArgumentParser(
+        prog="cemcurate", description="Curate EM images into a deduplicated, filtered patch dataset (CEM500K-style)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="read every EM file in RAW and write curated 224x224 patches to OUT",
-                       description="Read every EM file in RAW (tif/tiff, png, jpg, bmp, mrc/map/rec/st, nii/nii.gz, h5, zarr, avi/mp4), "
-                                   "convert to uint8, slice volumes, crop patches, remove near-duplicates, drop uninformative patches and write the patch store, "
-                                   "manifest.parquet, sources.parquet and report.html to OUT. Re-running resumes.")
-    b.add_argument("raw", nargs="?", type=Path, default=None,
-                   help="folder of EM files (or one file); default: $CEM_DATA, ../shared/data, else a small public sample downloaded once")
-    b.add_argument("out", nargs="?", type=Path, default=Path(DEFAULT_OUT), help=f"output folder (default: {DEFAULT_OUT})")
-    b.add_argument("--config", type=Path, default=None, help="YAML file with build settings (keys as the flags below, with underscores); flags override it")
+    b = sub.add_parser(
+        "build",
+        help="read every EM file in RAW and write curated 224x224 patches to OUT",
+        description="Read every EM file in RAW (tif/tiff, png, jpg, bmp, mrc/map/rec/st, nii/nii.gz, h5, zarr, "
+        "avi/mp4), convert to uint8, slice volumes, crop patches, remove near-duplicates, drop uninformative patches "
+        "and write the patch store, manifest.parquet, sources.parquet and report.html to OUT. Re-running resumes.",
+    )
+    b.add_argument(
+        "raw",
+        nargs="?",
+        type=Path,
+        default=None,
+        help=(
+            "folder of EM files (or one file); default: $CEM_DATA, ../shared/data, else a small public sample "
+            "downloaded once"
+        ),
+    )
+    b.add_argument(
+        "out", nargs="?", type=Path, default=Path(DEFAULT_OUT), help=f"output folder (default: {DEFAULT_OUT})"
+    )
+    b.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML file with build settings (keys as the flags below, with underscores); flags override it",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(b, BuildConfig)
     b.set_defaults(func=_cmd_build)
 
-    e = sub.add_parser("export", help="write every kept patch as an image file (CEM500K-style folder)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = sub.add_parser(
+        "export",
+        help="write every kept patch as an image file (CEM500K-style folder)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     e.add_argument("out", type=Path, help="a cemcurate build output folder")
     e.add_argument("dest", type=Path, help="folder to write the images to")
     e.add_argument("--format", choices=("tiff", "png"), default="tiff", help="image file format")
     e.set_defaults(func=_cmd_export)
 
-    d = sub.add_parser("dedup-preview", help="HTML page of near-duplicate groups and pairs near the cutoff, to choose --max-hamming by eye",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = sub.add_parser(
+        "dedup-preview",
+        help="HTML page of near-duplicate groups and pairs near the cutoff, to choose --max-hamming by eye",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     d.add_argument("out", type=Path, help="a cemcurate build output folder")
     d.add_argument("--groups", type=int, default=12, help="number of random near-duplicate groups shown")
-    d.add_argument("--max-hamming", type=int, default=None, help="cutoff to illustrate (default: the one the build used)")
+    d.add_argument(
+        "--max-hamming", type=int, default=None, help="cutoff to illustrate (default: the one the build used)"
+    )
     d.add_argument("--seed", type=int, default=0, help="seed of the random choice of groups and pairs")
     d.set_defaults(func=_cmd_dedup_preview)
     add_label_command(sub)

@@ -125,11 +125,7 @@ def _fixed_point_to_uint8(sums: np.ndarray) -> np.ndarray:
 
 
 def _vertical_pass_first(height: int, width: int) -> bool:
-    return (
-        PILLOW_VERTICAL_FIRST
-        and height > HASH_HEIGHT
-        and height - HASH_HEIGHT > 2 * (width - HASH_WIDTH)
-    )
+    return PILLOW_VERTICAL_FIRST and height > HASH_HEIGHT and height - HASH_HEIGHT > 2 * (width - HASH_WIDTH)
 
 
 def _resize_to_hash_grid(patches: np.ndarray) -> np.ndarray:
@@ -148,7 +144,9 @@ def _resize_to_hash_grid(patches: np.ndarray) -> np.ndarray:
     else:
         columns = np.ascontiguousarray(pixels.reshape(n * height, width).T)
     if height != HASH_HEIGHT:
-        resized = _fixed_point_to_uint8(columns.reshape(HASH_WIDTH * n, height) @ _resample_matrix(height, HASH_HEIGHT).T)
+        resized = _fixed_point_to_uint8(
+            columns.reshape(HASH_WIDTH * n, height) @ _resample_matrix(height, HASH_HEIGHT).T
+        )
     else:
         resized = columns.reshape(HASH_WIDTH * n, height)
     return resized.reshape(HASH_WIDTH, n, HASH_HEIGHT).transpose(1, 2, 0)  # (N, 8, 9)
@@ -189,9 +187,7 @@ def dhash64(patches: np.ndarray, workers: int = 1) -> np.ndarray:
     if not isinstance(patches, np.ndarray):
         raise ValueError(f"patches must be a numpy array, got {type(patches).__name__}")
     if patches.dtype != np.uint8:
-        raise ValueError(
-            f"patches must be uint8 (standardise intensities first), got dtype {patches.dtype}"
-        )
+        raise ValueError(f"patches must be uint8 (standardise intensities first), got dtype {patches.dtype}")
     if patches.ndim != 3:
         raise ValueError(
             f"patches must have shape (N, H, W), got {patches.ndim} dimension(s) {patches.shape};"
@@ -201,7 +197,9 @@ def dhash64(patches: np.ndarray, workers: int = 1) -> np.ndarray:
     if height < 1 or width < 1:
         raise ValueError(f"patches must be at least 1 x 1 pixels, got H={height}, W={width}")
     if max(height, width) >= _MAX_SIDE:
-        raise ValueError(f"patches of {height} x {width} pixels are too large to hash exactly; cut them into patches first")
+        raise ValueError(
+            f"patches of {height} x {width} pixels are too large to hash exactly; cut them into patches first"
+        )
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     if n == 0:

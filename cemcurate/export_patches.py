@@ -29,7 +29,9 @@ def export_patches(out_dir: str | Path, dest: str | Path, fmt: str = "tiff", pro
     store = open_patches(out_dir)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    for i, row in enumerate(tqdm(store.manifest.itertuples(index=False), total=len(store), disable=not progress, desc="export")):
+    for i, row in enumerate(
+        tqdm(store.manifest.itertuples(index=False), total=len(store), disable=not progress, desc="export")
+    ):
         target = dest / patch_filename(row, fmt)
         if target.exists():
             continue

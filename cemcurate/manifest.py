@@ -31,21 +31,48 @@ import pandas as pd
 from cemcurate.common.atomic import atomic_path
 
 MANIFEST_SCHEMA: dict[str, str] = {
-    "patch_id": "int64", "source": "str", "file": "str", "plane": "str", "slice": "int64",
-    "y": "int64", "x": "int64", "h": "int64", "w": "int64",
-    "shard": "str", "shard_row": "int64", "dhash": "str", "duplicate": "bool",
-    "pixel_mean": "float32", "pixel_std": "float32", "group": "int64",
-    "informative_prob": "float32", "kept": "bool", "reason": "str",
+    "patch_id": "int64",
+    "source": "str",
+    "file": "str",
+    "plane": "str",
+    "slice": "int64",
+    "y": "int64",
+    "x": "int64",
+    "h": "int64",
+    "w": "int64",
+    "shard": "str",
+    "shard_row": "int64",
+    "dhash": "str",
+    "duplicate": "bool",
+    "pixel_mean": "float32",
+    "pixel_std": "float32",
+    "group": "int64",
+    "informative_prob": "float32",
+    "kept": "bool",
+    "reason": "str",
 }
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA)
-BASE_COLUMNS = ("patch_id", "source", "file", "plane", "slice", "y", "x", "h", "w",
-                "kept", "reason", "shard", "shard_row")
+BASE_COLUMNS = (
+    "patch_id",
+    "source",
+    "file",
+    "plane",
+    "slice",
+    "y",
+    "x",
+    "h",
+    "w",
+    "kept",
+    "reason",
+    "shard",
+    "shard_row",
+)
 
 _KIND_CHECKS = {
     "int64": pd.api.types.is_integer_dtype,
     "bool": pd.api.types.is_bool_dtype,
     "float32": pd.api.types.is_float_dtype,
-    "str": lambda dtype: pd.api.types.is_string_dtype(dtype) or dtype == object,
+    "str": lambda dtype: pd.api.types.is_string_dtype(dtype) or pd.api.types.is_object_dtype(dtype),
 }
 
 
@@ -60,8 +87,11 @@ def check_manifest(manifest: pd.DataFrame, path: str | Path) -> None:
     missing = [c for c in BASE_COLUMNS if c not in manifest.columns]
     if missing:
         raise ValueError(f"{path}: manifest lacks column(s) {missing}")
-    wrong = [f"{c} is {manifest[c].dtype}, expected {t}" for c, t in MANIFEST_SCHEMA.items()
-             if c in manifest.columns and not _KIND_CHECKS[t](manifest[c].dtype)]
+    wrong = [
+        f"{c} is {manifest[c].dtype}, expected {t}"
+        for c, t in MANIFEST_SCHEMA.items()
+        if c in manifest.columns and not _KIND_CHECKS[t](manifest[c].dtype)
+    ]
     if wrong:
         raise ValueError(f"{path}: manifest column dtypes do not match the schema: {'; '.join(wrong)}")
     if manifest["patch_id"].duplicated().any():

@@ -35,7 +35,7 @@ def tile_grid_image(tiles: Sequence[np.ndarray], columns: int, gap: int) -> np.n
     canvas = np.full((rows * (th + gap) - gap, cols * (tw + gap) - gap), 255, np.uint8)
     for i, tile in enumerate(tiles):
         r, c = divmod(i, columns)
-        canvas[r * (th + gap):r * (th + gap) + th, c * (tw + gap):c * (tw + gap) + tw] = tile
+        canvas[r * (th + gap) : r * (th + gap) + th, c * (tw + gap) : c * (tw + gap) + tw] = tile
     return canvas
 
 
@@ -67,12 +67,16 @@ def sample_patches(out_dir: str | Path, rows: pd.DataFrame, n: int, patch_size: 
 def html_table(frame: pd.DataFrame) -> str:
     """``frame`` as an HTML table: a header row of its columns, cells escaped, NaN as empty."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape('' if pd.isna(v) else str(v))}</td>" for v in row) + "</tr>"
-                   for row in frame.itertuples(index=False))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape('' if pd.isna(v) else str(v))}</td>" for v in row) + "</tr>"
+        for row in frame.itertuples(index=False)
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def html_page(title: str, style: str, sections: Sequence[str]) -> str:
     """A whole HTML document: ``title``, one ``<style>`` block and the ``sections`` in order."""
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>{title}</title><style>{style}</style></head>"
-            f"<body>{''.join(sections)}</body></html>")
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{title}</title><style>{style}</style></head>"
+        f"<body>{''.join(sections)}</body></html>"
+    )

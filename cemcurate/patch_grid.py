@@ -27,8 +27,11 @@ def tile_spans(length: int, patch_size: int = 224, min_edge: int = 112) -> list[
 
 def tile_grid(height: int, width: int, patch_size: int = 224, min_edge: int = 112) -> np.ndarray:
     """All crops of a ``height x width`` image as an int64 array of rows ``(y, x, h, w)``."""
-    rows = [(y, x, h, w) for y, h in tile_spans(height, patch_size, min_edge)
-            for x, w in tile_spans(width, patch_size, min_edge)]
+    rows = [
+        (y, x, h, w)
+        for y, h in tile_spans(height, patch_size, min_edge)
+        for x, w in tile_spans(width, patch_size, min_edge)
+    ]
     return np.array(rows, dtype=np.int64).reshape(-1, 4)
 
 
@@ -40,10 +43,11 @@ def crop_patches(image: np.ndarray, grid: np.ndarray, patch_size: int = 224) -> 
     """
     out = np.empty((len(grid), patch_size, patch_size), np.uint8)
     for i, (y, x, h, w) in enumerate(grid):
-        crop = image[y:y + h, x:x + w]
+        crop = image[y : y + h, x : x + w]
         if h == patch_size and w == patch_size:
             out[i] = crop
         else:
-            out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(
-                (patch_size, patch_size), resample=Image.BILINEAR))
+            out[i] = np.asarray(
+                Image.fromarray(np.ascontiguousarray(crop)).resize((patch_size, patch_size), resample=Image.BILINEAR)
+            )
     return out

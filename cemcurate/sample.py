@@ -56,7 +56,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cemcurate"
 
 
-
 def fetch_sample(root: Path | None = None) -> Path:
     """Download the public sample once (verified by SHA-256) and return its RAW folder."""
     root = root or cache_dir() / "sample"
@@ -82,7 +81,9 @@ def default_input() -> tuple[Path, Path | None]:
     """``(raw, sidecar)`` for a build run without a RAW argument (see the module docstring)."""
     env = os.environ.get("CEM_DATA")
     if env:
-        return Path(env), None if (Path(env) / "cemcurate.yaml").is_file() else _PACKAGE_DATA / "shared_data_sources.yaml"
+        return Path(env), None if (
+            Path(env) / "cemcurate.yaml"
+        ).is_file() else _PACKAGE_DATA / "shared_data_sources.yaml"
     for candidate in (Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"):
         if candidate.is_dir():
             return candidate, _PACKAGE_DATA / "shared_data_sources.yaml"

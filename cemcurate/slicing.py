@@ -13,8 +13,9 @@ import numpy as np
 ALL_PLANES = ("xy", "xz", "yz")
 
 
-def planes_for_spacing(voxel_size: tuple[float, float, float] | None, depth: int,
-                       tolerance: float = 0.2, xy_only: bool = False) -> tuple[tuple[str, ...], str]:
+def planes_for_spacing(
+    voxel_size: tuple[float, float, float] | None, depth: int, tolerance: float = 0.2, xy_only: bool = False
+) -> tuple[tuple[str, ...], str]:
     """Decide the planes for a volume.
 
     Args:
@@ -59,19 +60,19 @@ def iter_planes(volume: np.ndarray, plane: str, block_bytes: int = 256 << 20) ->
     if plane == "xy":
         step = max(1, block_bytes // max(1, y * x * volume.itemsize))
         for z0 in range(0, z, step):
-            block = np.asarray(volume[z0:z0 + step])
+            block = np.asarray(volume[z0 : z0 + step])
             for k in range(block.shape[0]):
                 yield z0 + k, np.ascontiguousarray(block[k])
     elif plane == "xz":
         step = max(1, block_bytes // max(1, z * x * volume.itemsize))
         for y0 in range(0, y, step):
-            block = np.asarray(volume[:, y0:y0 + step, :])
+            block = np.asarray(volume[:, y0 : y0 + step, :])
             for k in range(block.shape[1]):
                 yield y0 + k, np.ascontiguousarray(block[:, k, :])
     elif plane == "yz":
         step = max(1, block_bytes // max(1, z * y * volume.itemsize))
         for x0 in range(0, x, step):
-            block = np.asarray(volume[:, :, x0:x0 + step])
+            block = np.asarray(volume[:, :, x0 : x0 + step])
             for k in range(block.shape[2]):
                 yield x0 + k, np.ascontiguousarray(block[:, :, k])
     else:

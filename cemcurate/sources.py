@@ -105,7 +105,7 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
                 out.append(re.escape("["))
                 i += 1
             else:
-                body = pattern[i + 1:end]
+                body = pattern[i + 1 : end]
                 out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
                 i = end + 1
         else:
@@ -135,8 +135,14 @@ def load_sidecar(path: str | Path) -> list[tuple[re.Pattern[str], dict]]:
         options = {k: v for k, v in entry.items() if k != "path"}
         if options.get("voxel_size") is not None:
             vs = options["voxel_size"]
-            if not (isinstance(vs, (list, tuple)) and len(vs) == 3 and all(isinstance(v, (int, float)) and v > 0 for v in vs)):
-                raise ValueError(f"{path}: entry {n}: voxel_size must be three positive numbers [z, y, x] in nm, got {vs!r}")
+            if not (
+                isinstance(vs, (list, tuple))
+                and len(vs) == 3
+                and all(isinstance(v, (int, float)) and v > 0 for v in vs)
+            ):
+                raise ValueError(
+                    f"{path}: entry {n}: voxel_size must be three positive numbers [z, y, x] in nm, got {vs!r}"
+                )
             options["voxel_size"] = tuple(float(v) for v in vs)
         rules.append((glob_to_regex(str(entry["path"])), options))
     return rules
@@ -199,7 +205,9 @@ def discover_sources(raw: str | Path, sidecar: str | Path | None = None) -> tupl
             folder = path.parent.relative_to(raw).as_posix()
             spec = stacks.get(folder)
             if spec is None:
-                spec = stacks[folder] = SourceSpec(folder if folder != "." else raw.name, [], replace(options, stack=True))
+                spec = stacks[folder] = SourceSpec(
+                    folder if folder != "." else raw.name, [], replace(options, stack=True)
+                )
                 specs.append(spec)
             spec.files.append(path)
         else:

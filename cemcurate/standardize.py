@@ -29,6 +29,7 @@ class IntensityWindow:
     def from_bounds(cls, low: float | None, high: float | None, invert: bool = False) -> "IntensityWindow":
         """The window recorded as ``low``/``high`` in a source table, where NaN (or None) means
         the uint8 pass-through."""
+
         def bound(value: float | None) -> float | None:
             return None if value is None or math.isnan(value) else float(value)
 
@@ -61,8 +62,9 @@ def sample_slice_indices(depth: int, max_slices: int = 32) -> np.ndarray:
     return np.unique(np.linspace(0, depth - 1, max_slices).round().astype(np.int64))
 
 
-def compute_window(sample: np.ndarray, low_percentile: float = 0.1, high_percentile: float = 99.9,
-                   invert: bool = False) -> IntensityWindow:
+def compute_window(
+    sample: np.ndarray, low_percentile: float = 0.1, high_percentile: float = 99.9, invert: bool = False
+) -> IntensityWindow:
     """Choose the intensity window for a source from a sample of its voxels.
 
     Args:

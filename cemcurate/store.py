@@ -59,7 +59,9 @@ class ShardWriter:
         """Write ``patches`` (uint8, ``(n, p, p)``); return their row numbers in the shard."""
         p = self.patch_size
         if patches.dtype != np.uint8 or patches.ndim != 3 or patches.shape[1:] != (p, p):
-            raise ValueError(f"shard {self.path.name}: expected uint8 (n, {p}, {p}), got {patches.dtype} {patches.shape}")
+            raise ValueError(
+                f"shard {self.path.name}: expected uint8 (n, {p}, {p}), got {patches.dtype} {patches.shape}"
+            )
         assert self._file is not None
         self._file.write(np.ascontiguousarray(patches).tobytes())
         rows = np.arange(self.count, self.count + len(patches), dtype=np.int64)
@@ -72,8 +74,8 @@ class ShardWriter:
         rows = np.arange(len(source)) if rows is None else np.asarray(rows, np.int64)
         written = np.empty(len(rows), np.int64)
         for start in range(0, len(rows), COPY_CHUNK):
-            chunk = rows[start:start + COPY_CHUNK]
-            written[start:start + len(chunk)] = self.append(np.asarray(source[chunk]))
+            chunk = rows[start : start + COPY_CHUNK]
+            written[start : start + len(chunk)] = self.append(np.asarray(source[chunk]))
         return written
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -126,8 +128,9 @@ class ShardReader:
     def read(self, shards: Sequence[str] | np.ndarray, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Pixels of the patches at ``(shards[i], rows[i])``: uint8 ``(n, p, p)`` in the order given."""
         codes, names = pd.factorize(np.asarray(shards, dtype=object))
-        return _gather([self.shard(str(n)) for n in names], codes.astype(np.int64),
-                       np.asarray(rows, np.int64), self.patch_size)
+        return _gather(
+            [self.shard(str(n)) for n in names], codes.astype(np.int64), np.asarray(rows, np.int64), self.patch_size
+        )
 
 
 @dataclass(frozen=True)
@@ -140,8 +143,9 @@ class StoreInfo:
 
 
 def _not_finished(out_dir: Path, missing: Path) -> StoreError:
-    return StoreError(f"{out_dir}: not a finished build folder ({missing.name} is missing); "
-                      f"run `cemcurate build RAW {out_dir}` first")
+    return StoreError(
+        f"{out_dir}: not a finished build folder ({missing.name} is missing); run `cemcurate build RAW {out_dir}` first"
+    )
 
 
 def read_store_info(out_dir: str | Path) -> StoreInfo:
@@ -151,8 +155,9 @@ def read_store_info(out_dir: str | Path) -> StoreInfo:
         raise _not_finished(layout.root, layout.store_info)
     info = json.loads(layout.store_info.read_text())
     if info.get("format") != STORE_FORMAT:
-        raise StoreError(f"{layout.store_info}: store format {info.get('format')} is not supported "
-                         f"(expected {STORE_FORMAT})")
+        raise StoreError(
+            f"{layout.store_info}: store format {info.get('format')} is not supported (expected {STORE_FORMAT})"
+        )
     return StoreInfo(int(info["patch_size"]), float(info["mean"]), float(info["std"]))
 
 
@@ -196,7 +201,9 @@ class PatchStore:
         for code, (name, shard) in enumerate(zip(names, self._shards)):
             rows = self._row_of[self._shard_of == code]
             if len(rows) and (rows.max() >= len(shard) or rows.min() < 0):
-                raise StoreError(f"{out_dir}: shard {name} has {len(shard)} patches but the manifest refers to row {rows.max()}")
+                raise StoreError(
+                    f"{out_dir}: shard {name} has {len(shard)} patches but the manifest refers to row {rows.max()}"
+                )
 
     def __len__(self) -> int:
         return len(self.patch_ids)
@@ -235,11 +242,23 @@ def write_patch_store(out_dir: str | Path, patches: np.ndarray, source: str = "a
     with ShardWriter(layout.shard("array"), p) as shard:
         rows = shard.append(patches.astype(np.uint8, copy=False))
     n = len(patches)
-    manifest = pd.DataFrame({
-        "patch_id": np.arange(n, dtype=np.int64), "source": source, "file": source, "plane": "xy",
-        "slice": np.arange(n, dtype=np.int64), "y": 0, "x": 0, "h": p, "w": p,
-        "kept": True, "reason": "", "shard": "array", "shard_row": rows,
-    })
+    manifest = pd.DataFrame(
+        {
+            "patch_id": np.arange(n, dtype=np.int64),
+            "source": source,
+            "file": source,
+            "plane": "xy",
+            "slice": np.arange(n, dtype=np.int64),
+            "y": 0,
+            "x": 0,
+            "h": p,
+            "w": p,
+            "kept": True,
+            "reason": "",
+            "shard": "array",
+            "shard_row": rows,
+        }
+    )
     write_manifest(manifest, layout.manifest)
     scaled = patches.astype(np.float64) / 255.0
     write_store_info(layout.root, p, scaled.mean(), scaled.std())

@@ -59,8 +59,10 @@ class Augment2D:
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
         if self.crop < 1 or self.blur_sigma < 0 or not 0 <= self.brightness_contrast < 1:
-            raise ValueError(f"need crop >= 1, blur_sigma >= 0 and 0 <= brightness_contrast < 1, got "
-                             f"{self.crop}, {self.blur_sigma}, {self.brightness_contrast}")
+            raise ValueError(
+                f"need crop >= 1, blur_sigma >= 0 and 0 <= brightness_contrast < 1, got "
+                f"{self.crop}, {self.blur_sigma}, {self.brightness_contrast}"
+            )
 
 
 def native_crop_matrix(top_left: tuple[float, float], crop: int, zoom: float, angle_deg: float) -> np.ndarray:
@@ -84,8 +86,9 @@ def native_crop_matrix(top_left: tuple[float, float], crop: int, zoom: float, an
     return np.hstack([a, b[:, None]])
 
 
-def native_scale_crop(image: np.ndarray, labels: np.ndarray, crop: int, zoom: float, angle_deg: float,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def native_scale_crop(
+    image: np.ndarray, labels: np.ndarray, crop: int, zoom: float, angle_deg: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """A ``crop x crop`` view of a 2D image and its class map at ``zoom`` x native scale.
 
     Args:
@@ -135,10 +138,15 @@ class Augmenter:
             lo, hi = (math.sqrt(v) / 255.0 for v in aug.noise_var)
             photometric.append(A.GaussNoise(std_range=(lo, hi), p=0.5))
         if aug.blur_sigma > 0:
-            photometric.append(A.GaussianBlur(blur_limit=0, sigma_limit=(min(0.1, aug.blur_sigma), aug.blur_sigma), p=0.5))
+            photometric.append(
+                A.GaussianBlur(blur_limit=0, sigma_limit=(min(0.1, aug.blur_sigma), aug.blur_sigma), p=0.5)
+            )
         if aug.crop_mode == "paper":
-            geometric: list[A.BasicTransform] = [A.RandomResizedCrop(
-                size=(aug.crop, aug.crop), scale=tuple(aug.paper_scale), ratio=tuple(aug.paper_ratio))]
+            geometric: list[A.BasicTransform] = [
+                A.RandomResizedCrop(
+                    size=(aug.crop, aug.crop), scale=tuple(aug.paper_scale), ratio=tuple(aug.paper_ratio)
+                )
+            ]
             if aug.rotate:
                 geometric.append(A.Rotate(limit=180, border_mode=reflect, p=1.0))
             photometric = geometric + photometric

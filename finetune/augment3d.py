@@ -53,15 +53,20 @@ class Augment3D:
 
     def __post_init__(self) -> None:
         if self.brightness < 0 or not 0 <= self.contrast < 1 or self.noise_std < 0:
-            raise ValueError("need brightness >= 0, 0 <= contrast < 1 and noise_std >= 0, got "
-                             f"{self.brightness}, {self.contrast}, {self.noise_std}")
+            raise ValueError(
+                "need brightness >= 0, 0 <= contrast < 1 and noise_std >= 0, got "
+                f"{self.brightness}, {self.contrast}, {self.noise_std}"
+            )
         if self.elastic_alpha < 0 or self.elastic_spacing < 2 or not 0 <= self.p_elastic <= 1:
-            raise ValueError("need elastic_alpha >= 0, elastic_spacing >= 2 and p_elastic in [0, 1], got "
-                             f"{self.elastic_alpha}, {self.elastic_spacing}, {self.p_elastic}")
+            raise ValueError(
+                "need elastic_alpha >= 0, elastic_spacing >= 2 and p_elastic in [0, 1], got "
+                f"{self.elastic_alpha}, {self.elastic_spacing}, {self.p_elastic}"
+            )
 
 
-def elastic_field(shape: Sequence[int], alpha: float, spacing: int, rng: np.random.Generator,
-                  along_z: bool = True) -> np.ndarray:
+def elastic_field(
+    shape: Sequence[int], alpha: float, spacing: int, rng: np.random.Generator, along_z: bool = True
+) -> np.ndarray:
     """Smooth random displacements ``float32[3, z, y, x]`` in voxels (pure given ``rng``).
 
     Control points every ``spacing`` voxels get N(0, ``alpha``) offsets per axis. A cubic
@@ -79,14 +84,16 @@ def elastic_field(shape: Sequence[int], alpha: float, spacing: int, rng: np.rand
             continue
         coarse = rng.normal(0.0, alpha, grid)
         mid = ndimage.zoom(coarse, [f / g for f, g in zip(fine, grid)], order=3, mode="nearest")
-        full = F.interpolate(torch.from_numpy(mid.astype(np.float32))[None, None], size=shape, mode="trilinear",
-                             align_corners=True)
+        full = F.interpolate(
+            torch.from_numpy(mid.astype(np.float32))[None, None], size=shape, mode="trilinear", align_corners=True
+        )
         field[axis] = full[0, 0].numpy()
     return field
 
 
-def augment_subvolume(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                      aug: Augment3D) -> tuple[np.ndarray, np.ndarray]:
+def augment_subvolume(
+    image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, aug: Augment3D
+) -> tuple[np.ndarray, np.ndarray]:
     """Augment one crop (pure given ``rng``).
 
     Args:

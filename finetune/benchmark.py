@@ -59,8 +59,17 @@ from finetune.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 _TASK_KEYS = {"name", "config", "test", "overrides", "dim_overrides"}
-_TEST_KEYS = {"images", "masks", "mode", "instances_only", "per_image", "ignore_mask", "tile", "window",
-              "window_overlap"}
+_TEST_KEYS = {
+    "images",
+    "masks",
+    "mode",
+    "instances_only",
+    "per_image",
+    "ignore_mask",
+    "tile",
+    "window",
+    "window_overlap",
+}
 _DEF_KEYS = {"name", "source", "layout", "split", "paper", "tasks", "notes", "licence", "data"}
 # Column names of the paper's Table 2 for the standard initialisations.
 _INIT_NAMES = {"random": "Random Init.", "imagenet": "IN-super"}
@@ -122,7 +131,7 @@ def load_definition(path: str | Path) -> dict:
         test = task["test"]
         if not isinstance(test, dict) or not {"images", "masks"} <= set(test) or set(test) - _TEST_KEYS:
             raise ValueError(f"{where}.test needs images and masks; valid keys: {sorted(_TEST_KEYS)}")
-        config = REPO / task["config"]          # an absolute path stays absolute
+        config = REPO / task["config"]  # an absolute path stays absolute
         if not config.is_file():
             raise ValueError(f"{where}: config {task['config']} not found (relative paths start at {REPO})")
         per_dim = task.get("dim_overrides") or {}
@@ -152,11 +161,19 @@ def _train_config(task: dict, dim: str | None, train_overrides: dict) -> TrainCo
     return load_config(TrainConfig, path, overrides={**task_overrides, **per_dim, **given, "dim": dim})
 
 
-def run_task(task: dict, init: Init, data_root: Path, out: Path, train_overrides: dict,
-             progress: bool = True, dim: str | None = None) -> dict:
+def run_task(
+    task: dict,
+    init: Init,
+    data_root: Path,
+    out: Path,
+    train_overrides: dict,
+    progress: bool = True,
+    dim: str | None = None,
+) -> dict:
     """Train one initialisation on one task in ``dim`` (None: as configured), predict its test set, score it."""
-    cfg = _train_config(task, dim, {**train_overrides, "data_dir": str(data_root), "encoder": init.spec,
-                                    "freeze_encoder": init.frozen})
+    cfg = _train_config(
+        task, dim, {**train_overrides, "data_dir": str(data_root), "encoder": init.spec, "freeze_encoder": init.frozen}
+    )
     result = train(cfg, out, progress=progress)
     data, model, optim = cfg.data, cfg.model, cfg.optim
     test = task["test"]
@@ -170,18 +187,35 @@ def run_task(task: dict, init: Init, data_root: Path, out: Path, train_overrides
     pcfg = PredictConfig(**how, output_type="labels", device=cfg.runtime.device, tile=int(test.get("tile", 512)))
     predict_path(out, str(data_root / test["images"]), pred_out, pcfg, progress=progress)
     predict_seconds = time.perf_counter() - t0
-    ecfg = EvaluateConfig(classes=data.classes, label_threshold=data.mask_threshold, label_map=data.label_map,
-                          unmapped=data.unmapped, ignore_label=data.ignore_label,
-                          ignore_mask=str(data_root / test["ignore_mask"]) if test.get("ignore_mask") else "",
-                          instances_only=bool(test.get("instances_only", False)), pred_kind="labels",
-                          json=str(out / "test_scores.json"))
+    ecfg = EvaluateConfig(
+        classes=data.classes,
+        label_threshold=data.mask_threshold,
+        label_map=data.label_map,
+        unmapped=data.unmapped,
+        ignore_label=data.ignore_label,
+        ignore_mask=str(data_root / test["ignore_mask"]) if test.get("ignore_mask") else "",
+        instances_only=bool(test.get("instances_only", False)),
+        pred_kind="labels",
+        json=str(out / "test_scores.json"),
+    )
     scores = evaluate_paths(pred_out, str(data_root / test["masks"]), ecfg)
     write_json(scores, ecfg.json)
-    return {"task": task.get("name", ""), "dim": model.dim, "init": init.name, "encoder": init.spec,
-            "frozen": init.frozen, "iters": optim.iters, "arch": model.arch, "batch_size": optim.batch_size,
-            "crop": cfg.augment.crop, "crop_depth": cfg.dim3d.crop_depth if model.dim == "3d" else None,
-            "train_seconds": round(result.seconds, 1), "predict_seconds": round(predict_seconds, 1),
-            "iou": scores["iou"], "mean_foreground_iou": scores["mean_foreground_iou"]}
+    return {
+        "task": task.get("name", ""),
+        "dim": model.dim,
+        "init": init.name,
+        "encoder": init.spec,
+        "frozen": init.frozen,
+        "iters": optim.iters,
+        "arch": model.arch,
+        "batch_size": optim.batch_size,
+        "crop": cfg.augment.crop,
+        "crop_depth": cfg.dim3d.crop_depth if model.dim == "3d" else None,
+        "train_seconds": round(result.seconds, 1),
+        "predict_seconds": round(predict_seconds, 1),
+        "iou": scores["iou"],
+        "mean_foreground_iou": scores["mean_foreground_iou"],
+    }
 
 
 def results_table(rows: list[dict], definitions: dict[str, dict], inits: list[str], show_dim: bool = False) -> str:
@@ -204,26 +238,47 @@ def results_table(rows: list[dict], definitions: dict[str, dict], inits: list[st
         parts = ([task] if task and multi_task else []) + ([dim.upper()] if show_dim else [])
         label = bench + (f" ({', '.join(parts)})" if parts else "")
         by_init = {r["init"]: r for r in sub}
-        cells = [f"{by_init[i]['mean_foreground_iou']:.3f}" if i in by_init and by_init[i]["mean_foreground_iou"]
-                 is not None else "-" for i in inits]
+        cells = [
+            f"{by_init[i]['mean_foreground_iou']:.3f}"
+            if i in by_init and by_init[i]["mean_foreground_iou"] is not None
+            else "-"
+            for i in inits
+        ]
         paper_cfg = definitions[bench].get("paper") or {}
         paper = (paper_cfg.get("cem500k_per_task") or {}).get(task, paper_cfg.get("cem500k"))
-        lines.append("| " + " | ".join([label, str(sub[0]["iters"])] + cells +
-                                      [f"{paper:.3f}" if isinstance(paper, (int, float)) else "-"]) + " |")
-    timing = ["", "| Benchmark | Dim | Init | Iterations | Arch | Crop | Batch | Train s | Predict s | IoU per class |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            "| "
+            + " | ".join(
+                [label, str(sub[0]["iters"])] + cells + [f"{paper:.3f}" if isinstance(paper, (int, float)) else "-"]
+            )
+            + " |"
+        )
+    timing = [
+        "",
+        "| Benchmark | Dim | Init | Iterations | Arch | Crop | Batch | Train s | Predict s | IoU per class |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ious = ", ".join(f"{c} {v:.3f}" if v is not None else f"{c} -" for c, v in r["iou"].items())
         crop = f"{r['crop_depth']}x{r['crop']}x{r['crop']}" if r.get("crop_depth") else str(r["crop"])
-        timing.append(f"| {r['benchmark']}{' (' + r['task'] + ')' if r['task'] else ''} | {r['dim']} | {r['init']} | "
-                      f"{r['iters']} | {r['arch']} | {crop} | {r['batch_size']} | {r['train_seconds']} | "
-                      f"{r['predict_seconds']} | {ious} |")
+        timing.append(
+            f"| {r['benchmark']}{' (' + r['task'] + ')' if r['task'] else ''} | {r['dim']} | {r['init']} | "
+            f"{r['iters']} | {r['arch']} | {crop} | {r['batch_size']} | {r['train_seconds']} | "
+            f"{r['predict_seconds']} | {ious} |"
+        )
     return "\n".join(lines + timing) + "\n"
 
 
-def run_benchmarks(definitions: list[str | Path], init_texts: list[str], out: str | Path,
-                   data_root: str | Path | None = None, freeze: str = "paper", train_overrides: dict | None = None,
-                   progress: bool = True, dims: list[str] | None = None) -> tuple[list[dict], str]:
+def run_benchmarks(
+    definitions: list[str | Path],
+    init_texts: list[str],
+    out: str | Path,
+    data_root: str | Path | None = None,
+    freeze: str = "paper",
+    train_overrides: dict | None = None,
+    progress: bool = True,
+    dims: list[str] | None = None,
+) -> tuple[list[dict], str]:
     """Run every definition x task x dim x initialisation; write ``results.json`` and ``results.md`` in ``out``.
 
     ``dims``: e.g. ``["2d", "3d"]``; None runs each task in its config's dim.
@@ -251,8 +306,11 @@ def run_benchmarks(definitions: list[str | Path], init_texts: list[str], out: st
                     row = run_task(task, init, root, folder, train_overrides or {}, progress, dim)
                     row["benchmark"] = bench
                     rows.append(row)
-                    print(f"{bench} {task.get('name', '')} {row['dim']} {init.name}: IoU {row['mean_foreground_iou']} "
-                          f"(train {row['train_seconds']} s)", flush=True)
+                    print(
+                        f"{bench} {task.get('name', '')} {row['dim']} {init.name}: IoU {row['mean_foreground_iou']} "
+                        f"(train {row['train_seconds']} s)",
+                        flush=True,
+                    )
     table = results_table(rows, defs, [i.name for i in inits], show_dim=dims is not None)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "results.json") as tmp:
@@ -268,28 +326,52 @@ def _slug(text: str) -> str:
 
 
 def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("definitions", nargs="+", metavar="DEFINITION",
-                   help="benchmark definition YAML files (benchmarks/finetune/*.yaml)")
-    p.add_argument("--inits", nargs="+", default=["random"], metavar="[NAME=]SPEC[+frozen|+trainable]",
-                   help="initialisations: random, imagenet, cem500k:PATH or a weights PATH, optionally named and "
-                        "with the freeze policy overridden (default: random)")
+    p.add_argument(
+        "definitions",
+        nargs="+",
+        metavar="DEFINITION",
+        help="benchmark definition YAML files (benchmarks/finetune/*.yaml)",
+    )
+    p.add_argument(
+        "--inits",
+        nargs="+",
+        default=["random"],
+        metavar="[NAME=]SPEC[+frozen|+trainable]",
+        help="initialisations: random, imagenet, cem500k:PATH or a weights PATH, optionally named and "
+        "with the freeze policy overridden (default: random)",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder (one run per benchmark/task/[dim/]init)")
-    p.add_argument("--dims", nargs="+", choices=DIMS, metavar="DIM",
-                   help="run every task as a 2D and/or 3D model (2d 3d), side by side in the table "
-                        "(default: each task's config decides)")
-    p.add_argument("--data-root", type=Path, help="folder the data globs are relative to "
-                                                  "(default: $CEM_DATA or ../shared/data)")
-    p.add_argument("--freeze", choices=("paper", "all", "none"), default="paper",
-                   help="paper: random encoders train, pre-trained ones are frozen (Table 2); all; none")
+    p.add_argument(
+        "--dims",
+        nargs="+",
+        choices=DIMS,
+        metavar="DIM",
+        help="run every task as a 2D and/or 3D model (2d 3d), side by side in the table "
+        "(default: each task's config decides)",
+    )
+    p.add_argument(
+        "--data-root", type=Path, help="folder the data globs are relative to (default: $CEM_DATA or ../shared/data)"
+    )
+    p.add_argument(
+        "--freeze",
+        choices=("paper", "all", "none"),
+        default="paper",
+        help="paper: random encoders train, pre-trained ones are frozen (Table 2); all; none",
+    )
     p.add_argument("--iters", type=int, help="override the training iterations of every task")
     p.add_argument("--arch", help="override the encoder architecture")
     p.add_argument("--crop", type=int, help="override the crop size")
     p.add_argument("--batch-size", type=int, help="override the batch size")
     p.add_argument("--workers", type=int, help="override data-loading workers")
     p.add_argument("--device", help="override the device (auto, cpu, cuda)")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override any TrainConfig key for every task, e.g. class_weighting=prevalence lr=0.001 "
-                        "(VALUE is read as YAML)")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any TrainConfig key for every task, e.g. class_weighting=prevalence lr=0.001 "
+        "(VALUE is read as YAML)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -308,16 +390,30 @@ def parse_sets(items: list[str]) -> dict:
 
 def run_from_args(args: argparse.Namespace) -> None:
     overrides = parse_sets(args.set)
-    overrides.update({k: getattr(args, k) for k in ("iters", "arch", "crop", "batch_size", "workers", "device")
-                      if getattr(args, k) is not None})
-    _, table = run_benchmarks(args.definitions, args.inits, args.out, args.data_root, args.freeze, overrides,
-                              progress=not args.quiet, dims=args.dims)
+    overrides.update(
+        {
+            k: getattr(args, k)
+            for k in ("iters", "arch", "crop", "batch_size", "workers", "device")
+            if getattr(args, k) is not None
+        }
+    )
+    _, table = run_benchmarks(
+        args.definitions,
+        args.inits,
+        args.out,
+        args.data_root,
+        args.freeze,
+        overrides,
+        progress=not args.quiet,
+        dims=args.dims,
+    )
     print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="run_finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="run_finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_benchmark_arguments(parser)
     try:
         run_from_args(parser.parse_args(argv))

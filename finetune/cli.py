@@ -37,44 +37,72 @@ _EPILOG_PREDICT = """examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="fine-tune a 2D or 3D UNet-ResNet on labelled images or volumes",
-                       description=TrainConfig.__doc__, epilog=_EPILOG_TRAIN,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a 2D or 3D UNet-ResNet on labelled images or volumes",
+        description=TrainConfig.__doc__,
+        epilog=_EPILOG_TRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", type=Path, help="YAML file with TrainConfig keys (flags override it)")
-    p.add_argument("--out", required=True, type=Path, metavar="RUN",
-                   help="run folder: config, checkpoints, logs and the final model.pth")
-    p.add_argument("--stop-at", type=int, metavar="ITER",
-                   help="stop with a checkpoint after ITER iterations; re-run the command to continue")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="RUN",
+        help="run folder: config, checkpoints, logs and the final model.pth",
+    )
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        metavar="ITER",
+        help="stop with a checkpoint after ITER iterations; re-run the command to continue",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(p, TrainConfig)
 
-    p = sub.add_parser("predict", help="predict a volume, a stack or a set of 2D images with a trained model",
-                       description=PredictConfig.__doc__, epilog=_EPILOG_PREDICT,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "predict",
+        help="predict a volume, a stack or a set of 2D images with a trained model",
+        description=PredictConfig.__doc__,
+        epilog=_EPILOG_PREDICT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run", metavar="RUN", help="run folder (or its model.pth)")
-    p.add_argument("input", metavar="INPUT",
-                   help="volume file (tif, mrc, nii.gz, h5 (PATH::KEY), zarr, ...), folder or glob of 2D images")
-    p.add_argument("output", metavar="OUTPUT",
-                   help="output file, format from its suffix (.tif .zarr .nii.gz .mrc .npy ...), or a folder "
-                        "(ending in /) for one output per input file")
+    p.add_argument(
+        "input",
+        metavar="INPUT",
+        help="volume file (tif, mrc, nii.gz, h5 (PATH::KEY), zarr, ...), folder or glob of 2D images",
+    )
+    p.add_argument(
+        "output",
+        metavar="OUTPUT",
+        help="output file, format from its suffix (.tif .zarr .nii.gz .mrc .npy ...), or a folder "
+        "(ending in /) for one output per input file",
+    )
     p.add_argument("--config", type=Path, help="YAML file with PredictConfig keys")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(p, PredictConfig)
 
-    p = sub.add_parser("evaluate", help="per-class IoU of a prediction against labels",
-                       description=EvaluateConfig.__doc__)
+    p = sub.add_parser(
+        "evaluate", help="per-class IoU of a prediction against labels", description=EvaluateConfig.__doc__
+    )
     p.add_argument("pred", metavar="PRED", help="prediction: volume file, folder or glob of 2D images")
     p.add_argument("labels", metavar="LABELS", help="labels: volume file, folder or glob (paired with PRED in order)")
     p.add_argument("--config", type=Path, help="YAML file with EvaluateConfig keys")
     add_config_arguments(p, EvaluateConfig)
 
-    p = sub.add_parser("benchmark", help="train and score several encoder initialisations (paper Table 2 form)",
-                       description="Train, predict and evaluate every benchmark definition with every "
-                                   "initialisation and write a Table-2-style results table.")
+    p = sub.add_parser(
+        "benchmark",
+        help="train and score several encoder initialisations (paper Table 2 form)",
+        description="Train, predict and evaluate every benchmark definition with every "
+        "initialisation and write a Table-2-style results table.",
+    )
     add_benchmark_arguments(p)
     return parser
 
@@ -86,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(TrainConfig, args.config, overrides=vars(args))
             result = train(cfg, args.out, stop_at=args.stop_at, progress=not args.quiet)
             state = "finished" if result.finished else "stopped (re-run the same command to continue)"
-            print(f"{args.out}: {state} at iteration {result.iteration}/{cfg.optim.iters} "
-                  f"after {result.seconds:.0f} s of training")
+            print(
+                f"{args.out}: {state} at iteration {result.iteration}/{cfg.optim.iters} "
+                f"after {result.seconds:.0f} s of training"
+            )
             if result.val:
                 print(f"validation mean foreground IoU: {result.val['mean_foreground_iou']:.4f}")
         elif args.command == "predict":

@@ -15,13 +15,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from cemcurate.common.archs import ARCHS, get_arch
 from finetune.augment2d import CROP_MODES, Augment2D
 from finetune.augment3d import Augment3D
 from finetune.data import PLANES
 from finetune.labels import LabelSpec, parse_label_map, parse_unmapped
 from finetune.losses import LOSSES
 from finetune.models.inflate import INFLATE_MODES
-from cemcurate.common.archs import ARCHS, get_arch
 from finetune.models.unet3d import UPSAMPLE_MODES
 from finetune.predict.sliding import DEFAULT_WINDOW
 
@@ -46,28 +46,52 @@ def _check_range(name: str, values: list[float], low: float, high: float | None 
 class DataConfig:
     """Training and validation data and how label values become classes."""
 
-    data_dir: str = field(default="", metadata=_help(
-        "folder that relative image/mask globs are resolved against (empty: the working directory)"))
-    images: list[str] = field(default_factory=list, metadata=_help(
-        "training images: globs or files (2D images, or 3D volumes in any format the readers read); "
-        "several patterns are concatenated in order, each sorted naturally", metavar="GLOB"))
-    masks: list[str] = field(default_factory=list, metadata=_help(
-        "training labels, paired with images in the same order and of the same shapes", metavar="GLOB"))
-    val_images: list[str] = field(default_factory=list, metadata=_help(
-        "optional validation images (scored at checkpoints)", metavar="GLOB"))
-    val_masks: list[str] = field(default_factory=list, metadata=_help(
-        "validation labels paired with val_images", metavar="GLOB"))
-    classes: list[str] = field(default_factory=lambda: ["background", "foreground"], metadata=_help(
-        "class names, index 0 first; two classes make a binary task (one sigmoid output)"))
-    mask_threshold: float | None = field(default=None, metadata=_help(
-        "binary masks: foreground where the mask value is > T (e.g. 127 for anti-aliased 0-255 masks)"))
-    label_map: list[str] = field(default_factory=list, metadata=_help(
-        "raw label value to class, as VALUE:CLASS (name or index), e.g. 0:membrane 255:background; "
-        "empty: mask values are class indices (after mask_threshold)"))
-    unmapped: str = field(default="error", metadata=_help(
-        "label values missing from label_map: error, ignore, background, or a class name/index they all map to"))
-    ignore_label: float | None = field(default=None, metadata=_help(
-        "raw label value excluded from the loss and the metrics"))
+    data_dir: str = field(
+        default="",
+        metadata=_help("folder that relative image/mask globs are resolved against (empty: the working directory)"),
+    )
+    images: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "training images: globs or files (2D images, or 3D volumes in any format the readers read); "
+            "several patterns are concatenated in order, each sorted naturally",
+            metavar="GLOB",
+        ),
+    )
+    masks: list[str] = field(
+        default_factory=list,
+        metadata=_help("training labels, paired with images in the same order and of the same shapes", metavar="GLOB"),
+    )
+    val_images: list[str] = field(
+        default_factory=list, metadata=_help("optional validation images (scored at checkpoints)", metavar="GLOB")
+    )
+    val_masks: list[str] = field(
+        default_factory=list, metadata=_help("validation labels paired with val_images", metavar="GLOB")
+    )
+    classes: list[str] = field(
+        default_factory=lambda: ["background", "foreground"],
+        metadata=_help("class names, index 0 first; two classes make a binary task (one sigmoid output)"),
+    )
+    mask_threshold: float | None = field(
+        default=None,
+        metadata=_help("binary masks: foreground where the mask value is > T (e.g. 127 for anti-aliased 0-255 masks)"),
+    )
+    label_map: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "raw label value to class, as VALUE:CLASS (name or index), e.g. 0:membrane 255:background; "
+            "empty: mask values are class indices (after mask_threshold)"
+        ),
+    )
+    unmapped: str = field(
+        default="error",
+        metadata=_help(
+            "label values missing from label_map: error, ignore, background, or a class name/index they all map to"
+        ),
+    )
+    ignore_label: float | None = field(
+        default=None, metadata=_help("raw label value excluded from the loss and the metrics")
+    )
 
     def __post_init__(self) -> None:
         if not self.images or not self.masks:
@@ -83,27 +107,43 @@ class DataConfig:
 
     def label_spec(self) -> LabelSpec:
         """How label files become class maps under these settings."""
-        return LabelSpec.from_settings(self.classes, self.mask_threshold, self.label_map, self.ignore_label,
-                                       self.unmapped)
+        return LabelSpec.from_settings(
+            self.classes, self.mask_threshold, self.label_map, self.ignore_label, self.unmapped
+        )
 
 
 @dataclass
 class ModelConfig:
     """The network and where its encoder weights come from."""
 
-    dim: str = field(default="2d", metadata=_help(
-        "2d: UNet-ResNet on 2D slices (the paper's); 3d: U-Net whose 2D encoder weights are inflated "
-        "into 3D, trained on sub-volumes of crop_depth x crop x crop voxels"))
+    dim: str = field(
+        default="2d",
+        metadata=_help(
+            "2d: UNet-ResNet on 2D slices (the paper's); 3d: U-Net whose 2D encoder weights are inflated "
+            "into 3D, trained on sub-volumes of crop_depth x crop x crop voxels"
+        ),
+    )
     arch: str = field(default="resnet50", metadata=_help(f"encoder architecture: {', '.join(ARCHS)}"))
-    encoder: str = field(default="random", metadata=_help(
-        "encoder weights: random, imagenet (timm; needs the Hugging Face cache or internet), "
-        "cem500k:PATH (released CEM500K MoCoV2 checkpoint) or PATH (our export, file or folder)"))
-    freeze_encoder: bool = field(default=True, metadata=_help(
-        "freeze the encoder (weights and BatchNorm statistics), as in the paper for pre-trained encoders"))
-    norm_mean: float | None = field(default=None, metadata=_help(
-        "input normalisation mean for images in [0, 1] (default: from the encoder source, else 0.5)"))
-    norm_std: float | None = field(default=None, metadata=_help(
-        "input normalisation std (default: from the encoder source, else 0.5)"))
+    encoder: str = field(
+        default="random",
+        metadata=_help(
+            "encoder weights: random, imagenet (timm; needs the Hugging Face cache or internet), "
+            "cem500k:PATH (released CEM500K MoCoV2 checkpoint) or PATH (our export, file or folder)"
+        ),
+    )
+    freeze_encoder: bool = field(
+        default=True,
+        metadata=_help(
+            "freeze the encoder (weights and BatchNorm statistics), as in the paper for pre-trained encoders"
+        ),
+    )
+    norm_mean: float | None = field(
+        default=None,
+        metadata=_help("input normalisation mean for images in [0, 1] (default: from the encoder source, else 0.5)"),
+    )
+    norm_std: float | None = field(
+        default=None, metadata=_help("input normalisation std (default: from the encoder source, else 0.5)")
+    )
 
     def __post_init__(self) -> None:
         if self.dim not in DIMS:
@@ -118,13 +158,18 @@ class AugmentConfig:
     """Training crops and the augmentations 2D and 3D share."""
 
     crop: int = field(default=512, metadata=_help("training crop side in pixels (multiple of 32)"))
-    rotate: bool = field(default=True, metadata=_help(
-        "random rotation: any angle (0-360 degrees) in 2D, multiples of 90 degrees in-plane in 3D"))
+    rotate: bool = field(
+        default=True,
+        metadata=_help("random rotation: any angle (0-360 degrees) in 2D, multiples of 90 degrees in-plane in 3D"),
+    )
     flips: bool = field(default=True, metadata=_help("random flips: horizontal and vertical (3D: also along z)"))
-    brightness_contrast: float = field(default=0.3, metadata=_help(
-        "random brightness and contrast change limit (0.3 = +-30%%; 0 disables)"))
-    noise_var: list[float] = field(default_factory=list, metadata=_help(
-        "Gaussian noise variance range in 8-bit grey levels squared, e.g. 400 1200 (empty: off)"))
+    brightness_contrast: float = field(
+        default=0.3, metadata=_help("random brightness and contrast change limit (0.3 = +-30%%; 0 disables)")
+    )
+    noise_var: list[float] = field(
+        default_factory=list,
+        metadata=_help("Gaussian noise variance range in 8-bit grey levels squared, e.g. 400 1200 (empty: off)"),
+    )
 
     def __post_init__(self) -> None:
         if self.crop < 32 or self.crop % 32:
@@ -139,19 +184,33 @@ class AugmentConfig:
 class Dim2DConfig:
     """Settings of 2D models only (``dim: 2d``)."""
 
-    planes: list[str] = field(default_factory=lambda: ["xy"], metadata=_help(
-        "planes 3D volumes are sliced along for training: xy for anisotropic data, xy xz yz for isotropic"))
-    crop_mode: str = field(default="native", metadata=_help(
-        "native: crops at native resolution with a zoom in the zoom range (matches whole-slice "
-        "prediction); paper: RandomResizedCrop with paper_scale of the image area and paper_ratio"))
-    zoom: list[float] = field(default_factory=lambda: [0.7, 1.4], metadata=_help(
-        "native crop mode: zoom range relative to native resolution (>1 magnifies)"))
-    paper_scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata=_help(
-        "paper crop mode: crop area as a fraction of the image area"))
-    paper_ratio: list[float] = field(default_factory=lambda: [0.5, 1.5], metadata=_help(
-        "paper crop mode: crop aspect-ratio range"))
-    blur_sigma: float = field(default=0.0, metadata=_help(
-        "maximum Gaussian blur sigma in pixels (0: off; paper Guay: 7)"))
+    planes: list[str] = field(
+        default_factory=lambda: ["xy"],
+        metadata=_help(
+            "planes 3D volumes are sliced along for training: xy for anisotropic data, xy xz yz for isotropic"
+        ),
+    )
+    crop_mode: str = field(
+        default="native",
+        metadata=_help(
+            "native: crops at native resolution with a zoom in the zoom range (matches whole-slice "
+            "prediction); paper: RandomResizedCrop with paper_scale of the image area and paper_ratio"
+        ),
+    )
+    zoom: list[float] = field(
+        default_factory=lambda: [0.7, 1.4],
+        metadata=_help("native crop mode: zoom range relative to native resolution (>1 magnifies)"),
+    )
+    paper_scale: list[float] = field(
+        default_factory=lambda: [0.08, 1.0],
+        metadata=_help("paper crop mode: crop area as a fraction of the image area"),
+    )
+    paper_ratio: list[float] = field(
+        default_factory=lambda: [0.5, 1.5], metadata=_help("paper crop mode: crop aspect-ratio range")
+    )
+    blur_sigma: float = field(
+        default=0.0, metadata=_help("maximum Gaussian blur sigma in pixels (0: off; paper Guay: 7)")
+    )
 
     def __post_init__(self) -> None:
         bad = [p for p in self.planes if p not in PLANES]
@@ -170,20 +229,34 @@ class Dim2DConfig:
 class Dim3DConfig:
     """Settings of 3D models only (``dim: 3d``)."""
 
-    geometry: str = field(default="auto", metadata=_help(
-        "kernel depth and z stride per encoder stage: auto (from the first training volume's voxel "
-        "size; isotropic when unknown), isotropic (3x3x3 kernels, z pooled like x, y), anisotropic "
-        "(first two stages in-plane only, for z spacing ~4-8x coarser) or planar (2D network per slice)"))
-    inflate: str = field(default="i3d", metadata=_help(
-        "how 2D kernels become 3D: i3d (repeated along z, divided by depth) or center (middle slice only)"))
-    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16], metadata=_help(
-        "widths of the five decoder blocks (the 2D UNet's; smaller saves memory and time)"))
-    upsample: str = field(default="trilinear", metadata=_help(
-        "decoder upsampling: trilinear, nearest or transpose (learned transposed convolution)"))
-    crop_depth: int = field(default=32, metadata=_help(
-        "training sub-volume depth in slices (volumes thinner than this are mirrored)"))
-    elastic_alpha: float = field(default=0.0, metadata=_help(
-        "elastic deformation, std of the displacements in voxels (0: off; e.g. 2)"))
+    geometry: str = field(
+        default="auto",
+        metadata=_help(
+            "kernel depth and z stride per encoder stage: auto (from the first training volume's voxel "
+            "size; isotropic when unknown), isotropic (3x3x3 kernels, z pooled like x, y), anisotropic "
+            "(first two stages in-plane only, for z spacing ~4-8x coarser) or planar (2D network per slice)"
+        ),
+    )
+    inflate: str = field(
+        default="i3d",
+        metadata=_help(
+            "how 2D kernels become 3D: i3d (repeated along z, divided by depth) or center (middle slice only)"
+        ),
+    )
+    decoder_channels: list[int] = field(
+        default_factory=lambda: [256, 128, 64, 32, 16],
+        metadata=_help("widths of the five decoder blocks (the 2D UNet's; smaller saves memory and time)"),
+    )
+    upsample: str = field(
+        default="trilinear",
+        metadata=_help("decoder upsampling: trilinear, nearest or transpose (learned transposed convolution)"),
+    )
+    crop_depth: int = field(
+        default=32, metadata=_help("training sub-volume depth in slices (volumes thinner than this are mirrored)")
+    )
+    elastic_alpha: float = field(
+        default=0.0, metadata=_help("elastic deformation, std of the displacements in voxels (0: off; e.g. 2)")
+    )
 
     def __post_init__(self) -> None:
         if self.geometry not in GEOMETRIES:
@@ -195,7 +268,9 @@ class Dim3DConfig:
         if len(self.decoder_channels) != 5 or min(self.decoder_channels) < 1:
             raise ValueError(f"decoder_channels must be five positive ints, got {self.decoder_channels}")
         if self.crop_depth < 1 or self.elastic_alpha < 0:
-            raise ValueError(f"need crop_depth >= 1 and elastic_alpha >= 0, got {self.crop_depth}, {self.elastic_alpha}")
+            raise ValueError(
+                f"need crop_depth >= 1 and elastic_alpha >= 0, got {self.crop_depth}, {self.elastic_alpha}"
+            )
 
 
 @dataclass
@@ -206,17 +281,31 @@ class OptimConfig:
     batch_size: int = field(default=16, metadata=_help("crops per iteration"))
     lr: float = field(default=0.003, metadata=_help("maximum learning rate of the one-cycle schedule (AdamW)"))
     weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay"))
-    loss: str = field(default="ce", metadata=_help(
-        "ce: BCE-with-logits (binary) or weighted cross-entropy (multi-class), the paper's; "
-        "dice_ce: ce plus soft Dice over the foreground classes (helps thin or rare structures)"))
-    class_weighting: str = field(default="auto", metadata=_help(
-        "cross-entropy class weights: prevalence (3 for classes under 10%% of labelled pixels, 1 above, "
-        "0.1 background), none, or auto (prevalence for multi-class, none for binary)"))
-    class_weights: list[float] = field(default_factory=list, metadata=_help(
-        "explicit loss weight per class, index 0 first (e.g. 1 5 to weight a thin foreground up); "
-        "overrides class_weighting"))
-    background_classes: list[int] = field(default_factory=lambda: [0], metadata=_help(
-        "class indices weighted as background (0.1) by prevalence weighting"))
+    loss: str = field(
+        default="ce",
+        metadata=_help(
+            "ce: BCE-with-logits (binary) or weighted cross-entropy (multi-class), the paper's; "
+            "dice_ce: ce plus soft Dice over the foreground classes (helps thin or rare structures)"
+        ),
+    )
+    class_weighting: str = field(
+        default="auto",
+        metadata=_help(
+            "cross-entropy class weights: prevalence (3 for classes under 10%% of labelled pixels, 1 above, "
+            "0.1 background), none, or auto (prevalence for multi-class, none for binary)"
+        ),
+    )
+    class_weights: list[float] = field(
+        default_factory=list,
+        metadata=_help(
+            "explicit loss weight per class, index 0 first (e.g. 1 5 to weight a thin foreground up); "
+            "overrides class_weighting"
+        ),
+    )
+    background_classes: list[int] = field(
+        default_factory=lambda: [0],
+        metadata=_help("class indices weighted as background (0.1) by prevalence weighting"),
+    )
     seed: int = field(default=42, metadata=_help("random seed for initialisation and data sampling"))
 
     def __post_init__(self) -> None:
@@ -236,8 +325,9 @@ class RuntimeConfig:
     """Where and how the run executes: its name, logging and checkpoint cadence, device and workers."""
 
     name: str = field(default="", metadata=_help("run/benchmark name, for logs and tables"))
-    checkpoint_every: int = field(default=500, metadata=_help(
-        "save a resumable checkpoint (and score the validation set) every N iterations"))
+    checkpoint_every: int = field(
+        default=500, metadata=_help("save a resumable checkpoint (and score the validation set) every N iterations")
+    )
     log_every: int = field(default=10, metadata=_help("log the training loss every N iterations"))
     device: str = field(default="auto", metadata=_help("auto (cuda when available), cpu or cuda"))
     amp: bool = field(default=True, metadata=_help("mixed precision on CUDA (ignored on CPU)"))
@@ -271,16 +361,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         classes, optim = self.data.classes, self.optim
-        if optim.class_weights and (len(optim.class_weights) != len(classes) or min(optim.class_weights) < 0
-                                    or not max(optim.class_weights) > 0):
-            raise ValueError(f"class_weights must give one weight >= 0 per class ({len(classes)}), "
-                             f"not all zero, got {optim.class_weights}")
+        if optim.class_weights and (
+            len(optim.class_weights) != len(classes) or min(optim.class_weights) < 0 or not max(optim.class_weights) > 0
+        ):
+            raise ValueError(
+                f"class_weights must give one weight >= 0 per class ({len(classes)}), "
+                f"not all zero, got {optim.class_weights}"
+            )
         bad_bg = [b for b in optim.background_classes if not 0 <= b < len(classes)]
         if bad_bg:
             raise ValueError(f"background_classes {bad_bg} out of range for {len(classes)} classes")
         if self.model.dim == "3d" and (self.dim2d.crop_mode != "native" or self.dim2d.blur_sigma > 0):
-            raise ValueError("crop_mode paper and blur_sigma are 2D augmentations; 3D training crops sub-volumes "
-                             "at native resolution without blur (set crop_mode native and blur_sigma 0)")
+            raise ValueError(
+                "crop_mode paper and blur_sigma are 2D augmentations; 3D training crops sub-volumes "
+                "at native resolution without blur (set crop_mode native and blur_sigma 0)"
+            )
         if self.model.dim == "2d" and self.dim3d.elastic_alpha > 0:
             raise ValueError("elastic_alpha is a 3D augmentation (dim 3d)")
 
@@ -294,18 +389,32 @@ class TrainConfig:
         geometries that do not mix slices in the first stage).
         """
         a = self.augment
-        return Augment3D(flip_z=a.flips, flip_yx=a.flips, rot90=a.rotate, brightness=a.brightness_contrast,
-                         contrast=a.brightness_contrast,
-                         noise_std=math.sqrt(max(a.noise_var)) / 255.0 if a.noise_var else 0.0,
-                         elastic_alpha=self.dim3d.elastic_alpha, elastic_z=elastic_z)
+        return Augment3D(
+            flip_z=a.flips,
+            flip_yx=a.flips,
+            rot90=a.rotate,
+            brightness=a.brightness_contrast,
+            contrast=a.brightness_contrast,
+            noise_std=math.sqrt(max(a.noise_var)) / 255.0 if a.noise_var else 0.0,
+            elastic_alpha=self.dim3d.elastic_alpha,
+            elastic_z=elastic_z,
+        )
 
     def augment_2d(self) -> Augment2D:
         """The 2D augmentation settings of this config."""
         a, d = self.augment, self.dim2d
-        return Augment2D(crop=a.crop, crop_mode=d.crop_mode, zoom=tuple(d.zoom), paper_scale=tuple(d.paper_scale),
-                         paper_ratio=tuple(d.paper_ratio), rotate=a.rotate, flips=a.flips,
-                         brightness_contrast=a.brightness_contrast, noise_var=tuple(a.noise_var),
-                         blur_sigma=d.blur_sigma)
+        return Augment2D(
+            crop=a.crop,
+            crop_mode=d.crop_mode,
+            zoom=tuple(d.zoom),
+            paper_scale=tuple(d.paper_scale),
+            paper_ratio=tuple(d.paper_ratio),
+            rotate=a.rotate,
+            flips=a.flips,
+            brightness_contrast=a.brightness_contrast,
+            noise_var=tuple(a.noise_var),
+            blur_sigma=d.blur_sigma,
+        )
 
 
 # Keys that may change between an interrupted run and its resumption without changing the
@@ -317,41 +426,68 @@ RESUME_SAFE_KEYS = frozenset({"checkpoint_every", "log_every", "device", "amp", 
 class PredictConfig:
     """``finetune predict``: whole-volume prediction with a trained model."""
 
-    mode: str = field(default="auto", metadata=_help(
-        "auto: stack for 2D models, sliding for 3D models; stack: predict every xy slice (2D models); "
-        "orthoplane: predict xy, xz and yz slices and average the probabilities (2D models, isotropic "
-        "volumes); sliding: overlapping 3D windows blended with Gaussian weights (3D models)"))
-    output_type: str = field(default="probs", metadata=_help(
-        "probs: class probabilities (binary: foreground; multi-class: one file per class, named "
-        "OUTPUT_<class>); labels: class index per voxel"))
+    mode: str = field(
+        default="auto",
+        metadata=_help(
+            "auto: stack for 2D models, sliding for 3D models; stack: predict every xy slice (2D models); "
+            "orthoplane: predict xy, xz and yz slices and average the probabilities (2D models, isotropic "
+            "volumes); sliding: overlapping 3D windows blended with Gaussian weights (3D models)"
+        ),
+    )
+    output_type: str = field(
+        default="probs",
+        metadata=_help(
+            "probs: class probabilities (binary: foreground; multi-class: one file per class, named "
+            "OUTPUT_<class>); labels: class index per voxel"
+        ),
+    )
     prob_dtype: str = field(default="uint8", metadata=_help("probability encoding: uint8 (0-255) or float32 (0-1)"))
     threshold: float = field(default=0.5, metadata=_help("binary foreground threshold for output_type labels"))
     tile: int = field(default=512, metadata=_help("largest tile side in pixels; bigger slices are tiled"))
     overlap: int = field(default=64, metadata=_help("overlap between tiles in pixels (blended)"))
-    window: list[int] = field(default_factory=lambda: list(DEFAULT_WINDOW), metadata=_help(
-        "sliding mode: window size z y x in voxels (shrunk on axes shorter than the window)"))
-    window_overlap: list[int] = field(default_factory=lambda: [16, 32, 32], metadata=_help(
-        "sliding mode: overlap of neighbouring windows z y x in voxels (blended)"))
+    window: list[int] = field(
+        default_factory=lambda: list(DEFAULT_WINDOW),
+        metadata=_help("sliding mode: window size z y x in voxels (shrunk on axes shorter than the window)"),
+    )
+    window_overlap: list[int] = field(
+        default_factory=lambda: [16, 32, 32],
+        metadata=_help("sliding mode: overlap of neighbouring windows z y x in voxels (blended)"),
+    )
     batch_size: int = field(default=8, metadata=_help("most tiles (sliding mode: windows) per forward pass"))
-    batch_pixels: int = field(default=0, metadata=_help(
-        "most pixels (voxels) per forward pass (0: 512x512 on CPU, where batching large tiles is slower, "
-        "8x512x512 on CUDA); at least one tile or window"))
+    batch_pixels: int = field(
+        default=0,
+        metadata=_help(
+            "most pixels (voxels) per forward pass (0: 512x512 on CPU, where batching large tiles is slower, "
+            "8x512x512 on CUDA); at least one tile or window"
+        ),
+    )
     chunk: int = field(default=16, metadata=_help("slices read and predicted together"))
-    memory_limit_gb: float = field(default=4.0, metadata=_help(
-        "orthoplane mode keeps the input and the probability sums in RAM up to this size, "
-        "else in memory-mapped files beside OUTPUT"))
-    suffix: str = field(default=".tif", metadata=_help(
-        "file suffix when OUTPUT is a folder (one output per input image)"))
+    memory_limit_gb: float = field(
+        default=4.0,
+        metadata=_help(
+            "orthoplane mode keeps the input and the probability sums in RAM up to this size, "
+            "else in memory-mapped files beside OUTPUT"
+        ),
+    )
+    suffix: str = field(
+        default=".tif", metadata=_help("file suffix when OUTPUT is a folder (one output per input image)")
+    )
     device: str = field(default="auto", metadata=_help("auto (cuda when available), cpu or cuda"))
     amp: bool = field(default=True, metadata=_help("mixed precision on CUDA (ignored on CPU)"))
 
     def __post_init__(self) -> None:
         if self.mode not in PREDICT_MODES:
             raise ValueError(f"mode must be one of {PREDICT_MODES}, got {self.mode!r}")
-        if (len(self.window) != 3 or len(self.window_overlap) != 3 or min(self.window) < 1
-                or any(not 0 <= o < w for o, w in zip(self.window_overlap, self.window))):
-            raise ValueError(f"window must be three positive ints z y x and window_overlap three ints with "
-                             f"0 <= overlap < window, got {self.window} and {self.window_overlap}")
+        if (
+            len(self.window) != 3
+            or len(self.window_overlap) != 3
+            or min(self.window) < 1
+            or any(not 0 <= o < w for o, w in zip(self.window_overlap, self.window))
+        ):
+            raise ValueError(
+                f"window must be three positive ints z y x and window_overlap three ints with "
+                f"0 <= overlap < window, got {self.window} and {self.window_overlap}"
+            )
         if self.output_type not in ("probs", "labels"):
             raise ValueError(f"output_type must be probs or labels, got {self.output_type!r}")
         if self.prob_dtype not in ("uint8", "float32"):
@@ -372,22 +508,38 @@ class PredictConfig:
 class EvaluateConfig:
     """``finetune evaluate``: IoU of a prediction against labels."""
 
-    classes: list[str] = field(default_factory=lambda: ["background", "foreground"], metadata=_help(
-        "class names, index 0 first"))
-    label_threshold: float | None = field(default=None, metadata=_help(
-        "binary labels: foreground where the label value is > T"))
-    label_map: list[str] = field(default_factory=list, metadata=_help(
-        "raw label value to class as VALUE:CLASS (see finetune train --label-map)"))
-    unmapped: str = field(default="error", metadata=_help(
-        "label values missing from label_map: error, ignore, background, or a class name/index they all map to"))
+    classes: list[str] = field(
+        default_factory=lambda: ["background", "foreground"], metadata=_help("class names, index 0 first")
+    )
+    label_threshold: float | None = field(
+        default=None, metadata=_help("binary labels: foreground where the label value is > T")
+    )
+    label_map: list[str] = field(
+        default_factory=list, metadata=_help("raw label value to class as VALUE:CLASS (see finetune train --label-map)")
+    )
+    unmapped: str = field(
+        default="error",
+        metadata=_help(
+            "label values missing from label_map: error, ignore, background, or a class name/index they all map to"
+        ),
+    )
     ignore_label: float | None = field(default=None, metadata=_help("raw label value excluded from scoring"))
-    ignore_mask: str = field(default="", metadata=_help(
-        "file/glob of a mask (non-zero = excluded from scoring), same shape as the labels"))
-    instances_only: bool = field(default=False, metadata=_help(
-        "Perez-style: ignore predicted connected regions that touch no labelled instance of their class"))
-    pred_kind: str = field(default="auto", metadata=_help(
-        "labels (class indices), probs (binary foreground probability: float 0-1 or uint8 0-255) or "
-        "auto (float: probs; integers all < number of classes: labels; else uint8 probs)"))
+    ignore_mask: str = field(
+        default="", metadata=_help("file/glob of a mask (non-zero = excluded from scoring), same shape as the labels")
+    )
+    instances_only: bool = field(
+        default=False,
+        metadata=_help(
+            "Perez-style: ignore predicted connected regions that touch no labelled instance of their class"
+        ),
+    )
+    pred_kind: str = field(
+        default="auto",
+        metadata=_help(
+            "labels (class indices), probs (binary foreground probability: float 0-1 or uint8 0-255) or "
+            "auto (float: probs; integers all < number of classes: labels; else uint8 probs)"
+        ),
+    )
     pred_threshold: float = field(default=0.5, metadata=_help("foreground threshold for probability predictions"))
     json: str = field(default="", metadata=_help("write the scores to this JSON file"))
 

@@ -43,8 +43,10 @@ def pair_files(images: list[str], masks: list[str], base: str | None, what: str 
     img_paths = expand_patterns(images, base, what=f"{what}images")
     mask_paths = expand_patterns(masks, base, what=f"{what}masks")
     if len(img_paths) != len(mask_paths):
-        raise ValueError(f"{len(img_paths)} {what}images but {len(mask_paths)} {what}masks "
-                         f"(first image {img_paths[0]}, first mask {mask_paths[0]}); they are paired in order")
+        raise ValueError(
+            f"{len(img_paths)} {what}images but {len(mask_paths)} {what}masks "
+            f"(first image {img_paths[0]}, first mask {mask_paths[0]}); they are paired in order"
+        )
     return list(zip(img_paths, mask_paths))
 
 
@@ -60,8 +62,9 @@ def load_labelled(pairs: list[tuple[Path, Path]], spec: LabelSpec) -> list[Label
         image = read_uint8(img_path)
         raw = read_array(mask_path)
         if image.shape != raw.shape:
-            raise ValueError(f"{mask_path}: label shape {raw.shape} (z, y, x) does not match image "
-                             f"{img_path} shape {image.shape}")
+            raise ValueError(
+                f"{mask_path}: label shape {raw.shape} (z, y, x) does not match image {img_path} shape {image.shape}"
+            )
         items.append(LabelledVolume(image, to_class_map(raw, spec, source=str(mask_path)), Path(img_path).name))
     return items
 
@@ -75,7 +78,7 @@ def slice_index(items: list[LabelledVolume], planes: list[str]) -> np.ndarray:
     rows = []
     for i, item in enumerate(items):
         z, y, x = item.image.shape
-        for plane in (["xy"] if z == 1 else planes):
+        for plane in ["xy"] if z == 1 else planes:
             p = PLANES.index(plane)
             n = (z, y, x)[p]
             rows += [(i, p, k) for k in range(n)]

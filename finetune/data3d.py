@@ -20,8 +20,9 @@ import torch
 from finetune.augment3d import Augment3D, augment_subvolume
 
 
-def random_crop(image: np.ndarray, labels: np.ndarray, size: Sequence[int],
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def random_crop(
+    image: np.ndarray, labels: np.ndarray, size: Sequence[int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """A uniformly placed ``size = (d, h, w)`` crop of ``(z, y, x)`` arrays; axes shorter than the crop
     are reflected."""
     starts, pads = [], []
@@ -53,18 +54,21 @@ class SubvolumeSamples(torch.utils.data.Dataset):
     A volume is picked with probability proportional to its voxel count.
     """
 
-    def __init__(self, items: Sequence, size: int | Sequence[int], length: int, seed: int = 42,
-                 augment: Augment3D | None = None):
+    def __init__(
+        self, items: Sequence, size: int | Sequence[int], length: int, seed: int = 42, augment: Augment3D | None = None
+    ):
         pairs = [(it.image, it.labels) if hasattr(it, "image") else tuple(it) for it in items]
         if not pairs:
             raise ValueError("no training volumes")
         for i, (img, lab) in enumerate(pairs):
             if img.shape != lab.shape or img.ndim != 3:
-                raise ValueError(f"training volume {i}: image {img.shape} and labels {lab.shape} must be the same "
-                                 "(z, y, x)")
+                raise ValueError(
+                    f"training volume {i}: image {img.shape} and labels {lab.shape} must be the same (z, y, x)"
+                )
             if img.dtype != np.uint8 or lab.dtype != np.uint8:
-                raise ValueError(f"training volume {i}: expected uint8 image and uint8 class map, got {img.dtype}, "
-                                 f"{lab.dtype}")
+                raise ValueError(
+                    f"training volume {i}: expected uint8 image and uint8 class map, got {img.dtype}, {lab.dtype}"
+                )
         self.pairs = pairs
         self.size = (int(size),) * 3 if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
         if len(self.size) != 3 or min(self.size) < 1:

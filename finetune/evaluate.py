@@ -42,8 +42,10 @@ def prediction_classes(pred: np.ndarray, kind: str, threshold: float, num_classe
     if kind == "labels":
         return pred  # any integer type; values outside 0..K-1 are reported by confusion_matrix
     if num_classes != 2:
-        raise ValueError(f"{source}: probability maps can be scored for binary tasks only; "
-                         "predict with --output-type labels for multi-class")
+        raise ValueError(
+            f"{source}: probability maps can be scored for binary tasks only; "
+            "predict with --output-type labels for multi-class"
+        )
     if np.issubdtype(pred.dtype, np.floating):
         return (pred >= threshold).astype(np.uint8)
     if pred.dtype != np.uint8:
@@ -57,8 +59,7 @@ def _open(spec: str | list[Path]):
 
 
 def _max_value(vol) -> float:
-    return max(float(vol.read_slices(z0, min(vol.shape[0], z0 + _SLAB)).max())
-               for z0 in range(0, vol.shape[0], _SLAB))
+    return max(float(vol.read_slices(z0, min(vol.shape[0], z0 + _SLAB)).max()) for z0 in range(0, vol.shape[0], _SLAB))
 
 
 def score_volume(pred_vol, label_vol, cfg: EvaluateConfig, ignore_vol=None, name: str = "") -> np.ndarray:
@@ -71,8 +72,12 @@ def score_volume(pred_vol, label_vol, cfg: EvaluateConfig, ignore_vol=None, name
         raise ValueError(f"{name}: ignore mask shape {ignore_vol.shape} does not match labels {label_vol.shape}")
     if 0 in tuple(label_vol.shape):
         raise ValueError(f"{name}: empty volume {label_vol.shape}")
-    kind = prediction_kind(pred_vol.dtype, _max_value(pred_vol) if cfg.pred_kind == "auto" and
-                           np.issubdtype(pred_vol.dtype, np.integer) else 0, k, cfg.pred_kind)
+    kind = prediction_kind(
+        pred_vol.dtype,
+        _max_value(pred_vol) if cfg.pred_kind == "auto" and np.issubdtype(pred_vol.dtype, np.integer) else 0,
+        k,
+        cfg.pred_kind,
+    )
     z = label_vol.shape[0]
     slab = z if cfg.instances_only else _SLAB
     cm = np.zeros((k, k), np.int64)
@@ -108,8 +113,10 @@ def evaluate_paths(pred: str, labels: str, cfg: EvaluateConfig) -> dict:
     per_image = []
     if single_images:
         if len(pred_paths) != len(label_paths):
-            raise ValueError(f"{len(pred_paths)} prediction files but {len(label_paths)} label files; "
-                             "they are paired in natural order")
+            raise ValueError(
+                f"{len(pred_paths)} prediction files but {len(label_paths)} label files; "
+                "they are paired in natural order"
+            )
         if ignore_paths is not None and len(ignore_paths) != len(label_paths):
             raise ValueError(f"{len(ignore_paths)} ignore masks but {len(label_paths)} label files")
         cm = np.zeros((k, k), np.int64)
@@ -123,13 +130,22 @@ def evaluate_paths(pred: str, labels: str, cfg: EvaluateConfig) -> dict:
         cm = score_volume(_open(pred_paths), _open(label_paths), cfg, ign, name=f"{pred} vs {labels}")
     iou = _iou_dict(cm, cfg.classes)
     fg = [v for c, v in list(iou.items())[1:] if v is not None]
-    return {"pred": str(pred), "labels": str(labels), "classes": list(cfg.classes), "iou": iou,
-            "mean_foreground_iou": float(np.mean(fg)) if fg else None, "confusion": cm.tolist(),
-            "scored_pixels": int(cm.sum()), "instances_only": cfg.instances_only, "per_image": per_image}
+    return {
+        "pred": str(pred),
+        "labels": str(labels),
+        "classes": list(cfg.classes),
+        "iou": iou,
+        "mean_foreground_iou": float(np.mean(fg)) if fg else None,
+        "confusion": cm.tolist(),
+        "scored_pixels": int(cm.sum()),
+        "instances_only": cfg.instances_only,
+        "per_image": per_image,
+    }
 
 
 def format_table(result: dict) -> str:
     """Plain-text table of a result from :func:`evaluate_paths`."""
+
     def fmt(v):
         return "   n/a" if v is None else f"{v:6.4f}"
 

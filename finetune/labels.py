@@ -53,7 +53,8 @@ class LabelSpec:
         if not 2 <= self.num_classes <= IGNORE_INDEX:
             raise ValueError(f"num_classes must be in 2..{IGNORE_INDEX}, got {self.num_classes}")
         if self.unmapped not in UNMAPPED_POLICIES and not (
-                isinstance(self.unmapped, int) and 0 <= self.unmapped < self.num_classes):
+            isinstance(self.unmapped, int) and 0 <= self.unmapped < self.num_classes
+        ):
             raise ValueError(f"unmapped must be one of {UNMAPPED_POLICIES} or a class index, got {self.unmapped!r}")
         if self.threshold is not None and self.mapping:
             raise ValueError("give either a mask threshold (binary masks) or a label map, not both")
@@ -64,12 +65,23 @@ class LabelSpec:
                 raise ValueError(f"label map sends value {value:g} to class {cls}, outside 0..{self.num_classes - 1}")
 
     @classmethod
-    def from_settings(cls, classes: Sequence[str], threshold: float | None, label_map: Sequence[str],
-                      ignore_value: float | None, unmapped: str) -> "LabelSpec":
+    def from_settings(
+        cls,
+        classes: Sequence[str],
+        threshold: float | None,
+        label_map: Sequence[str],
+        ignore_value: float | None,
+        unmapped: str,
+    ) -> "LabelSpec":
         """The spec of the command-line settings (``--classes``, ``--mask-threshold`` /
         ``--label-threshold``, ``--label-map``, ``--ignore-label``, ``--unmapped``)."""
-        return cls(num_classes=len(classes), threshold=threshold, mapping=parse_label_map(label_map, classes),
-                   ignore_value=ignore_value, unmapped=parse_unmapped(unmapped, classes))
+        return cls(
+            num_classes=len(classes),
+            threshold=threshold,
+            mapping=parse_label_map(label_map, classes),
+            ignore_value=ignore_value,
+            unmapped=parse_unmapped(unmapped, classes),
+        )
 
 
 def parse_label_map(entries: Sequence[str], class_names: Sequence[str]) -> tuple[tuple[float, int], ...]:
@@ -129,17 +141,24 @@ def to_class_map(raw: np.ndarray, spec: LabelSpec, source: str = "labels") -> np
         if not known.all():
             if spec.unmapped == "error":
                 extra = np.unique(raw[~known])
-                raise ValueError(f"{source}: label values {extra[:10].tolist()} are not in the label map "
-                                 f"{[v for v, _ in spec.mapping]}; add them or set unmapped (ignore, background "
-                                 "or a class)")
+                raise ValueError(
+                    f"{source}: label values {extra[:10].tolist()} are not in the label map "
+                    f"{[v for v, _ in spec.mapping]}; add them or set unmapped (ignore, background "
+                    "or a class)"
+                )
             out[~known] = IGNORE_INDEX if spec.unmapped == "ignore" else int(spec.unmapped)
     else:
         valid = raw[~ignore]
-        if valid.size and (valid.min() < 0 or valid.max() >= spec.num_classes or
-                           (np.issubdtype(valid.dtype, np.floating) and not np.all(valid == np.round(valid)))):
+        if valid.size and (
+            valid.min() < 0
+            or valid.max() >= spec.num_classes
+            or (np.issubdtype(valid.dtype, np.floating) and not np.all(valid == np.round(valid)))
+        ):
             extra = np.unique(valid[(valid < 0) | (valid >= spec.num_classes) | (valid != np.round(valid))])
-            raise ValueError(f"{source}: label values {extra[:10].tolist()} are not class indices "
-                             f"0..{spec.num_classes - 1}; set a mask threshold or a label map")
+            raise ValueError(
+                f"{source}: label values {extra[:10].tolist()} are not class indices "
+                f"0..{spec.num_classes - 1}; set a mask threshold or a label map"
+            )
         out = raw.astype(np.uint8)
     out[ignore] = IGNORE_INDEX
     return out

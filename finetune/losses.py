@@ -33,13 +33,21 @@ def count_classes(class_maps: Sequence[np.ndarray] | np.ndarray, num_classes: in
         counts += np.bincount(np.asarray(m, dtype=np.uint8).ravel(), minlength=counts.size)[: counts.size]
     extra = np.flatnonzero(counts[num_classes:IGNORE_INDEX]) + num_classes
     if extra.size:
-        raise ValueError(f"class maps contain class indices {extra.tolist()} but only {num_classes} classes are configured")
+        raise ValueError(
+            f"class maps contain class indices {extra.tolist()} but only {num_classes} classes are configured"
+        )
     return counts[:num_classes]
 
 
-def prevalence_weights(counts: Sequence[int] | np.ndarray, background: Sequence[int] = (0,),
-                       rare_fraction: float = 0.1, rare_weight: float = 3.0, common_weight: float = 1.0,
-                       background_weight: float = 0.1, class_names: Sequence[str] | None = None) -> np.ndarray:
+def prevalence_weights(
+    counts: Sequence[int] | np.ndarray,
+    background: Sequence[int] = (0,),
+    rare_fraction: float = 0.1,
+    rare_weight: float = 3.0,
+    common_weight: float = 1.0,
+    background_weight: float = 0.1,
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
     """Cross-entropy class weights from class prevalence, as in the paper.
 
     A class with less than ``rare_fraction`` of all labelled pixels gets ``rare_weight``,
@@ -65,8 +73,10 @@ def prevalence_weights(counts: Sequence[int] | np.ndarray, background: Sequence[
         raise ValueError("no labelled pixels in the training labels: cannot compute class weights")
     missing = [f"{i} ({names[i]})" for i in np.flatnonzero(counts == 0)]
     if missing:
-        raise ValueError(f"class(es) {', '.join(missing)} have no pixels in the training labels; "
-                         "check classes/label_map against the mask values")
+        raise ValueError(
+            f"class(es) {', '.join(missing)} have no pixels in the training labels; "
+            "check classes/label_map against the mask values"
+        )
     bad = [b for b in background if not 0 <= b < counts.size]
     if bad:
         raise ValueError(f"background class indices {bad} out of range for {counts.size} classes")
@@ -75,7 +85,9 @@ def prevalence_weights(counts: Sequence[int] | np.ndarray, background: Sequence[
     return weights
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Binary or multi-class cross-entropy with ignored pixels.
 
     Args:
@@ -126,7 +138,9 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -
         onehot = (target == 1).unsqueeze(1).float()
     else:
         probs = torch.softmax(logits.float(), dim=1)[:, 1:]
-        onehot = F.one_hot(torch.where(target == IGNORE_INDEX, 0, target), logits.shape[1]).movedim(-1, 1)[:, 1:].float()
+        onehot = (
+            F.one_hot(torch.where(target == IGNORE_INDEX, 0, target), logits.shape[1]).movedim(-1, 1)[:, 1:].float()
+        )
     dims = [0] + list(range(2, logits.ndim))
     inter = (probs * onehot * valid).sum(dims)
     denom = (probs * valid).sum(dims) + (onehot * valid).sum(dims)
@@ -136,8 +150,9 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -
 LOSSES = ("ce", "dice_ce")
 
 
-def training_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "ce",
-                  class_weights: torch.Tensor | None = None) -> torch.Tensor:
+def training_loss(
+    logits: torch.Tensor, target: torch.Tensor, kind: str = "ce", class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """The loss ``finetune train`` minimises, for 2D ``(B, C, y, x)`` or 3D ``(B, C, z, y, x)`` logits.
 
     ``kind``: ``ce`` = :func:`segmentation_loss` (BCE-with-logits for one channel, weighted

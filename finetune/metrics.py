@@ -12,8 +12,9 @@ from scipy import ndimage
 from finetune.losses import IGNORE_INDEX
 
 
-def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int,
-                     ignore: np.ndarray | None = None) -> np.ndarray:
+def confusion_matrix(
+    pred: np.ndarray, target: np.ndarray, num_classes: int, ignore: np.ndarray | None = None
+) -> np.ndarray:
     """Confusion counts between predicted and true classes.
 
     Args:
@@ -37,8 +38,9 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int,
     t = target[keep].astype(np.int64)
     p = pred[keep].astype(np.int64)
     if p.size and (p.min() < 0 or p.max() >= num_classes):
-        raise ValueError(f"predicted classes {np.unique(p[(p < 0) | (p >= num_classes)])[:10].tolist()} "
-                         f"outside 0..{num_classes - 1}")
+        raise ValueError(
+            f"predicted classes {np.unique(p[(p < 0) | (p >= num_classes)])[:10].tolist()} outside 0..{num_classes - 1}"
+        )
     if t.size and t.max() >= num_classes:
         raise ValueError(f"label classes {np.unique(t[t >= num_classes])[:10].tolist()} outside 0..{num_classes - 1}")
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)

@@ -35,9 +35,18 @@ from tqdm import tqdm
 
 from cemcurate.common.atomic import atomic_path
 from cemcurate.common.config import config_to_dict, save_config
+from cemcurate.common.device import select_device
 from cemcurate.common.lazy import lazy_import
-from cemcurate.common.runstate import (append_csv, capture_rng, optimizer_step, read_checkpoint,
-                                       refuse_changed_resume, restore_rng, save_checkpoint, trim_csv)
+from cemcurate.common.runstate import (
+    append_csv,
+    capture_rng,
+    optimizer_step,
+    read_checkpoint,
+    refuse_changed_resume,
+    restore_rng,
+    save_checkpoint,
+    trim_csv,
+)
 from cemcurate.common.weights import ResolvedWeights, resolve
 from finetune.config import RESUME_SAFE_KEYS, OptimConfig, TrainConfig
 from finetune.data import CropSamples, LabelledVolume, load_labelled, pair_files
@@ -46,7 +55,6 @@ from finetune.losses import count_classes, prevalence_weights, training_loss
 from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes
 from finetune.models import UNet3D, build_model
 from finetune.models.geometry import StageGeometry
-from cemcurate.common.device import select_device
 from finetune.predict.slices import SlicePredictor
 from finetune.predict.sliding import DEFAULT_WINDOW, predict_sliding
 from finetune.volumes import open_volume
@@ -87,7 +95,9 @@ def resolve_geometry(cfg: TrainConfig, first_image: str | Path | None = None) ->
     return StageGeometry.from_spacing(voxel)
 
 
-def build_training_model(cfg: TrainConfig, geometry: StageGeometry | None = None) -> tuple[torch.nn.Module, ResolvedWeights]:
+def build_training_model(
+    cfg: TrainConfig, geometry: StageGeometry | None = None
+) -> tuple[torch.nn.Module, ResolvedWeights]:
     """The 2D or 3D UNet with seeded random init, encoder weights loaded strictly (inflated
     for 3D, with ``geometry``, default isotropic), frozen as configured. The input
     normalisation is the config's, else the encoder source's, else 0.5/0.5."""
@@ -96,12 +106,24 @@ def build_training_model(cfg: TrainConfig, geometry: StageGeometry | None = None
     # Seeding right before construction makes every randomly initialised parameter the
     # same in every experiment with the same seed (as in the paper), whatever the source.
     torch.manual_seed(cfg.optim.seed)
-    common = dict(weights=weights, freeze_encoder=m.freeze_encoder, arch=m.arch, num_classes=len(cfg.data.classes),
-                  mean=m.norm_mean, std=m.norm_std)
+    common = dict(
+        weights=weights,
+        freeze_encoder=m.freeze_encoder,
+        arch=m.arch,
+        num_classes=len(cfg.data.classes),
+        mean=m.norm_mean,
+        std=m.norm_std,
+    )
     if m.dim == "3d":
         d3 = cfg.dim3d
-        model = build_model("unet3d", **common, inflate=d3.inflate, geometry=geometry, upsample=d3.upsample,
-                            decoder_channels=d3.decoder_channels)
+        model = build_model(
+            "unet3d",
+            **common,
+            inflate=d3.inflate,
+            geometry=geometry,
+            upsample=d3.upsample,
+            decoder_channels=d3.decoder_channels,
+        )
     else:
         model = build_model("unet2d", **common)
     return model, weights
@@ -116,8 +138,10 @@ def class_weights(optim: OptimConfig, classes: list[str], items: list[LabelledVo
     counts = count_classes([it.labels for it in items], len(classes))
     missing = [f"{i} ({classes[i]})" for i in np.flatnonzero(counts == 0)]
     if missing:
-        raise ValueError(f"class(es) {', '.join(missing)} have no pixels in the training labels "
-                         f"(pixel counts {counts.tolist()}); check classes, mask_threshold and label_map")
+        raise ValueError(
+            f"class(es) {', '.join(missing)} have no pixels in the training labels "
+            f"(pixel counts {counts.tolist()}); check classes, mask_threshold and label_map"
+        )
     if optim.class_weights:
         return np.asarray(optim.class_weights, np.float32)
     mode = optim.class_weighting
@@ -128,8 +152,15 @@ def class_weights(optim: OptimConfig, classes: list[str], items: list[LabelledVo
     return prevalence_weights(counts, optim.background_classes, class_names=classes)
 
 
-def validate(model: torch.nn.Module, items: list[LabelledVolume], num_classes: int, device: torch.device,
-             amp: bool, batch_size: int = 8, window: tuple[int, int, int] = DEFAULT_WINDOW) -> dict:
+def validate(
+    model: torch.nn.Module,
+    items: list[LabelledVolume],
+    num_classes: int,
+    device: torch.device,
+    amp: bool,
+    batch_size: int = 8,
+    window: tuple[int, int, int] = DEFAULT_WINDOW,
+) -> dict:
     """IoU of the model on ``items`` (pixels pooled over all items).
 
     A 2D model predicts the xy slices; a :class:`UNet3D` predicts each volume by sliding
@@ -140,24 +171,27 @@ def validate(model: torch.nn.Module, items: list[LabelledVolume], num_classes: i
     try:
         if isinstance(model, UNet3D):
             for item in items:
+
                 def score(z0: int, probs: np.ndarray, labels: np.ndarray = item.labels) -> None:
                     # Scored slab by slab, so a large validation volume needs no full-size probability array.
-                    cm[:] += confusion_matrix(probs_to_classes(probs), labels[z0:z0 + probs.shape[1]], num_classes)
+                    cm[:] += confusion_matrix(probs_to_classes(probs), labels[z0 : z0 + probs.shape[1]], num_classes)
 
                 predict_sliding(model, item.image, window, batch_size=1, out=score, device=device, amp=amp)
         else:
             predictor = SlicePredictor(model, device, amp, tile=512, overlap=64, batch_size=batch_size)
             for item in items:
                 for z0 in range(0, item.image.shape[0], 4):
-                    x = item.image[z0:z0 + 4].astype(np.float32) / np.float32(255.0)
+                    x = item.image[z0 : z0 + 4].astype(np.float32) / np.float32(255.0)
                     probs = predictor(x).transpose(1, 0, 2, 3)
-                    cm += confusion_matrix(probs_to_classes(probs), item.labels[z0:z0 + 4], num_classes)
+                    cm += confusion_matrix(probs_to_classes(probs), item.labels[z0 : z0 + 4], num_classes)
     finally:
         model.train(was_training)
     iou = iou_from_confusion(cm)
     fg = iou[1:][~np.isnan(iou[1:])]
-    return {"iou": [None if np.isnan(v) else float(v) for v in iou],
-            "mean_foreground_iou": float(fg.mean()) if fg.size else None}
+    return {
+        "iou": [None if np.isnan(v) else float(v) for v in iou],
+        "mean_foreground_iou": float(fg.mean()) if fg.size else None,
+    }
 
 
 def validation_window(cfg: TrainConfig) -> tuple[int, int, int]:
@@ -166,15 +200,18 @@ def validation_window(cfg: TrainConfig) -> tuple[int, int, int]:
     return tuple(max(a, b) for a, b in zip(DEFAULT_WINDOW, crop))  # type: ignore[return-value]
 
 
-def training_samples(cfg: TrainConfig, items: list[LabelledVolume],
-                     geometry: StageGeometry | None = None) -> torch.utils.data.Dataset:
+def training_samples(
+    cfg: TrainConfig, items: list[LabelledVolume], geometry: StageGeometry | None = None
+) -> torch.utils.data.Dataset:
     """2D crops (:class:`CropSamples`) or 3D sub-volumes (:class:`SubvolumeSamples`) of ``items``."""
     length = cfg.optim.iters * cfg.optim.batch_size
     if cfg.model.dim == "2d":
         return CropSamples(items, cfg.dim2d.planes, cfg.augment_2d(), cfg.optim.seed, length)
     flat = [it.name for it in items if it.image.shape[0] < 2]
     if flat:
-        raise ValueError(f"dim 3d trains on volumes, but {', '.join(flat)} has a single slice; use dim 2d for 2D images")
+        raise ValueError(
+            f"dim 3d trains on volumes, but {', '.join(flat)} has a single slice; use dim 2d for 2D images"
+        )
     # Elastic displacements along z would mix slices that an in-plane first stage keeps apart.
     elastic_z = geometry is None or geometry.kernel_depth[0] > 1
     crop = (cfg.dim3d.crop_depth, cfg.augment.crop, cfg.augment.crop)
@@ -182,17 +219,40 @@ def training_samples(cfg: TrainConfig, items: list[LabelledVolume],
 
 
 def _save_checkpoint(run: Path, iteration: int, elapsed: float, model, optimizer, scheduler, scaler, cfg) -> None:
-    save_checkpoint({"iteration": iteration, "elapsed": elapsed, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": capture_rng(), "config": config_to_dict(cfg)},
-                    run / CHECKPOINT)
+    save_checkpoint(
+        {
+            "iteration": iteration,
+            "elapsed": elapsed,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": capture_rng(),
+            "config": config_to_dict(cfg),
+        },
+        run / CHECKPOINT,
+    )
 
 
-def _save_model(run: Path, model: torch.nn.Module, cfg: TrainConfig, weights: ResolvedWeights, iteration: int,
-                elapsed: float, val: dict | None) -> None:
-    payload = {"state_dict": model.state_dict(), "model_config": model.config(), "classes": list(cfg.data.classes),
-               "config": config_to_dict(cfg), "encoder_source": weights.source, "iterations": iteration,
-               "seconds": elapsed, "val": val}
+def _save_model(
+    run: Path,
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    weights: ResolvedWeights,
+    iteration: int,
+    elapsed: float,
+    val: dict | None,
+) -> None:
+    payload = {
+        "state_dict": model.state_dict(),
+        "model_config": model.config(),
+        "classes": list(cfg.data.classes),
+        "config": config_to_dict(cfg),
+        "encoder_source": weights.source,
+        "iterations": iteration,
+        "seconds": elapsed,
+        "val": val,
+    }
     with atomic_path(run / MODEL) as tmp:
         torch.save(payload, tmp)
 
@@ -222,7 +282,9 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     base = data.data_dir or None
     pairs = pair_files(data.images, data.masks, base)
     items = load_labelled(pairs, spec)
-    val_items = load_labelled(pair_files(data.val_images, data.val_masks, base, "val "), spec) if data.val_images else []
+    val_items = (
+        load_labelled(pair_files(data.val_images, data.val_masks, base, "val "), spec) if data.val_images else []
+    )
     weights_np = class_weights(optim, data.classes, items)
     weights_t = torch.from_numpy(weights_np) if weights_np is not None else None
     geometry = resolve_geometry(cfg, pairs[0][0]) if cfg.model.dim == "3d" else None
@@ -255,11 +317,21 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
         return TrainResult(run, start, True, elapsed, None)
 
     tb = torch_tensorboard.SummaryWriter(str(run / "tensorboard"), purge_step=start if start else None)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=optim.batch_size,
-                                         sampler=range(start * optim.batch_size, stop * optim.batch_size),
-                                         num_workers=runtime.workers, pin_memory=device.type == "cuda")
-    bar = tqdm(total=optim.iters, initial=start, desc=f"train {runtime.name or run.name}", unit="it",
-               disable=not progress, dynamic_ncols=True)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=optim.batch_size,
+        sampler=range(start * optim.batch_size, stop * optim.batch_size),
+        num_workers=runtime.workers,
+        pin_memory=device.type == "cuda",
+    )
+    bar = tqdm(
+        total=optim.iters,
+        initial=start,
+        desc=f"train {runtime.name or run.name}",
+        unit="it",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     it = start
     t0 = time.perf_counter()
     val_header = ["iteration"] + [f"iou_{c}" for c in data.classes] + ["mean_foreground_iou"]
@@ -281,18 +353,24 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
                 bar.set_postfix(loss=f"{loss_v:.4f}")
                 tb.add_scalar("train/loss", loss_v, it)
                 tb.add_scalar("train/lr", lr_v, it)
-                append_csv(run / "train_log.csv", ["iteration", "loss", "lr", "seconds"],
-                           [it, f"{loss_v:.6f}", f"{lr_v:.6g}", f"{now:.1f}"])
+                append_csv(
+                    run / "train_log.csv",
+                    ["iteration", "loss", "lr", "seconds"],
+                    [it, f"{loss_v:.6f}", f"{lr_v:.6g}", f"{now:.1f}"],
+                )
             if it % runtime.checkpoint_every == 0 or it == stop:
                 if val_items:
-                    last_val = validate(model, val_items, len(data.classes), device, amp,
-                                        window=validation_window(cfg))
+                    last_val = validate(model, val_items, len(data.classes), device, amp, window=validation_window(cfg))
                     for c, v in zip(data.classes, last_val["iou"]):
                         if v is not None:
                             tb.add_scalar(f"val/iou_{c}", v, it)
-                    append_csv(run / "val_log.csv", val_header,
-                               [it] + [("" if v is None else f"{v:.5f}") for v in last_val["iou"]]
-                               + [last_val["mean_foreground_iou"]])
+                    append_csv(
+                        run / "val_log.csv",
+                        val_header,
+                        [it]
+                        + [("" if v is None else f"{v:.5f}") for v in last_val["iou"]]
+                        + [last_val["mean_foreground_iou"]],
+                    )
                 _save_checkpoint(run, it, elapsed + time.perf_counter() - t0, model, optimizer, scheduler, scaler, cfg)
     except KeyboardInterrupt:
         if it > start:

@@ -29,7 +29,9 @@ def _split_dataset(spec: str) -> tuple[str, str | None]:
     return path, (key or None) if sep else None
 
 
-def expand_patterns(patterns: list[str] | str, base: str | os.PathLike | None = None, what: str = "files") -> list[Path]:
+def expand_patterns(
+    patterns: list[str] | str, base: str | os.PathLike | None = None, what: str = "files"
+) -> list[Path]:
     """Files matched by globs (or plain paths), in pattern order, each naturally sorted.
 
     Args:

@@ -54,10 +54,21 @@ class AugmentParams:
     @classmethod
     def from_config(cls, cfg) -> "AugmentParams":
         """Take the augmentation fields of a :class:`pretrain.config.MocoConfig`."""
-        return cls(image_size=cfg.image_size, crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio),
-                   rotation_p=cfg.rotation_p, hflip_p=cfg.hflip_p, vflip_p=cfg.vflip_p, jitter_p=cfg.jitter_p,
-                   brightness=cfg.brightness, contrast=cfg.contrast, blur_p=cfg.blur_p,
-                   blur_sigma=tuple(cfg.blur_sigma), noise_p=cfg.noise_p, noise_var=tuple(cfg.noise_var))
+        return cls(
+            image_size=cfg.image_size,
+            crop_scale=tuple(cfg.crop_scale),
+            crop_ratio=tuple(cfg.crop_ratio),
+            rotation_p=cfg.rotation_p,
+            hflip_p=cfg.hflip_p,
+            vflip_p=cfg.vflip_p,
+            jitter_p=cfg.jitter_p,
+            brightness=cfg.brightness,
+            contrast=cfg.contrast,
+            blur_p=cfg.blur_p,
+            blur_sigma=tuple(cfg.blur_sigma),
+            noise_p=cfg.noise_p,
+            noise_var=tuple(cfg.noise_var),
+        )
 
 
 @dataclass(frozen=True)
@@ -81,8 +92,9 @@ class ViewParams:
     noise_seed: int = 0
 
 
-def sample_crop(rng: np.random.Generator, height: int, width: int,
-                scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[float, float, float, float]:
+def sample_crop(
+    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[float, float, float, float]:
     """Draw a crop box ``(y0, x0, h, w)`` (floats, pixels) covering ``scale`` of the area.
 
     Area fraction is uniform in ``scale``, aspect ratio ``w/h`` log-uniform in ``ratio``. A box
@@ -164,8 +176,13 @@ def apply_geometry(image: np.ndarray, view: ViewParams, out_size: int) -> np.nda
         fx, fy = new_w / w, new_h / h
         scale = np.array([[fx, 0.0, 0.5 * fx - 0.5], [0.0, fy, 0.5 * fy - 0.5]])
         matrix = scale[:, :2] @ matrix + np.hstack([np.zeros((2, 2)), scale[:, 2:]])
-    return cv2.warpAffine(image, matrix, (out_size, out_size),
-                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REFLECT_101)
+    return cv2.warpAffine(
+        image,
+        matrix,
+        (out_size, out_size),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REFLECT_101,
+    )
 
 
 def jitter_lut(histogram: np.ndarray, brightness: float, contrast: float, contrast_first: bool) -> np.ndarray:
@@ -218,8 +235,9 @@ def augment_view(image: np.ndarray, params: AugmentParams, rng: np.random.Genera
     return render_view(image, sample_view(rng, image.shape, params), params.image_size)
 
 
-def two_views(images: np.ndarray, seeds: np.ndarray, params: AugmentParams,
-              mean: float, std: float) -> tuple[np.ndarray, np.ndarray]:
+def two_views(
+    images: np.ndarray, seeds: np.ndarray, params: AugmentParams, mean: float, std: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Query and key views of a batch, normalised for the network.
 
     Args:

@@ -34,11 +34,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read one of our MoCo checkpoints and check its format; tensors land on the CPU."""
     state = read_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a `pretrain moco` checkpoint (no format marker {CHECKPOINT_FORMAT!r}); "
-                              "for a released CEM500K checkpoint use `pretrain export --from-cem500k`")
+        raise CheckpointError(
+            f"{path}: not a `pretrain moco` checkpoint (no format marker {CHECKPOINT_FORMAT!r}); "
+            "for a released CEM500K checkpoint use `pretrain export --from-cem500k`"
+        )
     if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not supported "
-                              f"(this toolkit reads version {CHECKPOINT_VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint version {state.get('version')} is not supported "
+            f"(this toolkit reads version {CHECKPOINT_VERSION})"
+        )
     missing = [k for k in ("config", "model", "optimizer", "step", "rng", "data") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing}; it was not written by `pretrain moco`")

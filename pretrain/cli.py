@@ -41,46 +41,94 @@ RUN receives checkpoint.pth, config.yaml, log.csv and tensorboard/.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pretrain", description="MoCoV2 pre-training on curated EM patches "
-                                     "(`pretrain moco`) and publishable encoder weights (`pretrain export`).",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pretrain",
+        description="MoCoV2 pre-training on curated EM patches "
+        "(`pretrain moco`) and publishable encoder weights (`pretrain export`).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{moco,export}")
 
-    moco = sub.add_parser("moco", help="MoCoV2 pre-training on a curated patch store (resumable, multi-GPU)",
-                          description="Train a ResNet encoder with MoCoV2 on the patches of a `cemcurate build` "
-                                      "output folder. Every setting below overrides the --config file.",
-                          epilog=MOCO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    moco.add_argument("--data", required=True, type=Path, metavar="OUT",
-                      help="output folder of `cemcurate build` (store/, store.json, manifest.parquet)")
-    moco.add_argument("--out", required=True, type=Path, metavar="RUN",
-                      help="run folder for checkpoints and logs; an existing checkpoint there is resumed")
-    moco.add_argument("--config", type=Path, default=None, metavar="YAML",
-                      help=f"settings file whose keys are the options below (default: the CEM500K recipe, "
-                           f"{DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})")
-    moco.add_argument("--gpus", type=int, default=None, metavar="N",
-                      help="train on N GPUs, one process each, with DDP over NCCL; 0 trains on the CPU "
-                           "(default: every visible GPU, or the CPU if there is none). Ignored under torchrun, "
-                           "except that --gpus 0 keeps torchrun processes on the CPU")
-    moco.add_argument("--nproc", type=int, default=None, metavar="N",
-                      help="with --gpus 0: number of CPU processes (DDP over gloo; default 1)")
+    moco = sub.add_parser(
+        "moco",
+        help="MoCoV2 pre-training on a curated patch store (resumable, multi-GPU)",
+        description="Train a ResNet encoder with MoCoV2 on the patches of a `cemcurate build` "
+        "output folder. Every setting below overrides the --config file.",
+        epilog=MOCO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    moco.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="OUT",
+        help="output folder of `cemcurate build` (store/, store.json, manifest.parquet)",
+    )
+    moco.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="RUN",
+        help="run folder for checkpoints and logs; an existing checkpoint there is resumed",
+    )
+    moco.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="YAML",
+        help=f"settings file whose keys are the options below (default: the CEM500K recipe, "
+        f"{DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})",
+    )
+    moco.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on N GPUs, one process each, with DDP over NCCL; 0 trains on the CPU "
+        "(default: every visible GPU, or the CPU if there is none). Ignored under torchrun, "
+        "except that --gpus 0 keeps torchrun processes on the CPU",
+    )
+    moco.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --gpus 0: number of CPU processes (DDP over gloo; default 1)",
+    )
     add_config_arguments(moco, MocoConfig)
 
-    export = sub.add_parser("export", help="publish the query encoder of a checkpoint (ours or CEM500K's)",
-                            description="Write encoder.safetensors, encoder.pth, config.json and model_card.md "
-                                        "for the query encoder of CKPT. The weights load with strict=True into "
-                                        "timm.create_model(arch, in_chans=1, num_classes=0) and into the encoder "
-                                        "of smp.Unet(arch, in_channels=1).")
-    export.add_argument("checkpoint", type=Path, metavar="CKPT",
-                        help="RUN/checkpoint.pth of `pretrain moco`, or a released CEM500K MoCoV2 checkpoint")
+    export = sub.add_parser(
+        "export",
+        help="publish the query encoder of a checkpoint (ours or CEM500K's)",
+        description="Write encoder.safetensors, encoder.pth, config.json and model_card.md "
+        "for the query encoder of CKPT. The weights load with strict=True into "
+        "timm.create_model(arch, in_chans=1, num_classes=0) and into the encoder "
+        "of smp.Unet(arch, in_channels=1).",
+    )
+    export.add_argument(
+        "checkpoint",
+        type=Path,
+        metavar="CKPT",
+        help="RUN/checkpoint.pth of `pretrain moco`, or a released CEM500K MoCoV2 checkpoint",
+    )
     export.add_argument("out_dir", type=Path, metavar="DIR", help="folder to write the encoder files into")
-    export.add_argument("--from-cem500k", action=argparse.BooleanOptionalAction, default=None,
-                        help="CKPT is in the released CEM500K layout (module.encoder_q.* keys, fc MLP head); "
-                             "default: detected from the keys")
-    export.add_argument("--arch", default=None,
-                        help="backbone name if the checkpoint does not record it (CEM500K default: resnet50)")
-    export.add_argument("--mean", type=float, default=None,
-                        help="normalisation mean of intensities in [0, 1] (default: from the checkpoint, "
-                             "or CEM500K's for an imported checkpoint without 'norms')")
+    export.add_argument(
+        "--from-cem500k",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CKPT is in the released CEM500K layout (module.encoder_q.* keys, fc MLP head); "
+        "default: detected from the keys",
+    )
+    export.add_argument(
+        "--arch", default=None, help="backbone name if the checkpoint does not record it (CEM500K default: resnet50)"
+    )
+    export.add_argument(
+        "--mean",
+        type=float,
+        default=None,
+        help="normalisation mean of intensities in [0, 1] (default: from the checkpoint, "
+        "or CEM500K's for an imported checkpoint without 'norms')",
+    )
     export.add_argument("--std", type=float, default=None, help="normalisation std, as --mean")
     return parser
 
@@ -97,8 +145,7 @@ def _train_worker(ctx: distributed.DistContext, cfg: MocoConfig, data: Path, out
 
 def run_moco(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(MocoConfig, args.config if args.config is not None else DEFAULT_CONFIG,
-                          overrides=vars(args))
+        cfg = load_config(MocoConfig, args.config if args.config is not None else DEFAULT_CONFIG, overrides=vars(args))
         if args.nproc is not None and args.nproc < 1:
             raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
         if args.gpus is not None and args.gpus < 0:
@@ -130,20 +177,25 @@ def run_moco(args: argparse.Namespace) -> int:
         return _fail("moco", str(exc))
     main_result = results[0]
     loss = main_result["last_loss"]
-    print(f"checkpoint: {main_result['checkpoint']} (step {main_result['step']}"
-          + (f", loss {loss:.4f})" if loss is not None else ")"))
+    print(
+        f"checkpoint: {main_result['checkpoint']} (step {main_result['step']}"
+        + (f", loss {loss:.4f})" if loss is not None else ")")
+    )
     print(f"publish the encoder with: pretrain export {main_result['checkpoint']} DIR")
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
     try:
-        result = export_encoder(args.checkpoint, args.out_dir, from_cem500k=args.from_cem500k, arch=args.arch,
-                                mean=args.mean, std=args.std)
+        result = export_encoder(
+            args.checkpoint, args.out_dir, from_cem500k=args.from_cem500k, arch=args.arch, mean=args.mean, std=args.std
+        )
     except ValueError as exc:  # ExportError, CheckpointError, WeightsError
         return _fail("export", str(exc))
-    print(f"exported {result.arch} encoder ({result.source}; mean {result.mean:.4f}, std {result.std:.4f}) to "
-          f"{result.out_dir}: " + ", ".join(p.name for p in result.files))
+    print(
+        f"exported {result.arch} encoder ({result.source}; mean {result.mean:.4f}, std {result.std:.4f}) to "
+        f"{result.out_dir}: " + ", ".join(p.name for p in result.files)
+    )
     return 0
 
 

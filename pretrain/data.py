@@ -34,11 +34,15 @@ def open_store(data_dir: str | Path, global_batch: int) -> PatchStore:
         raise StoreError(f"{data_dir}: no such folder; pass the output folder of `cemcurate build` as --data")
     store = open_patches(data_dir)
     if len(store) == 0:
-        raise StoreError(f"{data_dir}: the store holds no kept patches; check the curation report "
-                         "(every patch was dropped as a duplicate or uninformative)")
+        raise StoreError(
+            f"{data_dir}: the store holds no kept patches; check the curation report "
+            "(every patch was dropped as a duplicate or uninformative)"
+        )
     if len(store) < global_batch:
-        raise StoreError(f"{data_dir}: {len(store)} patches cannot fill one batch of {global_batch}; "
-                         "lower --batch-size (and --queue-size to a multiple of it) or curate more data")
+        raise StoreError(
+            f"{data_dir}: {len(store)} patches cannot fill one batch of {global_batch}; "
+            "lower --batch-size (and --queue-size to a multiple of it) or curate more data"
+        )
     if not 0.0 < store.std:
         raise StoreError(f"{data_dir}/store.json: intensity std is {store.std}; cannot normalise")
     return store
@@ -75,8 +79,9 @@ class ViewPairs(Dataset):
     the dataset pickles cheaply to data-loading workers.
     """
 
-    def __init__(self, data_dir: str | Path, seed: int, global_batch: int, rank: int, world_size: int,
-                 params: AugmentParams):
+    def __init__(
+        self, data_dir: str | Path, seed: int, global_batch: int, rank: int, world_size: int, params: AugmentParams
+    ):
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
         self.data_dir, self.seed = Path(data_dir), seed
@@ -145,10 +150,18 @@ def view_loader(dataset: ViewPairs, start: int, stop: int, workers: int, pin_mem
     # A private generator seeds the workers, so creating the loader (on resume) does not draw
     # from the global torch RNG and shift its stream (augmentations never use worker seeds).
     generator = torch.Generator().manual_seed(dataset.seed)
-    return DataLoader(dataset, batch_size=None, sampler=StepSampler(start, stop, dataset.steps_per_epoch()),
-                      num_workers=workers, pin_memory=pin_memory, generator=generator,
-                      worker_init_fn=_single_threaded_worker, multiprocessing_context=_worker_context() if workers else None,
-                      prefetch_factor=2 if workers else None, persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=StepSampler(start, stop, dataset.steps_per_epoch()),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=generator,
+        worker_init_fn=_single_threaded_worker,
+        multiprocessing_context=_worker_context() if workers else None,
+        prefetch_factor=2 if workers else None,
+        persistent_workers=False,
+    )
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:

@@ -61,6 +61,7 @@ def rank() -> int:
 
 # --- collectives ---------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (``(n, ...)``, same shape on every rank) from all ranks in rank order.
@@ -95,7 +96,7 @@ def shuffle_batch(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tenso
     gathered = all_gather_cat(x)
     perm = _permutation(len(gathered), seed, x.device)
     r, n = rank(), len(x)
-    return gathered[perm[r * n:(r + 1) * n]], perm
+    return gathered[perm[r * n : (r + 1) * n]], perm
 
 
 @torch.no_grad()
@@ -110,7 +111,7 @@ def unshuffle_batch(y: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, 
     restored = torch.empty_like(gathered)
     restored[perm] = gathered
     r, n = rank(), len(y)
-    return restored[r * n:(r + 1) * n], restored
+    return restored[r * n : (r + 1) * n], restored
 
 
 @torch.no_grad()
@@ -154,6 +155,7 @@ def shutdown() -> None:
 
 # --- launching -----------------------------------------------------------------------------
 
+
 def available_gpus() -> int:
     """Number of CUDA devices this process can use (0 without CUDA)."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -168,7 +170,8 @@ def check_gpus(requested: int) -> None:
         raise GpuRequestError(
             f"--gpus {requested}: this machine offers {have} CUDA device(s) "
             f"(torch.cuda.is_available() = {torch.cuda.is_available()}, {detail}); "
-            f"use --gpus {have} or fewer, or --gpus 0 to train on the CPU")
+            f"use --gpus {have} or fewer, or --gpus 0 to train on the CPU"
+        )
 
 
 def under_torchrun() -> bool:
@@ -184,8 +187,13 @@ def torchrun_context(use_cuda: bool) -> DistContext:
         check_gpus(local + 1)
     device = _device(use_cuda, local)
     if world > 1 and not is_distributed():
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=rnk, world_size=world,
-                                device_id=device if use_cuda else None)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            init_method="env://",
+            rank=rnk,
+            world_size=world,
+            device_id=device if use_cuda else None,
+        )
     return DistContext(rank=rnk, world_size=world, local_rank=local, device=device)
 
 
@@ -203,8 +211,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(local_rank: int, world: int, port: int, use_cuda: bool, fn: Callable[..., Any],
-           args: Sequence[Any], result_dir: str) -> None:
+def _entry(
+    local_rank: int, world: int, port: int, use_cuda: bool, fn: Callable[..., Any], args: Sequence[Any], result_dir: str
+) -> None:
     """Body of one spawned process: join the group, run ``fn``, hand its result back via a file."""
     out = Path(result_dir) / f"rank{local_rank}.pkl"
     try:
@@ -213,8 +222,13 @@ def _entry(local_rank: int, world: int, port: int, use_cuda: bool, fn: Callable[
             # Processes share the cores; more threads than cores per process only thrash.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         # device_id binds NCCL's communicator to this process's GPU up front (no guessing later).
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                rank=local_rank, world_size=world, device_id=device if use_cuda else None)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=local_rank,
+            world_size=world,
+            device_id=device if use_cuda else None,
+        )
         ctx = DistContext(rank=local_rank, world_size=world, local_rank=local_rank, device=device)
         result = fn(ctx, *args)
         out.write_bytes(pickle.dumps(("ok", result)))
@@ -246,8 +260,9 @@ def launch(fn: Callable[..., Any], nprocs: int, args: Sequence[Any] = (), use_cu
         return [fn(DistContext(device=_device(use_cuda, 0)), *args)]
     with tempfile.TemporaryDirectory(prefix="pretrain-launch-") as result_dir:
         try:
-            mp.spawn(_entry, args=(nprocs, free_port(), use_cuda, fn, tuple(args), result_dir),
-                     nprocs=nprocs, join=True)
+            mp.spawn(
+                _entry, args=(nprocs, free_port(), use_cuda, fn, tuple(args), result_dir), nprocs=nprocs, join=True
+            )
         except mp.ProcessRaisedException as spawn_error:
             for r in range(nprocs):
                 path = Path(result_dir) / f"rank{r}.pkl"

@@ -77,18 +77,28 @@ def verify_encoder(state: Mapping[str, torch.Tensor], arch: str, source: str) ->
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ExportError(f"{source}: the encoder does not load into timm {arch!r} with in_chans=1: "
-                          f"{str(exc).splitlines()[0]} ... (pass the right --arch?)") from exc
+        raise ExportError(
+            f"{source}: the encoder does not load into timm {arch!r} with in_chans=1: "
+            f"{str(exc).splitlines()[0]} ... (pass the right --arch?)"
+        ) from exc
     try:
         smp_encoders.get_encoder(arch, in_channels=1, weights=None).load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ExportError(f"{source}: the encoder loads into timm but not into smp's {arch!r} encoder: "
-                          f"{str(exc).splitlines()[0]}") from exc
+        raise ExportError(
+            f"{source}: the encoder loads into timm but not into smp's {arch!r} encoder: {str(exc).splitlines()[0]}"
+        ) from exc
     return int(model.num_features)
 
 
-def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, from_cem500k: bool | None = None,
-                   arch: str | None = None, mean: float | None = None, std: float | None = None) -> ExportResult:
+def export_encoder(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    from_cem500k: bool | None = None,
+    arch: str | None = None,
+    mean: float | None = None,
+    std: float | None = None,
+) -> ExportResult:
     """Write the publishable encoder of ``checkpoint`` into ``out_dir`` (see module docstring).
 
     Args:
@@ -100,21 +110,32 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, from_cem500k:
     raw = read_checkpoint(checkpoint)
     layout = detect_layout(raw)
     if layout == "unknown":
-        raise ExportError(f"{checkpoint}: neither a `pretrain moco` checkpoint nor a CEM500K MoCoV2 checkpoint "
-                          "(no format marker and no 'module.encoder_q.*' keys)")
+        raise ExportError(
+            f"{checkpoint}: neither a `pretrain moco` checkpoint nor a CEM500K MoCoV2 checkpoint "
+            "(no format marker and no 'module.encoder_q.*' keys)"
+        )
     if from_cem500k is True and layout != "cem500k":
-        raise ExportError(f"{checkpoint}: --from-cem500k given, but this is a `pretrain moco` checkpoint; drop the flag")
+        raise ExportError(
+            f"{checkpoint}: --from-cem500k given, but this is a `pretrain moco` checkpoint; drop the flag"
+        )
     if from_cem500k is False and layout != "pretrain-moco":
-        raise ExportError(f"{checkpoint}: this is a CEM500K-format checkpoint; pass --from-cem500k (or let it be detected)")
+        raise ExportError(
+            f"{checkpoint}: this is a CEM500K-format checkpoint; pass --from-cem500k (or let it be detected)"
+        )
 
     if layout == "pretrain-moco":
         ckpt = load_checkpoint(checkpoint)
         arch = arch or ckpt["arch"]
         mean = ckpt["data"]["mean"] if mean is None else mean
         std = ckpt["data"]["std"] if std is None else std
-        provenance = {"source": "pretrain-moco", "step": ckpt["step"], "epoch": ckpt["step"] / ckpt["steps_per_epoch"],
-                      "trained_at_commit": ckpt.get("git_commit", "unknown"), "config": ckpt["config"],
-                      "data": ckpt["data"]}
+        provenance = {
+            "source": "pretrain-moco",
+            "step": ckpt["step"],
+            "epoch": ckpt["step"] / ckpt["steps_per_epoch"],
+            "trained_at_commit": ckpt.get("git_commit", "unknown"),
+            "config": ckpt["config"],
+            "data": ckpt["data"],
+        }
     else:
         ckpt = raw
         arch = arch or str(ckpt.get("arch", "resnet50"))
@@ -131,16 +152,28 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, from_cem500k:
     num_features = verify_encoder(state, arch, str(checkpoint))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"arch": arch, "in_chans": 1, "num_features": num_features, "mean": float(mean), "std": float(std),
-            "normalisation": "x = uint8 / 255; x = (x - mean) / std (one channel)",
-            "timm": f"timm.create_model({arch!r}, in_chans=1, num_classes=0)",
-            "smp_encoder": arch, "source": provenance["source"],
-            "exported_at_commit": git_commit()}
+    meta = {
+        "arch": arch,
+        "in_chans": 1,
+        "num_features": num_features,
+        "mean": float(mean),
+        "std": float(std),
+        "normalisation": "x = uint8 / 255; x = (x - mean) / std (one channel)",
+        "timm": f"timm.create_model({arch!r}, in_chans=1, num_classes=0)",
+        "smp_encoder": arch,
+        "source": provenance["source"],
+        "exported_at_commit": git_commit(),
+    }
     for key in ("step", "epoch", "trained_at_commit", "checkpoint_sha256"):
         if provenance.get(key) is not None:
             meta[key] = provenance[key]
 
-    files = [out_dir / "encoder.safetensors", out_dir / "encoder.pth", out_dir / "config.json", out_dir / "model_card.md"]
+    files = [
+        out_dir / "encoder.safetensors",
+        out_dir / "encoder.pth",
+        out_dir / "config.json",
+        out_dir / "model_card.md",
+    ]
     with atomic_path(files[0]) as tmp:
         safetensors_torch.save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
     with atomic_path(files[1]) as tmp:
@@ -149,8 +182,9 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, from_cem500k:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     with atomic_path(files[3]) as tmp:
         tmp.write_text(model_card(meta, provenance, sum(v.numel() for v in state.values() if v.is_floating_point())))
-    return ExportResult(out_dir=out_dir, arch=arch, mean=float(mean), std=float(std), source=provenance["source"],
-                        files=files)
+    return ExportResult(
+        out_dir=out_dir, arch=arch, mean=float(mean), std=float(std), source=provenance["source"], files=files
+    )
 
 
 def model_card(meta: dict, provenance: dict, n_params: int) -> str:
@@ -203,8 +237,12 @@ def model_card(meta: dict, provenance: dict, n_params: int) -> str:
             yaml.safe_dump(cfg, sort_keys=False).rstrip(),
             "```",
         ]
-    lines += ["", "## Provenance", f"- Exported at git commit `{meta['exported_at_commit']}`.",
-              "- Method: Conrad & Narayan (2021), CEM500K, a large-scale heterogeneous unlabeled cellular "
-              "electron microscopy image dataset for deep learning, eLife 10:e65894.", ""]
+    lines += [
+        "",
+        "## Provenance",
+        f"- Exported at git commit `{meta['exported_at_commit']}`.",
+        "- Method: Conrad & Narayan (2021), CEM500K, a large-scale heterogeneous unlabeled cellular "
+        "electron microscopy image dataset for deep learning, eLife 10:e65894.",
+        "",
+    ]
     return "\n".join(lines)
-

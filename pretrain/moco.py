@@ -40,8 +40,9 @@ def projection_head(in_features: int, out_features: int, mlp: bool = True) -> nn
     """MoCoV2's head: Linear(C, C) -> ReLU -> Linear(C, out); MoCo v1's single Linear if not ``mlp``."""
     if not mlp:
         return nn.Sequential(nn.Linear(in_features, out_features))
-    return nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(inplace=True),
-                         nn.Linear(in_features, out_features))
+    return nn.Sequential(
+        nn.Linear(in_features, in_features), nn.ReLU(inplace=True), nn.Linear(in_features, out_features)
+    )
 
 
 class EmbeddingBranch(nn.Module):
@@ -66,7 +67,9 @@ class MocoOutput(NamedTuple):
     keys: torch.Tensor  # (n, feature_dim), this rank's keys in input order
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE loss of queries against their keys (positives) and a queue (negatives).
 
     Args:
@@ -92,9 +95,17 @@ class MoCo(nn.Module):
     ``queue_ptr`` (int64 scalar, the row the next batch of keys is written to).
     """
 
-    def __init__(self, arch: str = "resnet50", feature_dim: int = 128, queue_size: int = 65536,
-                 key_momentum: float = 0.999, temperature: float = 0.2, mlp: bool = True,
-                 in_chans: int = 1, shuffle_bn: bool = True):
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        feature_dim: int = 128,
+        queue_size: int = 65536,
+        key_momentum: float = 0.999,
+        temperature: float = 0.2,
+        mlp: bool = True,
+        in_chans: int = 1,
+        shuffle_bn: bool = True,
+    ):
         super().__init__()
         self.arch, self.in_chans = arch, in_chans
         self.key_momentum, self.temperature, self.shuffle_bn = key_momentum, temperature, shuffle_bn
@@ -147,11 +158,12 @@ class MoCo(nn.Module):
         if size % m:
             raise ValueError(f"queue size {size} is not divisible by the global batch {m}")
         ptr = int(self.queue_ptr)
-        self.queue[ptr:ptr + m] = keys.to(self.queue.dtype)
+        self.queue[ptr : ptr + m] = keys.to(self.queue.dtype)
         self.queue_ptr.fill_((ptr + m) % size)
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, *, shuffle_seed: int = 0,
-                query_net: nn.Module | None = None) -> MocoOutput:
+    def forward(
+        self, im_q: torch.Tensor, im_k: torch.Tensor, *, shuffle_seed: int = 0, query_net: nn.Module | None = None
+    ) -> MocoOutput:
         """One MoCo step's forward pass; updates the key encoder and the queue as side effects.
 
         Args:

@@ -44,10 +44,12 @@ class RunLog:
             self._csv.writeheader()
         if tensorboard:
             # Drop events the interrupted run logged after its checkpoint (the checkpoint's own step stays).
-            self._writer = torch_tensorboard.SummaryWriter(log_dir=str(run_dir / "tensorboard"),
-                                         purge_step=start_step + 1 if start_step else None)
-        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                         file=sys.stderr, disable=None)
+            self._writer = torch_tensorboard.SummaryWriter(
+                log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
+        self._bar = tqdm(
+            total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr, disable=None
+        )
 
     def step(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -56,8 +58,15 @@ class RunLog:
     def log(self, step: int, epoch: float, loss: float, acc1: float, lr: float, images_per_s: float) -> None:
         if not self.enabled:
             return
-        row = {"step": step, "epoch": round(epoch, 4), "loss": loss, "acc1": acc1, "lr": lr,
-               "images_per_s": round(images_per_s, 2), "time": round(time.perf_counter() - self.t0, 2)}
+        row = {
+            "step": step,
+            "epoch": round(epoch, 4),
+            "loss": loss,
+            "acc1": acc1,
+            "lr": lr,
+            "images_per_s": round(images_per_s, 2),
+            "time": round(time.perf_counter() - self.t0, 2),
+        }
         self._csv.writerow(row)
         self._csv_file.flush()
         if self._writer is not None:
@@ -67,8 +76,9 @@ class RunLog:
             self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}", refresh=False)
         else:
             # No terminal (batch job logs): one line per logging step instead of a bar.
-            self.message(f"step {step} epoch {epoch:.2f} loss {loss:.4f} acc1 {acc1:.3f} lr {lr:.3e} "
-                         f"images/s {images_per_s:.1f}")
+            self.message(
+                f"step {step} epoch {epoch:.2f} loss {loss:.4f} acc1 {acc1:.3f} lr {lr:.3e} images/s {images_per_s:.1f}"
+            )
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -27,8 +27,15 @@ from torch import nn
 from cemcurate.common.archs import get_arch
 from cemcurate.common.atomic import atomic_path
 from cemcurate.common.config import config_to_dict, save_config
-from cemcurate.common.runstate import (CheckpointError, capture_rng, git_commit, optimizer_step,
-                                       refuse_changed_resume, restore_rng, save_checkpoint)
+from cemcurate.common.runstate import (
+    CheckpointError,
+    capture_rng,
+    git_commit,
+    optimizer_step,
+    refuse_changed_resume,
+    restore_rng,
+    save_checkpoint,
+)
 from pretrain import distributed
 from pretrain.augment import AugmentParams
 from pretrain.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
@@ -76,8 +83,7 @@ def order_fingerprint(n: int, seed: int, epoch: int) -> str:
     return hashlib.sha256(epoch_order(n, seed, epoch).astype("<i8").tobytes()).hexdigest()[:16]
 
 
-def plan_run(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, world_size: int,
-             use_cuda: bool) -> RunPlan:
+def plan_run(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, world_size: int, use_cuda: bool) -> RunPlan:
     """Validate a run before heavy work; raise ``ValueError`` subclasses that name the problem.
 
     Checks the backbone name, that the global batch splits evenly over ``world_size``
@@ -98,29 +104,51 @@ def plan_run(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, world_s
     start, resume, notes = 0, None, []
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        refuse_changed_resume(ckpt_path, ckpt["config"], config_to_dict(cfg), RESUMABLE_CHANGES, run_dir / "config.yaml")
+        refuse_changed_resume(
+            ckpt_path, ckpt["config"], config_to_dict(cfg), RESUMABLE_CHANGES, run_dir / "config.yaml"
+        )
         if ckpt["data"]["n_patches"] != len(store):
             raise CheckpointError(
                 f"{ckpt_path}: was trained on {ckpt['data']['n_patches']} patches from {ckpt['data']['path']}, "
-                f"but {data_dir} holds {len(store)}; resuming would change the data order. Use a new --out")
+                f"but {data_dir} holds {len(store)}; resuming would change the data order. Use a new --out"
+            )
         start, resume = int(ckpt["step"]), ckpt_path
         if ckpt["world_size"] != world_size:
-            notes.append(f"the checkpoint was written by {ckpt['world_size']} process(es), this run has {world_size}: "
-                         "the images and views of every step stay the same, but BatchNorm batches and per-rank "
-                         "RNG streams change, so the run will not match an uninterrupted one bit for bit")
+            notes.append(
+                f"the checkpoint was written by {ckpt['world_size']} process(es), this run has {world_size}: "
+                "the images and views of every step stay the same, but BatchNorm batches and per-rank "
+                "RNG streams change, so the run will not match an uninterrupted one bit for bit"
+            )
         saved_order = ckpt.get("data_order", {})
         if saved_order.get("fingerprint") not in (None, order_fingerprint(len(store), cfg.seed, saved_order["epoch"])):
-            notes.append("the data order of the checkpoint's epoch differs from what this installation computes "
-                         "(numpy changed?); training continues with the new order")
-    return RunPlan(n_patches=len(store), steps_per_epoch=per_epoch, total_steps=total, start_step=start,
-                   resume_from=resume, data=summary, notes=notes)
+            notes.append(
+                "the data order of the checkpoint's epoch differs from what this installation computes "
+                "(numpy changed?); training continues with the new order"
+            )
+    return RunPlan(
+        n_patches=len(store),
+        steps_per_epoch=per_epoch,
+        total_steps=total,
+        start_step=start,
+        resume_from=resume,
+        data=summary,
+        notes=notes,
+    )
 
 
 def build_model(cfg: MocoConfig, ctx: distributed.DistContext) -> MoCo:
     """The MoCo model on ``ctx.device``, initialised identically on every rank from ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
-    model = MoCo(cfg.arch, feature_dim=cfg.feature_dim, queue_size=cfg.queue_size, key_momentum=cfg.key_momentum,
-                 temperature=cfg.temperature, mlp=cfg.mlp, in_chans=1, shuffle_bn=cfg.key_bn == "shuffle")
+    model = MoCo(
+        cfg.arch,
+        feature_dim=cfg.feature_dim,
+        queue_size=cfg.queue_size,
+        key_momentum=cfg.key_momentum,
+        temperature=cfg.temperature,
+        mlp=cfg.mlp,
+        in_chans=1,
+        shuffle_bn=cfg.key_bn == "shuffle",
+    )
     if cfg.key_bn == "sync" and ctx.world_size > 1:
         model.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
         model.encoder_k = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_k)
@@ -130,8 +158,17 @@ def build_model(cfg: MocoConfig, ctx: distributed.DistContext) -> MoCo:
     return model
 
 
-def train_step(model: MoCo, query_net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               im_q: torch.Tensor, im_k: torch.Tensor, lr: float, seed: int, amp: bool) -> MocoOutput:
+def train_step(
+    model: MoCo,
+    query_net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    im_q: torch.Tensor,
+    im_k: torch.Tensor,
+    lr: float,
+    seed: int,
+    amp: bool,
+) -> MocoOutput:
     """One optimizer step at learning rate ``lr`` on views ``im_q``/``im_k`` (``(n, 1, S, S)``, on the device)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -149,8 +186,13 @@ class TrainResult:
     last_loss: float | None
 
 
-def train(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, ctx: distributed.DistContext,
-          plan: RunPlan | None = None) -> TrainResult:
+def train(
+    cfg: MocoConfig,
+    data_dir: str | Path,
+    run_dir: str | Path,
+    ctx: distributed.DistContext,
+    plan: RunPlan | None = None,
+) -> TrainResult:
     """Train (or resume) MoCoV2 on the store in ``data_dir``, writing to ``run_dir``; run on every rank."""
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     use_cuda = ctx.device.type == "cuda"
@@ -160,8 +202,9 @@ def train(cfg: MocoConfig, data_dir: str | Path, run_dir: str | Path, ctx: distr
         torch.backends.cudnn.benchmark = True
 
     model = build_model(cfg, ctx)
-    optimizer = torch.optim.SGD(model.query_parameters(), lr=cfg.base_lr, momentum=cfg.sgd_momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.query_parameters(), lr=cfg.base_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay
+    )
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     # Per-rank global RNG streams (nothing in the loop should need them, but any library code
     # that does draws differently on each rank and is restored exactly on resume).
@@ -247,9 +290,17 @@ def _seed_globals(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _write_checkpoint(path: Path, cfg: MocoConfig, model: MoCo, optimizer: torch.optim.Optimizer,
-                      scaler: torch.amp.GradScaler, step: int, per_epoch: int, ctx: distributed.DistContext,
-                      data: dict) -> None:
+def _write_checkpoint(
+    path: Path,
+    cfg: MocoConfig,
+    model: MoCo,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    step: int,
+    per_epoch: int,
+    ctx: distributed.DistContext,
+    data: dict,
+) -> None:
     """Gather every rank's RNG state and let rank 0 write the checkpoint atomically."""
     rng = distributed.all_gather_object(capture_rng())  # collective: every rank takes part
     if not ctx.is_main:
@@ -271,8 +322,12 @@ def _write_checkpoint(path: Path, cfg: MocoConfig, model: MoCo, optimizer: torch
         "world_size": ctx.world_size,
         "rng": rng,
         # The order itself is a pure function of (seed, epoch); the fingerprint detects if it changed.
-        "data_order": {"seed": cfg.seed, "epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
-                       "fingerprint": order_fingerprint(data["n_patches"], cfg.seed, step // per_epoch)},
+        "data_order": {
+            "seed": cfg.seed,
+            "epoch": step // per_epoch,
+            "step_in_epoch": step % per_epoch,
+            "fingerprint": order_fingerprint(data["n_patches"], cfg.seed, step // per_epoch),
+        },
         "data": data,
         "git_commit": git_commit(),
         "torch_version": str(torch.__version__),  # TorchVersion would need an unsafe load

@@ -17,9 +17,17 @@ CONFIG_MODULES = {"finetune.config", "pretrain.config", "cemcurate.build.config"
 # Command-level modules: they read configs and call compute. Everything else is compute or
 # infrastructure and must not import a config or CLI module.
 COMMAND_MODULES = {
-    "cemcurate.cli", "cemcurate.filtering.cli", "cemcurate.filtering.train", "cemcurate.common.runstate",
-    "pretrain.cli", "pretrain.train",
-    "finetune.cli", "finetune.train", "finetune.benchmark", "finetune.evaluate", "finetune.predict.command",
+    "cemcurate.cli",
+    "cemcurate.filtering.cli",
+    "cemcurate.filtering.train",
+    "cemcurate.common.runstate",
+    "pretrain.cli",
+    "pretrain.train",
+    "finetune.cli",
+    "finetune.train",
+    "finetune.benchmark",
+    "finetune.evaluate",
+    "finetune.predict.command",
 }
 BUILD_STAGE = "cemcurate.build"  # the build stage's own modules read BuildConfig (except cut, its compute)
 
@@ -46,7 +54,7 @@ def _imports(name: str, path: Path) -> list[tuple[ast.stmt, str]]:
             base = node.module or ""
             if node.level:
                 package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
             subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES]
             targets = subs or [base]
         else:
@@ -75,7 +83,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(GRAPH[node]):
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2
@@ -107,8 +115,12 @@ def test_imports_are_at_the_top(name):
     tree = ast.parse(MODULES[name].read_text())
     top = set()
     for stmt in tree.body:  # module level, including module-level try/if blocks
-        top.update(id(n) for n in ast.walk(stmt) if not isinstance(stmt, (ast.FunctionDef, ast.ClassDef,
-                                                                           ast.AsyncFunctionDef)))
-    inner = [f"line {n.lineno}: {ast.unparse(n)}" for n in ast.walk(tree)
-             if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in top]
+        top.update(
+            id(n) for n in ast.walk(stmt) if not isinstance(stmt, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+        )
+    inner = [
+        f"line {n.lineno}: {ast.unparse(n)}"
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in top
+    ]
     assert not inner, inner

@@ -65,7 +65,9 @@ def test_table_is_the_resnets_timm_smp_and_our_3d_encoder_share():
 def _real_store(tmp_path, data_root, n=16, size=64):
     """A patch store of real VNC ssTEM crops (64 px: the mechanics, not the learning, are tested)."""
     raw = iio.imread(data_root / "drosophila_vnc_gerhard/stack1/raw/00.tif")
-    patches = np.stack([raw[y:y + size, x:x + size] for y in range(0, 4 * size, size) for x in range(0, 4 * size, size)])
+    patches = np.stack(
+        [raw[y : y + size, x : x + size] for y in range(0, 4 * size, size) for x in range(0, 4 * size, size)]
+    )
     write_patch_store(tmp_path / "store", patches[:n])
     return tmp_path / "store"
 
@@ -74,9 +76,35 @@ def _real_store(tmp_path, data_root, n=16, size=64):
 def test_every_arch_round_trips_through_every_stage(arch, tmp_path, data_root):
     store = _real_store(tmp_path, data_root)
     run, export = tmp_path / "pretrain", tmp_path / "export"
-    assert pretrain_main(["moco", "--data", str(store), "--out", str(run), "--gpus", "0", "--arch", arch,
-                          "--image-size", "32", "--batch-size", "4", "--queue-size", "8", "--max-steps", "1",
-                          "--workers", "0", "--no-tensorboard", "--log-every", "1"]) == 0
+    assert (
+        pretrain_main(
+            [
+                "moco",
+                "--data",
+                str(store),
+                "--out",
+                str(run),
+                "--gpus",
+                "0",
+                "--arch",
+                arch,
+                "--image-size",
+                "32",
+                "--batch-size",
+                "4",
+                "--queue-size",
+                "8",
+                "--max-steps",
+                "1",
+                "--workers",
+                "0",
+                "--no-tensorboard",
+                "--log-every",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert pretrain_main(["export", str(run / "checkpoint.pth"), str(export)]) == 0
     state = load_file(str(export / "encoder.safetensors"))
     assert json.loads((export / "config.json").read_text())["arch"] == arch
@@ -88,18 +116,51 @@ def test_every_arch_round_trips_through_every_stage(arch, tmp_path, data_root):
     mask = iio.imread(data_root / "drosophila_vnc_gerhard/stack1/mitochondria/00.png")[:128, :128]
     iio.imwrite(tmp_path / "img.png", image)
     iio.imwrite(tmp_path / "mask.png", mask)
-    assert finetune_main(["train", "--images", str(tmp_path / "img.png"), "--masks", str(tmp_path / "mask.png"),
-                          "--mask-threshold", "127", "--arch", arch, "--encoder", str(export), "--iters", "1",
-                          "--batch-size", "2", "--crop", "64", "--workers", "0", "--device", "cpu", "--quiet",
-                          "--out", str(tmp_path / "run2d")]) == 0
+    assert (
+        finetune_main(
+            [
+                "train",
+                "--images",
+                str(tmp_path / "img.png"),
+                "--masks",
+                str(tmp_path / "mask.png"),
+                "--mask-threshold",
+                "127",
+                "--arch",
+                arch,
+                "--encoder",
+                str(export),
+                "--iters",
+                "1",
+                "--batch-size",
+                "2",
+                "--crop",
+                "64",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(tmp_path / "run2d"),
+            ]
+        )
+        == 0
+    )
     saved = torch.load(tmp_path / "run2d" / "model.pth", weights_only=True)["state_dict"]
     for key, value in state.items():
         assert torch.equal(saved[f"net.encoder.{key}"], value), key
 
     # 3D: the same export inflated strictly into a UNet3D.
     geometry = StageGeometry.preset("anisotropic")
-    model3d = build_model("unet3d", arch=arch, num_classes=2, weights=resolve(str(export), arch), geometry=geometry,
-                          decoder_channels=(8, 8, 8, 8, 8))
+    model3d = build_model(
+        "unet3d",
+        arch=arch,
+        num_classes=2,
+        weights=resolve(str(export), arch),
+        geometry=geometry,
+        decoder_channels=(8, 8, 8, 8, 8),
+    )
     expected = inflate_state_dict(state, geometry)
     got = model3d.encoder.state_dict()
     assert set(got) == set(expected)

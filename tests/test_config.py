@@ -1,5 +1,4 @@
 import argparse
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -16,10 +16,10 @@ from cemcurate.dedup import (
     gini,
     group_incremental,
     group_near_duplicates,
+    grouping,
     hamming_distance,
     lorenz_curve,
 )
-from cemcurate.dedup import grouping
 from cemcurate.dhash import dhash64
 
 PATCH = 224
@@ -256,8 +256,9 @@ def test_range_index_with_skewed_blocks(monkeypatch):
     # hold one giant bucket; those queries must fall back to a scan and stay exact.
     scanned = []
     plain_scan = HammingRangeIndex._query_brute
-    monkeypatch.setattr(HammingRangeIndex, "_query_brute",
-                        lambda self, q: scanned.append(len(q)) or plain_scan(self, q))
+    monkeypatch.setattr(
+        HammingRangeIndex, "_query_brute", lambda self, q: scanned.append(len(q)) or plain_scan(self, q)
+    )
     rng = np.random.default_rng(9)
     base = np.unique(clustered_hashes(8000, rng))
     base[: len(base) * 9 // 10] &= np.uint64(0xFFFFFFFF00000000)
@@ -314,8 +315,13 @@ def test_assign_to_exemplars_matches_brute_force():
     drift = drifting_hashes(250, rng)
     drift ^= drift[0] ^ exemplars[17]
     # Exemplars with 0..14 bits flipped: on both sides of the threshold, with ties between exemplars.
-    near = np.array([flip_bits(int(h), rng.choice(64, rng.integers(0, 15), replace=False))
-                     for h in exemplars[rng.integers(0, len(exemplars), 500)]], dtype=np.uint64)
+    near = np.array(
+        [
+            flip_bits(int(h), rng.choice(64, rng.integers(0, 15), replace=False))
+            for h in exemplars[rng.integers(0, len(exemplars), 500)]
+        ],
+        dtype=np.uint64,
+    )
     new = np.concatenate([drift, near, clustered_hashes(2000, rng)])
     distance = hamming_distance(new[:, None], exemplars[None, :]).astype(int)
     expected = np.where(distance.min(axis=1) <= 11, distance.argmin(axis=1), -1)  # argmin: lowest index on ties

@@ -5,18 +5,25 @@ from __future__ import annotations
 import json
 import shutil
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import tifffile
-import imageio.v3 as iio
 import torch
 import yaml
 from PIL import Image
 
 from cemcurate.common.weights import WeightsError
-from cemcurate.filtering.classifier import (CLASSIFIER_KIND, FilterError, convert_torchvision_classifier, create_model,
-                                            load_classifier, predict_informative, predict_logits, resolve_init,
-                                            save_classifier)
+from cemcurate.filtering.classifier import (
+    CLASSIFIER_KIND,
+    FilterError,
+    convert_torchvision_classifier,
+    create_model,
+    load_classifier,
+    predict_logits,
+    resolve_init,
+    save_classifier,
+)
 from cemcurate.filtering.filters import make_filter
 from cemcurate.filtering.labels import append_labels, labels_path
 from cemcurate.filtering.train import FilterTrainConfig, stratified_split, train_filter
@@ -38,12 +45,23 @@ def uninformative_patches(data_root, rng) -> np.ndarray:
     # Slices 0-24 and 88-100 hold no particles (only noise and the grid edge), seen by eye.
     for z in list(range(0, 25, 3)) + list(range(88, 101, 3)):
         y, x = rng.integers(0, tomo.shape[1] - P, 2)
-        out.append(tomo[z, y:y + P, x:x + P])
+        out.append(tomo[z, y : y + P, x : x + P])
     plate = tifffile.imread(data_root / "sem_plate_databar/plateImage2D.tif")
-    for y, x in [(196, 0), (252, 0), (308, 0), (364, 0), (0, 112), (728, 644), (728, 672), (756, 616), (700, 700), (336, 28)]:
-        out.append(_resize(plate[y:y + 112, x:x + 112], P))
+    for y, x in [
+        (196, 0),
+        (252, 0),
+        (308, 0),
+        (364, 0),
+        (0, 112),
+        (728, 644),
+        (728, 672),
+        (756, 616),
+        (700, 700),
+        (336, 28),
+    ]:
+        out.append(_resize(plate[y : y + 112, x : x + 112], P))
     for x in range(0, 1024 - 55, 56):
-        out.append(_resize(plate[886:942, x:x + 56], P))
+        out.append(_resize(plate[886:942, x : x + 56], P))
     return np.stack(out)
 
 
@@ -54,11 +72,11 @@ def informative_patches(data_root, rng) -> np.ndarray:
         # 4x smaller: a 64-px crop then spans ~1.2 um, several neurites wide.
         image = _resize(tifffile.imread(f), 256)
         y, x = rng.integers(0, 256 - P, 2)
-        out.append(image[y:y + P, x:x + P])
+        out.append(image[y : y + P, x : x + P])
     for f in sorted((data_root / "neuroproof_flyem/training_sample2/grayscale_maps").glob("*.png"))[::12][:20]:
         image = _resize(iio.imread(f), 125)
         y, x = rng.integers(0, 125 - P, 2)
-        out.append(image[y:y + P, x:x + P])
+        out.append(image[y : y + P, x : x + P])
     return np.stack(out)
 
 
@@ -84,8 +102,16 @@ def test_train_end_to_end_on_real_patches(labelled_build, tmp_path):
     encoder = {k: v for k, v in encoder.items() if not k.startswith("fc.")}
     weights = tmp_path / "encoder.pth"
     torch.save(encoder, weights)
-    cfg = FilterTrainConfig(arch="resnet18", weights=str(weights), epochs=3, batch_size=16, test_fraction=0.3,
-                            seed=0, forest_trees=50, output=str(tmp_path / "filter"))
+    cfg = FilterTrainConfig(
+        arch="resnet18",
+        weights=str(weights),
+        epochs=3,
+        batch_size=16,
+        test_fraction=0.3,
+        seed=0,
+        forest_trees=50,
+        output=str(tmp_path / "filter"),
+    )
     metrics = train_filter(out, cfg, progress=False)
 
     dest = tmp_path / "filter"
@@ -119,7 +145,9 @@ def test_train_end_to_end_on_real_patches(labelled_build, tmp_path):
     assert probs.dtype == np.float32 and probs.shape == (len(test_ids),) and ((probs >= 0) & (probs <= 1)).all()
     assert roc_auc_score(labels[test_ids], probs) == pytest.approx(metrics["auroc"]["resnet"], abs=1e-6)
     forest = make_filter(str(dest / "stats_forest.pkl"))
-    assert roc_auc_score(labels[test_ids], forest(patches[test_ids])) == pytest.approx(metrics["auroc"]["forest"], abs=1e-6)
+    assert roc_auc_score(labels[test_ids], forest(patches[test_ids])) == pytest.approx(
+        metrics["auroc"]["forest"], abs=1e-6
+    )
 
 
 def test_cem500k_state_dict_maps_to_timm(tmp_path, labelled_build):
@@ -149,7 +177,9 @@ def test_cem500k_state_dict_maps_to_timm(tmp_path, labelled_build):
     x = np.stack([_resize(p, 224) for p in patches[[20, 60]]])  # empty SEM background, VNC
     ours = predict_logits(classifier.model, x, 224, classifier.mean, classifier.std, progress=False)
     rgb = torch.from_numpy(x).float().div(255).unsqueeze(1).repeat(1, 3, 1, 1)
-    rgb = (rgb - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    rgb = (rgb - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1
+    )
     with torch.no_grad():
         reference = tv(rgb).reshape(-1).numpy()
     # Identical up to the 3-px border, where the two zero paddings differ slightly.

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import tifffile
-import imageio.v3 as iio
 from PIL import Image
 
-from cemcurate.filtering.features import (FEATURE_NAMES, image_statistics, lbp_uniform, local_entropy,
-                                          local_geometric_mean)
+from cemcurate.filtering.features import (
+    FEATURE_NAMES,
+    image_statistics,
+    lbp_uniform,
+    local_entropy,
+    local_geometric_mean,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +39,26 @@ def reference_statistics(patch: np.ndarray) -> np.ndarray:
     from skimage.filters.rank import entropy, geometric_mean
 
     window = np.ones((9, 9), bool)
-    return np.array([
-        local_binary_pattern(patch, 8, 1, method="uniform").std(),
-        entropy(patch >> 3, window).std(),
-        np.median(geometric_mean(patch, window)),
-        canny(patch).mean(),  # skimage's defaults: sigma 1, thresholds 0.1 / 0.2 of the range
-    ])
+    return np.array(
+        [
+            local_binary_pattern(patch, 8, 1, method="uniform").std(),
+            entropy(patch >> 3, window).std(),
+            np.median(geometric_mean(patch, window)),
+            canny(patch).mean(),  # skimage's defaults: sigma 1, thresholds 0.1 / 0.2 of the range
+        ]
+    )
 
 
 def test_statistics_match_per_image_reference(real_patches):
     got = image_statistics(real_patches)
     assert got.shape == (len(real_patches), len(FEATURE_NAMES)) and got.dtype == np.float64
     want = np.stack([reference_statistics(p) for p in real_patches])
-    np.testing.assert_allclose(got[:, 0], want[:, 0], rtol=0, atol=1e-12)   # LBP std
-    np.testing.assert_allclose(got[:, 1], want[:, 1], rtol=0, atol=1e-9)    # entropy std
+    np.testing.assert_allclose(got[:, 0], want[:, 0], rtol=0, atol=1e-12)  # LBP std
+    np.testing.assert_allclose(got[:, 1], want[:, 1], rtol=0, atol=1e-9)  # entropy std
     # skimage rounds each local geometric mean to uint8; ours is unrounded, so the
     # medians differ by at most half a grey level.
     np.testing.assert_allclose(got[:, 2], want[:, 2], rtol=0, atol=0.5 + 1e-9)
-    np.testing.assert_allclose(got[:, 3], want[:, 3], rtol=0, atol=1e-12)   # Canny edge fraction
+    np.testing.assert_allclose(got[:, 3], want[:, 3], rtol=0, atol=1e-12)  # Canny edge fraction
     # The features must tell these patches apart: the data bar and the empty background
     # have far fewer edges than the ssTEM patches.
     assert got[4, 3] < 0.5 * got[0, 3] and got[4, 1] != got[0, 1]

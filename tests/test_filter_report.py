@@ -7,7 +7,6 @@ import io
 import re
 
 import numpy as np
-import pandas as pd
 import pytest
 import tifffile
 from PIL import Image
@@ -23,9 +22,11 @@ def filtered_build(data_root, tmp_path):
     """Two sources - VNC tiles and SEM background/data-bar patches - scored by ``--filter stats``."""
     vnc = tifffile.imread(data_root / "drosophila_vnc_gerhard/stack1/raw/05.tif")
     plate = tifffile.imread(data_root / "sem_plate_databar/plateImage2D.tif")
-    cells = [vnc[y:y + 224, x:x + 224] for y in range(0, 896, 224) for x in range(0, 896, 224)][:6]
-    sem = [np.asarray(Image.fromarray(plate[y:y + 112, x:x + 112]).resize((224, 224))) for y, x in [(252, 0), (364, 0)]]
-    sem += [np.asarray(Image.fromarray(plate[886:942, x:x + 56]).resize((224, 224), Image.NEAREST)) for x in (0, 280)]
+    cells = [vnc[y : y + 224, x : x + 224] for y in range(0, 896, 224) for x in range(0, 896, 224)][:6]
+    sem = [
+        np.asarray(Image.fromarray(plate[y : y + 112, x : x + 112]).resize((224, 224))) for y, x in [(252, 0), (364, 0)]
+    ]
+    sem += [np.asarray(Image.fromarray(plate[886:942, x : x + 56]).resize((224, 224), Image.NEAREST)) for x in (0, 280)]
     sem.append(plate[224:448, 224:448])  # the sieve plate itself: informative
     patches = np.stack(cells + sem)
     out = tmp_path / "out"
@@ -41,8 +42,10 @@ def filtered_build(data_root, tmp_path):
 
 
 def _images(fragment: str) -> list[np.ndarray]:
-    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))))
-            for b in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", fragment)]
+    return [
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(b))))
+        for b in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", fragment)
+    ]
 
 
 def test_section_shows_kept_and_dropped_per_source(filtered_build):

@@ -2,26 +2,48 @@
 
 from __future__ import annotations
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import tifffile
-import imageio.v3 as iio
 from PIL import Image
 
 from cemcurate.filtering.filters import make_filter
-from cemcurate.filtering.rules import (DEFAULT_RULES, RuleSettings, flat_fraction, intensity_range, noise_sigma, overlay_shares,
-                                       rule_informative_prob, rule_reasons)
+from cemcurate.filtering.rules import (
+    DEFAULT_RULES,
+    RuleSettings,
+    flat_fraction,
+    intensity_range,
+    noise_sigma,
+    overlay_shares,
+    rule_informative_prob,
+    rule_reasons,
+)
 
 # Dark, empty background of the SEM image (y, x of 112-px crops), found by eye: each is
 # 80%+ smooth background with at most a sliver of a cell wall in one corner.
-PLATE_EMPTY = [(196, 0), (252, 0), (308, 0), (364, 0), (0, 112), (728, 644), (728, 672), (756, 616), (700, 700), (336, 28)]
+PLATE_EMPTY = [
+    (196, 0),
+    (252, 0),
+    (308, 0),
+    (364, 0),
+    (0, 112),
+    (728, 644),
+    (728, 672),
+    (756, 616),
+    (700, 700),
+    (336, 28),
+]
 # The burned-in data bar (text "HV spot det ...", scale bar) spans rows 886-942 of 943.
 BAR_ROWS = (886, 942)
 
 
 def tiles(image: np.ndarray, p: int = 224) -> list[np.ndarray]:
-    return [image[y:y + p, x:x + p] for y in range(0, image.shape[0] - p + 1, p)
-            for x in range(0, image.shape[1] - p + 1, p)]
+    return [
+        image[y : y + p, x : x + p]
+        for y in range(0, image.shape[0] - p + 1, p)
+        for x in range(0, image.shape[1] - p + 1, p)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +60,19 @@ def bar_patches(plate):
     is what a 224-px patch inside the bar of a 4096-px export looks like.
     """
     y0, y1 = BAR_ROWS
-    windows = [plate[y0:y0 + 56, x:x + 56] for x in range(0, plate.shape[1] - 55, 56)]
+    windows = [plate[y0 : y0 + 56, x : x + 56] for x in range(0, plate.shape[1] - 55, 56)]
     return np.stack([np.asarray(Image.fromarray(w).resize((224, 224), Image.NEAREST)) for w in windows])
 
 
 @pytest.fixture(scope="module")
 def empty_patches(plate):
     """The empty background crops enlarged 2x (bilinear, as the pipeline resizes edge crops) to 224 px."""
-    return np.stack([np.asarray(Image.fromarray(plate[y:y + 112, x:x + 112]).resize((224, 224), Image.BILINEAR))
-                     for y, x in PLATE_EMPTY])
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(plate[y : y + 112, x : x + 112]).resize((224, 224), Image.BILINEAR))
+            for y, x in PLATE_EMPTY
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +112,9 @@ def test_cell_rich_patches_are_kept(cell_patches):
 
 def test_cem500k_examples_are_kept(data_root):
     # Patches from CEM500K itself passed the paper's filter; one is low-contrast (19-level range).
-    files = sorted((data_root / "cem500k_examples/occlusion").glob("*.tiff")) + \
-        sorted((data_root / "cem500k_examples/correlation/images").glob("*.png"))
+    files = sorted((data_root / "cem500k_examples/occlusion").glob("*.tiff")) + sorted(
+        (data_root / "cem500k_examples/correlation/images").glob("*.png")
+    )
     images = [iio.imread(f) for f in files]
     # A few are cut at an image edge (e.g. 224x138); resize like the pipeline's edge crops.
     batch = np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.BILINEAR)) for im in images])

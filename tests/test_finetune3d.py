@@ -46,8 +46,16 @@ def boundary_volumes(neuroproof_boundaries, tmp_path_factory):
 
 
 def _data_args(d) -> list[str]:
-    return ["--dim", "3d", "--images", str(d / "train_image.tif"), "--masks", str(d / "train_boundary.tif"),
-            "--mask-threshold", "0"]
+    return [
+        "--dim",
+        "3d",
+        "--images",
+        str(d / "train_image.tif"),
+        "--masks",
+        str(d / "train_boundary.tif"),
+        "--mask-threshold",
+        "0",
+    ]
 
 
 @pytest.mark.slow
@@ -55,10 +63,38 @@ def test_cli_3d_run_beats_trivial_baselines(boundary_volumes, tmp_path, capsys):
     d, run = boundary_volumes, tmp_path / "run"
     # Boundaries are ~15% of voxels: weight them up so a short run does not settle on
     # "all background".
-    rc = main(["train", *_data_args(d), "--val-images", str(d / "test_image.tif"), "--val-masks",
-               str(d / "test_boundary.tif"), "--crop", "32", "--crop-depth", "32", "--batch-size", "4",
-               "--iters", "80", "--checkpoint-every", "40", "--lr", "0.01", "--seed", "0", "--class-weights", "1", "5",
-               "--brightness-contrast", "0.15", *SMALL, "--out", str(run)])
+    rc = main(
+        [
+            "train",
+            *_data_args(d),
+            "--val-images",
+            str(d / "test_image.tif"),
+            "--val-masks",
+            str(d / "test_boundary.tif"),
+            "--crop",
+            "32",
+            "--crop-depth",
+            "32",
+            "--batch-size",
+            "4",
+            "--iters",
+            "80",
+            "--checkpoint-every",
+            "40",
+            "--lr",
+            "0.01",
+            "--seed",
+            "0",
+            "--class-weights",
+            "1",
+            "5",
+            "--brightness-contrast",
+            "0.15",
+            *SMALL,
+            "--out",
+            str(run),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     payload = torch.load(run / "model.pth", weights_only=True)
     # geometry auto + 10 nm isotropic voxels -> 3x3x3 kernels, z pooled in every stage
@@ -68,8 +104,25 @@ def test_cli_3d_run_beats_trivial_baselines(boundary_volumes, tmp_path, capsys):
     assert np.mean(losses[-2:]) < np.mean(losses[:2])
 
     pred = tmp_path / "pred.tif"
-    rc = main(["predict", str(run), str(d / "test_image.tif"), str(pred), "--output-type", "labels",
-               "--window", "32", "64", "64", "--window-overlap", "8", "16", "16", "--quiet"])
+    rc = main(
+        [
+            "predict",
+            str(run),
+            str(d / "test_image.tif"),
+            str(pred),
+            "--output-type",
+            "labels",
+            "--window",
+            "32",
+            "64",
+            "64",
+            "--window-overlap",
+            "8",
+            "16",
+            "16",
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     truth = read_array(d / "test_boundary.tif")
     predicted = read_array(pred)
@@ -96,10 +149,24 @@ def test_3d_resume_equals_uninterrupted_run_with_inflated_weights(boundary_volum
 
     def cfg(**kw) -> TrainConfig:
         d = boundary_volumes
-        base = dict(dim="3d", images=[str(d / "train_image.tif")], masks=[str(d / "train_boundary.tif")],
-                    mask_threshold=0, arch="resnet18", encoder=str(weights), freeze_encoder=False,
-                    decoder_channels=[16, 8, 8, 4, 4], crop=32, crop_depth=16, batch_size=2, iters=4,
-                    checkpoint_every=2, loss="dice_ce", elastic_alpha=1.5, workers=0)
+        base = dict(
+            dim="3d",
+            images=[str(d / "train_image.tif")],
+            masks=[str(d / "train_boundary.tif")],
+            mask_threshold=0,
+            arch="resnet18",
+            encoder=str(weights),
+            freeze_encoder=False,
+            decoder_channels=[16, 8, 8, 4, 4],
+            crop=32,
+            crop_depth=16,
+            batch_size=2,
+            iters=4,
+            checkpoint_every=2,
+            loss="dice_ce",
+            elastic_alpha=1.5,
+            workers=0,
+        )
         return build_config(TrainConfig, **{**base, **kw})
 
     first = train(cfg(), tmp_path / "interrupted", stop_at=2, progress=False)
@@ -112,7 +179,9 @@ def test_3d_resume_equals_uninterrupted_run_with_inflated_weights(boundary_volum
     b = torch.load(tmp_path / "straight" / "model.pth", weights_only=True)
     assert a["model_config"] == b["model_config"] and a["state_dict"].keys() == b["state_dict"].keys()
     for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), f"{k} differs between resumed and uninterrupted runs"
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (
+            f"{k} differs between resumed and uninterrupted runs"
+        )
     # The trainable encoder started from the file's weights, inflated: the stem kernel
     # moved away from, but stays close to, the I3D inflation of the 2D kernel.
     stem2d = torch.load(weights, weights_only=True)["conv1.weight"]
@@ -128,7 +197,7 @@ def test_geometry_from_voxel_size_and_clear_errors(boundary_volumes, neuroproof_
     write_volume(tmp_path / "unknown.tif", image)
     base = build_config(TrainConfig, images=["x"], masks=["y"], dim="3d")
     assert resolve_geometry(base, tmp_path / "aniso.tif") == StageGeometry.from_spacing((40, 10, 10))
-    assert resolve_geometry(base, tmp_path / "aniso.tif").kernel_depth[0] == 1     # in-plane first stage
+    assert resolve_geometry(base, tmp_path / "aniso.tif").kernel_depth[0] == 1  # in-plane first stage
     assert resolve_geometry(base, tmp_path / "unknown.tif") == StageGeometry.preset("isotropic")
     planar = build_config(TrainConfig, images=["x"], masks=["y"], dim="3d", geometry="planar")
     assert resolve_geometry(planar, tmp_path / "aniso.tif") == StageGeometry.preset("planar")
@@ -147,7 +216,21 @@ def test_geometry_from_voxel_size_and_clear_errors(boundary_volumes, neuroproof_
     flat = tmp_path / "flat"
     write_volume(flat / "img.tif", image[0])
     write_volume(flat / "lab.tif", (image[0] < 100).astype(np.uint8))
-    rc = main(["train", "--dim", "3d", "--images", str(flat / "img.tif"), "--masks", str(flat / "lab.tif"),
-               "--iters", "1", *SMALL, "--out", str(tmp_path / "r")])
+    rc = main(
+        [
+            "train",
+            "--dim",
+            "3d",
+            "--images",
+            str(flat / "img.tif"),
+            "--masks",
+            str(flat / "lab.tif"),
+            "--iters",
+            "1",
+            *SMALL,
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "img.tif has a single slice" in err and "dim 2d" in err

@@ -22,7 +22,6 @@ from finetune.config import TrainConfig
 from finetune.models import build_model
 from finetune.train import train
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -45,7 +44,7 @@ def test_export_layout_loads_strictly_with_its_normalisation(tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "encoder.safetensors"))
     torch.save({k: torch.zeros_like(v) for k, v in state.items()}, folder / "encoder.pth")  # safetensors wins
     (folder / "config.json").write_text(json.dumps({"arch": "resnet18", "mean": 0.57, "std": 0.13}))
-    for spec in (str(folder / "encoder.safetensors"), str(folder)):   # the file, or its folder
+    for spec in (str(folder / "encoder.safetensors"), str(folder)):  # the file, or its folder
         weights = resolve(spec, "resnet18")
         assert (weights.kind, weights.mean, weights.std) == ("file", 0.57, 0.13)
         model = build_model("unet2d", arch="resnet18", weights=weights)
@@ -59,25 +58,33 @@ def test_cem500k_layout_with_mlp_head_and_rgb_conv1_loads(tmp_path):
     state = _timm_state("resnet50", in_chans=3)
     ckpt = {f"module.encoder_q.{k}": v for k, v in state.items()}
     # MoCoV2 projection head (2-layer MLP) and the momentum encoder: must be dropped.
-    ckpt.update({"module.encoder_q.fc.0.weight": torch.randn(2048, 2048), "module.encoder_q.fc.0.bias": torch.zeros(2048),
-                 "module.encoder_q.fc.2.weight": torch.randn(128, 2048), "module.encoder_q.fc.2.bias": torch.zeros(128),
-                 "module.encoder_k.conv1.weight": torch.randn(64, 3, 7, 7), "module.queue": torch.randn(128, 16)})
+    ckpt.update(
+        {
+            "module.encoder_q.fc.0.weight": torch.randn(2048, 2048),
+            "module.encoder_q.fc.0.bias": torch.zeros(2048),
+            "module.encoder_q.fc.2.weight": torch.randn(128, 2048),
+            "module.encoder_q.fc.2.bias": torch.zeros(128),
+            "module.encoder_k.conv1.weight": torch.randn(64, 3, 7, 7),
+            "module.queue": torch.randn(128, 16),
+        }
+    )
     path = tmp_path / "cem500k_mocov2_resnet50_200ep.pth.tar"
     torch.save({"epoch": 200, "arch": "resnet50", "state_dict": ckpt, "norms": [0.58, 0.12]}, path)
     assert WeightSpec.parse(f"cem500k:{path}") == WeightSpec("cem500k", path)
     weights = resolve(f"cem500k:{path}", "resnet50")
     assert (weights.mean, weights.std) == (0.58, 0.12)
-    torch.save({"state_dict": ckpt}, tmp_path / "no_norms.pth")     # no norms: CEM500K statistics
+    torch.save({"state_dict": ckpt}, tmp_path / "no_norms.pth")  # no norms: CEM500K statistics
     assert resolve(f"cem500k:{tmp_path / 'no_norms.pth'}", "resnet50").mean == CEM500K_MEAN
     model = build_model("unet2d", arch="resnet50", weights=weights)
     expected = dict(state)
-    expected["conv1.weight"] = state["conv1.weight"].sum(dim=1, keepdim=True)   # grey = R = G = B
+    expected["conv1.weight"] = state["conv1.weight"].sum(dim=1, keepdim=True)  # grey = R = G = B
     _assert_encoder_equals(model, expected)
     # The same checkpoint initialises a 3D UNet (finetune train --dim 3d): with in-plane
     # kernels (planar geometry) the inflated weights are the 2D ones with a depth axis.
 
-    model3d = build_model("unet3d", arch="resnet50", num_classes=2, weights=weights, geometry="planar",
-                          decoder_channels=(8, 8, 8, 8, 8))
+    model3d = build_model(
+        "unet3d", arch="resnet50", num_classes=2, weights=weights, geometry="planar", decoder_channels=(8, 8, 8, 8, 8)
+    )
     assert float(model3d.norm_mean) == pytest.approx(0.58)
     enc3d = model3d.encoder.state_dict()
     assert set(enc3d) == set(expected)
@@ -134,12 +141,23 @@ def test_frozen_encoder_weights_and_bn_stats_do_not_change_in_training(tmp_path,
     iio.imwrite(tmp_path / "mask.png", iio.imread(mito)[:256, :256])
     state = _timm_state("resnet18", seed=3)
     torch.save(state, tmp_path / "enc.pth")
-    cfg = build_config(TrainConfig, images=[str(tmp_path / "img.png")], masks=[str(tmp_path / "mask.png")], mask_threshold=127,
-                      arch="resnet18", encoder=str(tmp_path / "enc.pth"), freeze_encoder=True, iters=3,
-                      batch_size=2, crop=64, workers=0, device="cpu")
+    cfg = build_config(
+        TrainConfig,
+        images=[str(tmp_path / "img.png")],
+        masks=[str(tmp_path / "mask.png")],
+        mask_threshold=127,
+        arch="resnet18",
+        encoder=str(tmp_path / "enc.pth"),
+        freeze_encoder=True,
+        iters=3,
+        batch_size=2,
+        crop=64,
+        workers=0,
+        device="cpu",
+    )
     train(cfg, tmp_path / "run", progress=False)
     saved = torch.load(tmp_path / "run" / "model.pth", weights_only=True)["state_dict"]
-    enc = {k[len("net.encoder."):]: v for k, v in saved.items() if k.startswith("net.encoder.")}
+    enc = {k[len("net.encoder.") :]: v for k, v in saved.items() if k.startswith("net.encoder.")}
     assert any(k.endswith("running_mean") for k in enc)
     for k, v in state.items():
         assert torch.equal(enc[k], v), f"frozen encoder tensor {k} changed"

@@ -36,14 +36,27 @@ def test_per_image_and_pooled_iou_match_hand_counts(isbi, tmp_path):
     truths, preds = [], []
     for i, lab in enumerate(isbi):
         membrane = lab == 0
-        pred = ndimage.binary_dilation(membrane, iterations=i + 1)       # over-segment by 1 and 2 px
+        pred = ndimage.binary_dilation(membrane, iterations=i + 1)  # over-segment by 1 and 2 px
         iio.imwrite(labels_dir / f"{i}.png", lab)
-        iio.imwrite(pred_dir / f"{i}.png", pred.astype(np.uint8))       # class indices 0/1
+        iio.imwrite(pred_dir / f"{i}.png", pred.astype(np.uint8))  # class indices 0/1
         truths.append(membrane)
         preds.append(pred)
     out = tmp_path / "s.json"
-    rc = main(["evaluate", str(pred_dir), str(labels_dir / "*.png"), "--classes", "background", "membrane",
-               "--label-map", "0:membrane", "255:background", "--json", str(out)])
+    rc = main(
+        [
+            "evaluate",
+            str(pred_dir),
+            str(labels_dir / "*.png"),
+            "--classes",
+            "background",
+            "membrane",
+            "--label-map",
+            "0:membrane",
+            "255:background",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     for row, p, t in zip(result["per_image"], preds, truths):
@@ -56,9 +69,9 @@ def test_per_image_and_pooled_iou_match_hand_counts(isbi, tmp_path):
 
 def test_volume_probabilities_ignore_label_and_instances_only(isbi, tmp_path):
     membrane = np.stack([lab == 0 for lab in isbi])
-    labels = np.where(membrane, 255, 0).astype(np.uint8)         # 255 = foreground here
-    labels[:, :20, :] = 7                                         # an "unlabelled" band: ignored
-    in_plane = np.ones((1, 3, 3), bool)                           # erode within each slice only
+    labels = np.where(membrane, 255, 0).astype(np.uint8)  # 255 = foreground here
+    labels[:, :20, :] = 7  # an "unlabelled" band: ignored
+    in_plane = np.ones((1, 3, 3), bool)  # erode within each slice only
     probs = np.where(ndimage.binary_erosion(membrane, in_plane), 0.9, 0.2).astype(np.float32)
     # False positives far (> 10 px) from any membrane: regions that touch no labelled instance.
     extra = np.stack([ndimage.distance_transform_edt(~m) > 10 for m in membrane])
@@ -66,8 +79,16 @@ def test_volume_probabilities_ignore_label_and_instances_only(isbi, tmp_path):
     write_volume(tmp_path / "labels.tif", labels)
     write_volume(tmp_path / "probs.tif", probs)
     out = tmp_path / "s.json"
-    common = [str(tmp_path / "probs.tif"), str(tmp_path / "labels.tif"), "--label-threshold", "127",
-              "--ignore-label", "7", "--json", str(out)]
+    common = [
+        str(tmp_path / "probs.tif"),
+        str(tmp_path / "labels.tif"),
+        "--label-threshold",
+        "127",
+        "--ignore-label",
+        "7",
+        "--json",
+        str(out),
+    ]
     assert main(["evaluate", *common]) == 0
     r = json.loads(out.read_text())
     keep = np.ones_like(membrane)

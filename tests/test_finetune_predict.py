@@ -21,7 +21,7 @@ from finetune.predict import SlicePredictor, plan_tiles, predict_orthoplane, pre
 from finetune.train import MODEL
 from finetune.volumes import open_input
 
-SHAPE = (24, 40, 56)   # z, y, x
+SHAPE = (24, 40, 56)  # z, y, x
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -32,7 +32,7 @@ def volume_path(data_root, tmp_path_factory):
     files = sorted(glob.glob(str(data_root / "neuroproof_flyem/training_sample2/grayscale_maps/*.png")))
     if len(files) < SHAPE[0]:
         pytest.skip("neuroproof training_sample2 grayscale maps not found")
-    vol = np.stack([iio.imread(f)[100:100 + SHAPE[1], 80:80 + SHAPE[2]] for f in files[50:50 + SHAPE[0]]])
+    vol = np.stack([iio.imread(f)[100 : 100 + SHAPE[1], 80 : 80 + SHAPE[2]] for f in files[50 : 50 + SHAPE[0]]])
     path = tmp_path_factory.mktemp("neuroproof") / "crop.tif"
     write_volume(path, vol, voxel_size=(10.0, 10.0, 10.0))
     return path
@@ -42,8 +42,10 @@ def _save_run(folder, arch="resnet18", classes=("background", "mito"), seed=0):
     torch.manual_seed(seed)
     model = build_model("unet2d", arch=arch, num_classes=len(classes))
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "model_config": model.config(), "classes": list(classes),
-                "config": {}}, folder / MODEL)
+    torch.save(
+        {"state_dict": model.state_dict(), "model_config": model.config(), "classes": list(classes), "config": {}},
+        folder / MODEL,
+    )
     return model
 
 
@@ -52,7 +54,7 @@ class _Collect:
         self.out = np.full((channels,) + shape, np.nan, np.float32)
 
     def __call__(self, z0, probs):
-        self.out[:, z0:z0 + probs.shape[1]] = probs
+        self.out[:, z0 : z0 + probs.shape[1]] = probs
 
 
 def test_orthoplane_of_constant_and_pointwise_models(volume_path, tmp_path):
@@ -64,13 +66,13 @@ def test_orthoplane_of_constant_and_pointwise_models(volume_path, tmp_path):
     # A per-voxel model sees the same value in all three planes, so the orthoplane average
     # must equal the model applied to the volume: any transposition mistake breaks this.
     expected = (source.read_unit(0, SHAPE[0]) ** 2)[None]
-    for limit in (4 * 2**30, 1):          # in RAM, then memory-mapped files in tmp_path
+    for limit in (4 * 2**30, 1):  # in RAM, then memory-mapped files in tmp_path
         got = _Collect(SHAPE, 1)
-        predict_orthoplane(source, lambda s: (s ** 2)[:, None], got, 1, chunk=5, memory_limit=limit, workdir=tmp_path)
+        predict_orthoplane(source, lambda s: (s**2)[:, None], got, 1, chunk=5, memory_limit=limit, workdir=tmp_path)
         np.testing.assert_allclose(got.out, expected, rtol=1e-5, atol=1e-6)
     assert not list(tmp_path.glob(".orthoplane-*")), "memory-mapped work files must be removed"
     stack = _Collect(SHAPE, 1)
-    predict_stack(source, lambda s: (s ** 2)[:, None], stack, chunk=5)
+    predict_stack(source, lambda s: (s**2)[:, None], stack, chunk=5)
     np.testing.assert_allclose(stack.out, expected, rtol=1e-6)
 
 
@@ -78,7 +80,7 @@ def test_tiled_equals_untiled_on_a_slice_that_fits_one_tile(volume_path):
     torch.manual_seed(0)
     model = build_model("unet2d", arch="resnet18").eval()
     source = open_input(str(volume_path))
-    slices = source.read_unit(3, 5)[:, 4:36, 8:40]           # 2 x 32 x 32 real slices
+    slices = source.read_unit(3, 5)[:, 4:36, 8:40]  # 2 x 32 x 32 real slices
     tiled = SlicePredictor(model, "cpu", tile=512, overlap=64, batch_size=1)(slices)
     with torch.inference_mode():
         direct = torch.sigmoid(model(torch.from_numpy(slices)[:, None])).numpy()
@@ -102,12 +104,12 @@ def _reference_blend(slices: np.ndarray, model_fn, tile: int, overlap: int) -> n
     num, den = None, np.zeros(padded.shape[1:])
     for y in starts(padded.shape[1]):
         for x in starts(padded.shape[2]):
-            probs = model_fn(padded[:, y:y + tile, x:x + tile])
+            probs = model_fn(padded[:, y : y + tile, x : x + tile])
             num = np.zeros((len(slices), probs.shape[1]) + padded.shape[1:]) if num is None else num
-            num[:, :, y:y + tile, x:x + tile] += probs * weight
-            den[y:y + tile, x:x + tile] += weight
+            num[:, :, y : y + tile, x : x + tile] += probs * weight
+            den[y : y + tile, x : x + tile] += weight
     h, w = slices.shape[1:]
-    return (num / den)[:, :, m:m + h, m:m + w]
+    return (num / den)[:, :, m : m + h, m : m + w]
 
 
 def test_tiles_of_real_slices_blend_like_a_plain_reference(data_root):
@@ -135,8 +137,9 @@ def test_tiles_of_real_slices_blend_like_a_plain_reference(data_root):
 
     got = SlicePredictor(model, "cpu", tile=tile, overlap=overlap, batch_size=4)(slices)
     np.testing.assert_allclose(got, _reference_blend(slices, unet, tile, overlap), rtol=1e-5, atol=1e-6)
-    assert not np.allclose(got, unet(np.pad(slices, ((0, 0), (5, 5), (11, 11)), mode="reflect"))[:, :, 5:-5, 11:-11],
-                           atol=1e-3), "tiling must matter for a UNet, or (b) tests nothing"
+    assert not np.allclose(
+        got, unet(np.pad(slices, ((0, 0), (5, 5), (11, 11)), mode="reflect"))[:, :, 5:-5, 11:-11], atol=1e-3
+    ), "tiling must matter for a UNet, or (b) tests nothing"
     # (c) every pixel covered, weights normalise: a constant model gives its constant
     const = SlicePredictor(torch.nn.Conv2d(1, 1, 1).requires_grad_(False), "cpu", tile=tile, overlap=overlap)
     const.model.weight.zero_()
@@ -150,10 +153,27 @@ def test_cli_predict_stack_and_orthoplane_outputs(volume_path, tmp_path):
     _save_run(run)
     out_stack = tmp_path / "stack.tif"
     out_ortho = tmp_path / "ortho.tif"
-    assert main(["predict", str(run), str(volume_path), str(out_stack), "--quiet", "--tile", "32",
-                 "--overlap", "8"]) == 0
-    assert main(["predict", str(run), str(volume_path), str(out_ortho), "--mode", "orthoplane", "--quiet",
-                 "--prob-dtype", "float32", "--chunk", "8"]) == 0
+    assert (
+        main(["predict", str(run), str(volume_path), str(out_stack), "--quiet", "--tile", "32", "--overlap", "8"]) == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                str(run),
+                str(volume_path),
+                str(out_ortho),
+                "--mode",
+                "orthoplane",
+                "--quiet",
+                "--prob-dtype",
+                "float32",
+                "--chunk",
+                "8",
+            ]
+        )
+        == 0
+    )
     [stack] = open_file(out_stack)
     [ortho] = open_file(out_ortho)
     assert stack.shape == ortho.shape == SHAPE
@@ -165,10 +185,42 @@ def test_cli_predict_stack_and_orthoplane_outputs(volume_path, tmp_path):
     # labels into a zarr store (chunked output) equal thresholded float probabilities
     out_zarr = tmp_path / "labels.zarr"
     out_float = tmp_path / "stack_float.npy"
-    assert main(["predict", str(run), str(volume_path), str(out_zarr), "--output-type", "labels", "--quiet",
-                 "--tile", "32", "--overlap", "8"]) == 0
-    assert main(["predict", str(run), str(volume_path), str(out_float), "--prob-dtype", "float32", "--quiet",
-                 "--tile", "32", "--overlap", "8"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(run),
+                str(volume_path),
+                str(out_zarr),
+                "--output-type",
+                "labels",
+                "--quiet",
+                "--tile",
+                "32",
+                "--overlap",
+                "8",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                str(run),
+                str(volume_path),
+                str(out_float),
+                "--prob-dtype",
+                "float32",
+                "--quiet",
+                "--tile",
+                "32",
+                "--overlap",
+                "8",
+            ]
+        )
+        == 0
+    )
     [labels] = open_file(out_zarr)
     probs = np.load(out_float)
     np.testing.assert_array_equal(labels.read_slices(0, SHAPE[0]), (probs >= 0.5).astype(np.uint8))
@@ -187,8 +239,22 @@ def test_multiclass_probabilities_one_file_per_class_and_folder_output(volume_pa
     if not imgs:
         pytest.skip("cem500k_examples not found")
     folder = tmp_path / "preds"
-    assert main(["predict", str(run), str(data_root / "cem500k_examples/correlation/images/*.png"),
-                 str(folder) + "/", "--output-type", "labels", "--quiet", "--suffix", ".png"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(run),
+                str(data_root / "cem500k_examples/correlation/images/*.png"),
+                str(folder) + "/",
+                "--output-type",
+                "labels",
+                "--quiet",
+                "--suffix",
+                ".png",
+            ]
+        )
+        == 0
+    )
     written = sorted(p.name for p in folder.iterdir())
     assert len(written) == len(glob.glob(str(data_root / "cem500k_examples/correlation/images/*.png")))
     lab = iio.imread(folder / written[0])

@@ -21,7 +21,6 @@ from finetune.cli import main
 from finetune.config import TrainConfig
 from finetune.train import train
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -47,12 +46,41 @@ TRAIN_MASKS = ["mito/0?.png", "mito/1[0-5].png"]
 
 @pytest.mark.slow
 def test_short_cpu_run_beats_trivial_predictions(vnc, tmp_path, monkeypatch):
-    monkeypatch.chdir(vnc)      # globs are relative to the working directory
+    monkeypatch.chdir(vnc)  # globs are relative to the working directory
     run = tmp_path / "run"
-    rc = main(["train", "--images", *TRAIN_IMAGES, "--masks", *TRAIN_MASKS, "--mask-threshold", "127",
-               "--arch", "resnet18", "--no-freeze-encoder", "--iters", "80", "--crop", "96", "--batch-size", "2",
-               "--class-weighting", "prevalence", "--workers", "0", "--device", "cpu", "--log-every", "10",
-               "--checkpoint-every", "40", "--quiet", "--out", str(run)])
+    rc = main(
+        [
+            "train",
+            "--images",
+            *TRAIN_IMAGES,
+            "--masks",
+            *TRAIN_MASKS,
+            "--mask-threshold",
+            "127",
+            "--arch",
+            "resnet18",
+            "--no-freeze-encoder",
+            "--iters",
+            "80",
+            "--crop",
+            "96",
+            "--batch-size",
+            "2",
+            "--class-weighting",
+            "prevalence",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--log-every",
+            "10",
+            "--checkpoint-every",
+            "40",
+            "--quiet",
+            "--out",
+            str(run),
+        ]
+    )
     assert rc == 0
     for name in ("config.yaml", "model.pth", "checkpoint.pth", "train_log.csv"):
         assert (run / name).is_file(), name
@@ -63,8 +91,23 @@ def test_short_cpu_run_beats_trivial_predictions(vnc, tmp_path, monkeypatch):
     preds = tmp_path / "preds"
     assert main(["predict", str(run), "raw/1[6-9].png", str(preds) + "/", "--output-type", "labels", "--quiet"]) == 0
     scores = tmp_path / "scores.json"
-    assert main(["evaluate", str(preds), "mito/1[6-9].png", "--classes", "background", "mitochondria",
-                 "--label-threshold", "127", "--json", str(scores)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(preds),
+                "mito/1[6-9].png",
+                "--classes",
+                "background",
+                "mitochondria",
+                "--label-threshold",
+                "127",
+                "--json",
+                str(scores),
+            ]
+        )
+        == 0
+    )
     result = json.loads(scores.read_text())
     iou = result["iou"]["mitochondria"]
     assert len(result["per_image"]) == 4
@@ -78,9 +121,21 @@ def test_short_cpu_run_beats_trivial_predictions(vnc, tmp_path, monkeypatch):
 
 
 def _cfg(vnc, **kw) -> TrainConfig:
-    base = dict(images=TRAIN_IMAGES, masks=TRAIN_MASKS, data_dir=str(vnc), mask_threshold=127, arch="resnet18",
-                freeze_encoder=False, iters=6, batch_size=2, crop=64, checkpoint_every=2, log_every=1, workers=0,
-                device="cpu")
+    base = dict(
+        images=TRAIN_IMAGES,
+        masks=TRAIN_MASKS,
+        data_dir=str(vnc),
+        mask_threshold=127,
+        arch="resnet18",
+        freeze_encoder=False,
+        iters=6,
+        batch_size=2,
+        crop=64,
+        checkpoint_every=2,
+        log_every=1,
+        workers=0,
+        device="cpu",
+    )
     base.update(kw)
     return build_config(TrainConfig, **base)
 
@@ -107,7 +162,7 @@ def test_resume_equals_uninterrupted_run(vnc, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs between resumed and uninterrupted runs"
     logs = [list(csv.reader(open(p / "train_log.csv"))) for p in (interrupted, tmp_path / "straight")]
-    assert [r[:3] for r in logs[0]] == [r[:3] for r in logs[1]]          # same losses, no duplicated rows
+    assert [r[:3] for r in logs[0]] == [r[:3] for r in logs[1]]  # same losses, no duplicated rows
     # re-running a finished run is a no-op
     again = train(_cfg(vnc), interrupted, progress=False)
     assert again.finished and again.iteration == 6
@@ -124,7 +179,9 @@ def test_bad_training_inputs_fail_before_training(vnc, tmp_path, capsys):
         rc = main(["train", *args, *common, "--out", str(tmp_path / "r")])
         return rc, capsys.readouterr().err
 
-    rc, err = run("--images", str(vnc / "raw/00.png"), "--masks", str(bad / "small_mask.png"), "--mask-threshold", "127")
+    rc, err = run(
+        "--images", str(vnc / "raw/00.png"), "--masks", str(bad / "small_mask.png"), "--mask-threshold", "127"
+    )
     assert rc == 2 and "small_mask.png" in err and "does not match image" in err
     rc, err = run("--images", str(vnc / "raw/00.png"), "--masks", str(vnc / "mito/00.png"), "--mask-threshold", "255")
     assert rc == 2 and "no pixels in the training labels" in err and "foreground" in err
@@ -139,7 +196,15 @@ def test_bad_training_inputs_fail_before_training(vnc, tmp_path, capsys):
     import timm
 
     torch.save(timm.create_model("resnet34", num_classes=0, in_chans=1).state_dict(), bad / "r34.pth")
-    rc, err = run("--images", str(vnc / "raw/00.png"), "--masks", str(vnc / "mito/00.png"), "--mask-threshold", "127",
-                  "--encoder", str(bad / "r34.pth"))
+    rc, err = run(
+        "--images",
+        str(vnc / "raw/00.png"),
+        "--masks",
+        str(vnc / "mito/00.png"),
+        "--mask-threshold",
+        "127",
+        "--encoder",
+        str(bad / "r34.pth"),
+    )
     assert rc == 2 and "r34.pth" in err and "resnet34 encoder; pass --arch resnet34" in err
     assert not (tmp_path / "r" / "checkpoint.pth").exists()

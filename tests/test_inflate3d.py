@@ -46,8 +46,9 @@ def timm_features(net: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return feats
 
 
-def features_of_repeated_slice(net: torch.nn.Module, enc: torch.nn.Module, depth: int,
-                               seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def features_of_repeated_slice(
+    net: torch.nn.Module, enc: torch.nn.Module, depth: int, seed: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """2D features of a random 32 x 32 slice, and 3D features of that slice repeated ``depth`` times along z."""
     torch.manual_seed(seed)
     sl = torch.rand(1, 1, 32, 32)
@@ -136,8 +137,12 @@ def test_inflated_shapes_and_values():
     torch.testing.assert_close(out["layer3.0.conv1.weight"].sum(2), state["layer3.0.conv1.weight"])
     torch.testing.assert_close(out["conv1.weight"][:, :, 2] * 5, state["conv1.weight"])
     # BatchNorm and counters carry over unchanged, and the input dict is not modified.
-    for key in ("bn1.running_var", "layer4.1.bn2.weight", "layer2.0.downsample.1.running_mean",
-                "layer1.0.bn1.num_batches_tracked"):
+    for key in (
+        "bn1.running_var",
+        "layer4.1.bn2.weight",
+        "layer2.0.downsample.1.running_mean",
+        "layer1.0.bn1.num_batches_tracked",
+    ):
         torch.testing.assert_close(out[key], state[key])
         assert out[key].data_ptr() != state[key].data_ptr()
     assert state["conv1.weight"].ndim == 4

@@ -24,14 +24,23 @@ import tifffile
 from PIL import Image
 
 from cemcurate.io import (
-    SUPPORTED_SUFFIXES, ReadError, Volume, is_supported, natural_sort_key, open_chunked_output, open_file,
-    open_series, to_grayscale, write_volume,
+    SUPPORTED_SUFFIXES,
+    ReadError,
+    Volume,
+    is_supported,
+    natural_sort_key,
+    open_chunked_output,
+    open_file,
+    open_series,
+    to_grayscale,
+    write_volume,
 )
 
 VNC_XY_NM = 4.6  # lateral pixel size of the VNC stack (data README); used as a realistic voxel size
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def full(vol: Volume) -> np.ndarray:
     return vol.read_slices(0, vol.shape[0])
@@ -82,6 +91,7 @@ def mrc_header_voxel_nm(path: Path) -> tuple[float, float, float]:
 
 # --------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def isbi0(data_root) -> np.ndarray:
     return np.asarray(Image.open(data_root / "isbi2012_unet/train/image/0.png"))
@@ -114,9 +124,23 @@ def tomo(data_root) -> np.ndarray:
 
 # --------------------------------------------------------------------------- dispatch
 
+
 def test_suffixes_are_case_insensitive_and_compound(tmp_path):
-    for name in ("a.PNG", "b.Tif", "c.OME.TIFF", "d.nii.gz", "e.NII", "f.mrc", "g.map", "h.rec", "i.h5",
-                 "j.mp4", "k.AVI", "l.jpeg", "m.bmp"):
+    for name in (
+        "a.PNG",
+        "b.Tif",
+        "c.OME.TIFF",
+        "d.nii.gz",
+        "e.NII",
+        "f.mrc",
+        "g.map",
+        "h.rec",
+        "i.h5",
+        "j.mp4",
+        "k.AVI",
+        "l.jpeg",
+        "m.bmp",
+    ):
         assert is_supported(tmp_path / name), name
     for name in ("a.txt", "b.gz", "c.npy", "d.h5.gz", "e"):
         assert not is_supported(tmp_path / name), name
@@ -138,6 +162,7 @@ def test_natural_sort_key_orders_numbers_by_value():
 
 
 # --------------------------------------------------------------------------- real data, one test per reader
+
 
 def test_vnc_series_of_tifs(vnc_raw):
     shuffled = vnc_raw[::-1]  # open_series must sort by name itself
@@ -208,8 +233,9 @@ def test_cylindra_imagej_hyperstack_voxel_size(data_root, name):
     assert_ranges_match(vol, ref)
 
 
-@pytest.mark.parametrize("rel", ["cylindra_cryoet/beta-tubulin.mrc", "mrcfile_testdata/EMD-3001.map",
-                                 "mrcfile_testdata/EMD-3197.map"])
+@pytest.mark.parametrize(
+    "rel", ["cylindra_cryoet/beta-tubulin.mrc", "mrcfile_testdata/EMD-3001.map", "mrcfile_testdata/EMD-3197.map"]
+)
 def test_mrc_voxel_size_from_header(data_root, rel):
     import mrcfile
 
@@ -265,6 +291,7 @@ def test_neuroproof_groundtruth_h5_after_gunzip(data_root, tmp_path):
 
 # --------------------------------------------------------------------------- re-encoded formats
 
+
 def test_nifti_gz_and_nii(tmp_path, tomo):
     """NIfTI written with nibabel directly from the real tomogram (x, y, z order, mm / micron)."""
     import nibabel as nib
@@ -304,8 +331,9 @@ def test_video_lossless_avi_and_mkv(tmp_path, frames):
     import imageio.v3 as iio
 
     for name in ("v.avi", "v.mkv"):  # FFV1 gray: lossless, so frames must come back exactly
-        iio.imwrite(tmp_path / name, frames, plugin="pyav", codec="ffv1", fps=5,
-                    in_pixel_format="gray", out_pixel_format="gray")
+        iio.imwrite(
+            tmp_path / name, frames, plugin="pyav", codec="ffv1", fps=5, in_pixel_format="gray", out_pixel_format="gray"
+        )
         vol = one(tmp_path / name)
         assert vol.shape == frames.shape and vol.dtype == np.uint8
         assert vol.xy_only and vol.voxel_size is None and vol.reader == "video"
@@ -383,8 +411,13 @@ def test_big_endian_tif(tmp_path, small_stack):
 
 def test_imagej_hyperstack_with_channels_and_micron_unit(tmp_path, small_stack):
     channels = np.stack([small_stack, 255 - small_stack], axis=1)  # (z, c, y, x)
-    tifffile.imwrite(tmp_path / "hs.tif", channels, imagej=True, resolution=(1 / 0.0046, 1 / 0.0046),
-                     metadata={"axes": "ZCYX", "unit": "micron", "spacing": 0.05})
+    tifffile.imwrite(
+        tmp_path / "hs.tif",
+        channels,
+        imagej=True,
+        resolution=(1 / 0.0046, 1 / 0.0046),
+        metadata={"axes": "ZCYX", "unit": "micron", "spacing": 0.05},
+    )
     vols = open_file(tmp_path / "hs.tif")
     assert [v.dataset for v in vols] == ["c0", "c1"]  # policy: one volume per channel
     for c, vol in enumerate(vols):
@@ -397,8 +430,13 @@ def test_imagej_hyperstack_with_channels_and_micron_unit(tmp_path, small_stack):
 
 
 def test_imagej_time_series_without_z_is_xy_only(tmp_path, small_stack):
-    tifffile.imwrite(tmp_path / "movie.tif", small_stack, imagej=True, resolution=(1 / 4.6, 1 / 4.6),
-                     metadata={"axes": "TYX", "unit": "nm", "finterval": 2.0})
+    tifffile.imwrite(
+        tmp_path / "movie.tif",
+        small_stack,
+        imagej=True,
+        resolution=(1 / 4.6, 1 / 4.6),
+        metadata={"axes": "TYX", "unit": "nm", "finterval": 2.0},
+    )
     vol = one(tmp_path / "movie.tif")
     assert vol.shape == small_stack.shape and vol.xy_only
     assert math.isnan(vol.voxel_size[0]) and vol.voxel_size[1:] == pytest.approx((4.6, 4.6))
@@ -406,15 +444,28 @@ def test_imagej_time_series_without_z_is_xy_only(tmp_path, small_stack):
 
 
 def test_ome_tiff_physical_size(tmp_path, small_stack):
-    tifffile.imwrite(tmp_path / "a.ome.tif", small_stack, ome=True, compression="zlib",
-                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.0046, "PhysicalSizeY": 0.0046,
-                               "PhysicalSizeZ": 0.045})  # default unit µm
+    tifffile.imwrite(
+        tmp_path / "a.ome.tif",
+        small_stack,
+        ome=True,
+        compression="zlib",
+        metadata={"axes": "ZYX", "PhysicalSizeX": 0.0046, "PhysicalSizeY": 0.0046, "PhysicalSizeZ": 0.045},
+    )  # default unit µm
     vol = one(tmp_path / "a.ome.tif")
     assert vol.voxel_size == pytest.approx((45.0, 4.6, 4.6), rel=1e-6)
     assert_ranges_match(vol, small_stack)
-    tifffile.imwrite(tmp_path / "b.ome.tiff", small_stack, ome=True,
-                     metadata={"axes": "ZYX", "PhysicalSizeX": 46, "PhysicalSizeXUnit": "Å",
-                               "PhysicalSizeY": 46, "PhysicalSizeYUnit": "Å"})
+    tifffile.imwrite(
+        tmp_path / "b.ome.tiff",
+        small_stack,
+        ome=True,
+        metadata={
+            "axes": "ZYX",
+            "PhysicalSizeX": 46,
+            "PhysicalSizeXUnit": "Å",
+            "PhysicalSizeY": 46,
+            "PhysicalSizeYUnit": "Å",
+        },
+    )
     vol = one(tmp_path / "b.ome.tiff")
     assert math.isnan(vol.voxel_size[0]) and vol.voxel_size[1:] == pytest.approx((4.6, 4.6))
 
@@ -426,7 +477,7 @@ def test_lzw_tif_stack_without_imagecodecs(tmp_path, small_stack):
     vol = one(tmp_path / "lzw.tif")
     assert vol.shape == small_stack.shape
     assert_ranges_match(vol, small_stack)
-    wide = (small_stack[0].astype(np.uint16) * 257)
+    wide = small_stack[0].astype(np.uint16) * 257
     Image.fromarray(wide).save(tmp_path / "lzw16.tif", compression="tiff_lzw")
     np.testing.assert_array_equal(full(one(tmp_path / "lzw16.tif"))[0], wide)
 
@@ -470,14 +521,21 @@ def test_ome_zarr_v04_with_channels_and_v05(tmp_path, small_stack):
     root = zarr.open_group(str(store), mode="w", zarr_format=2)
     root.create_array("0", shape=data.shape, chunks=(1, 2, 48, 64), dtype=data.dtype)[:] = data
     root.create_array("1", shape=(2, 6, 48, 64), dtype=data.dtype)  # lower level: ignored
-    root.attrs["multiscales"] = [{
-        "version": "0.4",
-        "axes": [{"name": "c", "type": "channel"}, {"name": "z", "type": "space", "unit": "micrometer"},
-                 {"name": "y", "type": "space", "unit": "micrometer"},
-                 {"name": "x", "type": "space", "unit": "micrometer"}],
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 0.05, 0.0046, 0.0046]}]},
-                     {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [1, 0.05, 0.0092, 0.0092]}]}],
-    }]
+    root.attrs["multiscales"] = [
+        {
+            "version": "0.4",
+            "axes": [
+                {"name": "c", "type": "channel"},
+                {"name": "z", "type": "space", "unit": "micrometer"},
+                {"name": "y", "type": "space", "unit": "micrometer"},
+                {"name": "x", "type": "space", "unit": "micrometer"},
+            ],
+            "datasets": [
+                {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 0.05, 0.0046, 0.0046]}]},
+                {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [1, 0.05, 0.0092, 0.0092]}]},
+            ],
+        }
+    ]
     vols = open_file(store)
     assert [v.dataset for v in vols] == ["0:c0", "0:c1"]
     for c, vol in enumerate(vols):
@@ -489,10 +547,15 @@ def test_ome_zarr_v04_with_channels_and_v05(tmp_path, small_stack):
     v3 = tmp_path / "img5.ome.zarr"
     root = zarr.open_group(str(v3), mode="w", zarr_format=3)
     root.create_array("s0", shape=small_stack.shape, dtype=small_stack.dtype)[:] = small_stack
-    root.attrs["ome"] = {"version": "0.5", "multiscales": [{
-        "axes": [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"],
-        "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [45, 4.6, 4.6]}]}],
-    }]}
+    root.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"],
+                "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [45, 4.6, 4.6]}]}],
+            }
+        ],
+    }
     vol = one(v3)
     assert vol.dataset == "s0" and vol.voxel_size == pytest.approx((45.0, 4.6, 4.6))
     assert_ranges_match(vol, small_stack)
@@ -538,15 +601,27 @@ def test_only_4d_data_is_an_error(tmp_path, small_stack):
 def test_unit_spellings():
     from cemcurate.io import nm_per_unit
 
-    for unit, nm in (("nm", 1), ("micron", 1000), ("microns", 1000), ("um", 1000), ("µm", 1000),
-                     ("\\u00B5m", 1000), ("μm", 1000), ("micrometer", 1000), ("Å", 0.1), ("angstrom", 0.1),
-                     ("mm", 1e6), ("nanometer", 1)):
+    for unit, nm in (
+        ("nm", 1),
+        ("micron", 1000),
+        ("microns", 1000),
+        ("um", 1000),
+        ("µm", 1000),
+        ("\\u00B5m", 1000),
+        ("μm", 1000),
+        ("micrometer", 1000),
+        ("Å", 0.1),
+        ("angstrom", 0.1),
+        ("mm", 1e6),
+        ("nanometer", 1),
+    ):
         assert nm_per_unit(unit) == nm, unit
     for unit in ("pixel", "pixels", "", None, "inch"):
         assert nm_per_unit(unit) is None, unit
 
 
 # --------------------------------------------------------------------------- bad input
+
 
 def test_error_messages_name_file_and_problem(tmp_path, data_root):
     (tmp_path / "empty.tif").write_bytes(b"")
@@ -569,8 +644,9 @@ def test_error_messages_name_file_and_problem(tmp_path, data_root):
         open_file(folder)
 
 
-@pytest.mark.parametrize("name", ["t.tif", "t.png", "t.jpg", "t.bmp", "t.mrc", "t.map", "t.nii", "t.nii.gz",
-                                  "t.h5", "t.mp4", "t.avi"])
+@pytest.mark.parametrize(
+    "name", ["t.tif", "t.png", "t.jpg", "t.bmp", "t.mrc", "t.map", "t.nii", "t.nii.gz", "t.h5", "t.mp4", "t.avi"]
+)
 def test_text_file_with_image_extension(tmp_path, name):
     (tmp_path / name).write_text("a text file saved under an image name\n" * 20)
     with pytest.raises(ReadError, match="(corrupt|not a valid|rejected)") as err:
@@ -587,8 +663,10 @@ def test_zarr_directory_problems(tmp_path, small_stack):
         open_file(tmp_path / "v.zarr", dataset="raw")
 
 
-@pytest.mark.parametrize("rel", ["cryoet_tomo_napari_bio/tomo.tif", "cylindra_cryoet/13pf_MT.tif",
-                                 "cem500k_examples/occlusion/example0.tiff"])
+@pytest.mark.parametrize(
+    "rel",
+    ["cryoet_tomo_napari_bio/tomo.tif", "cylindra_cryoet/13pf_MT.tif", "cem500k_examples/occlusion/example0.tiff"],
+)
 def test_truncated_tif(tmp_path, data_root, rel):
     data = (data_root / rel).read_bytes()
     cut = tmp_path / "cut.tif"
@@ -681,6 +759,7 @@ def test_read_range_is_checked(data_root):
 
 # --------------------------------------------------------------------------- laziness
 
+
 def test_opening_reads_no_pixels(tmp_path, small_stack, data_root):
     """Pixels changed on disk after opening show up in read_slices: nothing was loaded early."""
     import mrcfile
@@ -706,8 +785,11 @@ def test_opening_reads_no_pixels(tmp_path, small_stack, data_root):
 
 
 def test_volumes_survive_pickling(data_root):
-    for rel in ("cryoet_tomo_napari_bio/tomo.tif", "cylindra_cryoet/beta-tubulin.mrc",
-                "gala_flyem/tests/example-data/train-image.h5"):
+    for rel in (
+        "cryoet_tomo_napari_bio/tomo.tif",
+        "cylindra_cryoet/beta-tubulin.mrc",
+        "gala_flyem/tests/example-data/train-image.h5",
+    ):
         vol = one(data_root / rel)
         clone = pickle.loads(pickle.dumps(vol))
         np.testing.assert_array_equal(clone.read_slices(2, 4), vol.read_slices(2, 4))
@@ -724,11 +806,24 @@ def test_to_grayscale_contract():
 
 # --------------------------------------------------------------------------- writers
 
-@pytest.mark.parametrize("suffix,dtype", [
-    (".tif", "uint8"), (".tif", "float32"), (".tif", "int16"), (".tif", "int8"), (".ome.tif", "uint16"),
-    (".nii.gz", "int16"), (".nii", "float32"), (".mrc", "uint8"), (".mrc", "int16"), (".mrc", "float32"),
-    (".zarr", "uint16"), (".ome.zarr", "float32"),
-])
+
+@pytest.mark.parametrize(
+    "suffix,dtype",
+    [
+        (".tif", "uint8"),
+        (".tif", "float32"),
+        (".tif", "int16"),
+        (".tif", "int8"),
+        (".ome.tif", "uint16"),
+        (".nii.gz", "int16"),
+        (".nii", "float32"),
+        (".mrc", "uint8"),
+        (".mrc", "int16"),
+        (".mrc", "float32"),
+        (".zarr", "uint16"),
+        (".ome.zarr", "float32"),
+    ],
+)
 def test_write_volume_round_trips(tmp_path, small_stack, suffix, dtype):
     data = (small_stack.astype(np.int32) - 100).astype(dtype) if dtype.startswith("int") else small_stack.astype(dtype)
     path = tmp_path / f"out{suffix}"
@@ -773,10 +868,9 @@ def test_write_volume_2d_and_refusals(tmp_path, isbi0, small_stack):
 @pytest.mark.parametrize("suffix", [".zarr", ".npy", ".raw", ".tif", ".mrc", ".nii.gz"])
 def test_chunked_output_streams_and_finalises(tmp_path, small_stack, suffix):
     path = tmp_path / f"pred{suffix}"
-    with open_chunked_output(path, small_stack.shape, np.uint8, chunks=(2, 48, 64),
-                             voxel_size=(50.0, 4.6, 4.6)) as out:
+    with open_chunked_output(path, small_stack.shape, np.uint8, chunks=(2, 48, 64), voxel_size=(50.0, 4.6, 4.6)) as out:
         for z0 in range(0, small_stack.shape[0], 2):
-            out.array[z0:z0 + 2] = small_stack[z0:z0 + 2]
+            out.array[z0 : z0 + 2] = small_stack[z0 : z0 + 2]
         assert not path.exists()  # nothing under the final name until finalised
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     if suffix == ".npy":
@@ -817,8 +911,11 @@ def test_handles_opened_before_a_fork_are_kept_but_not_used_or_freed_in_the_chil
     if pid == 0:  # the child: a fresh cache, the parent's object still referenced, nothing closed
         child_obj = handles.get("test", str(path), lambda: (object(), lambda: closed.append("child")))
         handles.close_all()
-        ok = child_obj is not parent_obj and closed == ["child"] and any(
-            entry[0] is parent_obj for kept in handles._INHERITED for entry in kept)
+        ok = (
+            child_obj is not parent_obj
+            and closed == ["child"]
+            and any(entry[0] is parent_obj for kept in handles._INHERITED for entry in kept)
+        )
         os.write(write_end, b"1" if ok else b"0")
         os._exit(0)
     os.waitpid(pid, 0)

@@ -41,6 +41,7 @@ def _write_2d(path: Path, data: np.ndarray) -> None:
 def _pillow(quality: int | None = None) -> Callable[[Path, np.ndarray], None]:
     def write(path: Path, data: np.ndarray) -> None:
         Image.fromarray(data[0]).save(path, **({} if quality is None else {"quality": quality}))
+
     return write
 
 
@@ -63,6 +64,7 @@ def _video(codec: str) -> Callable[[Path, np.ndarray], None]:
     def write(path: Path, data: np.ndarray) -> None:
         options = {"out_pixel_format": "gray"} if codec == "ffv1" else {}
         iio.imwrite(path, data, plugin="pyav", codec=codec, fps=5, in_pixel_format="gray", **options)
+
     return write
 
 
@@ -87,18 +89,23 @@ ZARR_CHUNK = "numcodecs decodes a cut-short chunk without error (part of it come
 LOSSY_VIDEO = Case(_video("libx264"), tolerance=6.0, xy_only=True)
 
 CASES: dict[str, Case] = {
-    ".png": Case(_write_2d, planar=True), ".bmp": Case(_pillow(), planar=True),
-    ".jpg": LOSSY_IMAGE, ".jpeg": LOSSY_IMAGE,
+    ".png": Case(_write_2d, planar=True),
+    ".bmp": Case(_pillow(), planar=True),
+    ".jpg": LOSSY_IMAGE,
+    ".jpeg": LOSSY_IMAGE,
     **{s: Case(_write, voxel=VOXEL) for s in (".tif", ".tiff", ".ome.tif", ".ome.tiff")},
     **{s: Case(_write, voxel=VOXEL) for s in (".mrc", ".map", ".rec")},
     ".st": Case(_mrc_image_stack, voxel=(NAN, *VOXEL[1:]), xy_only=True),
     ".mrcs": Case(_mrc_image_stack, voxel=(NAN, *VOXEL[1:]), xy_only=True),
-    ".nii": Case(_write, voxel=VOXEL), ".nii.gz": Case(_write, voxel=VOXEL),
+    ".nii": Case(_write, voxel=VOXEL),
+    ".nii.gz": Case(_write, voxel=VOXEL),
     **{s: Case(_hdf5, voxel=VOXEL) for s in (".h5", ".hdf5", ".hdf")},
     ".zarr": Case(_write, voxel=VOXEL, cut_short_reads=ZARR_CHUNK),
     ".ome.zarr": Case(_write, voxel=VOXEL, cut_short_reads=ZARR_CHUNK),
-    ".avi": LOSSLESS_VIDEO, ".mkv": Case(_video("ffv1"), xy_only=True, cut_short_reads=UNCOUNTED),
-    ".mp4": LOSSY_VIDEO, ".mov": LOSSY_VIDEO,
+    ".avi": LOSSLESS_VIDEO,
+    ".mkv": Case(_video("ffv1"), xy_only=True, cut_short_reads=UNCOUNTED),
+    ".mp4": LOSSY_VIDEO,
+    ".mov": LOSSY_VIDEO,
 }
 
 

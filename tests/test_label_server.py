@@ -22,9 +22,8 @@ import tifffile
 from PIL import Image
 
 from cemcurate.filtering.cli import add_label_command
-from cemcurate.filtering.labels import (LabelPool, append_labels, export_sheets, import_sheet, labels_path,
-                                        read_labels)
 from cemcurate.filtering.label_server import make_label_app, serve
+from cemcurate.filtering.labels import LabelPool, append_labels, export_sheets, import_sheet, labels_path, read_labels
 from cemcurate.manifest import read_manifest, write_manifest
 from cemcurate.store import write_patch_store
 
@@ -35,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 def build(data_root, tmp_path):
     """A store of 16 real 224-px VNC tiles; ids 12-13 dropped as uninformative, 14-15 duplicates."""
     image = tifffile.imread(data_root / "drosophila_vnc_gerhard/stack1/raw/03.tif")
-    patches = np.stack([image[y:y + 224, x:x + 224] for y in range(0, 896, 224) for x in range(0, 896, 224)])
+    patches = np.stack([image[y : y + 224, x : x + 224] for y in range(0, 896, 224) for x in range(0, 896, 224)])
     out = tmp_path / "out"
     write_patch_store(out, patches, source="vnc03")
     manifest = read_manifest(out / "manifest.parquet")
@@ -135,9 +134,18 @@ def _post(url: str, body: bytes, content_type: str = "application/json") -> tupl
 def test_labels_survive_kill_9_and_server_is_loopback_only(build):
     out, _ = build
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code = "import sys; from cemcurate.filtering.label_server import serve; serve(sys.argv[1], port=0, open_browser=False, seed=0)"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=REPO)
+    code = (
+        "import sys; from cemcurate.filtering.label_server import serve; serve(sys.argv[1], port=0, "
+        "open_browser=False, seed=0)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     try:
         deadline = time.monotonic() + 120
         line = ""
@@ -207,8 +215,22 @@ def test_contact_sheets_round_trip(build, tmp_path):
     parser = argparse.ArgumentParser()
     add_label_command(parser.add_subparsers(dest="command"))
     sheets_dir = tmp_path / "sheets"
-    args = parser.parse_args(["label", str(out), "--export-sheet", str(sheets_dir), "--sheet-patches", "10",
-                              "--sheet-size", "6", "--sheet-columns", "3", "--seed", "1"])
+    args = parser.parse_args(
+        [
+            "label",
+            str(out),
+            "--export-sheet",
+            str(sheets_dir),
+            "--sheet-patches",
+            "10",
+            "--sheet-size",
+            "6",
+            "--sheet-columns",
+            "3",
+            "--seed",
+            "1",
+        ]
+    )
     assert args.func(args) == 0
     pngs = sorted(sheets_dir.glob("sheet_*.png"))
     assert [p.name for p in pngs] == ["sheet_001.png", "sheet_002.png"]

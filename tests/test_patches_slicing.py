@@ -32,10 +32,10 @@ def test_grid_on_a_1024_px_slice_is_bit_identical():
     assert len(full) == 16
     for i in full:
         y, x = grid[i, :2]
-        assert np.array_equal(patches[i], image[y:y + 224, x:x + 224])
+        assert np.array_equal(patches[i], image[y : y + 224, x : x + 224])
     edge = [i for i, (y, x, h, w) in enumerate(grid) if (h, w) == (224, 128)][0]
     y, x, h, w = grid[edge]
-    ref = np.asarray(Image.fromarray(image[y:y + h, x:x + w]).resize((224, 224), Image.BILINEAR))
+    ref = np.asarray(Image.fromarray(image[y : y + h, x : x + w]).resize((224, 224), Image.BILINEAR))
     assert np.array_equal(patches[edge], ref)
 
 

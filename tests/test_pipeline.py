@@ -15,11 +15,11 @@ import tifffile
 import cemcurate.build.cut as cut_module
 import cemcurate.build.orchestrate as orchestrate
 from cemcurate import open_patches
+from cemcurate.build import BuildConfig, build
 from cemcurate.cli import main
 from cemcurate.dedup.preview import boundary_pairs, patch_pixels
 from cemcurate.dhash import dhash64, dhash_hex
 from cemcurate.filtering.filters import make_filter
-from cemcurate.build import BuildConfig, build
 from cemcurate.sources import SourceSpec
 from cemcurate.store import ShardReader
 
@@ -44,7 +44,8 @@ def make_raw(root: Path, data_root: Path) -> Path:
     (raw / "cemcurate.yaml").write_text(
         "sources:\n"
         "  - {path: 'vnc/*.tif', stack: true, voxel_size: [50, 4.6, 4.6]}\n"
-        "  - {path: 'neuroproof/*.png', stack: true, voxel_size: [10, 10, 10]}\n")
+        "  - {path: 'neuroproof/*.png', stack: true, voxel_size: [10, 10, 10]}\n"
+    )
     return raw
 
 
@@ -91,12 +92,12 @@ def test_full_crops_are_bit_identical_to_source_pixels(built, data_root):
         r = rows.loc[i]
         image = iio.imread(raw / r.file)
         assert r.file == f"vnc/{r.slice:02d}.tif"
-        assert np.array_equal(store[i], image[r.y:r.y + 224, r.x:r.x + 224])
+        assert np.array_equal(store[i], image[r.y : r.y + 224, r.x : r.x + 224])
     # An xz patch of the isotropic volume equals the same cut of the stacked pngs.
     npf = rows[(rows.source == "neuroproof") & (rows.plane == "xz")].iloc[0]
     volume = np.stack([iio.imread(p) for p in sorted((raw / "neuroproof").glob("*.png"))[:224]])
     i = int(np.flatnonzero(rows.patch_id == npf.patch_id)[0])
-    assert np.array_equal(store[i], volume[npf.y:npf.y + 224, npf.slice, npf.x:npf.x + 224])
+    assert np.array_equal(store[i], volume[npf.y : npf.y + 224, npf.slice, npf.x : npf.x + 224])
 
 
 def test_dedup_columns_are_consistent(built):
@@ -227,7 +228,9 @@ def test_source_keys_are_unique_for_similar_names():
 def test_dedup_preview_recuts_duplicates_from_the_source(built):
     _, out, _ = built
     m = pd.read_parquet(out / "manifest.parquet")
-    stored = m[(m.shard_row >= 0) & m.source.isin(["vnc", "neuroproof", "tomo.tif"])].groupby(["source", "plane"]).head(2)
+    stored = (
+        m[(m.shard_row >= 0) & m.source.isin(["vnc", "neuroproof", "tomo.tif"])].groupby(["source", "plane"]).head(2)
+    )
     from_store = patch_pixels(out, stored)
     recut = patch_pixels(out, stored.assign(shard_row=-1))  # force the re-cut path
     assert np.array_equal(from_store, recut)
@@ -301,8 +304,10 @@ def test_growing_stack_is_deduplicated_incrementally(tmp_path, data_root, monkey
     assert len(after) == 6 * 25
     old = after[after.patch_id.isin(before.patch_id)].sort_values("patch_id").reset_index(drop=True)
     # Old patches keep ids, hashes and groups; their slice numbers follow the new order.
-    pd.testing.assert_frame_equal(old[["patch_id", "file", "y", "x", "dhash", "group", "duplicate"]],
-                                  before[["patch_id", "file", "y", "x", "dhash", "group", "duplicate"]])
+    pd.testing.assert_frame_equal(
+        old[["patch_id", "file", "y", "x", "dhash", "group", "duplicate"]],
+        before[["patch_id", "file", "y", "x", "dhash", "group", "duplicate"]],
+    )
     assert (old.slice.to_numpy() == [int(f[-6:-4]) for f in old.file]).all()
     new = after[~after.patch_id.isin(before.patch_id)]
     assert set(new.file) == {f"vnc/{i:02d}.tif" for i in (1, 3, 5)}
@@ -312,7 +317,9 @@ def test_growing_stack_is_deduplicated_incrementally(tmp_path, data_root, monkey
     d = np.bitwise_count(h[:, None] ^ h[None, :])
     np.fill_diagonal(d, 64)
     assert d.min() > 11
-    dup = after[after.duplicate].merge(after[["patch_id", "dhash"]], left_on="group", right_on="patch_id", suffixes=("", "_ex"))
+    dup = after[after.duplicate].merge(
+        after[["patch_id", "dhash"]], left_on="group", right_on="patch_id", suffixes=("", "_ex")
+    )
     assert all(bin(int(a, 16) ^ int(b, 16)).count("1") <= 11 for a, b in zip(dup.dhash, dup.dhash_ex))
     store = open_patches(out)  # store and manifest agree pixel for pixel
     assert dhash_hex(dhash64(store[:])) == store.manifest["dhash"].tolist()

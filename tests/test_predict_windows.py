@@ -15,8 +15,15 @@ import pytest
 
 from finetune.predict.predictor import predict_windows
 from finetune.predict.slices import plan_tiles, predict_tiled
-from finetune.predict.windows import (MIN_WEIGHT, decode_uint8, encode_probs, linear_weights_1d, plan_windows,
-                                      window_starts, window_weights)
+from finetune.predict.windows import (
+    MIN_WEIGHT,
+    decode_uint8,
+    encode_probs,
+    linear_weights_1d,
+    plan_windows,
+    window_starts,
+    window_weights,
+)
 
 PLANS = [  # shape, window, overlap, blend, fit, multiple
     ((100,), 32, 8, "gaussian", "axis", 1),
@@ -45,8 +52,9 @@ def _coverage(plan) -> tuple[np.ndarray, np.ndarray]:
 def test_plans_cover_every_position_and_weights_normalise(shape, window, overlap, blend, fit, multiple):
     plan = plan_windows(shape, window, overlap, multiple, blend=blend, fit=fit)
     assert plan.ndim == len(shape) and plan.num_windows == np.prod([len(s) for s in plan.starts])
-    for n, (a, b), w, starts, m in zip(plan.padded_shape, plan.pad, plan.window, plan.starts,
-                                       np.broadcast_to(multiple, len(shape))):
+    for n, (a, b), w, starts, m in zip(
+        plan.padded_shape, plan.pad, plan.window, plan.starts, np.broadcast_to(multiple, len(shape))
+    ):
         assert w % m == 0 and a >= 0 and b >= 0
         assert starts[0] == 0 and starts[-1] == n - w, "last window flush with the (padded) end"
         assert all(0 < t - s <= w for s, t in zip(starts, starts[1:]))
@@ -61,7 +69,7 @@ def test_window_weights_are_symmetric_positive_and_peak_at_one(shape, window, ov
     plan = plan_windows(shape, window, overlap, multiple, blend=blend, fit=fit)
     w = plan.window_weight()
     assert w.shape == plan.window and w.dtype == np.float32
-    assert w.min() >= MIN_WEIGHT ** w.ndim and w.max() == pytest.approx(1.0, abs=1e-3)  # per-axis floor
+    assert w.min() >= MIN_WEIGHT**w.ndim and w.max() == pytest.approx(1.0, abs=1e-3)  # per-axis floor
     for axis in range(w.ndim):
         np.testing.assert_allclose(w, np.flip(w, axis), rtol=1e-6)
     for axis_weight, starts in zip(plan.weights, plan.starts):
@@ -74,7 +82,7 @@ def test_axes_that_fit_get_one_window_of_their_own_size():
     plan = plan_windows((10, 100, 7), (16, 32, 32), (4, 8, 8))
     assert plan.window == (10, 32, 7) and plan.pad == ((0, 0), (4, 4), (0, 0))
     tiles = plan_windows((45, 300), 128, 32, 32, blend="linear", fit="all")
-    assert tiles.window == (96, 128)          # 45 + 2 * 16 margin, rounded up to 32
+    assert tiles.window == (96, 128)  # 45 + 2 * 16 margin, rounded up to 32
     assert tiles.pad[0] == (16, 96 - 45 - 16) and tiles.pad[1] == (16, 16)
     one = plan_windows((45, 70), 512, 64, 32, blend="linear", fit="all")
     assert one.window == (64, 96) and one.pad == ((9, 10), (13, 13)) and one.num_windows == 1
@@ -87,7 +95,7 @@ def test_weights_match_their_definitions():
     np.testing.assert_array_equal(linear_weights_1d(10, 0), 1.0)
     g = window_weights((9, 16), "gaussian", sigma_scale=0.125, ndim=2)
     centre = (np.arange(16) - 7.5) / (0.125 * 16)
-    ref = np.exp(-0.5 * centre ** 2)
+    ref = np.exp(-0.5 * centre**2)
     np.testing.assert_allclose(g[4], np.maximum(ref / ref.max(), MIN_WEIGHT), rtol=1e-5)
     assert window_weights(5, "linear", overlap=2, ndim=1).shape == (5,)
     with pytest.raises(ValueError, match="blend"):
@@ -110,7 +118,7 @@ def test_uint8_encoding_round_trip():
 def _pointwise(windows: np.ndarray) -> np.ndarray:
     # A "model" whose output at a position depends only on that position: any cut into
     # windows must give exactly the uncut answer, which exposes offset, padding and blend mistakes.
-    return np.stack([np.sin(3 * windows) ** 2, windows ** 2], axis=1).astype(np.float32)
+    return np.stack([np.sin(3 * windows) ** 2, windows**2], axis=1).astype(np.float32)
 
 
 @pytest.mark.parametrize("shape, window, overlap, blend, fit, multiple", PLANS)
@@ -123,7 +131,7 @@ def test_streamed_pointwise_model_equals_uncut(shape, window, overlap, blend, fi
 
     def write(a0, block):
         rows.append((a0, block.shape[2]))
-        out[:, :, a0:a0 + block.shape[2]] = block
+        out[:, :, a0 : a0 + block.shape[2]] = block
 
     predict_windows(lambda a0, a1: inputs[:, a0:a1], plan, _pointwise, write, count=2, batch_size=3)
     expected = np.stack([_pointwise(x[None])[0] for x in inputs])  # (count, C, *shape), uncut
@@ -147,13 +155,15 @@ def test_streaming_reads_one_window_depth_at_a_time():
 def test_model_output_of_the_wrong_shape_is_an_error():
     plan = plan_windows((40, 40), 16, 4)
     with pytest.raises(ValueError, match="model returned shape"):
-        predict_windows(lambda a0, a1: np.zeros((1, a1 - a0, 40), np.float32), plan, lambda w: w[:, None, :-1],
-                        lambda a0, b: None)
+        predict_windows(
+            lambda a0, a1: np.zeros((1, a1 - a0, 40), np.float32), plan, lambda w: w[:, None, :-1], lambda a0, b: None
+        )
     with pytest.raises(ValueError, match="overlap"):
         plan_windows((40, 40), 16, 16)
 
 
 # ---------------------------------------------------------------------------- 2D tiles
+
 
 def test_window_starts_cover_the_range_and_stay_inside():
     for length, tile, stride in [(100, 32, 16), (64, 64, 10), (1000, 512, 448), (33, 32, 1)]:
@@ -161,7 +171,7 @@ def test_window_starts_cover_the_range_and_stay_inside():
         covered = np.zeros(length, bool)
         for s in starts:
             assert 0 <= s <= length - tile
-            covered[s:s + tile] = True
+            covered[s : s + tile] = True
         assert covered.all()
         assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
     assert window_starts(100, 32, 8) == [0, 24, 48, 68]

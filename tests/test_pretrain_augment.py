@@ -10,12 +10,30 @@ import numpy as np
 import pytest
 import tifffile
 
-from pretrain.augment import (AugmentParams, ViewParams, apply_geometry, augment_view, jitter_lut, render_view,
-                              sample_crop, sample_view, two_views)
+from pretrain.augment import (
+    AugmentParams,
+    ViewParams,
+    apply_geometry,
+    augment_view,
+    jitter_lut,
+    render_view,
+    sample_crop,
+    sample_view,
+    two_views,
+)
 
 # Every operation switched off; tests switch on the one they look at.
-NOTHING = AugmentParams(image_size=224, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotation_p=0, hflip_p=0,
-                        vflip_p=0, jitter_p=0, blur_p=0, noise_p=0)
+NOTHING = AugmentParams(
+    image_size=224,
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    rotation_p=0,
+    hflip_p=0,
+    vflip_p=0,
+    jitter_p=0,
+    blur_p=0,
+    noise_p=0,
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_pretrain_data import real_patches
 
 from cemcurate.manifest import read_manifest, write_manifest
 from cemcurate.store import write_patch_store
 from pretrain.cli import main
 from pretrain.config import MocoConfig
-from test_pretrain_data import real_patches
 
-SMALL = ["--gpus", "0", "--arch", "resnet18", "--image-size", "64", "--batch-size", "8", "--queue-size", "256",
-         "--max-steps", "1", "--workers", "0"]
+SMALL = [
+    "--gpus",
+    "0",
+    "--arch",
+    "resnet18",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--queue-size",
+    "256",
+    "--max-steps",
+    "1",
+    "--workers",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +86,17 @@ def test_more_gpus_than_the_machine_has(tmp_path, store_dir, capsys, monkeypatch
     assert "--gpus 4: this machine offers 0 CUDA device(s)" in err and "--gpus 0" in err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--queue-size", "100"], "queue_size 100 is not divisible by the global batch_size 8"),
-    (["--arch", "resnet5O"], "unknown encoder arch 'resnet5O'"),
-    (["--key-bn", "sync"], "--key-bn sync needs CUDA"),
-    (["--nproc", "3"], "--batch-size 8 does not split evenly over 3 processes"),
-    (["--nproc", "0"], "--nproc must be at least 1"),
-    (["--crop-scale", "0.2", "1.5"], "at most 1"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--queue-size", "100"], "queue_size 100 is not divisible by the global batch_size 8"),
+        (["--arch", "resnet5O"], "unknown encoder arch 'resnet5O'"),
+        (["--key-bn", "sync"], "--key-bn sync needs CUDA"),
+        (["--nproc", "3"], "--batch-size 8 does not split evenly over 3 processes"),
+        (["--nproc", "0"], "--nproc must be at least 1"),
+        (["--crop-scale", "0.2", "1.5"], "at most 1"),
+    ],
+)
 def test_bad_settings_are_named(tmp_path, store_dir, capsys, extra, message):
     assert main(_moco(store_dir, tmp_path / "run", *extra)) == 2
     assert message in capsys.readouterr().err

@@ -31,14 +31,20 @@ def real_patches(data_root: Path, vnc_slices: int = 2, neuroproof_slices: int = 
     Neuroproof FIB-SEM: the centre 224 x 224 of ``neuroproof_slices`` slices spread over the cube.
     """
     vnc_files = sorted((data_root / "drosophila_vnc_gerhard" / "stack1" / "raw").glob("*.tif"))[:vnc_slices]
-    vnc = [tifffile.imread(f)[y:y + PATCH, x:x + PATCH]
-           for f in vnc_files for y in range(0, 4 * PATCH, PATCH) for x in range(0, 4 * PATCH, PATCH)]
+    vnc = [
+        tifffile.imread(f)[y : y + PATCH, x : x + PATCH]
+        for f in vnc_files
+        for y in range(0, 4 * PATCH, PATCH)
+        for x in range(0, 4 * PATCH, PATCH)
+    ]
     np_files = sorted((data_root / "neuroproof_flyem" / "training_sample2" / "grayscale_maps").glob("*.png"))
     picks = np_files[:: max(1, len(np_files) // neuroproof_slices)][:neuroproof_slices]
     off = (250 - PATCH) // 2
-    fib = [np.asarray(iio.imread(f))[off:off + PATCH, off:off + PATCH] for f in picks]
-    return {"drosophila_vnc_gerhard": np.stack(vnc).astype(np.uint8),
-            "neuroproof_flyem": np.stack(fib).astype(np.uint8)}
+    fib = [np.asarray(iio.imread(f))[off : off + PATCH, off : off + PATCH] for f in picks]
+    return {
+        "drosophila_vnc_gerhard": np.stack(vnc).astype(np.uint8),
+        "neuroproof_flyem": np.stack(fib).astype(np.uint8),
+    }
 
 
 def build_real_store(out_dir: Path, data_root: Path, **kwargs) -> Path:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_pretrain_data import build_real_store, real_patches
 
 from pretrain import distributed
 from pretrain.checkpoint import load_checkpoint
@@ -17,19 +18,32 @@ from pretrain.cli import main
 from pretrain.config import MocoConfig
 from pretrain.moco import EmbeddingBranch, MoCo
 from pretrain.train import train
-from test_pretrain_data import build_real_store, real_patches
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # trains small models (still part of the default suite)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("one_torch_thread"),
+]  # trains small models (still part of the default suite)
 
 # Small and fast, and chosen so a couple dozen steps reliably learn: a queue of 16 fills with
 # real keys after two steps, and temperature 0.07 with key momentum 0.99 let the query encoder
 # pull its positives apart from the (at first very similar) queue keys.
-SETTINGS = dict(arch="resnet18", image_size=64, batch_size=8, queue_size=16, temperature=0.07, key_momentum=0.99,
-                lr=0.03, lr_batch=8, seed=42, workers=0, log_every=1, checkpoint_every=0, snapshot_every=1,
-                tensorboard=False)
+SETTINGS = dict(
+    arch="resnet18",
+    image_size=64,
+    batch_size=8,
+    queue_size=16,
+    temperature=0.07,
+    key_momentum=0.99,
+    lr=0.03,
+    lr_batch=8,
+    seed=42,
+    workers=0,
+    log_every=1,
+    checkpoint_every=0,
+    snapshot_every=1,
+    tensorboard=False,
+)
 TOTAL_STEPS = 16  # 6 steps per epoch on 48 patches: crosses the epoch ends at steps 6 and 12
-
-
 
 
 def _flags(settings: dict) -> list[str]:
@@ -51,7 +65,7 @@ def _one_step(ctx: distributed.DistContext, images: torch.Tensor) -> dict:
     torch.manual_seed(0)
     model = MoCo("resnet18", feature_dim=16, queue_size=32, key_momentum=0.999, temperature=0.2)
     initial_queue = model.queue.clone()
-    local = images[ctx.rank * 4:(ctx.rank + 1) * 4]
+    local = images[ctx.rank * 4 : (ctx.rank + 1) * 4]
     out = model(local, local.flip(-1), shuffle_seed=123)
     return {"keys": out.keys, "queue": model.queue, "ptr": int(model.queue_ptr), "initial_queue": initial_queue}
 
@@ -62,9 +76,12 @@ def _ddp_jobs(ctx: distributed.DistContext, images: torch.Tensor, store: Path, s
     one_step = _one_step(ctx, images)
     train(MocoConfig(**SETTINGS, max_steps=3), store, split_run, ctx)
     result = train(MocoConfig(**SETTINGS, max_steps=TOTAL_STEPS), store, run, ctx)
-    return {"one_step": one_step,
-            "params": {k: v.detach().clone() for k, v in result.model.named_parameters()},
-            "queue": result.model.queue.clone(), "queue_ptr": int(result.model.queue_ptr)}
+    return {
+        "one_step": one_step,
+        "params": {k: v.detach().clone() for k, v in result.model.named_parameters()},
+        "queue": result.model.queue.clone(),
+        "queue_ptr": int(result.model.queue_ptr),
+    }
 
 
 def _eight_images(data_root: Path) -> torch.Tensor:
@@ -128,7 +145,10 @@ def test_resume_continues_exactly(reference, store_dir):
     base = ["moco", "--data", str(store_dir), "--out", str(run), "--gpus", "0", "--nproc", "2", *_flags(SETTINGS)]
     assert main(base + ["--max-steps=6", "--checkpoint-every=2"]) == 0
 
-    resumed, uninterrupted = load_checkpoint(run / "checkpoint.pth"), load_checkpoint(ref_run / "checkpoint_epoch0001.pth")
+    resumed, uninterrupted = (
+        load_checkpoint(run / "checkpoint.pth"),
+        load_checkpoint(ref_run / "checkpoint_epoch0001.pth"),
+    )
     assert resumed["step"] == uninterrupted["step"] == 6
     assert resumed["model"].keys() == uninterrupted["model"].keys()
     for name, value in uninterrupted["model"].items():

@@ -15,22 +15,37 @@ import segmentation_models_pytorch as smp
 import timm
 import torch
 from safetensors.torch import load_file
+from test_pretrain_data import build_real_store
 
+from cemcurate.common.weights import CEM500K_MEAN, CEM500K_STD
 from pretrain.checkpoint import load_checkpoint
 from pretrain.cli import main
 from pretrain.config import MocoConfig
-from cemcurate.common.weights import CEM500K_MEAN, CEM500K_STD
 from pretrain.moco import MoCo
 from pretrain.train import plan_run
-from test_pretrain_data import build_real_store
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # trains small models (still part of the default suite)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("one_torch_thread"),
+]  # trains small models (still part of the default suite)
 
 # The short CPU run of the issue, without data-loading worker processes.
-SMOKE = ["--gpus", "0", "--arch", "resnet18", "--image-size", "64", "--batch-size", "8", "--queue-size", "256",
-         "--max-steps", "5", "--workers", "0"]
-
-
+SMOKE = [
+    "--gpus",
+    "0",
+    "--arch",
+    "resnet18",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--queue-size",
+    "256",
+    "--max-steps",
+    "5",
+    "--workers",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -112,16 +127,24 @@ def test_export_round_trip_into_timm_and_smp(run_dir, real_batch, tmp_path, caps
         deepest = unet.encoder(real_batch)[-1]
         assert torch.allclose(deepest.mean(dim=(2, 3)), expected, atol=1e-5)
         # ... and not the features of an untrained network.
-        assert not torch.allclose(timm.create_model("resnet18", in_chans=1, num_classes=0).eval()(real_batch),
-                                  expected, atol=1e-3)
+        assert not torch.allclose(
+            timm.create_model("resnet18", in_chans=1, num_classes=0).eval()(real_batch), expected, atol=1e-3
+        )
 
     config = json.loads((out / "config.json").read_text())
     ckpt = load_checkpoint(run_dir / "checkpoint.pth")
     assert config["arch"] == "resnet18" and config["in_chans"] == 1 and config["smp_encoder"] == "resnet18"
     assert config["mean"] == pytest.approx(ckpt["data"]["mean"]) and config["std"] == pytest.approx(ckpt["data"]["std"])
     card = (out / "model_card.md").read_text()
-    for text in ("resnet18", "| drosophila_vnc_gerhard | 32 |", "| neuroproof_flyem | 16 |", "queue_size: 256",
-                 f"{ckpt['data']['mean']:.6g}", "5 optimizer steps", ckpt["git_commit"]):
+    for text in (
+        "resnet18",
+        "| drosophila_vnc_gerhard | 32 |",
+        "| neuroproof_flyem | 16 |",
+        "queue_size: 256",
+        f"{ckpt['data']['mean']:.6g}",
+        "5 optimizer steps",
+        ckpt["git_commit"],
+    ):
         assert text in card, text
 
 
@@ -129,8 +152,12 @@ def _cem500k_layout(tmp_path: Path, wrapped: bool, norms: bool) -> tuple[Path, d
     """A checkpoint laid out like the released CEM500K MoCoV2 weights (random values)."""
     torch.manual_seed(3)
     encoder = timm.create_model("resnet50", in_chans=1, num_classes=0).state_dict()
-    head = {"fc.0.weight": torch.randn(2048, 2048) * 0.01, "fc.0.bias": torch.zeros(2048),
-            "fc.2.weight": torch.randn(128, 2048) * 0.01, "fc.2.bias": torch.zeros(128)}
+    head = {
+        "fc.0.weight": torch.randn(2048, 2048) * 0.01,
+        "fc.0.bias": torch.zeros(2048),
+        "fc.2.weight": torch.randn(128, 2048) * 0.01,
+        "fc.2.bias": torch.zeros(128),
+    }
     state = {}
     for branch in ("encoder_q", "encoder_k"):
         state.update({f"module.{branch}.{k}": v.clone() for k, v in {**encoder, **head}.items()})

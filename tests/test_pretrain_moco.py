@@ -9,17 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cemcurate.common.archs import ARCHS
 from cemcurate.common.config import config_to_dict, load_config
 from pretrain.config import MocoConfig
-from cemcurate.common.archs import ARCHS
 from pretrain.moco import MoCo, create_backbone, info_nce
 from pretrain.train import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 
 
 def _unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -120,22 +118,37 @@ def test_yaml_holds_the_paper_settings_and_equals_the_defaults():
     from_yaml = load_config(MocoConfig, REPO / "configs" / "pretrain" / "mocov2_cem500k.yaml")
     assert config_to_dict(from_yaml) == config_to_dict(MocoConfig())
     c = from_yaml
-    assert (c.arch, c.batch_size, c.queue_size, c.lr, c.lr_milestones, c.epochs) == \
-        ("resnet50", 128, 65536, 0.015, [120, 160], 200)
-    assert (c.temperature, c.key_momentum, c.feature_dim, c.mlp, c.sgd_momentum, c.weight_decay) == \
-        (0.2, 0.999, 128, True, 0.9, 1e-4)
+    assert (c.arch, c.batch_size, c.queue_size, c.lr, c.lr_milestones, c.epochs) == (
+        "resnet50",
+        128,
+        65536,
+        0.015,
+        [120, 160],
+        200,
+    )
+    assert (c.temperature, c.key_momentum, c.feature_dim, c.mlp, c.sgd_momentum, c.weight_decay) == (
+        0.2,
+        0.999,
+        128,
+        True,
+        0.9,
+        1e-4,
+    )
     assert c.crop_scale == [0.2, 1.0] and c.blur_sigma == [0.1, 2.0] and c.noise_var == [1e-5, 1e-4]
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(queue_size=1000, batch_size=128), "not divisible by the global batch_size 128"),
-    (dict(lr_schedule="linear"), "lr_schedule must be one of"),
-    (dict(key_bn="group"), "key_bn must be one of"),
-    (dict(key_momentum=1.0), "key_momentum"),
-    (dict(noise_p=1.5), "probability"),
-    (dict(crop_scale=[0.5, 0.2]), "low <= high"),
-    (dict(max_steps=0), "max_steps"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(queue_size=1000, batch_size=128), "not divisible by the global batch_size 128"),
+        (dict(lr_schedule="linear"), "lr_schedule must be one of"),
+        (dict(key_bn="group"), "key_bn must be one of"),
+        (dict(key_momentum=1.0), "key_momentum"),
+        (dict(noise_p=1.5), "probability"),
+        (dict(crop_scale=[0.5, 0.2]), "low <= high"),
+        (dict(max_steps=0), "max_steps"),
+    ],
+)
 def test_config_rejects_bad_values(bad, message):
     with pytest.raises(ValueError, match=message):
         MocoConfig(**bad)

@@ -7,8 +7,7 @@ import pytest
 import torch
 import zarr
 
-from finetune.models import logits_to_probs
-from finetune.models import build_model
+from finetune.models import build_model, logits_to_probs
 from finetune.predict.sliding import plan_sliding, predict_sliding
 from finetune.predict.windows import gaussian_weights_1d, reflect_indices, window_starts, window_weights
 
@@ -59,8 +58,9 @@ def test_gaussian_weights():
     assert g[8] > g[4] > g[0]
     w = window_weights((4, 8, 6), "gaussian")
     assert w.shape == (4, 8, 6) and w.dtype == np.float32
-    np.testing.assert_allclose(w, np.einsum("i,j,k->ijk", gaussian_weights_1d(4), gaussian_weights_1d(8),
-                                            gaussian_weights_1d(6)), rtol=1e-6)
+    np.testing.assert_allclose(
+        w, np.einsum("i,j,k->ijk", gaussian_weights_1d(4), gaussian_weights_1d(8), gaussian_weights_1d(6)), rtol=1e-6
+    )
 
 
 def test_window_starts_and_reflection():
@@ -82,7 +82,7 @@ def test_plan_weight_sum_is_the_product_of_axis_sums():
     for z in plan.starts[0]:
         for y in plan.starts[1]:
             for x in plan.starts[2]:
-                wsum[z:z + 16, y:y + 24, x:x + 20] += w
+                wsum[z : z + 16, y : y + 24, x : x + 20] += w
     np.testing.assert_allclose(wsum, np.einsum("i,j,k->ijk", *plan.norm), rtol=1e-5)
     assert wsum.min() > 0
 
@@ -91,22 +91,28 @@ def test_plan_weight_sum_is_the_product_of_axis_sums():
 def test_identity_and_constant_models_blend_exactly(volume, batch_size):
     # Several windows on every axis, odd sizes, reflection margins: an identity model gives
     # the input back and a constant model its constant, everywhere.
-    out = predict_sliding(Identity(), volume, window=(16, 24, 20), overlap=(6, 8, 6), batch_size=batch_size,
-                          activation="none")
+    out = predict_sliding(
+        Identity(), volume, window=(16, 24, 20), overlap=(6, 8, 6), batch_size=batch_size, activation="none"
+    )
     assert out.shape == (1,) + volume.shape and out.dtype == np.float32
     np.testing.assert_allclose(out[0], volume / 255.0, atol=1e-5)
-    out = predict_sliding(Constant(), volume, window=(16, 24, 20), overlap=(6, 8, 6), batch_size=batch_size,
-                          activation="none")
+    out = predict_sliding(
+        Constant(), volume, window=(16, 24, 20), overlap=(6, 8, 6), batch_size=batch_size, activation="none"
+    )
     np.testing.assert_allclose(out[0], 0.37, atol=1e-5)
     np.testing.assert_allclose(out[1], -2.0, atol=1e-5)
     probs = predict_sliding(Constant(), volume, window=16, overlap=4, batch_size=batch_size)
-    np.testing.assert_allclose(probs, np.broadcast_to(torch.softmax(torch.tensor([0.37, -2.0]), 0).numpy()
-                                                      [:, None, None, None], probs.shape), atol=1e-5)
+    np.testing.assert_allclose(
+        probs,
+        np.broadcast_to(torch.softmax(torch.tensor([0.37, -2.0]), 0).numpy()[:, None, None, None], probs.shape),
+        atol=1e-5,
+    )
 
 
 def test_one_window_equals_whole_volume_prediction():
-    model = build_model("unet3d", arch="resnet18", num_classes=2, geometry="isotropic",
-                        decoder_channels=(32, 16, 8, 8, 4)).eval()
+    model = build_model(
+        "unet3d", arch="resnet18", num_classes=2, geometry="isotropic", decoder_channels=(32, 16, 8, 8, 4)
+    ).eval()
     vol = np.random.default_rng(1).integers(0, 256, (20, 40, 36)).astype(np.uint8)
     with torch.no_grad():
         whole = logits_to_probs(model(torch.from_numpy(vol / np.float32(255.0))[None, None].float()))[0].numpy()
@@ -121,14 +127,21 @@ def test_streams_into_memmap_zarr_and_callables(volume, tmp_path):
     assert predict_sliding(Identity(), volume, window=(12, 32, 32), overlap=4, out=mm, activation="none") is mm
     np.testing.assert_array_equal(mm, volume)  # uint8 output stores round(255 * p)
 
-    z = zarr.open_array(str(tmp_path / "out.zarr"), mode="w", shape=(2,) + volume.shape, chunks=(1, 8, 32, 32),
-                        dtype="float32")
+    z = zarr.open_array(
+        str(tmp_path / "out.zarr"), mode="w", shape=(2,) + volume.shape, chunks=(1, 8, 32, 32), dtype="float32"
+    )
     predict_sliding(Constant(), volume, window=(12, 32, 32), overlap=4, out=z, activation="none")
     np.testing.assert_allclose(z[1], -2.0, atol=1e-5)
 
     written = []
-    predict_sliding(Identity(), volume, window=(12, 32, 32), overlap=4, activation="none",
-                    out=lambda z0, probs: written.append((z0, probs.shape[1])))
+    predict_sliding(
+        Identity(),
+        volume,
+        window=(12, 32, 32),
+        overlap=4,
+        activation="none",
+        out=lambda z0, probs: written.append((z0, probs.shape[1])),
+    )
     # Every slice written exactly once, in increasing z.
     assert [z0 for z0, _ in written] == sorted(z0 for z0, _ in written)
     assert sum(n for _, n in written) == volume.shape[0]

@@ -8,11 +8,19 @@ from cemcurate.sources import discover_sources, glob_to_regex, load_sidecar
 from cemcurate.store import ShardWriter, StoreError, open_patches, write_patch_store
 
 
-@pytest.mark.parametrize("pattern,path,hit", [
-    ("*.tif", "a.tif", True), ("*.tif", "d/a.tif", False), ("**/*.tif", "d/e/a.tif", True),
-    ("**/*.tif", "a.tif", True), ("stack*/raw/*.png", "stack1/raw/00.png", True),
-    ("d/**", "d/x/y.png", True), ("im?.png", "im10.png", False), ("[ab].png", "b.png", True),
-])
+@pytest.mark.parametrize(
+    "pattern,path,hit",
+    [
+        ("*.tif", "a.tif", True),
+        ("*.tif", "d/a.tif", False),
+        ("**/*.tif", "d/e/a.tif", True),
+        ("**/*.tif", "a.tif", True),
+        ("stack*/raw/*.png", "stack1/raw/00.png", True),
+        ("d/**", "d/x/y.png", True),
+        ("im?.png", "im10.png", False),
+        ("[ab].png", "b.png", True),
+    ],
+)
 def test_glob_to_regex(pattern, path, hit):
     assert bool(glob_to_regex(pattern).match(path)) is hit
 
@@ -22,8 +30,13 @@ def vnc_layout(root: Path) -> Path:
     files: discovering sources looks at names only, never at contents."""
     vnc = root / "drosophila_vnc_gerhard"
     for i in range(20):
-        for name in (f"stack1/raw/{i:02d}.tif", f"stack2/raw/{i:02d}.tif", f"stack1/labels/labels{i:08d}.png",
-                     f"stack1/membranes/{i:02d}.png", f"stack1/mitochondria/{i:02d}.png"):
+        for name in (
+            f"stack1/raw/{i:02d}.tif",
+            f"stack2/raw/{i:02d}.tif",
+            f"stack1/labels/labels{i:08d}.png",
+            f"stack1/membranes/{i:02d}.png",
+            f"stack1/mitochondria/{i:02d}.png",
+        ):
             (vnc / name).parent.mkdir(parents=True, exist_ok=True)
             (vnc / name).touch()
     (vnc / "README.md").touch()
@@ -36,7 +49,8 @@ def test_discover_sources_with_a_sidecar(tmp_path):
     sidecar.write_text(
         "sources:\n"
         "  - {path: 'stack*/raw/*.tif', stack: true, voxel_size: [50, 4.6, 4.6]}\n"
-        "  - {path: 'stack1/labels/*', exclude: true}\n")
+        "  - {path: 'stack1/labels/*', exclude: true}\n"
+    )
     specs, skipped = discover_sources(vnc, sidecar)
     names = {s.name: s for s in specs}
     assert names["stack1/raw"].options.stack and len(names["stack1/raw"].files) == 20
@@ -63,7 +77,7 @@ def test_sidecar_errors_name_the_file_and_entry(tmp_path):
 
 def test_store_random_batches_match_written_real_patches(tmp_path, data_root):
     image = iio.imread(data_root / "isbi2012_unet/train/image/3.png")
-    patches = np.stack([image[y:y + 64, x:x + 64] for y in range(0, 512, 64) for x in range(0, 512, 64)])
+    patches = np.stack([image[y : y + 64, x : x + 64] for y in range(0, 512, 64) for x in range(0, 512, 64)])
     store = write_patch_store(tmp_path / "out", patches)
     assert len(store) == 64 and store.patch_size == 64
     idx = np.random.default_rng(1).permutation(64)[:20]

@@ -1,6 +1,6 @@
+import imageio.v3 as iio
 import numpy as np
 import pytest
-import imageio.v3 as iio
 
 from cemcurate.standardize import IntensityWindow, compute_window, sample_slice_indices
 

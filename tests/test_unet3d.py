@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 
 from cemcurate.common.weights import ResolvedWeights, WeightsError, resolve
+from finetune.models import build_model
 from finetune.models.geometry import StageGeometry
 from finetune.models.inflate import inflate_state_dict
-from finetune.models import build_model
-from finetune.models.unet3d import UNet3D, UNetDecoder, ResNetEncoder, conv_nd
+from finetune.models.unet3d import ResNetEncoder, UNet3D, UNetDecoder, conv_nd
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,8 +35,14 @@ def test_anisotropic_kernels_and_strides():
     assert enc.layer2[0].downsample[0].kernel_size == (1, 1, 1)
     with torch.no_grad():
         feats = enc.eval()(torch.rand(1, 1, 16, 64, 64))
-    assert [tuple(f.shape[2:]) for f in feats] == [(16, 64, 64), (16, 32, 32), (16, 16, 16), (8, 8, 8), (4, 4, 4),
-                                                   (2, 2, 2)]
+    assert [tuple(f.shape[2:]) for f in feats] == [
+        (16, 64, 64),
+        (16, 32, 32),
+        (16, 16, 16),
+        (8, 8, 8),
+        (4, 4, 4),
+        (2, 2, 2),
+    ]
     # The decoder follows: in-plane-only convolutions where the encoder stage is.
     model = UNet3D("resnet18", 2, geo, SMALL)
     assert model.decoder.blocks[3].conv1[0].kernel_size == (1, 3, 3)  # back at stem resolution
@@ -47,8 +53,9 @@ def test_anisotropic_kernels_and_strides():
 
 @pytest.mark.parametrize("upsample", ["trilinear", "nearest", "transpose"])
 def test_output_shape_equals_input_shape(upsample):
-    model = build_model("unet3d", arch="resnet18", num_classes=3, geometry="anisotropic", upsample=upsample,
-                        decoder_channels=SMALL).eval()
+    model = build_model(
+        "unet3d", arch="resnet18", num_classes=3, geometry="anisotropic", upsample=upsample, decoder_channels=SMALL
+    ).eval()
     with torch.no_grad():
         for shape in [(8, 32, 32), (9, 33, 17), (3, 5, 40)]:
             out = model(torch.rand(1, 1, *shape))
@@ -69,8 +76,9 @@ def test_odd_sizes_are_reflect_padded_then_cropped():
 def test_build_loads_inflated_weights_strictly():
     state = _state2d("resnet18")
     w = ResolvedWeights("file", state, mean=0.6, std=0.2, source="enc.safetensors")
-    model = build_model("unet3d", arch="resnet18", num_classes=2, weights=w, geometry="anisotropic",
-                        decoder_channels=SMALL)
+    model = build_model(
+        "unet3d", arch="resnet18", num_classes=2, weights=w, geometry="anisotropic", decoder_channels=SMALL
+    )
     expected = inflate_state_dict(state, StageGeometry.preset("anisotropic"))
     got = model.encoder.state_dict()
     assert set(got) == set(expected)
@@ -78,21 +86,35 @@ def test_build_loads_inflated_weights_strictly():
         torch.testing.assert_close(got[k], expected[k])
     assert float(model.norm_mean) == pytest.approx(0.6) and float(model.norm_std) == pytest.approx(0.2)
     # A plain state dict works too; explicit mean/std win over the weights' own.
-    model = build_model("unet3d", arch="resnet18", num_classes=2, weights=state, decoder_channels=SMALL, inflate="center",
-                        mean=0.4, std=0.3)
+    model = build_model(
+        "unet3d",
+        arch="resnet18",
+        num_classes=2,
+        weights=state,
+        decoder_channels=SMALL,
+        inflate="center",
+        mean=0.4,
+        std=0.3,
+    )
     torch.testing.assert_close(model.encoder.conv1.weight[:, :, 1], state["conv1.weight"])
     assert float(model.norm_mean) == pytest.approx(0.4)
 
 
 def test_wrong_arch_weights_fail_clearly():
     with pytest.raises(WeightsError, match="resnet18"):
-        build_model("unet3d", arch="resnet34", num_classes=2,
-                    weights=ResolvedWeights("file", _state2d("resnet18"), source="r18.pth"), decoder_channels=SMALL)
+        build_model(
+            "unet3d",
+            arch="resnet34",
+            num_classes=2,
+            weights=ResolvedWeights("file", _state2d("resnet18"), source="r18.pth"),
+            decoder_channels=SMALL,
+        )
     with pytest.raises(ValueError, match="upsampling"):
         build_model("unet3d", arch="resnet18", num_classes=2, upsample="bicubic", decoder_channels=SMALL)
     with pytest.raises(ValueError, match="odd"):
-        build_model("unet3d", arch="resnet18", num_classes=2, geometry={"kernel_depth": [3, 2, 3, 3, 3]},
-                    decoder_channels=SMALL)
+        build_model(
+            "unet3d", arch="resnet18", num_classes=2, geometry={"kernel_depth": [3, 2, 3, 3, 3]}, decoder_channels=SMALL
+        )
     with pytest.raises(ValueError, match="every stage"):
         build_model("unet3d", arch="resnet9", num_classes=2)
     with pytest.raises(ValueError, match=r"\(batch, 1, z, y, x\)"):
@@ -100,8 +122,9 @@ def test_wrong_arch_weights_fail_clearly():
 
 
 def test_frozen_encoder_keeps_bn_statistics_and_gets_no_gradient():
-    model = build_model("unet3d", arch="resnet18", num_classes=2, weights=_state2d(), freeze_encoder=True,
-                        decoder_channels=SMALL)
+    model = build_model(
+        "unet3d", arch="resnet18", num_classes=2, weights=_state2d(), freeze_encoder=True, decoder_channels=SMALL
+    )
     model.train()
     assert not model.encoder.training and not model.encoder.bn1.training
     assert model.decoder.training
@@ -120,9 +143,16 @@ def test_frozen_encoder_keeps_bn_statistics_and_gets_no_gradient():
 def test_config_round_trip_through_the_registry():
     from finetune.models import build_model
 
-    model = build_model("unet3d", arch="resnet18", num_classes=3, geometry="anisotropic", upsample="transpose",
-                        decoder_channels=SMALL,
-                         mean=0.45, std=0.22).eval()
+    model = build_model(
+        "unet3d",
+        arch="resnet18",
+        num_classes=3,
+        geometry="anisotropic",
+        upsample="transpose",
+        decoder_channels=SMALL,
+        mean=0.45,
+        std=0.22,
+    ).eval()
     cfg = model.config()
     rebuilt = build_model(cfg.pop("model"), **cfg)
     rebuilt.load_state_dict(model.state_dict(), strict=True)
@@ -161,9 +191,17 @@ def test_exported_encoder_file_through_resolve(tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "encoder.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"arch": "resnet18", "mean": 0.52, "std": 0.14}))
     weights = resolve(str(tmp_path / "encoder.safetensors"), "resnet18")
-    model = build_model("unet3d", arch="resnet18", num_classes=2, weights=weights, geometry="isotropic",
-                        decoder_channels=SMALL, freeze_encoder=True)
+    model = build_model(
+        "unet3d",
+        arch="resnet18",
+        num_classes=2,
+        weights=weights,
+        geometry="isotropic",
+        decoder_channels=SMALL,
+        freeze_encoder=True,
+    )
     assert float(model.norm_mean) == pytest.approx(0.52) and float(model.norm_std) == pytest.approx(0.14)
     torch.testing.assert_close(model.encoder.layer4[1].conv2.weight.sum(2), state["layer4.1.conv2.weight"])
-    torch.testing.assert_close(model.encoder.layer2[0].downsample[1].running_var,
-                               state["layer2.0.downsample.1.running_var"])
+    torch.testing.assert_close(
+        model.encoder.layer2[0].downsample[1].running_var, state["layer2.0.downsample.1.running_var"]
+    )

@@ -55,8 +55,10 @@ def get_arch(name: str) -> ArchInfo:
     try:
         return ARCHS[name]
     except KeyError:
-        raise ValueError(f"unknown encoder arch {name!r}; valid archs: {', '.join(ARCHS)} (the ones every stage "
-                         "supports: filter, pretraining, export, 2D and 3D fine-tuning)") from None
+        raise ValueError(
+            f"unknown encoder arch {name!r}; valid archs: {', '.join(ARCHS)} (the ones every stage "
+            "supports: filter, pretraining, export, 2D and 3D fine-tuning)"
+        ) from None
 
 
 def infer_arch(state: Mapping[str, object]) -> str | None:

@@ -51,8 +51,8 @@ def _is_section(tp: Any) -> bool:
 
 def _leaves(cls: type, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dataclasses.Field, Any]]:
     """``(section path, field, type)`` of every non-section field of ``cls``, depth first."""
-    for path, _, f, tp in _leaves_with_sections(cls, path):
-        yield path, f, tp
+    for section_path, _, f, tp in _leaves_with_sections(cls, path):
+        yield section_path, f, tp
 
 
 def _leaves_with_sections(cls: type, path: tuple[str, ...] = ()):
@@ -104,11 +104,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tu
         inner, is_list = _base_type(tp)
         help_text = f"{f.metadata.get('help', '')} (default: {_default(f)})"
         if inner is bool and not is_list:
-            target.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
+            target.add_argument(
+                _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
-            target.add_argument(_flag(f.name), dest=f.name, type=inner, nargs="+" if is_list else None,
-                                default=None, metavar=f.metadata.get("metavar", f.name.upper()), help=help_text)
+            target.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                type=inner,
+                nargs="+" if is_list else None,
+                default=None,
+                metavar=f.metadata.get("metavar", f.name.upper()),
+                help=help_text,
+            )
 
 
 def _place(values: dict, path: tuple[str, ...], name: str, value: Any) -> None:
@@ -131,8 +139,10 @@ def _read_yaml_values(cls: type, path: Path) -> dict:
 
     def take(mapping: dict, prefix: tuple[str, ...]) -> None:
         where = f" in section {'.'.join(prefix)!r}" if prefix else ""
-        valid = sorted({k for k, p in paths.items() if p[: len(prefix)] == prefix}
-                       | {s[len(prefix)] for s in sections if len(s) > len(prefix) and s[: len(prefix)] == prefix})
+        valid = sorted(
+            {k for k, p in paths.items() if p[: len(prefix)] == prefix}
+            | {s[len(prefix)] for s in sections if len(s) > len(prefix) and s[: len(prefix)] == prefix}
+        )
         unknown = []
         for key, value in mapping.items():
             if prefix + (key,) in sections:
@@ -141,7 +151,9 @@ def _read_yaml_values(cls: type, path: Path) -> dict:
                 take(value, prefix + (key,))
             elif key in paths and paths[key][: len(prefix)] == prefix:
                 if key in seen:
-                    raise ValueError(f"{path}: key {key!r} is given twice ({seen[key]} and{where or ' at the top level'})")
+                    raise ValueError(
+                        f"{path}: key {key!r} is given twice ({seen[key]} and{where or ' at the top level'})"
+                    )
                 seen[key] = where.strip() or "at the top level"
                 _place(values, paths[key], key, value)
             else:

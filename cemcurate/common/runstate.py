@@ -54,7 +54,8 @@ def read_checkpoint(path: str | Path) -> Any:
         raise CheckpointError(
             f"{path}: cannot read checkpoint ({type(exc).__name__}: {_reason(exc)}); "
             "the file is truncated, corrupt or not a PyTorch checkpoint. To resume, restore it from a "
-            "snapshot or delete it to start the run over") from exc
+            "snapshot or delete it to start the run over"
+        ) from exc
 
 
 def _reason(exc: Exception) -> str:
@@ -72,8 +73,13 @@ def capture_rng() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     state = {
         "python": {"version": version, "state": list(internal), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -86,15 +92,17 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached"]))
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
+    )
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
-                   may_change: Iterable[str]) -> dict[str, tuple[Any, Any]]:
+def resume_changes(
+    saved: Mapping[str, Any], current: Mapping[str, Any], may_change: Iterable[str]
+) -> dict[str, tuple[Any, Any]]:
     """``{key: (saved, current)}`` for the settings that differ and must not.
 
     ``saved`` and ``current`` are config dicts (:func:`~cemcurate.common.config.config_to_dict`,
@@ -106,8 +114,13 @@ def resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
     return {k: (a.get(k), b.get(k)) for k in sorted((set(a) | set(b)) - allowed) if a.get(k) != b.get(k)}
 
 
-def refuse_changed_resume(checkpoint: Path, saved: Mapping[str, Any], current: Mapping[str, Any],
-                          may_change: Iterable[str], saved_config: Path) -> None:
+def refuse_changed_resume(
+    checkpoint: Path,
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    may_change: Iterable[str],
+    saved_config: Path,
+) -> None:
     """Raise :class:`CheckpointError` naming every changed setting (see :func:`resume_changes`)."""
     may_change = sorted(may_change)
     changed = resume_changes(saved, current, may_change)
@@ -116,7 +129,8 @@ def refuse_changed_resume(checkpoint: Path, saved: Mapping[str, Any], current: M
         raise CheckpointError(
             f"{checkpoint}: cannot resume, this run was started with a different config ({detail}). "
             f"Re-run with the checkpoint's settings (saved in {saved_config}) or choose a new --out; "
-            f"only {may_change} may change between runs")
+            f"only {may_change} may change between runs"
+        )
 
 
 def trim_csv(path: Path, last_step: int) -> None:
@@ -159,10 +173,16 @@ def git_commit() -> str:
     """The toolkit's git commit (``<sha>`` or ``<sha>-dirty``), or ``"unknown"`` outside a checkout."""
     repo = Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha

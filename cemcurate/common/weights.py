@@ -73,15 +73,18 @@ class WeightSpec:
         if text == "imagenet":
             return cls("imagenet")
         if text.startswith("cem500k:"):
-            if not text[len("cem500k:"):]:
-                raise WeightsError("weight spec 'cem500k:' needs a checkpoint path, "
-                                   "e.g. cem500k:weights/cem500k_mocov2_resnet50.pth.tar")
-            return cls("cem500k", Path(text[len("cem500k:"):]))
+            if not text[len("cem500k:") :]:
+                raise WeightsError(
+                    "weight spec 'cem500k:' needs a checkpoint path, "
+                    "e.g. cem500k:weights/cem500k_mocov2_resnet50.pth.tar"
+                )
+            return cls("cem500k", Path(text[len("cem500k:") :]))
         return cls("file", Path(text))
 
     def __str__(self) -> str:
         return {"random": "random", "imagenet": "imagenet"}.get(self.kind) or (
-            f"cem500k:{self.path}" if self.kind == "cem500k" else str(self.path))
+            f"cem500k:{self.path}" if self.kind == "cem500k" else str(self.path)
+        )
 
 
 @dataclass
@@ -124,8 +127,9 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int = 1) -> torch.Tensor:
     return weight.repeat(1, repeats, *([1] * (weight.ndim - 2)))[:, :in_chans] * (c / in_chans)
 
 
-def fold_input_normalisation(state: Mapping[str, torch.Tensor], channel_mean, channel_std, mean: float,
-                             std: float) -> dict[str, torch.Tensor]:
+def fold_input_normalisation(
+    state: Mapping[str, torch.Tensor], channel_mean, channel_std, mean: float, std: float
+) -> dict[str, torch.Tensor]:
     """Fold a per-channel input normalisation into ``conv1`` and ``bn1`` for one grey channel.
 
     A network applied to grey images replicated to RGB and normalised per channel,
@@ -180,13 +184,14 @@ def encoder_state_dict(state: Mapping[str, Any], source: str = "<state dict>") -
         raise WeightsError(f"{source}: no tensors found; expected a ResNet encoder state dict")
     for prefix in _ENCODER_PREFIXES:
         if any(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             break
     tensors = {k: v for k, v in tensors.items() if not k.startswith(_HEAD_PREFIXES)}
     if "conv1.weight" not in tensors:
         raise WeightsError(
             f"{source}: no 'conv1.weight' after mapping keys (first keys: {list(state)[:5]}); "
-            "expected a ResNet encoder (our export, a CEM500K MoCoV2 checkpoint or a timm ResNet)")
+            "expected a ResNet encoder (our export, a CEM500K MoCoV2 checkpoint or a timm ResNet)"
+        )
     return tensors
 
 
@@ -198,8 +203,10 @@ def find_weights_file(path: Path) -> Path:
         safetensors = [p for p in found if p.suffix == ".safetensors"]
         pick = safetensors if safetensors else found
         if len(pick) != 1:
-            raise WeightsError(f"{path}: expected one weights file ({', '.join(_WEIGHT_SUFFIXES)}) "
-                               f"in this folder, found {[p.name for p in found]}; pass the file itself")
+            raise WeightsError(
+                f"{path}: expected one weights file ({', '.join(_WEIGHT_SUFFIXES)}) "
+                f"in this folder, found {[p.name for p in found]}; pass the file itself"
+            )
         return pick[0]
     if not path.exists():
         raise WeightsError(f"{path}: weights file not found (use {SPEC_HELP})")
@@ -266,7 +273,8 @@ def imagenet_weights(arch: str, flag: str = "--encoder") -> ResolvedWeights:
             f"cannot get ImageNet weights for {arch} through timm ({type(exc).__name__}: {exc}). "
             "timm downloads them from the Hugging Face Hub on first use and caches them: run once with "
             "internet access (or copy ~/.cache/huggingface from a machine that has them), or pass "
-            f"{flag} random, or {flag} PATH with a local weights file") from exc
+            f"{flag} random, or {flag} PATH with a local weights file"
+        ) from exc
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     mean = _scalar(cfg["mean"], "mean", "timm") if "mean" in cfg else IMAGENET_GRAY_MEAN
     std = _scalar(cfg["std"], "std", "timm") if "std" in cfg else IMAGENET_GRAY_STD
@@ -279,8 +287,9 @@ def check_arch_of(state: Mapping[str, torch.Tensor], arch: str, source: str) -> 
     """Raise :class:`WeightsError` when ``state`` holds another registered arch than ``arch``."""
     found = infer_arch(state)
     if found is not None and found != arch:
-        raise WeightsError(f"{source}: cannot load into a {arch} encoder: it holds a {found} encoder; "
-                           f"pass --arch {found}")
+        raise WeightsError(
+            f"{source}: cannot load into a {arch} encoder: it holds a {found} encoder; pass --arch {found}"
+        )
 
 
 def resolve(spec: str | WeightSpec, arch: str, flag: str = "--encoder") -> ResolvedWeights:
@@ -310,8 +319,9 @@ def weights_from_checkpoint(raw: Mapping[str, Any], path: Path, kind: str, arch:
     """The encoder weights in a loaded weights file (``kind`` ``cem500k`` or ``file``; see :func:`resolve`)."""
     mean, std, file_arch = read_config_json(path) if kind == "file" else (None, None, None)
     if file_arch is not None and file_arch != arch:
-        raise WeightsError(f"{path}: its config.json says arch {file_arch!r} but the model is {arch!r}; "
-                           f"pass --arch {file_arch}")
+        raise WeightsError(
+            f"{path}: its config.json says arch {file_arch!r} but the model is {arch!r}; pass --arch {file_arch}"
+        )
     state = encoder_state_dict(raw, source=str(path))
     state["conv1.weight"] = adapt_input_conv(state["conv1.weight"], 1)
     check_arch_of(state, arch, str(path))
@@ -324,8 +334,9 @@ def weights_from_checkpoint(raw: Mapping[str, Any], path: Path, kind: str, arch:
     return ResolvedWeights(kind, state, mean, std, str(path))
 
 
-def load_encoder_weights(encoder: torch.nn.Module, state: Mapping[str, torch.Tensor], arch: str,
-                         source: str = "<state dict>") -> None:
+def load_encoder_weights(
+    encoder: torch.nn.Module, state: Mapping[str, torch.Tensor], arch: str, source: str = "<state dict>"
+) -> None:
     """Load ``state`` into ``encoder`` with ``strict=True``.
 
     Raises:
@@ -336,8 +347,12 @@ def load_encoder_weights(encoder: torch.nn.Module, state: Mapping[str, torch.Ten
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         found = infer_arch(state)
-        hint = (f"it holds a {found} encoder; pass --arch {found}" if found and found != arch
-                else "its keys or shapes do not match")
+        hint = (
+            f"it holds a {found} encoder; pass --arch {found}"
+            if found and found != arch
+            else "its keys or shapes do not match"
+        )
         first = str(exc).splitlines()
-        raise WeightsError(f"{source}: cannot load into a {arch} encoder: {hint} "
-                           f"({first[1].strip() if len(first) > 1 else first[0]})") from exc
+        raise WeightsError(
+            f"{source}: cannot load into a {arch} encoder: {hint} ({first[1].strip() if len(first) > 1 else first[0]})"
+        ) from exc

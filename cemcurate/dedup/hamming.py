@@ -93,8 +93,9 @@ class HammingRangeIndex:
             raise ValueError(f"strategy must be 'auto', 'blocks' or 'brute', got {strategy!r}")
         self.base = base_hashes
         self.max_hamming = max_hamming
-        self.blocks = (None if strategy == "brute"
-                       else self._choose_blocks(len(base_hashes), max_hamming, strategy == "blocks"))
+        self.blocks = (
+            None if strategy == "brute" else self._choose_blocks(len(base_hashes), max_hamming, strategy == "blocks")
+        )
         self.tables = [self._build_table(*block[:2]) for block in self.blocks] if self.blocks else []
 
     # -- planning

@@ -39,9 +39,11 @@ from cemcurate.store import ShardReader, read_store_info
 matplotlib = lazy_import("matplotlib")
 pyplot = lazy_import("matplotlib.pyplot")
 
-_STYLE = ("body{font-family:sans-serif;margin:2em}.row{display:flex;flex-wrap:wrap;gap:8px}"
-          ".pair{display:flex;border:1px solid #ccc}figure{margin:2px;font-size:75%;text-align:center}"
-          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
+_STYLE = (
+    "body{font-family:sans-serif;margin:2em}.row{display:flex;flex-wrap:wrap;gap:8px}"
+    ".pair{display:flex;border:1px solid #ccc}figure{margin:2px;font-size:75%;text-align:center}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+)
 
 
 def _plane_image(vol: Volume, window: IntensityWindow, plane: str, index: int) -> np.ndarray:
@@ -79,8 +81,9 @@ def patch_pixels(out_dir: str | Path, rows: pd.DataFrame, patch_size: int = 224)
     return out
 
 
-def boundary_pairs(manifest: pd.DataFrame, max_hamming: int, per_distance: int = 3, sample: int = 2000,
-                   seed: int = 0) -> pd.DataFrame:
+def boundary_pairs(
+    manifest: pd.DataFrame, max_hamming: int, per_distance: int = 3, sample: int = 2000, seed: int = 0
+) -> pd.DataFrame:
     """Pairs of patches of one source at distances ``max_hamming - 1 .. max_hamming + 2``.
 
     Returns a frame with ``a``, ``b`` (manifest row positions) and ``distance``; pairs are
@@ -124,8 +127,9 @@ def _img(pixels: np.ndarray, caption: str) -> str:
     return f"<figure><img src='{src}'><figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
-def dedup_preview(out_dir: str | Path, groups: int = 12, per_group: int = 7, max_hamming: int | None = None,
-                  seed: int = 0) -> Path:
+def dedup_preview(
+    out_dir: str | Path, groups: int = 12, per_group: int = 7, max_hamming: int | None = None, seed: int = 0
+) -> Path:
     """Write ``OUT/dedup_preview.html`` and ``OUT/lorenz.png``; return the page's path.
 
     ``max_hamming`` is the cutoff to illustrate; None: the one the build used (from
@@ -140,9 +144,11 @@ def dedup_preview(out_dir: str | Path, groups: int = 12, per_group: int = 7, max
     patch_size = read_store_info(out_dir).patch_size
     hashes = hex_to_dhash(manifest["dhash"].tolist()) if len(manifest) else np.zeros(0, np.uint64)
     position = pd.Series(np.arange(len(manifest)), index=manifest["patch_id"].to_numpy())
-    sections = [f"<h1>Near-duplicate groups: {html.escape(str(out_dir))}</h1>",
-                f"<p>Cutoff: Hamming distance &le; {max_hamming} of 64 bits (the paper's &lt; {max_hamming + 1}). "
-                "Each row: the kept exemplar, then dropped duplicates with their distance to it.</p>"]
+    sections = [
+        f"<h1>Near-duplicate groups: {html.escape(str(out_dir))}</h1>",
+        f"<p>Cutoff: Hamming distance &le; {max_hamming} of 64 bits (the paper's &lt; {max_hamming + 1}). "
+        "Each row: the kept exemplar, then dropped duplicates with their distance to it.</p>",
+    ]
 
     rng = np.random.default_rng(seed)
     dup_groups = manifest.loc[manifest["duplicate"] & manifest["group"].isin(manifest["patch_id"]), "group"].unique()
@@ -152,13 +158,19 @@ def dedup_preview(out_dir: str | Path, groups: int = 12, per_group: int = 7, max
         pix = patch_pixels(out_dir, manifest.iloc[np.r_[ex, members]], patch_size)
         dists = hamming_distance(hashes[members], hashes[ex])
         figures = [_img(pix[0], f"exemplar {gid}")] + [
-            _img(p, f"{manifest['patch_id'].iat[m]}: d={d}") for p, m, d in zip(pix[1:], members, dists)]
+            _img(p, f"{manifest['patch_id'].iat[m]}: d={d}") for p, m, d in zip(pix[1:], members, dists)
+        ]
         sections.append(f"<h3>{html.escape(manifest['source'].iat[ex])}</h3><div class=row>{''.join(figures)}</div>")
 
-    pairs = (boundary_pairs(manifest, max_hamming, seed=seed) if len(manifest)
-             else pd.DataFrame(columns=["a", "b", "distance"]))
-    sections.append("<h2>Pairs near the cutoff</h2>"
-                    "<p>Distances at or below the cutoff are grouped; above it they are kept apart.</p>")
+    pairs = (
+        boundary_pairs(manifest, max_hamming, seed=seed)
+        if len(manifest)
+        else pd.DataFrame(columns=["a", "b", "distance"])
+    )
+    sections.append(
+        "<h2>Pairs near the cutoff</h2>"
+        "<p>Distances at or below the cutoff are grouped; above it they are kept apart.</p>"
+    )
     for d, chunk in pairs.groupby("distance"):
         side = "grouped" if d <= max_hamming else "kept apart"
         figures = []
@@ -169,14 +181,17 @@ def dedup_preview(out_dir: str | Path, groups: int = 12, per_group: int = 7, max
         sections.append(f"<h3>distance {d} ({side})</h3><div class=row>{''.join(figures)}</div>")
 
     if len(manifest):
-        per_source = manifest.groupby("source").agg(raw=("patch_id", "size"),
-                                                    deduplicated=("duplicate", lambda s: int((~s).sum())))
+        per_source = manifest.groupby("source").agg(
+            raw=("patch_id", "size"), deduplicated=("duplicate", lambda s: int((~s).sum()))
+        )
         png, g = lorenz_png(per_source["deduplicated"].to_numpy())
         with atomic_path(layout.lorenz_png) as tmp:
             tmp.write_bytes(png)
-        sections.append(f"<h2>Patches per source</h2>{html_table(per_source.reset_index())}"
-                        f"<p>Gini coefficient of deduplicated patches per source: {g:.3f}</p>"
-                        f"<img src='{layout.lorenz_png.name}'>")
+        sections.append(
+            f"<h2>Patches per source</h2>{html_table(per_source.reset_index())}"
+            f"<p>Gini coefficient of deduplicated patches per source: {g:.3f}</p>"
+            f"<img src='{layout.lorenz_png.name}'>"
+        )
     with atomic_path(layout.dedup_preview) as tmp:
         tmp.write_text(html_page("dedup preview", _STYLE, sections))
     return layout.dedup_preview

@@ -40,9 +40,19 @@ from cemcurate.common.archs import get_arch, infer_arch
 from cemcurate.common.atomic import atomic_path
 from cemcurate.common.device import select_device
 from cemcurate.common.lazy import lazy_import
-from cemcurate.common.weights import (IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD, IMAGENET_MEAN, IMAGENET_STD,
-                                      ResolvedWeights, WeightSpec, find_weights_file, fold_input_normalisation,
-                                      read_weights_file, resolve, weights_from_checkpoint)
+from cemcurate.common.weights import (
+    IMAGENET_GRAY_MEAN,
+    IMAGENET_GRAY_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ResolvedWeights,
+    WeightSpec,
+    find_weights_file,
+    fold_input_normalisation,
+    read_weights_file,
+    resolve,
+    weights_from_checkpoint,
+)
 
 timm = lazy_import("timm")
 
@@ -56,6 +66,7 @@ class FilterError(ValueError):
 
 # ----------------------------------------------------------------------------- models
 
+
 def create_model(arch: str) -> torch.nn.Module:
     """A randomly initialised timm ``arch`` with one input channel and one output logit.
 
@@ -68,7 +79,7 @@ def create_model(arch: str) -> torch.nn.Module:
 
 def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
     if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
+        return {k[len(prefix) :]: v for k, v in state.items()}
     return dict(state)
 
 
@@ -80,8 +91,9 @@ def is_torchvision_classifier(state: Mapping[str, object]) -> bool:
     return "conv1.weight" in plain and "fc.weight" in plain and "bn1.running_mean" in plain
 
 
-def convert_torchvision_classifier(state: Mapping[str, torch.Tensor], source: str = "<state dict>"
-                                   ) -> tuple[dict[str, torch.Tensor], float, float]:
+def convert_torchvision_classifier(
+    state: Mapping[str, torch.Tensor], source: str = "<state dict>"
+) -> tuple[dict[str, torch.Tensor], float, float]:
     """Map a torchvision-style ResNet classifier state dict to our one-channel timm model.
 
     The released CEM500K filter is a torchvision ``resnet34`` whose ``fc`` has one output,
@@ -98,12 +110,15 @@ def convert_torchvision_classifier(state: Mapping[str, torch.Tensor], source: st
     Raises:
         FilterError: the head does not have exactly one output, or ``conv1`` is neither RGB nor grey.
     """
-    plain = {k: v.detach().clone().float() if v.is_floating_point() else v.clone()
-             for k, v in _strip_prefix(state).items()}
+    plain = {
+        k: v.detach().clone().float() if v.is_floating_point() else v.clone() for k, v in _strip_prefix(state).items()
+    }
     fc = plain.get("fc.weight")
     if fc is None or fc.ndim != 2 or fc.shape[0] != 1:
-        raise FilterError(f"{source}: fc.weight has shape {None if fc is None else tuple(fc.shape)}; "
-                          "expected one output (the informative logit)")
+        raise FilterError(
+            f"{source}: fc.weight has shape {None if fc is None else tuple(fc.shape)}; "
+            "expected one output (the informative logit)"
+        )
     channels = plain["conv1.weight"].shape[1]
     mean, std = IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD
     if channels == 3:
@@ -149,11 +164,14 @@ def load_init_weights(model: torch.nn.Module, init: ResolvedWeights) -> None:
     result = model.load_state_dict(init.state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
     if missing or result.unexpected_keys:
-        raise FilterError(f"{init.source}: weights do not fit the model (missing {missing[:4]}, "
-                          f"unexpected {list(result.unexpected_keys)[:4]})")
+        raise FilterError(
+            f"{init.source}: weights do not fit the model (missing {missing[:4]}, "
+            f"unexpected {list(result.unexpected_keys)[:4]})"
+        )
 
 
 # ----------------------------------------------------------------------------- classifier file
+
 
 @dataclass
 class Classifier:
@@ -177,13 +195,31 @@ class Classifier:
     source: str = ""
 
 
-def save_classifier(path: str | Path, model: torch.nn.Module, arch: str, input_size: int, mean: float, std: float,
-                    threshold: float = 0.5, config: dict | None = None, metrics: dict | None = None) -> None:
+def save_classifier(
+    path: str | Path,
+    model: torch.nn.Module,
+    arch: str,
+    input_size: int,
+    mean: float,
+    std: float,
+    threshold: float = 0.5,
+    config: dict | None = None,
+    metrics: dict | None = None,
+) -> None:
     """Write a classifier file (see the module docstring), atomically."""
-    blob = {"kind": CLASSIFIER_KIND, "format": CLASSIFIER_FORMAT, "arch": arch, "in_chans": 1,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "input_size": int(input_size), "mean": float(mean), "std": float(std),
-            "threshold": float(threshold), "config": config or {}, "metrics": metrics or {}}
+    blob = {
+        "kind": CLASSIFIER_KIND,
+        "format": CLASSIFIER_FORMAT,
+        "arch": arch,
+        "in_chans": 1,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "input_size": int(input_size),
+        "mean": float(mean),
+        "std": float(std),
+        "threshold": float(threshold),
+        "config": config or {},
+        "metrics": metrics or {},
+    }
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
 
@@ -201,14 +237,25 @@ def load_classifier(path: str | Path) -> Classifier:
     raw = read_weights_file(path)
     if raw.get("kind") == CLASSIFIER_KIND:
         if raw.get("format") != CLASSIFIER_FORMAT:
-            raise FilterError(f"{path}: classifier format {raw.get('format')} is not supported (expected {CLASSIFIER_FORMAT})")
+            raise FilterError(
+                f"{path}: classifier format {raw.get('format')} is not supported (expected {CLASSIFIER_FORMAT})"
+            )
         model = create_model(str(raw["arch"]))
         try:
             model.load_state_dict(raw["state_dict"], strict=True)
         except RuntimeError as exc:
-            raise FilterError(f"{path}: state dict does not match its arch {raw['arch']} ({str(exc).splitlines()[0]})") from exc
-        return Classifier(model.eval(), str(raw["arch"]), int(raw["input_size"]), float(raw["mean"]),
-                          float(raw["std"]), float(raw.get("threshold", 0.5)), str(path))
+            raise FilterError(
+                f"{path}: state dict does not match its arch {raw['arch']} ({str(exc).splitlines()[0]})"
+            ) from exc
+        return Classifier(
+            model.eval(),
+            str(raw["arch"]),
+            int(raw["input_size"]),
+            float(raw["mean"]),
+            float(raw["std"]),
+            float(raw.get("threshold", 0.5)),
+            str(path),
+        )
     if is_torchvision_classifier(raw):
         state, mean, std = convert_torchvision_classifier(raw, str(path))  # type: ignore[arg-type]
         arch = infer_arch(state)
@@ -220,11 +267,14 @@ def load_classifier(path: str | Path) -> Classifier:
         except RuntimeError as exc:
             raise FilterError(f"{path}: cannot load into timm {arch} ({str(exc).splitlines()[0]})") from exc
         return Classifier(model.eval(), arch, 224, mean, std, 0.5, str(path))
-    raise FilterError(f"{path}: not a filter classifier (expected a file from `cemcurate filter train` or a "
-                      "torchvision ResNet state dict with a one-output fc, like the released CEM500K filter)")
+    raise FilterError(
+        f"{path}: not a filter classifier (expected a file from `cemcurate filter train` or a "
+        "torchvision ResNet state dict with a one-output fc, like the released CEM500K filter)"
+    )
 
 
 # ----------------------------------------------------------------------------- inference
+
 
 def prepare_batch(batch: torch.Tensor, input_size: int, mean: float, std: float) -> torch.Tensor:
     """uint8 ``(n, p, p)`` or ``(n, 1, p, p)`` tensor -> normalised float32 ``(n, 1, S, S)`` on its device."""
@@ -232,14 +282,23 @@ def prepare_batch(batch: torch.Tensor, input_size: int, mean: float, std: float)
     if x.ndim == 3:
         x = x.unsqueeze(1)
     if x.shape[-1] != input_size or x.shape[-2] != input_size:
-        x = torch.nn.functional.interpolate(x, size=(input_size, input_size), mode="bilinear",
-                                            align_corners=False, antialias=True)
+        x = torch.nn.functional.interpolate(
+            x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True
+        )
     return (x - mean) / std
 
 
-def predict_logits(model: torch.nn.Module, patches: np.ndarray, input_size: int, mean: float, std: float,
-                   batch_size: int = 256, device: str | torch.device | None = None, progress: bool = True,
-                   amp: bool = True) -> np.ndarray:
+def predict_logits(
+    model: torch.nn.Module,
+    patches: np.ndarray,
+    input_size: int,
+    mean: float,
+    std: float,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    amp: bool = True,
+) -> np.ndarray:
     """Logits (float32 ``(n,)``) of a one-logit model for uint8 ``(n, p, p)`` patches."""
     patches = np.asarray(patches)
     if patches.dtype != np.uint8 or patches.ndim != 3:
@@ -255,18 +314,25 @@ def predict_logits(model: torch.nn.Module, patches: np.ndarray, input_size: int,
     bar = tqdm(total=len(patches), desc="filter", unit="patch", disable=not progress or len(patches) == 0)
     with torch.inference_mode():
         for start in range(0, len(patches), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(patches[start:start + batch_size])).to(dev, non_blocking=True)
+            chunk = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size])).to(
+                dev, non_blocking=True
+            )
             x = prepare_batch(chunk, input_size, mean, std).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
                 logits = model(x).reshape(-1)
-            out[start:start + len(chunk)] = logits.float().cpu().numpy()
+            out[start : start + len(chunk)] = logits.float().cpu().numpy()
             bar.update(len(chunk))
     bar.close()
     return out
 
 
-def predict_informative(classifier: Classifier | str | Path, patches: np.ndarray, batch_size: int = 256,
-                        device: str | torch.device | None = None, progress: bool = True) -> np.ndarray:
+def predict_informative(
+    classifier: Classifier | str | Path,
+    patches: np.ndarray,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> np.ndarray:
     """Informative probability of each patch.
 
     Args:
@@ -281,7 +347,14 @@ def predict_informative(classifier: Classifier | str | Path, patches: np.ndarray
     """
     if not isinstance(classifier, Classifier):
         classifier = load_classifier(classifier)
-    logits = predict_logits(classifier.model, patches, classifier.input_size, classifier.mean, classifier.std,
-                            batch_size=batch_size, device=device, progress=progress)
+    logits = predict_logits(
+        classifier.model,
+        patches,
+        classifier.input_size,
+        classifier.mean,
+        classifier.std,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
     return expit(logits.astype(np.float64)).astype(np.float32)
-

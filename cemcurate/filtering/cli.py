@@ -19,12 +19,20 @@ from cemcurate.layout import BuildLayout
 
 def _cmd_label(args: argparse.Namespace) -> int:
     if args.export_sheet is not None:
-        sheets, csv_path = export_sheets(args.out, args.export_sheet, count=args.sheet_patches,
-                                         per_sheet=args.sheet_size, columns=args.sheet_columns, seed=args.seed)
+        sheets, csv_path = export_sheets(
+            args.out,
+            args.export_sheet,
+            count=args.sheet_patches,
+            per_sheet=args.sheet_size,
+            columns=args.sheet_columns,
+            seed=args.seed,
+        )
         n = sum(1 for _ in open(csv_path)) - 1
         print(f"wrote {len(sheets)} contact sheet(s) with {n} unlabelled patches to {args.export_sheet}")
-        print(f"fill the 'label' column of {csv_path} (1 = informative, 0 = uninformative, blank = skip), "
-              f"then run: cemcurate label {args.out} --import-sheet {csv_path}")
+        print(
+            f"fill the 'label' column of {csv_path} (1 = informative, 0 = uninformative, blank = skip), "
+            f"then run: cemcurate label {args.out} --import-sheet {csv_path}"
+        )
         return 0
     if args.import_sheet is not None:
         added = import_sheet(args.out, args.import_sheet)
@@ -36,26 +44,42 @@ def _cmd_label(args: argparse.Namespace) -> int:
 def add_label_command(subparsers) -> argparse.ArgumentParser:
     """Add ``label OUT [--port P] [--no-browser] [--export-sheet DIR | --import-sheet CSV]``."""
     p = subparsers.add_parser(
-        "label", help="label patches informative / uninformative (local web page, or contact sheets)",
+        "label",
+        help="label patches informative / uninformative (local web page, or contact sheets)",
         description="Show random deduplicated patches of a build in a local web page (http://127.0.0.1 only) and "
-                    "record each click as a label in OUT/labels.csv (patch_id, label: 1 informative / 0 uninformative, "
-                    "time), saved at once. A patch is uninformative when 80% or more of it is uniform (nucleus or "
-                    "cytoplasm interior, resin, padding), when it is low-contrast, or when it shows reconstruction "
-                    "artefacts or non-cellular objects (scale bars, text). Without a browser, export numbered contact "
-                    "sheets and a CSV to fill in, then import it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "record each click as a label in OUT/labels.csv (patch_id, label: 1 informative / 0 uninformative, "
+        "time), saved at once. A patch is uninformative when 80% or more of it is uniform (nucleus or "
+        "cytoplasm interior, resin, padding), when it is low-contrast, or when it shows reconstruction "
+        "artefacts or non-cellular objects (scale bars, text). Without a browser, export numbered contact "
+        "sheets and a CSV to fill in, then import it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("out", type=Path, help="a `cemcurate build` output folder")
-    p.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 for the page (0 = any free port; the URL is printed)")
+    p.add_argument(
+        "--port", type=int, default=0, help="TCP port on 127.0.0.1 for the page (0 = any free port; the URL is printed)"
+    )
     p.add_argument("--no-browser", action="store_true", help="do not open a web browser, only print the URL")
     p.add_argument("--page-size", type=int, default=24, help="patches per page of the grid")
-    p.add_argument("--seed", type=int, default=None, help="seed of the random patch order; None = a new order every time")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of the random patch order; None = a new order every time"
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--export-sheet", type=Path, default=None, metavar="DIR",
-                      help="instead of serving the page, write numbered contact sheets (PNG) of unlabelled patches and "
-                           "DIR/sheet_labels.csv (patch_id, sheet, position, label) to fill in")
-    mode.add_argument("--import-sheet", type=Path, default=None, metavar="CSV",
-                      help="merge a filled-in sheet CSV into OUT/labels.csv (labels 1/0, i/u or informative/uninformative; "
-                           "blank rows are skipped)")
+    mode.add_argument(
+        "--export-sheet",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="instead of serving the page, write numbered contact sheets (PNG) of unlabelled patches and "
+        "DIR/sheet_labels.csv (patch_id, sheet, position, label) to fill in",
+    )
+    mode.add_argument(
+        "--import-sheet",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="merge a filled-in sheet CSV into OUT/labels.csv (labels 1/0, i/u or informative/uninformative; "
+        "blank rows are skipped)",
+    )
     p.add_argument("--sheet-patches", type=int, default=240, help="number of patches to export with --export-sheet")
     p.add_argument("--sheet-size", type=int, default=48, help="patches per contact sheet")
     p.add_argument("--sheet-columns", type=int, default=8, help="columns of each contact sheet")
@@ -68,8 +92,11 @@ def _cmd_filter_train(args: argparse.Namespace) -> int:
     metrics = train_filter(args.out, cfg, progress=not args.quiet)
     dest = Path(cfg.output) if cfg.output else BuildLayout(args.out).filter_dir
     auroc = metrics["auroc"]
-    print(f"trained on {metrics['n_train']} labelled patches, tested on {metrics['n_test']} held out: "
-          f"AUROC ResNet {auroc['resnet']:.3f}, Random Forest {auroc['forest']:.3f}, label-free rules {auroc['rules']:.3f}")
+    print(
+        f"trained on {metrics['n_train']} labelled patches, tested on {metrics['n_test']} held out: "
+        f"AUROC ResNet {auroc['resnet']:.3f}, Random Forest {auroc['forest']:.3f}, label-free rules "
+        f"{auroc['rules']:.3f}"
+    )
     print(f"classifier: {dest / 'classifier.pth'}  (use: cemcurate build ... --filter {dest / 'classifier.pth'})")
     print(f"forest: {dest / 'stats_forest.pkl'}; ROC curves: {dest / 'roc.png'}; metrics: {dest / 'metrics.json'}")
     return 0
@@ -77,18 +104,28 @@ def _cmd_filter_train(args: argparse.Namespace) -> int:
 
 def add_filter_command(subparsers) -> argparse.ArgumentParser:
     """Add ``filter train OUT [--labels CSV] [--config YAML] [flags]``."""
-    f = subparsers.add_parser("filter", help="train the uninformative-patch filter on labels",
-                              description="Uninformative-patch filter tools.")
+    f = subparsers.add_parser(
+        "filter", help="train the uninformative-patch filter on labels", description="Uninformative-patch filter tools."
+    )
     sub = f.add_subparsers(dest="filter_command", required=True, metavar="{train}")
     t = sub.add_parser(
-        "train", help="fine-tune a ResNet filter (and the statistics baseline) on OUT/labels.csv",
+        "train",
+        help="fine-tune a ResNet filter (and the statistics baseline) on OUT/labels.csv",
         description="Fine-tune a timm ResNet (layer4 + head by default, Adam lr 0.001, 30 epochs: the CEM500K recipe) "
-                    "to tell informative from uninformative patches, fit the Random Forest on four image statistics as "
-                    "a baseline, report both AUROCs on a held-out stratified split and write OUT/filter/classifier.pth, "
-                    "stats_forest.pkl, metrics.json, roc.png and filter_train.yaml. Uses CUDA (with AMP) when available.")
+        "to tell informative from uninformative patches, fit the Random Forest on four image statistics as "
+        "a baseline, report both AUROCs on a held-out stratified split and write OUT/filter/classifier.pth, "
+        "stats_forest.pkl, metrics.json, roc.png and filter_train.yaml. Uses CUDA (with AMP) when available.",
+    )
     t.add_argument("out", type=Path, help="a `cemcurate build` output folder holding labels.csv")
-    t.add_argument("--config", type=Path, default=None,
-                   help="YAML with the settings below (keys with underscores, e.g. configs/curate/filter_train.yaml); flags override it (default: none, built-in defaults)")
+    t.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=(
+            "YAML with the settings below (keys with underscores, e.g. configs/curate/filter_train.yaml); flags "
+            "override it (default: none, built-in defaults)"
+        ),
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(t, FilterTrainConfig)
     t.set_defaults(func=_cmd_filter_train)

@@ -40,7 +40,7 @@ FEATURE_NAMES = ("lbp_std", "entropy_std", "geomean_median", "canny_mean")
 LBP_POINTS = 8
 LBP_RADIUS = 1.0
 ENTROPY_WINDOW = 9
-ENTROPY_SHIFT = 3          # 256 grey levels >> 3 = 32 histogram bins
+ENTROPY_SHIFT = 3  # 256 grey levels >> 3 = 32 histogram bins
 GEOMEAN_WINDOW = 9
 CANNY_SIGMA = 1.0
 CANNY_LOW, CANNY_HIGH = 0.1, 0.2
@@ -74,13 +74,13 @@ def box_sum_u8(mask: np.ndarray, window: int) -> np.ndarray:
     r = window // 2
     n, h, w = mask.shape
     padded = np.zeros((n, h + 2 * r, w + 2 * r), np.uint8)
-    padded[:, r:r + h, r:r + w] = mask
+    padded[:, r : r + h, r : r + w] = mask
     rows = padded[:, 0:h].copy()
     for i in range(1, window):
-        rows += padded[:, i:i + h]
+        rows += padded[:, i : i + h]
     out = rows[:, :, 0:w].copy()
     for j in range(1, window):
-        out += rows[:, :, j:j + w]
+        out += rows[:, :, j : j + w]
     return out
 
 
@@ -101,7 +101,7 @@ def lbp_uniform(patches: np.ndarray, points: int = LBP_POINTS, radius: float = L
     d_col = np.round(radius * np.cos(angles), 5)
     pad = int(np.ceil(radius)) + 1
     padded = np.zeros((n, h + 2 * pad, w + 2 * pad))
-    padded[:, pad:pad + h, pad:pad + w] = img
+    padded[:, pad : pad + h, pad : pad + w] = img
     rows, cols = np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64)
     ones = np.zeros((n, h, w), np.int8)
     transitions = np.zeros((n, h, w), np.int8)
@@ -114,14 +114,14 @@ def lbp_uniform(patches: np.ndarray, points: int = LBP_POINTS, radius: float = L
         # corner images are plain slices of the zero-padded batch.
         lo_r, hi_r = int(r0[0]) + pad, int(np.ceil(rr[0])) + pad
         lo_c, hi_c = int(c0[0]) + pad, int(np.ceil(cc[0])) + pad
-        a = padded[:, lo_r:lo_r + h, lo_c:lo_c + w]
+        a = padded[:, lo_r : lo_r + h, lo_c : lo_c + w]
         if not dr.any() and not dc.any():
             # A neighbour exactly on a pixel: the interpolation would return it unchanged.
             value = a
         else:
-            b = padded[:, lo_r:lo_r + h, hi_c:hi_c + w]
-            c = padded[:, hi_r:hi_r + h, lo_c:lo_c + w]
-            d = padded[:, hi_r:hi_r + h, hi_c:hi_c + w]
+            b = padded[:, lo_r : lo_r + h, hi_c : hi_c + w]
+            c = padded[:, hi_r : hi_r + h, lo_c : lo_c + w]
+            d = padded[:, hi_r : hi_r + h, hi_c : hi_c + w]
             top = (1 - dc) * a + dc * b
             bottom = (1 - dc) * c + dc * d
             value = (1 - dr) * top + dr * bottom
@@ -169,7 +169,7 @@ def local_geometric_mean(patches: np.ndarray, window: int = GEOMEAN_WINDOW) -> n
     r = window // 2
     # Integral image in float64: exact enough (sums of <= 81 logs <= 5.6) and O(1) per pixel.
     integral = np.zeros((n, h + 2 * r + 1, w + 2 * r + 1))
-    integral[:, r + 1:r + 1 + h, r + 1:r + 1 + w] = logs
+    integral[:, r + 1 : r + 1 + h, r + 1 : r + 1 + w] = logs
     np.cumsum(integral, 1, out=integral)
     np.cumsum(integral, 2, out=integral)
     k = window
@@ -183,8 +183,9 @@ def canny_fraction(patches: np.ndarray, sigma: float = CANNY_SIGMA) -> np.ndarra
     patches = check_patches(patches)
     out = np.empty(len(patches), np.float64)
     for i, patch in enumerate(patches):
-        edges = skimage_feature.canny(patch.astype(np.float64) / 255.0, sigma=sigma,
-                                      low_threshold=CANNY_LOW, high_threshold=CANNY_HIGH)
+        edges = skimage_feature.canny(
+            patch.astype(np.float64) / 255.0, sigma=sigma, low_threshold=CANNY_LOW, high_threshold=CANNY_HIGH
+        )
         out[i] = edges.mean()
     return out
 
@@ -203,7 +204,7 @@ def image_statistics(patches: np.ndarray) -> np.ndarray:
     patches = check_patches(patches)
     out = np.empty((len(patches), len(FEATURE_NAMES)), np.float64)
     for start in range(0, len(patches), _CHUNK):
-        chunk = patches[start:start + _CHUNK]
+        chunk = patches[start : start + _CHUNK]
         sl = slice(start, start + len(chunk))
         out[sl, 0] = lbp_uniform(chunk).reshape(len(chunk), -1).std(1)
         out[sl, 1] = local_entropy(chunk).reshape(len(chunk), -1).std(1)

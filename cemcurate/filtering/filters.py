@@ -30,9 +30,10 @@ from cemcurate.filtering.rules import DEFAULT_RULES, rule_informative_prob
 # The classifier module imports torch; only a classifier file needs it.
 classifier_module = lazy_import("cemcurate.filtering.classifier")
 
-FILTER_SPECS_HELP = ("'stats' (label-free rules), 'none' (keep all), a classifier .pth from `cemcurate filter train` "
-                     "or the CEM500K filter weights, or a stats_forest.pkl from `cemcurate filter train`")
-
+FILTER_SPECS_HELP = (
+    "'stats' (label-free rules), 'none' (keep all), a classifier .pth from `cemcurate filter train` "
+    "or the CEM500K filter weights, or a stats_forest.pkl from `cemcurate filter train`"
+)
 
 
 class PatchFilter:
@@ -62,7 +63,9 @@ class PatchFilter:
         return f"PatchFilter({self.name!r}, threshold={self.threshold})"
 
 
-def make_filter(spec: str | Path, batch_size: int = 256, device: str | None = None, progress: bool = False) -> PatchFilter:
+def make_filter(
+    spec: str | Path, batch_size: int = 256, device: str | None = None, progress: bool = False
+) -> PatchFilter:
     """Build the :class:`PatchFilter` for ``--filter SPEC`` (see the module docstring).
 
     Args:
@@ -77,8 +80,9 @@ def make_filter(spec: str | Path, batch_size: int = 256, device: str | None = No
     if text == "none":
         return PatchFilter("none", lambda p: np.ones(len(p), np.float32))
     if text == "stats":
-        return PatchFilter(f"stats-rules-v1[{DEFAULT_RULES.identity()}]",
-                           lambda p: rule_informative_prob(p, DEFAULT_RULES))
+        return PatchFilter(
+            f"stats-rules-v1[{DEFAULT_RULES.identity()}]", lambda p: rule_informative_prob(p, DEFAULT_RULES)
+        )
     path = Path(text)
     if not path.is_file():
         raise ValueError(f"--filter {text!r}: not 'stats' or 'none' and no such file; expected {FILTER_SPECS_HELP}")
@@ -89,6 +93,8 @@ def make_filter(spec: str | Path, batch_size: int = 256, device: str | None = No
     classifier = classifier_module.load_classifier(path)
 
     def score(patches: np.ndarray) -> np.ndarray:
-        return classifier_module.predict_informative(classifier, patches, batch_size=batch_size, device=device, progress=progress)
+        return classifier_module.predict_informative(
+            classifier, patches, batch_size=batch_size, device=device, progress=progress
+        )
 
     return PatchFilter(f"classifier:{classifier.arch}:{path.name}:sha256={sha}", score, classifier.threshold)

@@ -48,8 +48,13 @@ def forest_prob(model, features: np.ndarray) -> np.ndarray:
 
 def save_forest(path: str | Path, model, meta: dict | None = None) -> None:
     """Write a fitted forest with its feature names and ``meta`` (atomic)."""
-    blob = {"kind": FOREST_KIND, "format": FOREST_FORMAT, "features": list(FEATURE_NAMES),
-            "model": model, "meta": meta or {}}
+    blob = {
+        "kind": FOREST_KIND,
+        "format": FOREST_FORMAT,
+        "features": list(FEATURE_NAMES),
+        "model": model,
+        "meta": meta or {},
+    }
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             pickle.dump(blob, fh, protocol=pickle.HIGHEST_PROTOCOL)
@@ -66,8 +71,10 @@ def load_forest(path: str | Path):
     if not isinstance(blob, dict) or blob.get("kind") != FOREST_KIND:
         raise ValueError(f"{path}: not a statistics forest written by `cemcurate filter train`")
     if blob.get("format") != FOREST_FORMAT or blob.get("features") != list(FEATURE_NAMES):
-        raise ValueError(f"{path}: forest format {blob.get('format')} with features {blob.get('features')} "
-                         f"does not match this version ({FOREST_FORMAT}, {list(FEATURE_NAMES)}); retrain it")
+        raise ValueError(
+            f"{path}: forest format {blob.get('format')} with features {blob.get('features')} "
+            f"does not match this version ({FOREST_FORMAT}, {list(FEATURE_NAMES)}); retrain it"
+        )
     return blob["model"]
 
 

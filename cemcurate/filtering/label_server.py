@@ -80,8 +80,13 @@ def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int 
 
     def counts() -> dict:
         informative = sum(1 for v in labels.values() if v == 1)
-        return {"total": int(len(pool)), "labelled": len(labels), "informative": informative,
-                "uninformative": len(labels) - informative, "unlabelled": int(len(pool)) - len(labels)}
+        return {
+            "total": int(len(pool)),
+            "labelled": len(labels),
+            "informative": informative,
+            "uninformative": len(labels) - informative,
+            "unlabelled": int(len(pool)) - len(labels),
+        }
 
     reorder()
     app = flask.Flask("cemcurate.filtering.label_server")
@@ -120,9 +125,16 @@ def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int 
         with lock:
             if start == 0:
                 reorder()
-            ids = state["order"][start:start + count]
-            items = [{"patch_id": int(pid), "label": labels.get(int(pid)), "source": str(pool.rows.at[int(pid), "source"]),
-                      "url": f"/patch/{int(pid)}.png"} for pid in ids]
+            ids = state["order"][start : start + count]
+            items = [
+                {
+                    "patch_id": int(pid),
+                    "label": labels.get(int(pid)),
+                    "source": str(pool.rows.at[int(pid), "source"]),
+                    "url": f"/patch/{int(pid)}.png",
+                }
+                for pid in ids
+            ]
             return flask.jsonify({"start": start, "patches": items, **counts()})
 
     @app.get("/patch/<int:patch_id>.png")
@@ -163,8 +175,14 @@ def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int 
     return app
 
 
-def serve(out_dir: str | Path, port: int = 0, open_browser: bool = True, seed: int | None = None,
-          page_size: int = 24, host: str = LOOPBACK) -> int:
+def serve(
+    out_dir: str | Path,
+    port: int = 0,
+    open_browser: bool = True,
+    seed: int | None = None,
+    page_size: int = 24,
+    host: str = LOOPBACK,
+) -> int:
     """Serve the labelling page on ``127.0.0.1:port`` until Ctrl-C; returns an exit code.
 
     Args:
@@ -194,8 +212,11 @@ def serve(out_dir: str | Path, port: int = 0, open_browser: bool = True, seed: i
     finally:
         server.server_close()
     table = read_labels(labels_path(out_dir))
-    print(f"cemcurate label: {len(table)} patch(es) labelled "
-          f"({int(table['label'].sum())} informative) in {labels_path(out_dir)}", file=sys.stderr)
+    print(
+        f"cemcurate label: {len(table)} patch(es) labelled "
+        f"({int(table['label'].sum())} informative) in {labels_path(out_dir)}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -229,7 +250,8 @@ const PAGE = __PAGE_SIZE__;
 let start = 0, items = [], cur = 0;
 const grid = document.getElementById('grid'), err = document.getElementById('err');
 function showCounts(c){document.getElementById('counts').textContent =
-  `${c.labelled} of ${c.total} labelled (${c.informative} informative, ${c.uninformative} uninformative), ${c.unlabelled} to go`;}
+  `${c.labelled} of ${c.total} labelled (${c.informative} informative, ${c.uninformative} uninformative), `
+  + `${c.unlabelled} to go`;}
 async function load(s){
   const r = await fetch(`/api/patches?start=${s}&count=${PAGE}`);
   const d = await r.json();
@@ -261,7 +283,8 @@ async function label(value){
     render();
   }catch(e){err.textContent = 'NOT SAVED (server unreachable): ' + e;}
 }
-function cols(){const w = grid.children[0]; return w ? Math.max(1, Math.round(grid.clientWidth / (w.offsetWidth + 8))) : 1;}
+function cols(){const w = grid.children[0];
+  return w ? Math.max(1, Math.round(grid.clientWidth / (w.offsetWidth + 8))) : 1;}
 document.addEventListener('keydown', (e) => {
   const k = e.key;
   if(k === 'i' || k === '1'){label(1);}

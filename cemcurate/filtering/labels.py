@@ -35,8 +35,7 @@ from cemcurate.store import ShardReader, read_store_info
 LABEL_COLUMNS = ("patch_id", "label", "time")
 INFORMATIVE, UNINFORMATIVE = 1, 0
 # Spellings accepted in a filled-in contact-sheet CSV.
-_LABEL_WORDS = {"1": 1, "0": 0, "i": 1, "u": 0, "informative": 1, "uninformative": 0,
-                "yes": 1, "no": 0, "y": 1, "n": 0}
+_LABEL_WORDS = {"1": 1, "0": 0, "i": 1, "u": 0, "informative": 1, "uninformative": 0, "yes": 1, "no": 0, "y": 1, "n": 0}
 
 _append_lock = threading.Lock()
 
@@ -103,8 +102,9 @@ def read_labels(path: str | Path, latest: bool = True) -> pd.DataFrame:
         latest: keep only the last label of each patch (in file order).
     """
     path = Path(path)
-    empty = pd.DataFrame({"patch_id": pd.Series(dtype="int64"), "label": pd.Series(dtype="int8"),
-                          "time": pd.Series(dtype=object)})
+    empty = pd.DataFrame(
+        {"patch_id": pd.Series(dtype="int64"), "label": pd.Series(dtype="int8"), "time": pd.Series(dtype=object)}
+    )
     if not path.is_file():
         return empty
     ids, labels, times, bad = [], [], [], []
@@ -129,10 +129,18 @@ def read_labels(path: str | Path, latest: bool = True) -> pd.DataFrame:
             labels.append(lab)
             times.append(row[2] if len(row) > 2 else "")
     if bad:
-        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) (first: line {bad[0]}); "
-                      "labels must be 'patch_id,label,time' with label 1 or 0", stacklevel=2)
-    frame = pd.DataFrame({"patch_id": np.asarray(ids, np.int64), "label": np.asarray(labels, np.int8),
-                          "time": np.asarray(times, dtype=object)})
+        warnings.warn(
+            f"{path}: skipped {len(bad)} unreadable line(s) (first: line {bad[0]}); "
+            "labels must be 'patch_id,label,time' with label 1 or 0",
+            stacklevel=2,
+        )
+    frame = pd.DataFrame(
+        {
+            "patch_id": np.asarray(ids, np.int64),
+            "label": np.asarray(labels, np.int8),
+            "time": np.asarray(times, dtype=object),
+        }
+    )
     if latest and len(frame):
         frame = frame.drop_duplicates("patch_id", keep="last").reset_index(drop=True)
     return frame
@@ -182,12 +190,16 @@ class LabelPool:
         ids = np.asarray(patch_ids, np.int64).reshape(-1)
         missing = ids[~np.isin(ids, self.patch_ids)]
         if len(missing):
-            raise KeyError(f"{self.out_dir}: patch_id(s) {missing[:5].tolist()} are not stored, deduplicated patches of this build")
+            raise KeyError(
+                f"{self.out_dir}: patch_id(s) {missing[:5].tolist()} are not stored, deduplicated patches of this build"
+            )
         sel = self.rows.loc[ids]
         return np.array(self._reader.read(sel["shard"].to_numpy(), sel["shard_row"].to_numpy(np.int64)))
 
 
-def load_labelled(out_dir: str | Path, labels_csv: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_labelled(
+    out_dir: str | Path, labels_csv: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The labelled patches of a build: ``(patches uint8 (n, p, p), labels int64 (n,), patch_ids int64 (n,))``.
 
     Labels of ids that are not in the build (e.g. from an older build) are an error that
@@ -200,8 +212,10 @@ def load_labelled(out_dir: str | Path, labels_csv: str | Path | None = None) -> 
     pool = LabelPool(out_dir)
     unknown = table.loc[~table["patch_id"].isin(pool.patch_ids), "patch_id"]
     if len(unknown):
-        raise ValueError(f"{labels_csv}: {len(unknown)} labelled patch_id(s) are not patches of {out_dir} "
-                         f"(first: {unknown.iloc[:5].tolist()}); were they labelled on another build?")
+        raise ValueError(
+            f"{labels_csv}: {len(unknown)} labelled patch_id(s) are not patches of {out_dir} "
+            f"(first: {unknown.iloc[:5].tolist()}); were they labelled on another build?"
+        )
     ids = table["patch_id"].to_numpy(np.int64)
     return pool.patches(ids), table["label"].to_numpy(np.int64), ids
 
@@ -219,8 +233,14 @@ def _number_tile(patch: np.ndarray, number: int, strip: int = 22) -> np.ndarray:
     return np.asarray(tile)
 
 
-def export_sheets(out_dir: str | Path, dest: str | Path, count: int = 240, per_sheet: int = 48,
-                  columns: int = 8, seed: int | None = None) -> tuple[list[Path], Path]:
+def export_sheets(
+    out_dir: str | Path,
+    dest: str | Path,
+    count: int = 240,
+    per_sheet: int = 48,
+    columns: int = 8,
+    seed: int | None = None,
+) -> tuple[list[Path], Path]:
     """Write numbered contact sheets of unlabelled patches and a CSV to fill in.
 
     Args:
@@ -246,7 +266,7 @@ def export_sheets(out_dir: str | Path, dest: str | Path, count: int = 240, per_s
     dest.mkdir(parents=True, exist_ok=True)
     sheets, records = [], []
     for s, start in enumerate(range(0, len(todo), per_sheet), start=1):
-        ids = todo[start:start + per_sheet]
+        ids = todo[start : start + per_sheet]
         tiles = [_number_tile(patch, i + 1) for i, patch in enumerate(pool.patches(ids))]
         canvas = tile_grid_image(tiles, columns, gap=6)
         name = f"sheet_{s:03d}.png"

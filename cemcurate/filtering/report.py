@@ -14,8 +14,9 @@ from cemcurate.store import read_store_info
 UNINFORMATIVE_REASON = "uninformative"
 
 
-def filter_report_section(out_dir: str | Path, manifest: pd.DataFrame, per_source: int = 12, seed: int = 0,
-                          columns: int = 6, tile: int = 96) -> str:
+def filter_report_section(
+    out_dir: str | Path, manifest: pd.DataFrame, per_source: int = 12, seed: int = 0, columns: int = 6, tile: int = 96
+) -> str:
     """HTML for the uninformative-patch filter: per source, random kept and dropped patches.
 
     Args:
@@ -54,13 +55,19 @@ def filter_report_section(out_dir: str | Path, manifest: pd.DataFrame, per_sourc
         probs = manifest.loc[mine & scored.to_numpy(), "informative_prob"].to_numpy(np.float64)
         rows.append(
             f"<tr><td>{html.escape(str(source))}<br>{len(kept)} kept, {len(dropped)} dropped ({share:.0%})"
-            f"<br>median p(informative) {np.median(probs):.2f}</td><td>{cells[0]}</td><td>{cells[1]}</td></tr>")
+            f"<br>median p(informative) {np.median(probs):.2f}</td><td>{cells[0]}</td><td>{cells[1]}</td></tr>"
+        )
     if not rows:
         return head + "<p>No patch has an informative probability yet.</p>"
     total_dropped = int(dropped_all.sum())
-    intro = (f"<p>{total_dropped} patch(es) dropped as uninformative. Random examples per source; "
-             "look for informative patches on the right (filter too strict) and empty, uniform or "
-             "artefact patches on the left (too lenient).</p>")
-    table = ("<table><tr><th>source</th><th>kept (informative)</th><th>dropped (uninformative)</th></tr>"
-             + "".join(rows) + "</table>")
+    intro = (
+        f"<p>{total_dropped} patch(es) dropped as uninformative. Random examples per source; "
+        "look for informative patches on the right (filter too strict) and empty, uniform or "
+        "artefact patches on the left (too lenient).</p>"
+    )
+    table = (
+        "<table><tr><th>source</th><th>kept (informative)</th><th>dropped (uninformative)</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
     return head + intro + table

@@ -111,7 +111,7 @@ def flat_fraction(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> n
     if m == 0:
         raise ValueError(f"patches of {p} px are smaller than one {rules.block}-px block")
     off = (p - m * rules.block) // 2
-    core = patches[:, off:off + m * rules.block, off:off + m * rules.block]
+    core = patches[:, off : off + m * rules.block, off : off + m * rules.block]
     s, b = rules.smooth, rules.block // rules.smooth
     binned = core.reshape(n, m * b, s, m * b, s).astype(np.float32).mean(axis=(2, 4))
     block_std = binned.reshape(n, m, b, m, b).std(axis=(2, 4))
@@ -151,8 +151,8 @@ def rule_reasons(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> np
     patches = check_patches(patches)
     reasons = np.full(len(patches), "", dtype=object)
     for start in range(0, len(patches), _CHUNK):
-        chunk = patches[start:start + _CHUNK]
-        part = reasons[start:start + len(chunk)]  # a view: assignments land in ``reasons``
+        chunk = patches[start : start + _CHUNK]
+        part = reasons[start : start + len(chunk)]  # a view: assignments land in ``reasons``
         two, second = overlay_shares(chunk)
         part[intensity_range(chunk) < rules.min_range] = "low-contrast"
         part[(two >= rules.overlay_share) & (second >= rules.overlay_minor)] = "overlay"

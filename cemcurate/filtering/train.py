@@ -33,8 +33,15 @@ from cemcurate.common.config import config_to_dict, save_config
 from cemcurate.common.device import select_device
 from cemcurate.common.lazy import lazy_import
 from cemcurate.common.runstate import optimizer_step
-from cemcurate.filtering.classifier import (FilterError, create_model, load_init_weights, predict_logits,
-                                            prepare_batch, resolve_init, save_classifier)
+from cemcurate.filtering.classifier import (
+    FilterError,
+    create_model,
+    load_init_weights,
+    predict_logits,
+    prepare_batch,
+    resolve_init,
+    save_classifier,
+)
 from cemcurate.filtering.features import image_statistics
 from cemcurate.filtering.forest import fit_forest, forest_prob, save_forest
 from cemcurate.filtering.labels import LabelPool, load_labelled
@@ -52,22 +59,78 @@ sklearn_model_selection = lazy_import("sklearn.model_selection")
 class FilterTrainConfig:
     """Settings of ``cemcurate filter train``; the defaults are the CEM500K paper's."""
 
-    labels: str | None = field(default=None, metadata={"help": "labels CSV (patch_id,label,time; 1 informative, 0 uninformative); None = OUT/labels.csv", "metavar": "CSV"})
-    output: str | None = field(default=None, metadata={"help": "folder for classifier.pth, stats_forest.pkl, metrics.json, roc.png, filter_train.yaml; None = OUT/filter", "metavar": "DIR"})
-    arch: str = field(default="resnet34", metadata={"help": "timm ResNet architecture (resnet34 in the paper; resnet18 is faster)"})
-    weights: str = field(default="imagenet", metadata={"help": "initial weights: 'imagenet' (timm pretrained download or cache), 'random', or a file: our classifier, the CEM500K filter state dict, or a ResNet encoder (our pretraining export / MoCo checkpoint)", "metavar": "SPEC"})
-    train_layers: list[str] = field(default_factory=lambda: ["layer4", "fc"], metadata={"help": "top-level modules to train, the rest stay frozen (batch-norm statistics included); 'all' trains everything", "metavar": "NAME"})
+    labels: str | None = field(
+        default=None,
+        metadata={
+            "help": "labels CSV (patch_id,label,time; 1 informative, 0 uninformative); None = OUT/labels.csv",
+            "metavar": "CSV",
+        },
+    )
+    output: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "folder for classifier.pth, stats_forest.pkl, metrics.json, roc.png, filter_train.yaml; None = "
+                "OUT/filter"
+            ),
+            "metavar": "DIR",
+        },
+    )
+    arch: str = field(
+        default="resnet34", metadata={"help": "timm ResNet architecture (resnet34 in the paper; resnet18 is faster)"}
+    )
+    weights: str = field(
+        default="imagenet",
+        metadata={
+            "help": (
+                "initial weights: 'imagenet' (timm pretrained download or cache), 'random', or a file: our "
+                "classifier, the CEM500K filter state dict, or a ResNet encoder (our pretraining export / MoCo "
+                "checkpoint)"
+            ),
+            "metavar": "SPEC",
+        },
+    )
+    train_layers: list[str] = field(
+        default_factory=lambda: ["layer4", "fc"],
+        metadata={
+            "help": (
+                "top-level modules to train, the rest stay frozen (batch-norm statistics included); 'all' trains "
+                "everything"
+            ),
+            "metavar": "NAME",
+        },
+    )
     epochs: int = field(default=30, metadata={"help": "training epochs"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     batch_size: int = field(default=64, metadata={"help": "patches per training step"})
-    input_size: int | None = field(default=None, metadata={"help": "edge in px the patches are resized to for the network; None = the store's patch size (224 in the paper)"})
-    test_fraction: float = field(default=0.15, metadata={"help": "fraction of the labels held out (stratified) for the AUROC report (paper: 2000 of 14000)"})
-    seed: int = field(default=0, metadata={"help": "seed of the split, the initialisation, the batch order and the augmentations"})
-    augment: bool = field(default=True, metadata={"help": "augment training patches (flips, 90-degree turns, brightness/contrast, noise, blur)"})
-    threshold: float = field(default=0.5, metadata={"help": "keep a patch when its informative probability is at least this (paper: 0.5)"})
+    input_size: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "edge in px the patches are resized to for the network; None = the store's patch size (224 in "
+                "the paper)"
+            )
+        },
+    )
+    test_fraction: float = field(
+        default=0.15,
+        metadata={"help": "fraction of the labels held out (stratified) for the AUROC report (paper: 2000 of 14000)"},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seed of the split, the initialisation, the batch order and the augmentations"}
+    )
+    augment: bool = field(
+        default=True,
+        metadata={"help": "augment training patches (flips, 90-degree turns, brightness/contrast, noise, blur)"},
+    )
+    threshold: float = field(
+        default=0.5, metadata={"help": "keep a patch when its informative probability is at least this (paper: 0.5)"}
+    )
     device: str = field(default="auto", metadata={"help": "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"})
     amp: bool = field(default=True, metadata={"help": "mixed precision (float16 autocast) on CUDA; ignored on CPU"})
-    workers: int = field(default=0, metadata={"help": "DataLoader worker processes for augmentation (0 = in the main process)"})
+    workers: int = field(
+        default=0, metadata={"help": "DataLoader worker processes for augmentation (0 = in the main process)"}
+    )
     forest_trees: int = field(default=200, metadata={"help": "trees of the Random Forest statistics baseline"})
 
     def __post_init__(self) -> None:
@@ -95,6 +158,7 @@ class FilterTrainConfig:
 
 # ----------------------------------------------------------------------------- data
 
+
 class LabelledPatches(torch.utils.data.Dataset):
     """uint8 patches with 0/1 labels; items are ``(uint8 tensor (1, p, p), float label)``."""
 
@@ -119,14 +183,17 @@ def make_augment(seed: int):
     orientation.
     """
     A = albumentations
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-        A.RandomRotate90(p=0.5),
-        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
-        A.GaussNoise(std_range=(0.01, 0.04), p=0.3),
-        A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.3, 1.2), p=0.3),
-    ], seed=seed)
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomRotate90(p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
+            A.GaussNoise(std_range=(0.01, 0.04), p=0.3),
+            A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.3, 1.2), p=0.3),
+        ],
+        seed=seed,
+    )
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,10 +201,14 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     labels = np.asarray(labels)
     counts = np.bincount(labels, minlength=2)
     if counts.min() < 4:
-        raise FilterError(f"need at least 4 labels of each class to train and test, have {counts[1]} informative "
-                          f"and {counts[0]} uninformative; label more patches with `cemcurate label`")
+        raise FilterError(
+            f"need at least 4 labels of each class to train and test, have {counts[1]} informative "
+            f"and {counts[0]} uninformative; label more patches with `cemcurate label`"
+        )
     n_test = max(2, int(round(test_fraction * len(labels))))
-    train, test = sklearn_model_selection.train_test_split(np.arange(len(labels)), test_size=n_test, stratify=labels, random_state=seed)
+    train, test = sklearn_model_selection.train_test_split(
+        np.arange(len(labels)), test_size=n_test, stratify=labels, random_state=seed
+    )
     if len(np.unique(labels[test])) < 2 or len(np.unique(labels[train])) < 2:
         raise FilterError("the test split lacks one class; raise --test-fraction or label more patches")
     return np.sort(train), np.sort(test)
@@ -176,10 +247,15 @@ def _train_mode(model: torch.nn.Module, layers: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- metrics and plot
 
+
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> dict:
     """AUROC and the ROC curve of ``scores`` against 0/1 ``labels`` (JSON-ready)."""
     fpr, tpr, _ = sklearn_metrics.roc_curve(labels, scores)
-    return {"auroc": float(sklearn_metrics.roc_auc_score(labels, scores)), "fpr": fpr.round(5).tolist(), "tpr": tpr.round(5).tolist()}
+    return {
+        "auroc": float(sklearn_metrics.roc_auc_score(labels, scores)),
+        "fpr": fpr.round(5).tolist(),
+        "tpr": tpr.round(5).tolist(),
+    }
 
 
 def write_roc_png(path: Path, curves: dict[str, dict], n_test: int, counts: tuple[int, int]) -> None:
@@ -188,8 +264,13 @@ def write_roc_png(path: Path, curves: dict[str, dict], n_test: int, counts: tupl
     fig, ax = pyplot.subplots(figsize=(4.8, 4.6), dpi=120)
     styles = {"resnet": "-", "forest": "--", "rules": ":"}
     for name, c in curves.items():
-        ax.plot(c["fpr"], c["tpr"], styles.get(name, "-"), marker="o" if name == "rules" else None,
-                label=f"{c['label']} (AUROC {c['auroc']:.3f})")
+        ax.plot(
+            c["fpr"],
+            c["tpr"],
+            styles.get(name, "-"),
+            marker="o" if name == "rules" else None,
+            label=f"{c['label']} (AUROC {c['auroc']:.3f})",
+        )
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
     ax.set_xlabel("false positive rate (uninformative kept)")
     ax.set_ylabel("true positive rate (informative kept)")
@@ -204,6 +285,7 @@ def write_roc_png(path: Path, curves: dict[str, dict], n_test: int, counts: tupl
 
 
 # ----------------------------------------------------------------------------- training
+
 
 def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, progress: bool = True) -> dict:
     """Run ``cemcurate filter train OUT``; returns the metrics written to ``metrics.json``."""
@@ -235,10 +317,15 @@ def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, prog
     train_set = LabelledPatches(patches[train_idx], labels[train_idx], make_augment(cfg.seed) if cfg.augment else None)
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator, num_workers=cfg.workers,
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=cfg.workers,
         pin_memory=device.type == "cuda",
         # A last batch of one would break batch norm in the trained layers.
-        drop_last=len(train_set) % cfg.batch_size == 1)
+        drop_last=len(train_set) % cfg.batch_size == 1,
+    )
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -266,8 +353,17 @@ def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, prog
 
     # Evaluation on the held-out split.
     y_test = labels[test_idx]
-    logits = predict_logits(model, patches[test_idx], input_size, mean, std, batch_size=max(cfg.batch_size, 64),
-                            device=device, progress=False, amp=cfg.amp)
+    logits = predict_logits(
+        model,
+        patches[test_idx],
+        input_size,
+        mean,
+        std,
+        batch_size=max(cfg.batch_size, 64),
+        device=device,
+        progress=False,
+        amp=cfg.amp,
+    )
     p_resnet = expit(logits.astype(np.float64))
     feats_train = image_statistics(patches[train_idx])
     feats_test = image_statistics(patches[test_idx])
@@ -275,32 +371,58 @@ def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, prog
     p_forest = forest_prob(forest, feats_test)
     p_rules = rule_informative_prob(patches[test_idx])
 
-    curves = {"resnet": {**roc_points(y_test, p_resnet), "label": f"ResNet ({cfg.arch})"},
-              "forest": {**roc_points(y_test, p_forest), "label": "Random Forest (4 statistics)"},
-              "rules": {**roc_points(y_test, p_rules), "label": "label-free rules"}}
+    curves = {
+        "resnet": {**roc_points(y_test, p_resnet), "label": f"ResNet ({cfg.arch})"},
+        "forest": {**roc_points(y_test, p_forest), "label": "Random Forest (4 statistics)"},
+        "rules": {**roc_points(y_test, p_rules), "label": "label-free rules"},
+    }
     counts = (int((y_test == 0).sum()), int((y_test == 1).sum()))
 
     def accuracy(p: np.ndarray, thr: float) -> float:
         return float(((p >= thr).astype(int) == y_test).mean())
 
     metrics = {
-        "n_labels": int(len(labels)), "n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
-        "train_informative": int(labels[train_idx].sum()), "test_informative": counts[1],
+        "n_labels": int(len(labels)),
+        "n_train": int(len(train_idx)),
+        "n_test": int(len(test_idx)),
+        "train_informative": int(labels[train_idx].sum()),
+        "test_informative": counts[1],
         "test_uninformative": counts[0],
         "auroc": {k: c["auroc"] for k, c in curves.items()},
-        "accuracy": {"resnet": accuracy(p_resnet, cfg.threshold), "forest": accuracy(p_forest, 0.5),
-                     "rules": accuracy(p_rules, 0.5)},
-        "threshold": cfg.threshold, "epochs": cfg.epochs, "train_loss": [round(v, 6) for v in history],
-        "train_seconds": round(time.time() - start_time, 1), "device": str(device), "arch": cfg.arch,
-        "weights": init.source, "input_size": input_size, "mean": mean, "std": std,
+        "accuracy": {
+            "resnet": accuracy(p_resnet, cfg.threshold),
+            "forest": accuracy(p_forest, 0.5),
+            "rules": accuracy(p_rules, 0.5),
+        },
+        "threshold": cfg.threshold,
+        "epochs": cfg.epochs,
+        "train_loss": [round(v, 6) for v in history],
+        "train_seconds": round(time.time() - start_time, 1),
+        "device": str(device),
+        "arch": cfg.arch,
+        "weights": init.source,
+        "input_size": input_size,
+        "mean": mean,
+        "std": std,
         "test_patch_ids": ids[test_idx].tolist(),
         "roc": {k: {"fpr": c["fpr"], "tpr": c["tpr"]} for k, c in curves.items()},
     }
     dest.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in metrics.items() if k not in ("roc", "test_patch_ids")}
-    save_classifier(dest / "classifier.pth", model, cfg.arch, input_size, mean, std, cfg.threshold,
-                    config=config_to_dict(cfg), metrics=summary)
-    save_forest(dest / "stats_forest.pkl", forest, meta={"n_train": int(len(train_idx)), "auroc": curves["forest"]["auroc"]})
+    save_classifier(
+        dest / "classifier.pth",
+        model,
+        cfg.arch,
+        input_size,
+        mean,
+        std,
+        cfg.threshold,
+        config=config_to_dict(cfg),
+        metrics=summary,
+    )
+    save_forest(
+        dest / "stats_forest.pkl", forest, meta={"n_train": int(len(train_idx)), "auroc": curves["forest"]["auroc"]}
+    )
     write_roc_png(dest / "roc.png", curves, len(test_idx), counts)
     with atomic_path(dest / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=1))

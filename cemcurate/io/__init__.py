@@ -16,7 +16,19 @@ from .series import natural_sort_key, open_series
 from .writers import WRITABLE_SUFFIXES, ChunkedOutput, open_chunked_output, write_volume
 
 __all__ = [
-    "SUPPORTED_SUFFIXES", "WRITABLE_SUFFIXES", "ChunkedOutput", "ReadError", "Volume", "close_cached_files",
-    "is_supported", "natural_sort_key", "nm_per_unit", "open_chunked_output", "open_file", "open_series",
-    "suffix_of", "to_grayscale", "write_volume",
+    "SUPPORTED_SUFFIXES",
+    "WRITABLE_SUFFIXES",
+    "ChunkedOutput",
+    "ReadError",
+    "Volume",
+    "close_cached_files",
+    "is_supported",
+    "natural_sort_key",
+    "nm_per_unit",
+    "open_chunked_output",
+    "open_file",
+    "open_series",
+    "suffix_of",
+    "to_grayscale",
+    "write_volume",
 ]

@@ -97,11 +97,17 @@ def plan_axes(axes: str, shape: tuple[int, ...], path: Path | str) -> list[tuple
     if len(axes) != len(shape):
         raise ReadError(path, f"axes {axes!r} do not match the array shape {tuple(shape)}")
     if axes.count("Y") != 1 or axes.count("X") != 1:
-        raise ReadError(path, f"array with axes {axes!r} and shape {tuple(shape)} has no single Y and X "
-                        "image plane; only (z, y, x) image data are read")
+        raise ReadError(
+            path,
+            f"array with axes {axes!r} and shape {tuple(shape)} has no single Y and X "
+            "image plane; only (z, y, x) image data are read",
+        )
     if "S" in axes and shape[axes.index("S")] not in (1, 2, 3, 4):
-        raise ReadError(path, f"{shape[axes.index('S')]} colour samples per pixel (shape {tuple(shape)}) "
-                        "are not supported; expected gray, gray+alpha, RGB or RGBA")
+        raise ReadError(
+            path,
+            f"{shape[axes.index('S')]} colour samples per pixel (shape {tuple(shape)}) "
+            "are not supported; expected gray, gray+alpha, RGB or RGBA",
+        )
     extra = [i for i, a in enumerate(axes) if a not in "YXS" and shape[i] > 1]
     stack = None
     if "Z" in axes:
@@ -115,13 +121,19 @@ def plan_axes(axes: str, shape: tuple[int, ...], path: Path | str) -> list[tuple
     split = [i for i in extra if i != stack]
     unknown = [axes[i] for i in split if axes[i] not in _SPLIT_LETTERS]
     if unknown:
-        raise ReadError(path, f"{len(shape)}D data with axes {axes!r} and shape {tuple(shape)} are not supported: "
-                        f"besides y, x and one stack axis only channel (C) and time (T) axes can be split, "
-                        f"not {''.join(unknown)!r}; save one 3D volume per file")
+        raise ReadError(
+            path,
+            f"{len(shape)}D data with axes {axes!r} and shape {tuple(shape)} are not supported: "
+            f"besides y, x and one stack axis only channel (C) and time (T) axes can be split, "
+            f"not {''.join(unknown)!r}; save one 3D volume per file",
+        )
     combos = int(np.prod([shape[i] for i in split])) if split else 1
     if combos > MAX_SPLITS:
-        raise ReadError(path, f"axes {axes!r} with shape {tuple(shape)} would split into {combos} volumes "
-                        f"(more than {MAX_SPLITS}); convert it to separate 3D files first")
+        raise ReadError(
+            path,
+            f"axes {axes!r} with shape {tuple(shape)} would split into {combos} volumes "
+            f"(more than {MAX_SPLITS}); convert it to separate 3D files first",
+        )
     xy_only = stack is not None and axes[stack] == "T"
     plans = []
     for idx in itertools.product(*(range(shape[i]) for i in split)):
@@ -156,5 +168,7 @@ def plan_plain(shape: tuple[int, ...], path: Path | str, what: str) -> tuple[str
         return prefix + "ZYX", None
     if len(core) == 4 and core[3] in (2, 3, 4):
         return prefix + "ZYXS", None
-    return "", (f"{what} has shape {shape} ({len(shape)}D); only 2D and 3D arrays (optionally with a trailing "
-                "RGB axis) are read; export one 3D volume per channel/time point")
+    return "", (
+        f"{what} has shape {shape} ({len(shape)}D); only 2D and 3D arrays (optionally with a trailing "
+        "RGB axis) are read; export one 3D volume per channel/time point"
+    )

@@ -146,12 +146,17 @@ class Slicer:
         except ReadError:
             raise
         except Exception as exc:
-            raise ReadError(self.path, f"reading slices {z0}:{z1} failed ({type(exc).__name__}: {exc}); "
-                            "the file may be truncated or corrupt") from exc
+            raise ReadError(
+                self.path,
+                f"reading slices {z0}:{z1} failed ({type(exc).__name__}: {exc}); the file may be truncated or corrupt",
+            ) from exc
         expected = (z1 - z0,) + self.shape[1:]
         if out.shape != expected:
-            raise ReadError(self.path, f"slices {z0}:{z1} decoded to shape {out.shape}, expected {expected}; "
-                            "the file may be truncated or corrupt")
+            raise ReadError(
+                self.path,
+                f"slices {z0}:{z1} decoded to shape {out.shape}, expected {expected}; "
+                "the file may be truncated or corrupt",
+            )
         if out.dtype != self.dtype:
             if not np.can_cast(out.dtype, self.dtype, casting="equiv"):
                 raise ReadError(self.path, f"slices {z0}:{z1} decoded as {out.dtype}, expected {self.dtype}")
@@ -162,13 +167,32 @@ class Slicer:
 
 
 _NM_PER_UNIT = {
-    "nm": 1.0, "nanometer": 1.0, "nanometre": 1.0,
-    "um": 1e3, "µm": 1e3, "μm": 1e3, "micron": 1e3, "micrometer": 1e3, "micrometre": 1e3,
-    "mm": 1e6, "millimeter": 1e6, "millimetre": 1e6,
-    "cm": 1e7, "centimeter": 1e7, "centimetre": 1e7,
-    "m": 1e9, "meter": 1e9, "metre": 1e9,
-    "å": 0.1, "a": 0.1, "angstrom": 0.1, "ångström": 0.1, "ångstrom": 0.1,
-    "pm": 1e-3, "picometer": 1e-3, "picometre": 1e-3,
+    "nm": 1.0,
+    "nanometer": 1.0,
+    "nanometre": 1.0,
+    "um": 1e3,
+    "µm": 1e3,
+    "μm": 1e3,
+    "micron": 1e3,
+    "micrometer": 1e3,
+    "micrometre": 1e3,
+    "mm": 1e6,
+    "millimeter": 1e6,
+    "millimetre": 1e6,
+    "cm": 1e7,
+    "centimeter": 1e7,
+    "centimetre": 1e7,
+    "m": 1e9,
+    "meter": 1e9,
+    "metre": 1e9,
+    "å": 0.1,
+    "a": 0.1,
+    "angstrom": 0.1,
+    "ångström": 0.1,
+    "ångstrom": 0.1,
+    "pm": 1e-3,
+    "picometer": 1e-3,
+    "picometre": 1e-3,
 }
 
 

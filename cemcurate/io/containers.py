@@ -22,7 +22,9 @@ from .base import ReadError, Slicer, Volume, nm_per_unit, spacing_nm
 _SIZE_KEYS = ("resolution", "voxel_size", "pixel_size", "spacing")
 
 
-def attrs_voxel_size(attr_chain: list[Mapping], spatial_ndim: int) -> tuple[tuple[float, float, float] | None, list[str]]:
+def attrs_voxel_size(
+    attr_chain: list[Mapping], spatial_ndim: int
+) -> tuple[tuple[float, float, float] | None, list[str]]:
     """``(z, y, x)`` nm from the first usable attribute in ``attr_chain`` (array first)."""
     for attrs in attr_chain:
         if "element_size_um" in attrs:
@@ -56,8 +58,16 @@ def _sizes(value, spatial_ndim: int, scale: float | None):
     return spacing_nm(tuple(vals), scale)
 
 
-def array_volumes(path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype, attr_chain: list[Mapping],
-                  reader: str, open_array: Callable[[], object], explicit: bool) -> tuple[list[Volume], str | None]:
+def array_volumes(
+    path: Path,
+    key: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    attr_chain: list[Mapping],
+    reader: str,
+    open_array: Callable[[], object],
+    explicit: bool,
+) -> tuple[list[Volume], str | None]:
     """Volumes for one unlabelled array inside a container, or ``([], reason)`` to skip it.
 
     ``open_array`` is a picklable callable returning an indexable array (h5py dataset or
@@ -83,8 +93,17 @@ def array_volumes(path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype,
     for name, plan, _ in plan_axes(axes, shape, path):
         vshape = (plan.z_size(shape), shape[axes.index("Y")], shape[axes.index("X")])
         slicer = ContainerSlicer(path, vshape, dtype, open_array, plan)
-        volumes.append(Volume(shape=vshape, dtype=dtype, read_slices=slicer, reader=reader, voxel_size=voxel,
-                              dataset=key if name is None else f"{key}:{name}", notes=list(notes)))
+        volumes.append(
+            Volume(
+                shape=vshape,
+                dtype=dtype,
+                read_slices=slicer,
+                reader=reader,
+                voxel_size=voxel,
+                dataset=key if name is None else f"{key}:{name}",
+                notes=list(notes),
+            )
+        )
     return volumes, None
 
 

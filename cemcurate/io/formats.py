@@ -17,13 +17,30 @@ _DIRECTORY_SUFFIXES = (".zarr", ".ome.zarr")
 # with cemcurate.common.lazy.lazy_import, so importing cemcurate.io stays cheap and a missing
 # optional backend only breaks its own formats.
 READERS: dict[str, Callable[[Path, str | None], list[Volume]]] = {
-    ".png": images.read_image, ".jpg": images.read_image, ".jpeg": images.read_image, ".bmp": images.read_image,
-    ".tif": tiff.read_tiff, ".tiff": tiff.read_tiff, ".ome.tif": tiff.read_tiff, ".ome.tiff": tiff.read_tiff,
-    ".mrc": mrc.read_mrc, ".map": mrc.read_mrc, ".rec": mrc.read_mrc, ".st": mrc.read_mrc, ".mrcs": mrc.read_mrc,
-    ".nii": nifti.read_nifti, ".nii.gz": nifti.read_nifti,
-    ".h5": hdf5.read_hdf5, ".hdf5": hdf5.read_hdf5, ".hdf": hdf5.read_hdf5,
-    ".zarr": zarrfile.read_zarr, ".ome.zarr": zarrfile.read_zarr,
-    ".avi": video.read_video, ".mp4": video.read_video, ".mov": video.read_video, ".mkv": video.read_video,
+    ".png": images.read_image,
+    ".jpg": images.read_image,
+    ".jpeg": images.read_image,
+    ".bmp": images.read_image,
+    ".tif": tiff.read_tiff,
+    ".tiff": tiff.read_tiff,
+    ".ome.tif": tiff.read_tiff,
+    ".ome.tiff": tiff.read_tiff,
+    ".mrc": mrc.read_mrc,
+    ".map": mrc.read_mrc,
+    ".rec": mrc.read_mrc,
+    ".st": mrc.read_mrc,
+    ".mrcs": mrc.read_mrc,
+    ".nii": nifti.read_nifti,
+    ".nii.gz": nifti.read_nifti,
+    ".h5": hdf5.read_hdf5,
+    ".hdf5": hdf5.read_hdf5,
+    ".hdf": hdf5.read_hdf5,
+    ".zarr": zarrfile.read_zarr,
+    ".ome.zarr": zarrfile.read_zarr,
+    ".avi": video.read_video,
+    ".mp4": video.read_video,
+    ".mov": video.read_video,
+    ".mkv": video.read_video,
 }
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(READERS)
@@ -75,8 +92,11 @@ def open_file(path: str | os.PathLike, dataset: str | None = None) -> list[Volum
     suffix = suffix_of(path)
     if path.is_dir():
         if suffix not in _DIRECTORY_SUFFIXES:
-            raise ReadError(path, "is a directory; only '*.zarr' directories are read as one source "
-                            "(use open_series for a folder of 2D images)")
+            raise ReadError(
+                path,
+                "is a directory; only '*.zarr' directories are read as one source "
+                "(use open_series for a folder of 2D images)",
+            )
     elif path.stat().st_size == 0:
         raise ReadError(path, "file is empty (0 bytes); it was probably not copied or written completely")
     elif suffix in _DIRECTORY_SUFFIXES:
@@ -84,19 +104,22 @@ def open_file(path: str | os.PathLike, dataset: str | None = None) -> list[Volum
     reader = READERS.get(suffix)
     if reader is None:
         hint = " (decompress it first, e.g. with gunzip)" if suffix == ".gz" else ""
-        raise ReadError(path, f"unknown file type '{suffix or path.name}'{hint}; supported: "
-                        + " ".join(SUPPORTED_SUFFIXES))
+        raise ReadError(
+            path, f"unknown file type '{suffix or path.name}'{hint}; supported: " + " ".join(SUPPORTED_SUFFIXES)
+        )
     try:
         volumes = reader(path, dataset)
     except ReadError:
         raise
     except Exception as exc:
-        raise ReadError(path, f"{suffix} reader failed ({type(exc).__name__}: {exc}); the file may be "
-                        "corrupt or of another format than its name says") from exc
+        raise ReadError(
+            path,
+            f"{suffix} reader failed ({type(exc).__name__}: {exc}); the file may be "
+            "corrupt or of another format than its name says",
+        ) from exc
     if dataset is not None:
         key = dataset.strip("/")
-        chosen = [v for v in volumes if v.dataset is not None
-                  and (v.dataset == key or v.dataset.startswith(key + ":"))]
+        chosen = [v for v in volumes if v.dataset is not None and (v.dataset == key or v.dataset.startswith(key + ":"))]
         if not chosen:
             available = ", ".join(repr(v.dataset) for v in volumes if v.dataset) or "none (a single volume)"
             raise ReadError(path, f"dataset {dataset!r} not found; available: {available}")

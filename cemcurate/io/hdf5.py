@@ -61,8 +61,9 @@ def read_hdf5(path: Path, dataset: str | None = None) -> list[Volume]:
                     break
                 parent = parent.parent
             chain = [_readable_attrs(a) for a in chain]
-            vols, reason = array_volumes(path, name, ds.shape, ds.dtype, chain, "hdf5",
-                                         _H5Array(str(path), name), explicit=wanted is not None)
+            vols, reason = array_volumes(
+                path, name, ds.shape, ds.dtype, chain, "hdf5", _H5Array(str(path), name), explicit=wanted is not None
+            )
             volumes += vols
             if reason:
                 skipped.append(reason)

@@ -24,8 +24,14 @@ from .base import ReadError, Slicer, Volume, to_grayscale
 cv2 = lazy_import("cv2")
 
 _FORMAT_OF_SUFFIX = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}
-_DTYPE_OF_MODE = {"I;16": np.uint16, "I;16L": np.uint16, "I;16B": np.uint16, "I;16N": np.uint16,
-                  "I": np.int32, "F": np.float32}
+_DTYPE_OF_MODE = {
+    "I;16": np.uint16,
+    "I;16L": np.uint16,
+    "I;16B": np.uint16,
+    "I;16N": np.uint16,
+    "I": np.int32,
+    "F": np.float32,
+}
 _PIL_LOCK = threading.Lock()
 
 
@@ -37,8 +43,11 @@ def open_pil_image(path: Path | str):
         try:
             im = Image.open(path)
         except UnidentifiedImageError as exc:
-            raise ReadError(path, "not a readable image (Pillow cannot identify its content); the file is corrupt "
-                            "or its extension does not match its content") from exc
+            raise ReadError(
+                path,
+                "not a readable image (Pillow cannot identify its content); the file is corrupt "
+                "or its extension does not match its content",
+            ) from exc
         finally:
             Image.MAX_IMAGE_PIXELS = saved
     try:

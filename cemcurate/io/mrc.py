@@ -39,19 +39,26 @@ def read_mrc(path: Path, dataset: str | None = None) -> list[Volume]:
         try:
             mrc = mrcfile.mmap(path, mode="r", permissive=False)
         except ValueError as exc:
-            raise ReadError(path, f"mrcfile rejected the header ({exc}); the file is not a valid MRC file, is "
-                            "truncated, or its header is wrong") from exc
+            raise ReadError(
+                path,
+                f"mrcfile rejected the header ({exc}); the file is not a valid MRC file, is "
+                "truncated, or its header is wrong",
+            ) from exc
     notes = [f"mrcfile: {w.message}"[:200] for w in caught]
     with mrc:
         data, header = mrc.data, mrc.header
         if data is None or not isinstance(data, np.memmap):
             raise ReadError(path, "MRC file holds no memory-mappable data (empty or packed 4-bit mode)")
         if np.iscomplexobj(data):
-            raise ReadError(path, f"complex MRC data (mode {int(header.mode)}) is not image intensity; "
-                            "convert it to amplitudes first")
+            raise ReadError(
+                path,
+                f"complex MRC data (mode {int(header.mode)}) is not image intensity; convert it to amplitudes first",
+            )
         if data.ndim == 4:
-            raise ReadError(path, f"4D MRC volume stack of shape {data.shape} is not supported; "
-                            "split it into one 3D file per volume")
+            raise ReadError(
+                path,
+                f"4D MRC volume stack of shape {data.shape} is not supported; split it into one 3D file per volume",
+            )
         shape = (1,) + data.shape if data.ndim == 2 else data.shape
         file_dtype = data.dtype
         header_bytes = header.tobytes()
@@ -66,8 +73,17 @@ def read_mrc(path: Path, dataset: str | None = None) -> list[Volume]:
         notes.append("header marks an image stack (ISPG 0); read as a volume because of the file extension")
     dtype = file_dtype.newbyteorder("=")
     slicer = _MrcSlicer(path, shape, dtype, offset, file_dtype.str)
-    return [Volume(shape=shape, dtype=dtype, read_slices=slicer, reader="mrc",
-                   voxel_size=lateral_only(voxel) if xy_only else voxel, xy_only=xy_only, notes=notes + vnotes)]
+    return [
+        Volume(
+            shape=shape,
+            dtype=dtype,
+            read_slices=slicer,
+            reader="mrc",
+            voxel_size=lateral_only(voxel) if xy_only else voxel,
+            xy_only=xy_only,
+            notes=notes + vnotes,
+        )
+    ]
 
 
 def _imod_unsigned(header_bytes: bytes, byteorder: str) -> bool:
@@ -84,8 +100,10 @@ def _voxel_size(header, voxel) -> tuple[tuple[float, float, float] | None, list[
         notes.append(f"invalid MAPS/MAPR/MAPC {mapping}; assumed (3, 2, 1)")
         mapping = (3, 2, 1)
     elif mapping != (3, 2, 1):
-        notes.append(f"axes stored as (sections, rows, columns) = {'XYZ'[mapping[0] - 1]}, "
-                     f"{'XYZ'[mapping[1] - 1]}, {'XYZ'[mapping[2] - 1]}; volume kept in file order")
+        notes.append(
+            f"axes stored as (sections, rows, columns) = {'XYZ'[mapping[0] - 1]}, "
+            f"{'XYZ'[mapping[1] - 1]}, {'XYZ'[mapping[2] - 1]}; volume kept in file order"
+        )
     z, y, x = (by_axis[m - 1] / 10.0 for m in mapping)
     if not (np.isfinite(y) and np.isfinite(x) and y > 0 and x > 0):
         return None, notes

@@ -35,8 +35,11 @@ def read_nifti(path: Path, dataset: str | None = None) -> list[Volume]:
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) > 3:
-        raise ReadError(path, f"4D NIfTI of shape (x, y, z, ...) = {tuple(img.shape)} is not supported; "
-                        "save one 3D file per time point/channel")
+        raise ReadError(
+            path,
+            f"4D NIfTI of shape (x, y, z, ...) = {tuple(img.shape)} is not supported; "
+            "save one 3D file per time point/channel",
+        )
     if len(shape) < 2:
         raise ReadError(path, f"NIfTI of shape {tuple(img.shape)} is not an image")
     header = img.header
@@ -66,8 +69,10 @@ def _load(path):
     try:
         return nibabel.load(str(path))
     except Exception as exc:
-        raise ReadError(path, f"nibabel could not read the NIfTI header ({type(exc).__name__}: {exc}); "
-                        "the file is corrupt or not NIfTI") from exc
+        raise ReadError(
+            path,
+            f"nibabel could not read the NIfTI header ({type(exc).__name__}: {exc}); the file is corrupt or not NIfTI",
+        ) from exc
 
 
 class _NiftiSlicer(Slicer):

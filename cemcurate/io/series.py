@@ -55,8 +55,11 @@ def open_series(paths: list[Path]) -> Volume:
         if first is None:
             first = v
         elif v.shape != first.shape:
-            raise ReadError(p, f"image shape (y, x) = {v.shape[1:]} differs from {first.shape[1:]} of "
-                            f"{paths[0].name}; every image in a series must have the same shape")
+            raise ReadError(
+                p,
+                f"image shape (y, x) = {v.shape[1:]} differs from {first.shape[1:]} of "
+                f"{paths[0].name}; every image in a series must have the same shape",
+            )
         elif v.dtype != first.dtype:
             raise ReadError(p, f"dtype {v.dtype} differs from {first.dtype} of {paths[0].name}")
         elif not _same_xy(v.voxel_size, first.voxel_size) and len(notes) < 5:
@@ -65,8 +68,14 @@ def open_series(paths: list[Path]) -> Volume:
         slicers.append(v.read_slices)
     shape = (len(paths), first.shape[1], first.shape[2])
     voxel = None if first.voxel_size is None else (math.nan,) + tuple(first.voxel_size[1:])
-    vol = Volume(shape=shape, dtype=first.dtype, read_slices=_SeriesSlicer(paths[0], shape, first.dtype, slicers),
-                 reader=f"series/{first.reader}", voxel_size=voxel, notes=notes)
+    vol = Volume(
+        shape=shape,
+        dtype=first.dtype,
+        read_slices=_SeriesSlicer(paths[0], shape, first.dtype, slicers),
+        reader=f"series/{first.reader}",
+        voxel_size=voxel,
+        notes=notes,
+    )
     vol.path = str(paths[0].parent)
     return vol
 

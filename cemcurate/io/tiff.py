@@ -68,8 +68,12 @@ def read_tiff(path: Path, dataset: str | None = None) -> list[Volume]:
             all_series = [s for s in tif.series if s.shape and len(s.shape) >= 2]
             errors = [r.getMessage() for r in log if r.levelno >= logging.ERROR]
             if errors:
-                raise ReadError(path, "the TIFF structure is damaged (" + "; ".join(errors)[:400]
-                                + "); the file is probably truncated or corrupt")
+                raise ReadError(
+                    path,
+                    "the TIFF structure is damaged ("
+                    + "; ".join(errors)[:400]
+                    + "); the file is probably truncated or corrupt",
+                )
             if not all_series:
                 raise ReadError(path, "the TIFF holds no image data")
             notes = [f"tifffile: {r.getMessage()}"[:200] for r in log]
@@ -87,8 +91,9 @@ def _series_volumes(path, tif, index, series, file_size, prefix, notes) -> list[
     if offset is not None:
         need = offset + int(np.prod(shape)) * dtype.itemsize
         if need > file_size:
-            raise ReadError(path, f"truncated: the header promises pixel data up to byte {need} but the file "
-                            f"has {file_size} bytes")
+            raise ReadError(
+                path, f"truncated: the header promises pixel data up to byte {need} but the file has {file_size} bytes"
+            )
         source = ("memmap", int(offset), dtype.newbyteorder(tif.byteorder).str, shape)
     else:
         _check_pages(path, series, file_size)
@@ -100,9 +105,18 @@ def _series_volumes(path, tif, index, series, file_size, prefix, notes) -> list[
         vshape = (z, shape[axes.index("Y")], shape[axes.index("X")])
         slicer = _TiffSlicer(path, vshape, dtype, source, plan)
         key = ":".join(p for p in (prefix, name) if p) or None
-        volumes.append(Volume(shape=vshape, dtype=dtype, read_slices=slicer, reader="tiff",
-                              voxel_size=lateral_only(voxel) if xy_only else voxel, xy_only=xy_only, dataset=key,
-                              notes=notes + vnotes))
+        volumes.append(
+            Volume(
+                shape=vshape,
+                dtype=dtype,
+                read_slices=slicer,
+                reader="tiff",
+                voxel_size=lateral_only(voxel) if xy_only else voxel,
+                xy_only=xy_only,
+                dataset=key,
+                notes=notes + vnotes,
+            )
+        )
     return volumes
 
 
@@ -112,8 +126,9 @@ def _check_pages(path, series, file_size: int) -> None:
             raise ReadError(path, f"page {i} of the image series is missing; the file is truncated or corrupt")
         ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts)]
         if ends and max(ends) > file_size:
-            raise ReadError(path, f"truncated: page {i} needs bytes up to {max(ends)} but the file has "
-                            f"{file_size} bytes")
+            raise ReadError(
+                path, f"truncated: page {i} needs bytes up to {max(ends)} but the file has {file_size} bytes"
+            )
 
 
 def _tifffile_decodes(page) -> bool:
@@ -128,8 +143,11 @@ def _pillow_source(path, tif, series) -> tuple:
     """
     codec = f"{series.keyframe.compression!r}"
     if len(tif.series) != 1 or len(series.pages) != len(tif.pages) or series.keyframe.planarconfig != 1:
-        raise ReadError(path, f"{codec} TIFF data need the 'imagecodecs' package, which is not installed; "
-                        "install it or re-save the file uncompressed")
+        raise ReadError(
+            path,
+            f"{codec} TIFF data need the 'imagecodecs' package, which is not installed; "
+            "install it or re-save the file uncompressed",
+        )
     page_shape = tuple(n for a, n in zip(series.axes, series.shape) if a not in "YXS")
     return ("pillow", page_shape)
 
@@ -163,8 +181,7 @@ class _TiffSlicer(Slicer):
         planes = []
         for z in range(z0, z1):
             index = self.plan.index(z, z + 1)
-            page = [i.start if isinstance(i, slice) else i
-                    for a, i in zip(self.plan.axes, index) if a not in "YXS"]
+            page = [i.start if isinstance(i, slice) else i for a, i in zip(self.plan.axes, index) if a not in "YXS"]
             image.seek(int(np.ravel_multi_index(page, page_shape)) if page_shape else 0)
             planes.append(np.asarray(image))
         return to_grayscale(np.stack(planes), self.path)
@@ -194,13 +211,19 @@ def _voxel_size(tif, index: int, series) -> tuple[tuple[float, float, float] | N
         unit = md.get("unit")
         scale = nm_per_unit(unit)
         if scale is None:
-            note = [f"ImageJ unit {unit!r} is not a length; voxel size unknown"] if unit not in (None, "", "pixel", "pixels") else []
+            note = (
+                [f"ImageJ unit {unit!r} is not a length; voxel size unknown"]
+                if unit not in (None, "", "pixel", "pixels")
+                else []
+            )
             return None, note
         y, x = _resolution(page, "YResolution"), _resolution(page, "XResolution")
         if y is None or x is None:
             return None, ["ImageJ unit given without X/YResolution tags; voxel size unknown"]
         z = float(md["spacing"]) if "spacing" in md else NAN
-        notes = [] if "spacing" in md or "Z" not in series.axes else ["ImageJ metadata has no 'spacing'; z spacing unknown"]
+        notes = (
+            [] if "spacing" in md or "Z" not in series.axes else ["ImageJ metadata has no 'spacing'; z spacing unknown"]
+        )
         return spacing_nm((z, y, x), scale), notes
     unit_tag = page.tags.get("ResolutionUnit")
     if unit_tag is not None and int(unit_tag.value) == 3:  # centimetre
@@ -216,7 +239,7 @@ def _resolution(page, tag: str) -> float | None:
     if t is None:
         return None
     value = t.value
-    num, den = (value if isinstance(value, tuple) else (value, 1))
+    num, den = value if isinstance(value, tuple) else (value, 1)
     if not num or not den:
         return None
     size = den / num

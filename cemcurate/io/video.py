@@ -29,8 +29,9 @@ def _open_plugin(path):
     try:
         return iio.imopen(str(path), "r", plugin="pyav")
     except Exception as exc:
-        raise ReadError(path, f"PyAV could not open it as a video ({type(exc).__name__}: {exc}); "
-                        "the file is corrupt or not a video") from exc
+        raise ReadError(
+            path, f"PyAV could not open it as a video ({type(exc).__name__}: {exc}); the file is corrupt or not a video"
+        ) from exc
 
 
 def _count_packets(path) -> int:
@@ -56,8 +57,16 @@ def read_video(path: Path, dataset: str | None = None) -> list[Volume]:
     if n <= 0:
         raise ReadError(path, "the video has no frames")
     shape = (n, height, width)
-    return [Volume(shape=shape, dtype=np.uint8, read_slices=_VideoSlicer(path, shape, np.uint8), reader="video",
-                   xy_only=True, notes=notes)]
+    return [
+        Volume(
+            shape=shape,
+            dtype=np.uint8,
+            read_slices=_VideoSlicer(path, shape, np.uint8),
+            reader="video",
+            xy_only=True,
+            notes=notes,
+        )
+    ]
 
 
 class _Cursor:
@@ -88,8 +97,11 @@ class _VideoSlicer(Slicer):
                 frame = next(cursor.frames, None)
                 if frame is None:
                     handles.drop("video", self.path)
-                    raise ReadError(self.path, f"video ended after {cursor.next} frames, but {self.shape[0]} "
-                                    "were expected; the file is truncated")
+                    raise ReadError(
+                        self.path,
+                        f"video ended after {cursor.next} frames, but {self.shape[0]} "
+                        "were expected; the file is truncated",
+                    )
                 if cursor.next >= z0:
                     out[cursor.next - z0] = frame[..., 0] if frame.ndim == 3 else frame
                 cursor.next += 1

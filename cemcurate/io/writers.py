@@ -43,8 +43,20 @@ nibabel = lazy_import("nibabel")
 tifffile = lazy_import("tifffile")
 zarr = lazy_import("zarr")
 
-WRITABLE_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".nii", ".nii.gz", ".mrc", ".map", ".rec",
-                     ".zarr", ".ome.zarr", ".png")
+WRITABLE_SUFFIXES = (
+    ".tif",
+    ".tiff",
+    ".ome.tif",
+    ".ome.tiff",
+    ".nii",
+    ".nii.gz",
+    ".mrc",
+    ".map",
+    ".rec",
+    ".zarr",
+    ".ome.zarr",
+    ".png",
+)
 _IMAGEJ_DTYPES = ("uint8", "uint16", "int16", "float32")
 _MRC_MODES = {"uint8": 0, "int8": 0, "int16": 1, "float32": 2, "uint16": 6, "float16": 12}
 _SLAB = 16  # slices copied at a time when streaming from a memory map
@@ -141,7 +153,9 @@ def _write_nifti(tmp: Path, arr: np.ndarray, voxel) -> None:
         z, y, x = voxel
         if math.isnan(z):
             if arr.shape[0] > 1:
-                raise ValueError("NIfTI cannot mark the z spacing as unknown; pass a z voxel size or write tif/mrc/zarr")
+                raise ValueError(
+                    "NIfTI cannot mark the z spacing as unknown; pass a z voxel size or write tif/mrc/zarr"
+                )
             z = x  # one slice: z spacing is meaningless and read back as NaN
         header.set_zooms((x * 1e-6, y * 1e-6, z * 1e-6))  # nm -> mm
         header.set_xyzt_units("mm")
@@ -186,10 +200,14 @@ def create_ome_zarr(path: Path, shape: tuple[int, int, int], dtype, chunks=None,
             if not math.isnan(value):
                 axes[i]["unit"] = "nanometer"
                 scale[i] = value
-    group.attrs["multiscales"] = [{
-        "version": "0.4", "name": path.name, "axes": axes,
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-    }]
+    group.attrs["multiscales"] = [
+        {
+            "version": "0.4",
+            "name": path.name,
+            "axes": axes,
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+        }
+    ]
     return array
 
 
@@ -210,10 +228,17 @@ def _write_png(tmp: Path, arr: np.ndarray, voxel) -> None:
 
 
 _WRITERS = {
-    ".tif": _write_tif, ".tiff": _write_tif, ".ome.tif": _write_tif, ".ome.tiff": _write_tif,
-    ".nii": _write_nifti, ".nii.gz": _write_nifti,
-    ".mrc": _write_mrc, ".map": _write_mrc, ".rec": _write_mrc,
-    ".zarr": _write_zarr, ".ome.zarr": _write_zarr,
+    ".tif": _write_tif,
+    ".tiff": _write_tif,
+    ".ome.tif": _write_tif,
+    ".ome.tiff": _write_tif,
+    ".nii": _write_nifti,
+    ".nii.gz": _write_nifti,
+    ".mrc": _write_mrc,
+    ".map": _write_mrc,
+    ".rec": _write_mrc,
+    ".zarr": _write_zarr,
+    ".ome.zarr": _write_zarr,
     ".png": _write_png,
 }
 
@@ -221,7 +246,7 @@ _WRITERS = {
 def _temp_sibling(path: Path, suffix: str, tag: str) -> Path:
     # Same folder (so the final rename is atomic) and same suffix (nibabel picks gzip by it).
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    return path.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.{tag}{path.name[len(stem):]}")
+    return path.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.{tag}{path.name[len(stem) :]}")
 
 
 def _install(tmp: Path, path: Path) -> None:
@@ -280,8 +305,9 @@ class ChunkedOutput:
             self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.staging.npy")
             self.array = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=self.dtype, shape=self.shape)
         else:
-            raise ValueError(f"{self.path}: cannot write '{suffix}'; use .zarr, .npy, .raw or one of "
-                             + " ".join(WRITABLE_SUFFIXES))
+            raise ValueError(
+                f"{self.path}: cannot write '{suffix}'; use .zarr, .npy, .raw or one of " + " ".join(WRITABLE_SUFFIXES)
+            )
         self.done = False
 
     def finalize(self) -> Path:
@@ -318,9 +344,13 @@ class ChunkedOutput:
             self.discard()
 
 
-def open_chunked_output(path: str | os.PathLike, shape: tuple[int, int, int], dtype,
-                        chunks: tuple[int, int, int] | None = None,
-                        voxel_size: tuple[float, float, float] | None = None) -> ChunkedOutput:
+def open_chunked_output(
+    path: str | os.PathLike,
+    shape: tuple[int, int, int],
+    dtype,
+    chunks: tuple[int, int, int] | None = None,
+    voxel_size: tuple[float, float, float] | None = None,
+) -> ChunkedOutput:
     """Start a ``(z, y, x)`` output larger than memory; see :class:`ChunkedOutput`.
 
     Args:

@@ -34,8 +34,11 @@ def _open_root(path):
     try:
         return zarr.open(store=str(path), mode="r")
     except Exception as exc:
-        raise ReadError(path, f"not a readable zarr store ({type(exc).__name__}: {exc}); a zarr directory holds "
-                        "'.zgroup'/'.zarray' (format 2) or 'zarr.json' (format 3)") from exc
+        raise ReadError(
+            path,
+            f"not a readable zarr store ({type(exc).__name__}: {exc}); a zarr directory holds "
+            "'.zgroup'/'.zarray' (format 2) or 'zarr.json' (format 3)",
+        ) from exc
 
 
 class _ZarrArray:
@@ -79,8 +82,16 @@ def read_zarr(path: Path, dataset: str | None = None) -> list[Volume]:
             if not items:
                 raise not_found(path, dataset, available)
         for key, array, chain in items:
-            vols, reason = array_volumes(path, key, array.shape, array.dtype, chain, "zarr",
-                                         _ZarrArray(str(path), key), explicit=wanted is not None)
+            vols, reason = array_volumes(
+                path,
+                key,
+                array.shape,
+                array.dtype,
+                chain,
+                "zarr",
+                _ZarrArray(str(path), key),
+                explicit=wanted is not None,
+            )
             volumes += vols
             if reason:
                 skipped.append(reason)
@@ -156,9 +167,18 @@ def _ome_volumes(path: Path, key: str, array, ms: dict) -> list[Volume]:
     for name, plan, xy_only in plan_axes(letters, shape, path):
         vshape = (plan.z_size(shape), shape[letters.index("Y")], shape[letters.index("X")])
         slicer = ContainerSlicer(path, vshape, dtype, _ZarrArray(str(path), key), plan)
-        volumes.append(Volume(shape=vshape, dtype=dtype, read_slices=slicer, reader="ome-zarr",
-                              voxel_size=lateral_only(voxel) if xy_only else voxel, xy_only=xy_only,
-                              dataset=key if name is None else f"{key}:{name}", notes=list(notes)))
+        volumes.append(
+            Volume(
+                shape=vshape,
+                dtype=dtype,
+                read_slices=slicer,
+                reader="ome-zarr",
+                voxel_size=lateral_only(voxel) if xy_only else voxel,
+                xy_only=xy_only,
+                dataset=key if name is None else f"{key}:{name}",
+                notes=list(notes),
+            )
+        )
     return volumes
 
 

@@ -7,5 +7,16 @@ from finetune.models.registry import DEFAULT_MEAN, DEFAULT_STD, MODELS, build_mo
 from finetune.models.unet2d import UNet2D
 from finetune.models.unet3d import UNet3D
 
-__all__ = ["DEFAULT_MEAN", "DEFAULT_STD", "MODELS", "SegmentationModel", "UNet2D", "UNet3D", "build_model",
-           "logits_to_probs", "output_channels", "unet2d", "unet3d"]
+__all__ = [
+    "DEFAULT_MEAN",
+    "DEFAULT_STD",
+    "MODELS",
+    "SegmentationModel",
+    "UNet2D",
+    "UNet3D",
+    "build_model",
+    "logits_to_probs",
+    "output_channels",
+    "unet2d",
+    "unet3d",
+]

@@ -24,8 +24,9 @@ def per_stage(value: int | Sequence[int] | Mapping[str, int], what: str) -> tupl
     :func:`finetune.models.inflate.inflate_state_dict` with a default; here every stage must be given.
     """
     if isinstance(value, bool):
-        raise ValueError(f"{what} must be an int, a list of {len(STAGES)} ints or a mapping {{stage: int}}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{what} must be an int, a list of {len(STAGES)} ints or a mapping {{stage: int}}, got {value!r}"
+        )
     if isinstance(value, int):
         return (value,) * len(STAGES)
     if isinstance(value, Mapping):

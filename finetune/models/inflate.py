@@ -88,9 +88,11 @@ def inflate_kernel(weight: torch.Tensor, depth: int, mode: str = "i3d") -> torch
     raise ValueError(f"unknown inflation mode {mode!r}; valid modes: {', '.join(INFLATE_MODES)}")
 
 
-def inflate_state_dict(state2d: Mapping[str, torch.Tensor],
-                       depths: int | Mapping[str, int] | Sequence[int] | StageGeometry = 3,
-                       mode: str = "i3d") -> dict[str, torch.Tensor]:
+def inflate_state_dict(
+    state2d: Mapping[str, torch.Tensor],
+    depths: int | Mapping[str, int] | Sequence[int] | StageGeometry = 3,
+    mode: str = "i3d",
+) -> dict[str, torch.Tensor]:
     """Turn a 2D ResNet state dict into the state dict of the 3D ResNet encoder.
 
     Args:
@@ -132,8 +134,10 @@ def inflate_state_dict(state2d: Mapping[str, torch.Tensor],
             out[key] = weight.unsqueeze(2).clone()
             continue
         if stage is None:
-            raise ValueError(f"{key}: cannot tell which encoder stage this {tuple(weight.shape[2:])} kernel "
-                             "belongs to (expected conv1.weight or layer1-4.*); pass an encoder state dict with "
-                             "ResNet key names")
+            raise ValueError(
+                f"{key}: cannot tell which encoder stage this {tuple(weight.shape[2:])} kernel "
+                "belongs to (expected conv1.weight or layer1-4.*); pass an encoder state dict with "
+                "ResNet key names"
+            )
         out[key] = inflate_kernel(weight, stage_depths[stage], mode)
     return out

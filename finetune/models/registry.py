@@ -50,8 +50,14 @@ def _as_weights(weights: ResolvedWeights | Mapping[str, torch.Tensor] | None) ->
     raise ValueError(f"weights must be ResolvedWeights, a 2D state dict or None, got {type(weights).__name__}")
 
 
-def build_model(name: str = "unet2d", *, weights: ResolvedWeights | Mapping[str, torch.Tensor] | None = None,
-                freeze_encoder: bool = False, inflate: str | None = None, **kwargs) -> nn.Module:
+def build_model(
+    name: str = "unet2d",
+    *,
+    weights: ResolvedWeights | Mapping[str, torch.Tensor] | None = None,
+    freeze_encoder: bool = False,
+    inflate: str | None = None,
+    **kwargs,
+) -> nn.Module:
     """Build a registered segmentation model, load its encoder weights and freeze it as asked.
 
     Args:
@@ -83,8 +89,7 @@ def build_model(name: str = "unet2d", *, weights: ResolvedWeights | Mapping[str,
     if inflate is not None and model.dim != 3:
         raise ValueError(f"inflate={inflate!r} applies to 3D models; {name} is {model.dim}D")
     if weights.state is not None:
-        state = (weights.state if model.dim == 2 else
-                 inflate_state_dict(weights.state, model.geometry, inflate or "i3d"))
+        state = weights.state if model.dim == 2 else inflate_state_dict(weights.state, model.geometry, inflate or "i3d")
         load_encoder_weights(model.encoder, state, model.arch, weights.source)
     model.freeze_encoder(freeze_encoder)
     return model

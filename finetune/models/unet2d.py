@@ -34,12 +34,14 @@ class UNet2D(SegmentationModel):
 
     dim = 2
 
-    def __init__(self, arch: str = "resnet50", num_classes: int = 2, mean: float = DEFAULT_MEAN,
-                 std: float = DEFAULT_STD):
+    def __init__(
+        self, arch: str = "resnet50", num_classes: int = 2, mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD
+    ):
         get_arch(arch)  # unknown names fail here with the list of valid ones
         super().__init__(arch, num_classes, mean, std)
-        self.net = smp.Unet(encoder_name=arch, encoder_weights=None, in_channels=1,
-                            classes=output_channels(num_classes))
+        self.net = smp.Unet(
+            encoder_name=arch, encoder_weights=None, in_channels=1, classes=output_channels(num_classes)
+        )
 
     @property
     def encoder(self) -> nn.Module:
@@ -51,11 +53,17 @@ class UNet2D(SegmentationModel):
 
     def config(self) -> dict:
         """Everything :func:`build_model` needs to rebuild this model (weights aside)."""
-        return {"model": "unet2d", "arch": self.arch, "num_classes": self.num_classes,
-                "mean": float(self.norm_mean), "std": float(self.norm_std)}
+        return {
+            "model": "unet2d",
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "mean": float(self.norm_mean),
+            "std": float(self.norm_std),
+        }
 
 
 @register_model("unet2d")
-def build_unet2d(arch: str = "resnet50", num_classes: int = 2, mean: float = DEFAULT_MEAN,
-                 std: float = DEFAULT_STD) -> UNet2D:
+def build_unet2d(
+    arch: str = "resnet50", num_classes: int = 2, mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD
+) -> UNet2D:
     return UNet2D(arch=arch, num_classes=num_classes, mean=mean, std=std)

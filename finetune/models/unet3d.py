@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finetune.models.geometry import STAGES, StageGeometry
 from cemcurate.common.archs import get_arch
 from finetune.models.base import SegmentationModel, output_channels
+from finetune.models.geometry import STAGES, StageGeometry
 from finetune.models.registry import DEFAULT_MEAN, DEFAULT_STD, register_model
 
 UPSAMPLE_MODES = ("trilinear", "nearest", "transpose")
@@ -47,8 +47,9 @@ def _bn_cls(dim: int) -> type[nn.Module]:
     return nn.BatchNorm2d if dim == 2 else nn.BatchNorm3d
 
 
-def conv_nd(dim: int, cin: int, cout: int, k: int, kz: int = 1, stride: int = 1, z_stride: int = 1,
-            bias: bool = False) -> nn.Module:
+def conv_nd(
+    dim: int, cin: int, cout: int, k: int, kz: int = 1, stride: int = 1, z_stride: int = 1, bias: bool = False
+) -> nn.Module:
     """A ``k x k`` (2D) or ``kz x k x k`` (3D) convolution with 'same' padding for stride 1.
 
     Args:
@@ -57,8 +58,9 @@ def conv_nd(dim: int, cin: int, cout: int, k: int, kz: int = 1, stride: int = 1,
     """
     if dim == 2:
         return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias)
-    return nn.Conv3d(cin, cout, (kz, k, k), stride=(z_stride, stride, stride), padding=(kz // 2, k // 2, k // 2),
-                     bias=bias)
+    return nn.Conv3d(
+        cin, cout, (kz, k, k), stride=(z_stride, stride, stride), padding=(kz // 2, k // 2, k // 2), bias=bias
+    )
 
 
 class BasicBlock(nn.Module):
@@ -196,8 +198,9 @@ class DecoderBlock(nn.Module):
         kz: kernel depth of the convolutions (3D).
     """
 
-    def __init__(self, dim: int, cin: int, cskip: int, cout: int, factor: tuple[int, ...], kz: int,
-                 upsample: str = "trilinear"):
+    def __init__(
+        self, dim: int, cin: int, cskip: int, cout: int, factor: tuple[int, ...], kz: int, upsample: str = "trilinear"
+    ):
         super().__init__()
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"unknown upsampling {upsample!r}; valid: {', '.join(UPSAMPLE_MODES)}")
@@ -213,13 +216,16 @@ class DecoderBlock(nn.Module):
         if self.upsample == "transpose":
             x = self.up(x)
             if tuple(x.shape[2:]) != tuple(size):
-                raise ValueError(f"transposed upsampling gave {tuple(x.shape[2:])}, expected {tuple(size)}; "
-                                 "the input size must be a multiple of the total stride")
+                raise ValueError(
+                    f"transposed upsampling gave {tuple(x.shape[2:])}, expected {tuple(size)}; "
+                    "the input size must be a multiple of the total stride"
+                )
         elif self.upsample == "nearest":
             x = F.interpolate(x, size=tuple(size), mode="nearest")
         else:
-            x = F.interpolate(x, size=tuple(size), mode="bilinear" if self.dim == 2 else "trilinear",
-                              align_corners=False)
+            x = F.interpolate(
+                x, size=tuple(size), mode="bilinear" if self.dim == 2 else "trilinear", align_corners=False
+            )
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
         return self.conv2(self.conv1(x))
@@ -236,8 +242,14 @@ class UNetDecoder(nn.Module):
             stage ``4 - i`` and uses the kernel depth of the stage it returns to.
     """
 
-    def __init__(self, dim: int, encoder_channels: Sequence[int], decoder_channels: Sequence[int],
-                 geometry: StageGeometry, upsample: str = "trilinear"):
+    def __init__(
+        self,
+        dim: int,
+        encoder_channels: Sequence[int],
+        decoder_channels: Sequence[int],
+        geometry: StageGeometry,
+        upsample: str = "trilinear",
+    ):
         super().__init__()
         if len(decoder_channels) != 5 or any(int(c) < 1 for c in decoder_channels):
             raise ValueError(f"decoder_channels must be 5 positive ints, got {list(decoder_channels)}")
@@ -298,9 +310,16 @@ class UNet3D(SegmentationModel):
 
     dim = 3
 
-    def __init__(self, arch: str = "resnet50", num_classes: int = 2, geometry: StageGeometry | str | Mapping | None = None,
-                 decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS, upsample: str = "trilinear",
-                 mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD):
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        num_classes: int = 2,
+        geometry: StageGeometry | str | Mapping | None = None,
+        decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
+        upsample: str = "trilinear",
+        mean: float = DEFAULT_MEAN,
+        std: float = DEFAULT_STD,
+    ):
         get_arch(arch)
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"unknown upsampling {upsample!r}; valid: {', '.join(UPSAMPLE_MODES)}")
@@ -310,8 +329,9 @@ class UNet3D(SegmentationModel):
         self.decoder_channels = tuple(int(c) for c in decoder_channels)
         self.encoder = ResNetEncoder(arch, 3, self.geometry)
         self.decoder = UNetDecoder(3, self.encoder.out_channels, self.decoder_channels, self.geometry, upsample)
-        self.head = conv_nd(3, self.decoder_channels[-1], output_channels(num_classes), 3, self.geometry.kernel_depth[0],
-                            bias=True)
+        self.head = conv_nd(
+            3, self.decoder_channels[-1], output_channels(num_classes), 3, self.geometry.kernel_depth[0], bias=True
+        )
         for m in list(self.decoder.modules()) + [self.head]:
             if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
                 nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
@@ -334,19 +354,42 @@ class UNet3D(SegmentationModel):
 
     def config(self) -> dict:
         """Everything :func:`build_model` (``"unet3d"``) needs to rebuild this model, weights aside."""
-        return {"model": "unet3d", "arch": self.arch, "num_classes": self.num_classes,
-                "geometry": self.geometry.to_dict(), "decoder_channels": list(self.decoder_channels),
-                "upsample": self.upsample, "mean": float(self.norm_mean), "std": float(self.norm_std)}
+        return {
+            "model": "unet3d",
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "geometry": self.geometry.to_dict(),
+            "decoder_channels": list(self.decoder_channels),
+            "upsample": self.upsample,
+            "mean": float(self.norm_mean),
+            "std": float(self.norm_std),
+        }
 
 
 @register_model("unet3d")
-def build_unet3d(arch: str = "resnet50", num_classes: int = 2, geometry: StageGeometry | str | Mapping | None = None,
-                 decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS, upsample: str = "trilinear",
-                 mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD) -> UNet3D:
+def build_unet3d(
+    arch: str = "resnet50",
+    num_classes: int = 2,
+    geometry: StageGeometry | str | Mapping | None = None,
+    decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
+    upsample: str = "trilinear",
+    mean: float = DEFAULT_MEAN,
+    std: float = DEFAULT_STD,
+) -> UNet3D:
     """A randomly initialised :class:`UNet3D`; :func:`finetune.models.build_model` (``"unet3d"``)
     inflates 2D encoder weights into it and freezes it."""
     return UNet3D(arch, num_classes, geometry, decoder_channels, upsample, mean, std)
 
 
-__all__ = ["BasicBlock", "Bottleneck", "DecoderBlock", "ResNetEncoder", "STAGES", "UNet3D", "UNetDecoder",
-           "UPSAMPLE_MODES", "build_unet3d", "conv_nd"]
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "DecoderBlock",
+    "ResNetEncoder",
+    "STAGES",
+    "UNet3D",
+    "UNetDecoder",
+    "UPSAMPLE_MODES",
+    "build_unet3d",
+    "conv_nd",
+]

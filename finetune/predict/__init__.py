@@ -19,6 +19,20 @@ from finetune.predict.slices import SlicePredictor, plan_tiles, predict_tiled
 from finetune.predict.sliding import DEFAULT_WINDOW, plan_sliding, predict_sliding
 from finetune.predict.windows import WindowPlan, plan_windows
 
-__all__ = ["DEFAULT_WINDOW", "ModelWindows", "PredictionWriter", "SlicePredictor", "WindowPlan", "batch_for",
-           "default_batch_pixels", "plan_sliding", "plan_tiles", "plan_windows", "predict_orthoplane",
-           "predict_sliding", "predict_stack", "predict_tiled", "predict_windows"]
+__all__ = [
+    "DEFAULT_WINDOW",
+    "ModelWindows",
+    "PredictionWriter",
+    "SlicePredictor",
+    "WindowPlan",
+    "batch_for",
+    "default_batch_pixels",
+    "plan_sliding",
+    "plan_tiles",
+    "plan_windows",
+    "predict_orthoplane",
+    "predict_sliding",
+    "predict_stack",
+    "predict_tiled",
+    "predict_windows",
+]

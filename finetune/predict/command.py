@@ -28,8 +28,10 @@ def model_file(path: str | Path) -> Path:
     if path.is_dir():
         candidate = path / "model.pth"
         if not candidate.is_file():
-            raise FileNotFoundError(f"{path}: no model.pth in this run folder; has training finished? "
-                                    "(checkpoint.pth is resumable state, not a final model)")
+            raise FileNotFoundError(
+                f"{path}: no model.pth in this run folder; has training finished? "
+                "(checkpoint.pth is resumable state, not a final model)"
+            )
         return candidate
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
@@ -79,8 +81,9 @@ def resolve_mode(mode: str, model_kind: str, model_path: str | Path = "") -> str
     return mode
 
 
-def predict_path(model_path: str | Path, input_spec: str, output: str, cfg: PredictConfig,
-                 progress: bool = True) -> list[Path]:
+def predict_path(
+    model_path: str | Path, input_spec: str, output: str, cfg: PredictConfig, progress: bool = True
+) -> list[Path]:
     """Predict ``input_spec`` with the model in ``model_path`` and write ``output``.
 
     Args:
@@ -97,8 +100,11 @@ def predict_path(model_path: str | Path, input_spec: str, output: str, cfg: Pred
     model, info = load_model(model_path, device)
     mode = resolve_mode(cfg.mode, info["model_config"]["model"], model_path)
     classes = list(info.get("classes") or [str(i) for i in range(max(2, model.num_classes))])
-    predictor = (None if mode == "sliding" else
-                 SlicePredictor(model, device, cfg.amp, cfg.tile, cfg.overlap, cfg.batch_size, cfg.batch_pixels))
+    predictor = (
+        None
+        if mode == "sliding"
+        else SlicePredictor(model, device, cfg.amp, cfg.tile, cfg.overlap, cfg.batch_size, cfg.batch_pixels)
+    )
     channels = 1 if len(classes) == 2 else len(classes)
     if _is_folder_output(output):
         jobs = []
@@ -111,17 +117,36 @@ def predict_path(model_path: str | Path, input_spec: str, output: str, cfg: Pred
     for spec, out_path in jobs:
         source = open_input(spec)
         if mode == "orthoplane" and min(source.shape) < 2:
-            raise ValueError(f"{spec}: orthoplane prediction needs a 3D volume, got shape {source.shape}; "
-                             "use --mode stack")
-        with PredictionWriter(out_path, source.shape, classes, cfg.output_type, cfg.prob_dtype, cfg.threshold,
-                              source.voxel_size) as writer:
+            raise ValueError(
+                f"{spec}: orthoplane prediction needs a 3D volume, got shape {source.shape}; use --mode stack"
+            )
+        with PredictionWriter(
+            out_path, source.shape, classes, cfg.output_type, cfg.prob_dtype, cfg.threshold, source.voxel_size
+        ) as writer:
             if mode == "stack":
                 predict_stack(source, predictor, writer.write, cfg.chunk, progress)
             elif mode == "sliding":
-                predict_sliding(model, source, cfg.window, cfg.window_overlap, sliding_batch(cfg, device),
-                                writer.write, device, cfg.amp, progress=progress)
+                predict_sliding(
+                    model,
+                    source,
+                    cfg.window,
+                    cfg.window_overlap,
+                    sliding_batch(cfg, device),
+                    writer.write,
+                    device,
+                    cfg.amp,
+                    progress=progress,
+                )
             else:
-                predict_orthoplane(source, predictor, writer.write, channels, cfg.chunk,
-                                   cfg.memory_limit_gb * 2**30, out_path.parent, progress)
+                predict_orthoplane(
+                    source,
+                    predictor,
+                    writer.write,
+                    channels,
+                    cfg.chunk,
+                    cfg.memory_limit_gb * 2**30,
+                    out_path.parent,
+                    progress,
+                )
         written += writer.paths
     return written

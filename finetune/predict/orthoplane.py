@@ -38,8 +38,7 @@ def _chunks(n: int, size: int):
         yield a, min(n, a + size)
 
 
-def predict_stack(source: Source, predict: SlicePredict, write: Write, chunk: int = 16,
-                  progress: bool = False) -> None:
+def predict_stack(source: Source, predict: SlicePredict, write: Write, chunk: int = 16, progress: bool = False) -> None:
     """Predict every xy slice, ``chunk`` slices at a time, and write them in order."""
     z = source.shape[0]
     for z0, z1 in tqdm(list(_chunks(z, chunk)), desc="predict xy", unit="chunk", disable=not progress):
@@ -54,9 +53,16 @@ def _array(shape: tuple[int, ...], dtype, in_memory: bool, workdir: Path | None,
     return np.lib.format.open_memmap(workdir / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
 
 
-def predict_orthoplane(source: Source, predict: SlicePredict, write: Write, channels: int, chunk: int = 16,
-                       memory_limit: float = 4 * 2**30, workdir: str | Path | None = None,
-                       progress: bool = False) -> None:
+def predict_orthoplane(
+    source: Source,
+    predict: SlicePredict,
+    write: Write,
+    channels: int,
+    chunk: int = 16,
+    memory_limit: float = 4 * 2**30,
+    workdir: str | Path | None = None,
+    progress: bool = False,
+) -> None:
     """Average the probabilities of xy, xz and yz slice predictions for every voxel.
 
     Args:
@@ -77,17 +83,20 @@ def predict_orthoplane(source: Source, predict: SlicePredict, write: Write, chan
         for z0, z1 in _chunks(z, chunk):
             volume[z0:z1] = encode_probs(source.read_unit(z0, z1), np.uint8)
         acc = _array((channels, z, y, x), np.float32, in_memory, tmp, "sum")
-        steps = [("xy", a, b) for a, b in _chunks(z, chunk)] + [("xz", a, b) for a, b in _chunks(y, chunk)] + \
-                [("yz", a, b) for a, b in _chunks(x, chunk)]
+        steps = (
+            [("xy", a, b) for a, b in _chunks(z, chunk)]
+            + [("xz", a, b) for a, b in _chunks(y, chunk)]
+            + [("yz", a, b) for a, b in _chunks(x, chunk)]
+        )
         for plane, a, b in tqdm(steps, desc="predict orthoplane", unit="chunk", disable=not progress):
             if plane == "xy":
                 acc[:, a:b] += predict(decode_uint8(volume[a:b])).transpose(1, 0, 2, 3)
             elif plane == "xz":
                 slices = decode_uint8(volume[:, a:b, :].transpose(1, 0, 2))  # (n, z, x)
-                acc[:, :, a:b, :] += predict(slices).transpose(1, 2, 0, 3)    # (C, z, n, x)
+                acc[:, :, a:b, :] += predict(slices).transpose(1, 2, 0, 3)  # (C, z, n, x)
             else:
                 slices = decode_uint8(volume[:, :, a:b].transpose(2, 0, 1))  # (n, z, y)
-                acc[:, :, :, a:b] += predict(slices).transpose(1, 2, 3, 0)    # (C, z, y, n)
+                acc[:, :, :, a:b] += predict(slices).transpose(1, 2, 3, 0)  # (C, z, y, n)
         for z0, z1 in _chunks(z, chunk):
             write(z0, np.asarray(acc[:, z0:z1]) / np.float32(3.0))
         del volume, acc

@@ -43,13 +43,24 @@ class PredictionWriter:
     volume of class indices. Use as a context manager: an exception discards everything.
     """
 
-    def __init__(self, path: str | Path, shape: tuple[int, int, int], class_names: list[str],
-                 output_type: str = "probs", prob_dtype: str = "uint8", threshold: float = 0.5,
-                 voxel_size: tuple[float, float, float] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        shape: tuple[int, int, int],
+        class_names: list[str],
+        output_type: str = "probs",
+        prob_dtype: str = "uint8",
+        threshold: float = 0.5,
+        voxel_size: tuple[float, float, float] | None = None,
+    ):
         self.path = Path(path)
         self.shape = tuple(int(s) for s in shape)
-        if (voxel_size is not None and suffix_of(self.path) in (".nii", ".nii.gz")
-                and not math.isfinite(voxel_size[0]) and self.shape[0] > 1):
+        if (
+            voxel_size is not None
+            and suffix_of(self.path) in (".nii", ".nii.gz")
+            and not math.isfinite(voxel_size[0])
+            and self.shape[0] > 1
+        ):
             voxel_size = None  # NIfTI cannot store an unknown z spacing (e.g. a stack of 2D images)
         self.output_type, self.prob_dtype, self.threshold = output_type, prob_dtype, threshold
         binary = len(class_names) == 2
@@ -73,10 +84,10 @@ class PredictionWriter:
         """Write probabilities ``float32[C, n, y, x]`` for slices ``z0 .. z0 + n``."""
         n = probs.shape[1]
         if self.output_type == "labels":
-            self.outputs[0].array[z0:z0 + n] = probs_to_classes(probs, self.threshold)
+            self.outputs[0].array[z0 : z0 + n] = probs_to_classes(probs, self.threshold)
         else:
             for c, out in enumerate(self.outputs):
-                out.array[z0:z0 + n] = encode_probs(probs[c], self.prob_dtype)
+                out.array[z0 : z0 + n] = encode_probs(probs[c], self.prob_dtype)
 
     def finalize(self) -> list[Path]:
         return [out.finalize() for out in self.outputs]

@@ -54,8 +54,9 @@ class ModelWindows:
             :func:`finetune.models.logits_to_probs`) or ``"none"`` (raw outputs as float32).
     """
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", amp: bool = True,
-                 activation: str = "probs"):
+    def __init__(
+        self, model: torch.nn.Module, device: str | torch.device = "cpu", amp: bool = True, activation: str = "probs"
+    ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be 'probs' or 'none', got {activation!r}")
         self.model = model
@@ -84,8 +85,16 @@ def _box(corner: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(c, c + s) for c, s in zip(corner, size))
 
 
-def predict_windows(read: Read, plan: WindowPlan, model_fn: WindowFn, write: Write, count: int = 1,
-                    batch_size: int = 1, progress: bool = False, desc: str = "predict") -> None:
+def predict_windows(
+    read: Read,
+    plan: WindowPlan,
+    model_fn: WindowFn,
+    write: Write,
+    count: int = 1,
+    batch_size: int = 1,
+    progress: bool = False,
+    desc: str = "predict",
+) -> None:
     """Blend the windows of ``plan`` over ``count`` same-shape inputs, streaming along their first axis.
 
     Args:
@@ -133,8 +142,8 @@ def predict_windows(read: Read, plan: WindowPlan, model_fn: WindowFn, write: Wri
             if acc is not None and s0 > base:
                 flush(s0)
                 shift = s0 - base
-                acc[:, :, :w0 - shift] = acc[:, :, shift:].copy()
-                acc[:, :, w0 - shift:] = 0
+                acc[:, :, : w0 - shift] = acc[:, :, shift:].copy()
+                acc[:, :, w0 - shift :] = 0
                 base = s0
             rows = reflect_indices(s0 - p0, s0 - p0 + w0, n0)
             first = int(rows.min())
@@ -142,12 +151,14 @@ def predict_windows(read: Read, plan: WindowPlan, model_fn: WindowFn, write: Wri
             if any(sum(rest_pad, ())):  # numpy's reflect is reflect_indices' rule, for any pad size
                 slab = np.pad(slab, rest_pad, mode="reflect")  # (count, w0, *padded rest)
             for b0 in range(0, len(jobs), batch_size):
-                batch = jobs[b0:b0 + batch_size]
+                batch = jobs[b0 : b0 + batch_size]
                 windows = np.stack([slab[source] for source, _ in batch])
                 pred = np.asarray(model_fn(windows), dtype=np.float32)
                 if pred.ndim != plan.ndim + 2 or pred.shape[0] != len(batch) or tuple(pred.shape[2:]) != plan.window:
-                    raise ValueError(f"model returned shape {tuple(pred.shape)} for windows {tuple(windows.shape)}; "
-                                     "expected (B, C) + window")
+                    raise ValueError(
+                        f"model returned shape {tuple(pred.shape)} for windows {tuple(windows.shape)}; "
+                        "expected (B, C) + window"
+                    )
                 if acc is None:
                     acc = np.zeros((count, pred.shape[1], w0) + plan.padded_shape[1:], np.float32)
                     base = s0
@@ -162,4 +173,3 @@ def predict_windows(read: Read, plan: WindowPlan, model_fn: WindowFn, write: Wri
         flush(base + w0)
     finally:
         bar.close()
-

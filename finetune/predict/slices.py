@@ -63,7 +63,7 @@ def predict_tiled(slices: np.ndarray, model_fn: WindowFn, plan: WindowPlan, batc
             whole = probs.shape[2] == plan.shape[0]
             out.append(probs if whole else np.empty(probs.shape[:2] + plan.shape, np.float32))
         if out[0] is not probs:
-            out[0][:, :, y0:y0 + probs.shape[2]] = probs
+            out[0][:, :, y0 : y0 + probs.shape[2]] = probs
 
     predict_windows(lambda y0, y1: slices[:, y0:y1], plan, model_fn, write, len(slices), batch_size)
     return out[0]
@@ -87,8 +87,16 @@ class SlicePredictor:
     ``predictor(slices float32[N, H, W] in [0, 1]) -> float32[N, C, H, W]`` probabilities.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu", amp: bool = True,
-                 tile: int = 512, overlap: int = 64, batch_size: int = 8, batch_pixels: int = 0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device | str = "cpu",
+        amp: bool = True,
+        tile: int = 512,
+        overlap: int = 64,
+        batch_size: int = 8,
+        batch_pixels: int = 0,
+    ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.model_fn = ModelWindows(self.model, self.device, amp)

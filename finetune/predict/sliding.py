@@ -37,8 +37,12 @@ from finetune.predict.windows import WindowPlan, decode_uint8, encode_probs, pla
 DEFAULT_WINDOW = (64, 128, 128)
 
 
-def plan_sliding(shape: Sequence[int], window: int | Sequence[int], overlap: int | Sequence[int] | None = None,
-                 sigma_scale: float = 0.125) -> WindowPlan:
+def plan_sliding(
+    shape: Sequence[int],
+    window: int | Sequence[int],
+    overlap: int | Sequence[int] | None = None,
+    sigma_scale: float = 0.125,
+) -> WindowPlan:
     """Plan the windows of a volume (pure).
 
     Args:
@@ -67,8 +71,9 @@ def _source_reader(volume: Any) -> tuple[tuple[int, int, int], Callable[[int, in
             raise ValueError(f"volume reader has shape {shape}, expected (z, y, x)")
         return shape, lambda z0, z1: np.asarray(volume.read_unit(z0, z1), dtype=np.float32)  # type: ignore
     if not hasattr(volume, "shape") or not hasattr(volume, "dtype"):
-        raise ValueError(f"volume must be an array-like (z, y, x) or a reader with read_unit(), "
-                         f"got {type(volume).__name__}")
+        raise ValueError(
+            f"volume must be an array-like (z, y, x) or a reader with read_unit(), got {type(volume).__name__}"
+        )
     shape = tuple(int(s) for s in volume.shape)
     if len(shape) != 3:
         raise ValueError(f"volume must be 3D (z, y, x), got shape {shape}")
@@ -77,8 +82,10 @@ def _source_reader(volume: Any) -> tuple[tuple[int, int, int], Callable[[int, in
         return shape, lambda z0, z1: decode_uint8(volume[z0:z1])  # type: ignore[return-value]
     if dtype == np.bool_ or dtype.kind == "f":
         return shape, lambda z0, z1: np.asarray(volume[z0:z1]).astype(np.float32)  # type: ignore[return-value]
-    raise ValueError(f"volume dtype {dtype} is not uint8, bool or float in [0, 1]; convert it first "
-                     "(finetune.volumes.open_input windows any dtype to [0, 1])")
+    raise ValueError(
+        f"volume dtype {dtype} is not uint8, bool or float in [0, 1]; convert it first "
+        "(finetune.volumes.open_input windows any dtype to [0, 1])"
+    )
 
 
 class _Sink:
@@ -90,8 +97,7 @@ class _Sink:
         if out is not None and not callable(out):
             oshape = tuple(int(s) for s in out.shape)
             if oshape[-3:] != shape or len(oshape) not in (3, 4):
-                raise ValueError(f"out has shape {oshape}; expected (C, z, y, x) or (z, y, x) "
-                                 f"with (z, y, x) = {shape}")
+                raise ValueError(f"out has shape {oshape}; expected (C, z, y, x) or (z, y, x) with (z, y, x) = {shape}")
 
     def write(self, z0: int, probs: np.ndarray) -> None:
         if self.out is None:
@@ -102,8 +108,10 @@ class _Sink:
         n = probs.shape[1]
         if self.out.ndim == 3:
             if probs.shape[0] != 1:
-                raise ValueError(f"model gives {probs.shape[0]} channels but out {tuple(self.out.shape)} has none; "
-                                 "use out of shape (C, z, y, x)")
+                raise ValueError(
+                    f"model gives {probs.shape[0]} channels but out {tuple(self.out.shape)} has none; "
+                    "use out of shape (C, z, y, x)"
+                )
             target, data = (slice(z0, z0 + n),), probs[0]
         else:
             if self.out.shape[0] != probs.shape[0]:
@@ -112,10 +120,19 @@ class _Sink:
         self.out[target] = encode_probs(data, self.out.dtype)
 
 
-def predict_sliding(model: torch.nn.Module, volume: Any, window: int | Sequence[int] = DEFAULT_WINDOW,
-                    overlap: int | Sequence[int] | None = None, batch_size: int = 2, out: Any = None,
-                    device: str | torch.device = "cpu", amp: bool = True, activation: str = "probs",
-                    sigma_scale: float = 0.125, progress: bool = False) -> Any:
+def predict_sliding(
+    model: torch.nn.Module,
+    volume: Any,
+    window: int | Sequence[int] = DEFAULT_WINDOW,
+    overlap: int | Sequence[int] | None = None,
+    batch_size: int = 2,
+    out: Any = None,
+    device: str | torch.device = "cpu",
+    amp: bool = True,
+    activation: str = "probs",
+    sigma_scale: float = 0.125,
+    progress: bool = False,
+) -> Any:
     """Predict a whole volume window by window and blend the windows.
 
     Args:
@@ -153,8 +170,16 @@ def predict_sliding(model: torch.nn.Module, volume: Any, window: int | Sequence[
     # tensors that a later training step (e.g. after validation) cannot use.
     model.to(device).eval()
     try:
-        predict_windows(lambda z0, z1: read(z0, z1)[None], plan, model_fn, lambda z0, probs: sink.write(z0, probs[0]),
-                        count=1, batch_size=batch_size, progress=progress, desc="predict sliding")
+        predict_windows(
+            lambda z0, z1: read(z0, z1)[None],
+            plan,
+            model_fn,
+            lambda z0, probs: sink.write(z0, probs[0]),
+            count=1,
+            batch_size=batch_size,
+            progress=progress,
+            desc="predict sliding",
+        )
     finally:
         model.train(was_training)
     return sink.out

@@ -110,8 +110,9 @@ def outer(vectors: Sequence[np.ndarray]) -> np.ndarray:
     return reduce(np.multiply.outer, vectors) if len(vectors) else np.ones((), np.float32)
 
 
-def window_weights(window: int | Sequence[int], blend: str = "gaussian", overlap: int = 0,
-                   sigma_scale: float = 0.125, ndim: int = 3) -> np.ndarray:
+def window_weights(
+    window: int | Sequence[int], blend: str = "gaussian", overlap: int = 0, sigma_scale: float = 0.125, ndim: int = 3
+) -> np.ndarray:
     """Separable blend weights ``float32[window]`` of a window of any dimension (an int means ``ndim`` equal sides)."""
     sides = _per_axis(window, ndim, "window")
     return outer([axis_weights(n, blend, overlap, sigma_scale) for n in sides])
@@ -181,9 +182,15 @@ class WindowPlan:
         return outer(self.norm)
 
 
-def plan_windows(shape: Sequence[int], window: int | Sequence[int], overlap: int | Sequence[int] | None = None,
-                 multiple: int | Sequence[int] = 1, blend: str = "gaussian", sigma_scale: float = 0.125,
-                 fit: str = "axis") -> WindowPlan:
+def plan_windows(
+    shape: Sequence[int],
+    window: int | Sequence[int],
+    overlap: int | Sequence[int] | None = None,
+    multiple: int | Sequence[int] = 1,
+    blend: str = "gaussian",
+    sigma_scale: float = 0.125,
+    fit: str = "axis",
+) -> WindowPlan:
     """Plan the windows of an N-d input (pure).
 
     Args:
@@ -235,7 +242,7 @@ def plan_windows(shape: Sequence[int], window: int | Sequence[int], overlap: int
         g = axis_weights(w, blend, o, sigma_scale)
         acc = np.zeros(length, np.float32)
         for a in s:
-            acc[a:a + w] += g
+            acc[a : a + w] += g
         out_win.append(w)
         pads.append((margin, margin))
         starts.append(tuple(s))
