@@ -43,6 +43,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+class PublishOnExit:
+    """Base of outputs written in pieces, then published: used in a ``with`` block, a clean exit
+    calls ``finalize()`` (publish) and an exception calls ``discard()`` (remove the temporary data)."""
+
+    def finalize(self):
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.discard()
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes, read ``chunk`` bytes at a time."""
     digest = hashlib.sha256()

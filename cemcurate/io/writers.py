@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cemcurate.common.atomic import PublishOnExit
 from cemcurate.common.lazy import lazy_import
 
 from .formats import suffix_of
@@ -267,7 +268,7 @@ def _remove(tmp: Path) -> None:
         tmp.unlink()
 
 
-class ChunkedOutput:
+class ChunkedOutput(PublishOnExit):
     """A volume written piece by piece, then published under its final name.
 
     Attributes:
@@ -333,15 +334,6 @@ class ChunkedOutput:
         self.array = None
         _remove(self._tmp)
         self.done = True
-
-    def __enter__(self) -> "ChunkedOutput":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finalize()
-        else:
-            self.discard()
 
 
 def open_chunked_output(

@@ -29,7 +29,7 @@ DEFAULT_STD = 0.5
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: make a model builder available to :func:`build_model` under ``name``."""
+    """Decorator: make a model class (or builder function) available to :func:`build_model` under ``name``."""
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODELS:

@@ -20,6 +20,7 @@ from finetune.models.base import SegmentationModel, output_channels
 from finetune.models.registry import DEFAULT_MEAN, DEFAULT_STD, register_model
 
 
+@register_model("unet2d")
 class UNet2D(SegmentationModel):
     """UNet-ResNet for one-channel images.
 
@@ -60,10 +61,3 @@ class UNet2D(SegmentationModel):
             "mean": float(self.norm_mean),
             "std": float(self.norm_std),
         }
-
-
-@register_model("unet2d")
-def build_unet2d(
-    arch: str = "resnet50", num_classes: int = 2, mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD
-) -> UNet2D:
-    return UNet2D(arch=arch, num_classes=num_classes, mean=mean, std=std)

@@ -289,6 +289,7 @@ def _pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> tuple[torch.Te
     return F.pad(x, flat, mode=mode), pads
 
 
+@register_model("unet3d")
 class UNet3D(SegmentationModel):
     """UNet-ResNet for one-channel volumes, with an inflatable ResNet encoder.
 
@@ -366,21 +367,6 @@ class UNet3D(SegmentationModel):
         }
 
 
-@register_model("unet3d")
-def build_unet3d(
-    arch: str = "resnet50",
-    num_classes: int = 2,
-    geometry: StageGeometry | str | Mapping | None = None,
-    decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
-    upsample: str = "trilinear",
-    mean: float = DEFAULT_MEAN,
-    std: float = DEFAULT_STD,
-) -> UNet3D:
-    """A randomly initialised :class:`UNet3D`; :func:`finetune.models.build_model` (``"unet3d"``)
-    inflates 2D encoder weights into it and freezes it."""
-    return UNet3D(arch, num_classes, geometry, decoder_channels, upsample, mean, std)
-
-
 __all__ = [
     "BasicBlock",
     "Bottleneck",
@@ -390,6 +376,5 @@ __all__ = [
     "UNet3D",
     "UNetDecoder",
     "UPSAMPLE_MODES",
-    "build_unet3d",
     "conv_nd",
 ]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cemcurate.common.atomic import PublishOnExit
 from cemcurate.io import open_chunked_output, suffix_of
 from finetune.metrics import probs_to_classes
 from finetune.predict.windows import encode_probs
@@ -26,7 +27,7 @@ def class_output_path(path: Path, class_name: str) -> Path:
     return path.with_name(f"{stem}_{class_name}{suffix}")
 
 
-class PredictionWriter:
+class PredictionWriter(PublishOnExit):
     """Stream ``(C, n, y, x)`` probability slabs into one or more output volumes.
 
     Args:
@@ -95,12 +96,3 @@ class PredictionWriter:
     def discard(self) -> None:
         for out in self.outputs:
             out.discard()
-
-    def __enter__(self) -> "PredictionWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finalize()
-        else:
-            self.discard()
