@@ -16,6 +16,13 @@ def find_data_root() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
+def require(path: Path) -> Path:
+    """``path`` if it exists; otherwise skip the test, naming the missing real-data file."""
+    if not path.exists():
+        pytest.skip(f"real data file missing: {path}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     root = find_data_root()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import require
 
 from cemcurate.dedup import (
     DEFAULT_MAX_HAMMING,
@@ -93,12 +94,6 @@ def assert_greedy_properties(hashes: np.ndarray, exemplar: np.ndarray, max_hammi
 
 
 # ----------------------------------------------------------------------------- real data
-
-
-def require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data file missing: {path}")
-    return path
 
 
 @pytest.fixture(scope="module")

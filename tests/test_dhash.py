@@ -9,6 +9,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import tifffile
+from conftest import require
 from PIL import Image
 
 from cemcurate.dhash import dhash64, dhash_hex, hex_to_dhash
@@ -29,12 +30,6 @@ def assert_same_as_imagehash(patches: np.ndarray) -> None:
         f"{len(mismatches)}/{len(patches)} hashes of shape {patches.shape[1:]} differ from imagehash,"
         f" first at {mismatches[0]}: ours {ours[mismatches[0]]} vs {expected[mismatches[0]]}"
     )
-
-
-def require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data file missing: {path}")
-    return path
 
 
 @pytest.fixture(scope="module")

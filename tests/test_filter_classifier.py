@@ -12,6 +12,7 @@ import tifffile
 import torch
 import yaml
 from PIL import Image
+from test_filter_rules import PLATE_EMPTY
 
 from cemcurate.common.weights import WeightsError
 from cemcurate.filtering.classifier import (
@@ -47,18 +48,7 @@ def uninformative_patches(data_root, rng) -> np.ndarray:
         y, x = rng.integers(0, tomo.shape[1] - P, 2)
         out.append(tomo[z, y : y + P, x : x + P])
     plate = tifffile.imread(data_root / "sem_plate_databar/plateImage2D.tif")
-    for y, x in [
-        (196, 0),
-        (252, 0),
-        (308, 0),
-        (364, 0),
-        (0, 112),
-        (728, 644),
-        (728, 672),
-        (756, 616),
-        (700, 700),
-        (336, 28),
-    ]:
+    for y, x in PLATE_EMPTY:
         out.append(_resize(plate[y : y + 112, x : x + 112], P))
     for x in range(0, 1024 - 55, 56):
         out.append(_resize(plate[886:942, x : x + 56], P))
