@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from tqdm import tqdm
 
 from cemcurate.build.config import BuildConfig
@@ -19,7 +18,7 @@ from cemcurate.build.records import PartRecord, SourceRow
 from cemcurate.build.resume import finished_part
 from cemcurate.build.source import process_source
 from cemcurate.common.atomic import atomic_path
-from cemcurate.common.config import config_to_dict
+from cemcurate.common.config import save_config
 from cemcurate.layout import BuildLayout
 from cemcurate.manifest import write_manifest
 from cemcurate.report import write_report
@@ -119,8 +118,7 @@ def build(raw: str | Path, out_dir: str | Path, cfg: BuildConfig | None = None, 
     with atomic_path(layout.sources) as tmp:
         sources.astype({"voxel_size": str, "shape": str}).to_parquet(tmp, index=False)
     write_store_info(layout.root, cfg.patch_size, *_store_statistics(manifest))
-    with atomic_path(layout.build_config) as tmp:
-        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    save_config(cfg, layout.build_config)
     write_report(layout.root, manifest, sources, cfg)
     failed = {r.name: r.sources[0].error for r in ordered if not r.ok}
     return BuildSummary(layout.root, len(specs), len(manifest), int(manifest["kept"].sum()), failed, len(skipped),
