@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from cemcurate.common.weights import adapt_input_conv
 from finetune.models.geometry import STAGES, StageGeometry, per_stage
 
 INFLATE_MODES = ("i3d", "center")
@@ -127,9 +128,8 @@ def inflate_state_dict(
             continue
         stage = stage_of(key)
         weight = value.detach()
-        if stage == "stem" and weight.shape[1] == 3:
-            # RGB stem on grey EM: a grey image replicated to RGB gives the same response.
-            weight = weight.sum(dim=1, keepdim=True)
+        if stage == "stem":
+            weight = adapt_input_conv(weight, 1)  # an RGB stem sees grey EM as a replicated grey image
         if weight.shape[2:] == (1, 1):
             out[key] = weight.unsqueeze(2).clone()
             continue
