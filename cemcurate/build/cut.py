@@ -25,8 +25,9 @@ from cemcurate.store import ShardWriter
 SLAB_VOXELS = 8 << 20
 
 
-def volume_window(vol: Volume, invert: bool, low_percentile: float, high_percentile: float,
-                  sample_slices: int) -> IntensityWindow:
+def volume_window(
+    vol: Volume, invert: bool, low_percentile: float, high_percentile: float, sample_slices: int
+) -> IntensityWindow:
     """The uint8 mapping of a volume: the percentiles (0-100) of up to ``sample_slices`` evenly
     spread slices, subsampled in-plane; uint8 volumes pass through."""
     if vol.dtype == np.uint8:
@@ -38,8 +39,9 @@ def volume_window(vol: Volume, invert: bool, low_percentile: float, high_percent
     return compute_window(sample, low_percentile, high_percentile, invert)
 
 
-def iter_standard_planes(vol: Volume, window: IntensityWindow, planes: tuple[str, ...],
-                         scratch: Path) -> Iterator[tuple[str, int, np.ndarray]]:
+def iter_standard_planes(
+    vol: Volume, window: IntensityWindow, planes: tuple[str, ...], scratch: Path
+) -> Iterator[tuple[str, int, np.ndarray]]:
     """Yield ``(plane, slice_index, uint8 image)`` for every cross-section to tile.
 
     xy-only volumes are streamed a slab at a time. Volumes cut in three planes are first
@@ -58,7 +60,7 @@ def iter_standard_planes(vol: Volume, window: IntensityWindow, planes: tuple[str
     try:
         std = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(z, y, x))
         for z0 in range(0, z, slab):
-            std[z0:z0 + slab] = window.apply(vol.read_slices(z0, min(z, z0 + slab)))
+            std[z0 : z0 + slab] = window.apply(vol.read_slices(z0, min(z, z0 + slab)))
         std.flush()
         del std
         std = np.load(scratch, mmap_mode="r")
@@ -89,13 +91,22 @@ def cut_patches(images: Iterator[tuple[str, int, np.ndarray]], writer: ShardWrit
         stats.append(np.stack([flat.mean(1), flat.std(1)], 1))
     return CutPatches(
         grid=np.concatenate(grids) if grids else np.zeros((0, 4), np.int64),
-        planes=np.array(planes, object), slices=np.array(slices, np.int64),
+        planes=np.array(planes, object),
+        slices=np.array(slices, np.int64),
         hashes=np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
-        stats=np.concatenate(stats).astype(np.float32) if stats else np.zeros((0, 2), np.float32))
+        stats=np.concatenate(stats).astype(np.float32) if stats else np.zeros((0, 2), np.float32),
+    )
 
 
-def manifest_rows(cut: CutPatches, name: str, file: str, shard: str, shard_row: np.ndarray,
-                  group_local: np.ndarray, duplicate: np.ndarray) -> pd.DataFrame:
+def manifest_rows(
+    cut: CutPatches,
+    name: str,
+    file: str,
+    shard: str,
+    shard_row: np.ndarray,
+    group_local: np.ndarray,
+    duplicate: np.ndarray,
+) -> pd.DataFrame:
     """A part's manifest rows for the patches of ``cut``.
 
     ``shard_row``: int64 (n,), -1 where not stored; ``group_local``: int64 (n,), the local id
@@ -103,11 +114,23 @@ def manifest_rows(cut: CutPatches, name: str, file: str, shard: str, shard_row: 
     them (and the groups) to ``patch_id`` values.
     """
     n, grid = len(cut), cut.grid
-    return pd.DataFrame({
-        "local_id": np.arange(n, dtype=np.int64), "source": name, "file": file,
-        "plane": cut.planes, "slice": cut.slices,
-        "y": grid[:, 0], "x": grid[:, 1], "h": grid[:, 2], "w": grid[:, 3],
-        "shard": shard, "shard_row": shard_row, "dhash": dhash_hex(cut.hashes) if n else [],
-        "group_local": group_local, "duplicate": duplicate,
-        "pixel_mean": cut.stats[:, 0], "pixel_std": cut.stats[:, 1],
-    })
+    return pd.DataFrame(
+        {
+            "local_id": np.arange(n, dtype=np.int64),
+            "source": name,
+            "file": file,
+            "plane": cut.planes,
+            "slice": cut.slices,
+            "y": grid[:, 0],
+            "x": grid[:, 1],
+            "h": grid[:, 2],
+            "w": grid[:, 3],
+            "shard": shard,
+            "shard_row": shard_row,
+            "dhash": dhash_hex(cut.hashes) if n else [],
+            "group_local": group_local,
+            "duplicate": duplicate,
+            "pixel_mean": cut.stats[:, 0],
+            "pixel_std": cut.stats[:, 1],
+        }
+    )

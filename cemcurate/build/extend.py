@@ -36,8 +36,12 @@ def extendable_part(layout: BuildLayout, spec: SourceSpec, cfg: BuildConfig) -> 
     if not spec.options.stack:
         return None
     record = read_part(layout, spec.key)
-    if (record is None or len(record.sources) != 1 or record.sources[0].planes != "xy"
-            or record.settings != settings_hash(spec, cfg)):
+    if (
+        record is None
+        or len(record.sources) != 1
+        or record.sources[0].planes != "xy"
+        or record.settings != settings_hash(spec, cfg)
+    ):
         return None
     old, new = record.files, file_stamps(spec)
     if len(new) <= len(old) or not all(stamp in new for stamp in old):
@@ -45,8 +49,9 @@ def extendable_part(layout: BuildLayout, spec: SourceSpec, cfg: BuildConfig) -> 
     return record, pd.read_parquet(layout.part_parquet(spec.key))
 
 
-def extend_stack(spec: SourceSpec, cfg: BuildConfig, layout: BuildLayout, shard: str, old_record: PartRecord,
-                 old: pd.DataFrame) -> tuple[SourceRow, pd.DataFrame]:
+def extend_stack(
+    spec: SourceSpec, cfg: BuildConfig, layout: BuildLayout, shard: str, old_record: PartRecord, old: pd.DataFrame
+) -> tuple[SourceRow, pd.DataFrame]:
     """Add the patches of a stack's new files, deduplicated against the exemplars it keeps.
 
     Old rows, hashes, groups and local ids are reused as they are (only their slice numbers
@@ -73,8 +78,11 @@ def extend_stack(spec: SourceSpec, cfg: BuildConfig, layout: BuildLayout, shard:
         exemplars = old[~old["duplicate"]]
         grouping = group_incremental(cut.hashes, hex_to_dhash(exemplars["dhash"].tolist()), cfg.max_hamming, cfg.seed)
         matched = grouping.existing_exemplar >= 0
-        group_local = np.where(matched, exemplars["local_id"].to_numpy()[np.maximum(grouping.existing_exemplar, 0)],
-                               n_old + grouping.new_exemplar)
+        group_local = np.where(
+            matched,
+            exemplars["local_id"].to_numpy()[np.maximum(grouping.existing_exemplar, 0)],
+            n_old + grouping.new_exemplar,
+        )
         keep = grouping.is_new_exemplar
     else:
         group_local, keep = n_old + np.arange(n_new), np.ones(n_new, bool)
@@ -92,7 +100,12 @@ def extend_stack(spec: SourceSpec, cfg: BuildConfig, layout: BuildLayout, shard:
     new_rows["local_id"] += n_old
     frame = pd.concat([old, new_rows], ignore_index=True)
     notes = [n for n in str(old_row.notes or "").split("; ") if n and not n.startswith("extended")]
-    row = dataclasses.replace(old_row, shape=str(tuple(vol.shape)), n_raw=len(frame),
-                              n_unique=int((~frame["duplicate"]).sum()), files=encode_files(spec.files),
-                              notes="; ".join(notes + [EXTENDED_NOTE.format(n=len(new_slices))]))
+    row = dataclasses.replace(
+        old_row,
+        shape=str(tuple(vol.shape)),
+        n_raw=len(frame),
+        n_unique=int((~frame["duplicate"]).sum()),
+        files=encode_files(spec.files),
+        notes="; ".join(notes + [EXTENDED_NOTE.format(n=len(new_slices))]),
+    )
     return row, frame

@@ -17,14 +17,15 @@ from cemcurate.layout import BuildLayout
 from cemcurate.manifest import MANIFEST_COLUMNS, empty_manifest
 
 # The manifest columns that come from the parts; the filter stage adds the rest.
-PART_COLUMNS = MANIFEST_COLUMNS[:MANIFEST_COLUMNS.index("informative_prob")]
+PART_COLUMNS = MANIFEST_COLUMNS[: MANIFEST_COLUMNS.index("informative_prob")]
 
 
 def _deduplicate_corpus(manifest: pd.DataFrame, cfg: BuildConfig) -> None:
     """Group the exemplars of all sources once more, across sources (``--dedup-scope corpus``), in place."""
     unique = np.flatnonzero(~manifest["duplicate"].to_numpy())
-    exemplar = group_near_duplicates(hex_to_dhash(manifest["dhash"].iloc[unique].tolist()), cfg.max_hamming,
-                                     seed=cfg.seed)
+    exemplar = group_near_duplicates(
+        hex_to_dhash(manifest["dhash"].iloc[unique].tolist()), cfg.max_hamming, seed=cfg.seed
+    )
     dup = exemplar != np.arange(len(unique))
     group = manifest["group"].to_numpy().copy()
     ids = manifest["patch_id"].to_numpy()
@@ -33,8 +34,9 @@ def _deduplicate_corpus(manifest: pd.DataFrame, cfg: BuildConfig) -> None:
     manifest.loc[manifest.index[unique[dup]], "duplicate"] = True
 
 
-def merge_parts(layout: BuildLayout, records: list[PartRecord], cfg: BuildConfig,
-                progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+def merge_parts(
+    layout: BuildLayout, records: list[PartRecord], cfg: BuildConfig, progress: bool = True
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Combine parts into the manifest and the source table (not yet written).
 
     ``records`` are every source's part in source order. The manifest has the columns of

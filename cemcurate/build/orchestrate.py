@@ -41,12 +41,20 @@ class BuildSummary:
 
 def _crashed(spec: SourceSpec, exc: BaseException) -> PartRecord:
     """The record of a source whose worker process died (nothing of it was written)."""
-    return PartRecord(key=spec.key, name=spec.name, fingerprint="", settings="", files=[], status="failed",
-                      sources=[SourceRow.failed(spec, f"{spec.name}: worker crashed: {exc}")])
+    return PartRecord(
+        key=spec.key,
+        name=spec.name,
+        fingerprint="",
+        settings="",
+        files=[],
+        status="failed",
+        sources=[SourceRow.failed(spec, f"{spec.name}: worker crashed: {exc}")],
+    )
 
 
-def _process_all(todo: list[SourceSpec], cfg: BuildConfig, layout: BuildLayout, raw: Path,
-                 progress: bool) -> dict[str, PartRecord]:
+def _process_all(
+    todo: list[SourceSpec], cfg: BuildConfig, layout: BuildLayout, raw: Path, progress: bool
+) -> dict[str, PartRecord]:
     """Run :func:`process_source` for every spec of ``todo``, in ``cfg.workers`` processes."""
     records: dict[str, PartRecord] = {}
     workers = cfg.workers or os.cpu_count() or 1
@@ -110,8 +118,9 @@ def build(raw: str | Path, out_dir: str | Path, cfg: BuildConfig | None = None, 
     shutil.rmtree(layout.work_dir, ignore_errors=True)
     ordered = [records[s.key] for s in specs]
     manifest, sources = merge_parts(layout, ordered, cfg, progress)
-    skipped_rows = pd.DataFrame([{"source": s.name, "files": s.name, "status": "skipped", "error": s.reason}
-                                 for s in skipped])
+    skipped_rows = pd.DataFrame(
+        [{"source": s.name, "files": s.name, "status": "skipped", "error": s.reason} for s in skipped]
+    )
     sources = pd.concat([sources, skipped_rows], ignore_index=True)
     write_manifest(manifest, layout.manifest)
     _remove_stale_shards(layout, manifest)
@@ -121,5 +130,6 @@ def build(raw: str | Path, out_dir: str | Path, cfg: BuildConfig | None = None, 
     save_config(cfg, layout.build_config)
     write_report(layout.root, manifest, sources, cfg)
     failed = {r.name: r.sources[0].error for r in ordered if not r.ok}
-    return BuildSummary(layout.root, len(specs), len(manifest), int(manifest["kept"].sum()), failed, len(skipped),
-                        reused)
+    return BuildSummary(
+        layout.root, len(specs), len(manifest), int(manifest["kept"].sum()), failed, len(skipped), reused
+    )

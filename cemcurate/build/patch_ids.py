@@ -46,7 +46,7 @@ def assign_patch_ids(layout: BuildLayout, records: list[PartRecord], counts: dic
         registry[record.key] = entry
         table = np.empty(n, np.int64)
         for local, first, count in entry["blocks"]:
-            table[local:local + count] = first + np.arange(count)
+            table[local : local + count] = first + np.arange(count)
         ids[record.key] = table
     with atomic_path(layout.patch_ids) as tmp:
         tmp.write_text(json.dumps(registry, indent=1))

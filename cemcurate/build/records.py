@@ -68,8 +68,9 @@ class SourceRow:
     @classmethod
     def for_spec(cls, spec: SourceSpec, name: str, **values) -> SourceRow:
         """The row of volume ``name`` of ``spec``; ``values`` set the other columns."""
-        return cls(source=name, files=encode_files(spec.files), invert=spec.options.invert,
-                   stack=spec.options.stack, **values)
+        return cls(
+            source=name, files=encode_files(spec.files), invert=spec.options.invert, stack=spec.options.stack, **values
+        )
 
     @classmethod
     def failed(cls, spec: SourceSpec, error: str) -> SourceRow:
@@ -124,9 +125,16 @@ class PartRecord:
         return self.status == "ok"
 
     def to_json(self) -> str:
-        data = {"format": PART_FORMAT, "key": self.key, "name": self.name, "fingerprint": self.fingerprint,
-                "settings": self.settings, "files": self.files, "status": self.status,
-                "sources": [dataclasses.asdict(row) for row in self.sources]}
+        data = {
+            "format": PART_FORMAT,
+            "key": self.key,
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "settings": self.settings,
+            "files": self.files,
+            "status": self.status,
+            "sources": [dataclasses.asdict(row) for row in self.sources],
+        }
         if self.extends is not None:
             data["extends"] = dataclasses.asdict(self.extends)
         return json.dumps(data, default=str)
@@ -139,10 +147,16 @@ class PartRecord:
             if data.get("format") != PART_FORMAT:
                 return None
             extends = data.get("extends")
-            return cls(key=data["key"], name=data["name"], fingerprint=data["fingerprint"],
-                       settings=data["settings"], files=data["files"], status=data["status"],
-                       sources=[SourceRow(**row) for row in data["sources"]],
-                       extends=Extends(**extends) if extends is not None else None)
+            return cls(
+                key=data["key"],
+                name=data["name"],
+                fingerprint=data["fingerprint"],
+                settings=data["settings"],
+                files=data["files"],
+                status=data["status"],
+                sources=[SourceRow(**row) for row in data["sources"]],
+                extends=Extends(**extends) if extends is not None else None,
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 

@@ -36,8 +36,13 @@ def fingerprint(spec: SourceSpec, cfg: BuildConfig) -> str:
 
 def new_record(spec: SourceSpec, cfg: BuildConfig) -> PartRecord:
     """The record of a part about to be made for ``spec`` (no volume rows yet)."""
-    return PartRecord(key=spec.key, name=spec.name, fingerprint=fingerprint(spec, cfg),
-                      settings=settings_hash(spec, cfg), files=file_stamps(spec))
+    return PartRecord(
+        key=spec.key,
+        name=spec.name,
+        fingerprint=fingerprint(spec, cfg),
+        settings=settings_hash(spec, cfg),
+        files=file_stamps(spec),
+    )
 
 
 def read_part(layout: BuildLayout, key: str) -> PartRecord | None:

@@ -28,14 +28,14 @@ def score_patches(layout: BuildLayout, manifest: pd.DataFrame, cfg: BuildConfig,
     stored = manifest["shard_row"].to_numpy() >= 0
     shards = manifest.loc[stored, "shard"].unique()
     todo = [s for s in shards if not layout.filter_scores(patch_filter.name, s).is_file()]
-    sizes = {s: layout.shard(s).stat().st_size // (cfg.patch_size ** 2) for s in todo}
+    sizes = {s: layout.shard(s).stat().st_size // (cfg.patch_size**2) for s in todo}
     bar = tqdm(total=sum(sizes.values()), desc=f"filter ({cfg.filter})", unit="patch", disable=not progress or not todo)
     for shard in todo:
         patches = open_shard(layout.shard(shard), cfg.patch_size)
         scores = np.empty(len(patches), np.float32)
         step = cfg.filter_batch_size  # also bounds the filters' per-batch float temporaries
         for start in range(0, len(patches), step):
-            scores[start:start + step] = patch_filter(np.asarray(patches[start:start + step]))
+            scores[start : start + step] = patch_filter(np.asarray(patches[start : start + step]))
             bar.update(min(step, len(patches) - start))
         with atomic_path(layout.filter_scores(patch_filter.name, shard)) as tmp:
             with open(tmp, "wb") as f:

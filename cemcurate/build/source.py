@@ -36,8 +36,9 @@ def shard_name(record: PartRecord, index: int) -> str:
     return f"{record.key}-{record.fingerprint[:8]}-{index}"
 
 
-def process_volume(vol: Volume, name: str, shard: str, spec: SourceSpec, cfg: BuildConfig,
-                   layout: BuildLayout) -> tuple[SourceRow, pd.DataFrame]:
+def process_volume(
+    vol: Volume, name: str, shard: str, spec: SourceSpec, cfg: BuildConfig, layout: BuildLayout
+) -> tuple[SourceRow, pd.DataFrame]:
     """Cut, hash and deduplicate one volume; write its shard; return its source row and manifest rows."""
     notes = list(vol.notes)
     planes, note = planes_for_spacing(vol.voxel_size, vol.shape[0], cfg.isotropy_tolerance, vol.xy_only)
@@ -52,10 +53,14 @@ def process_volume(vol: Volume, name: str, shard: str, spec: SourceSpec, cfg: Bu
     if n == 0:
         all_path.unlink(missing_ok=True)
         if min(vol.shape[1:]) < cfg.min_edge:
-            notes.append(f"slices of {vol.shape[1]}x{vol.shape[2]} px are smaller than min-edge {cfg.min_edge}: "
-                         "no patches")
-    exemplar = (group_near_duplicates(cut.hashes, cfg.max_hamming, seed=cfg.seed)
-                if cfg.dedup and n else np.arange(n, dtype=np.int64))
+            notes.append(
+                f"slices of {vol.shape[1]}x{vol.shape[2]} px are smaller than min-edge {cfg.min_edge}: no patches"
+            )
+    exemplar = (
+        group_near_duplicates(cut.hashes, cfg.max_hamming, seed=cfg.seed)
+        if cfg.dedup and n
+        else np.arange(n, dtype=np.int64)
+    )
     unique = exemplar == np.arange(n)
     shard_row = np.full(n, -1, np.int64)
     if n and unique.all():
@@ -68,11 +73,21 @@ def process_volume(vol: Volume, name: str, shard: str, spec: SourceSpec, cfg: Bu
         all_path.unlink()
     rows = manifest_rows(cut, name, spec.name, shard, shard_row, exemplar, ~unique)
     row = SourceRow.for_spec(
-        spec, name, reader=vol.reader, shape=str(tuple(vol.shape)), dtype=str(vol.dtype),
-        voxel_size=str(tuple(vol.voxel_size)) if vol.voxel_size else "", voxel_size_from=vol.voxel_size_from,
-        planes=",".join(planes), window_low=np.nan if window.low is None else window.low,
-        window_high=np.nan if window.high is None else window.high, n_raw=n, n_unique=int(unique.sum()),
-        dataset=vol.dataset or "", notes="; ".join(notes))
+        spec,
+        name,
+        reader=vol.reader,
+        shape=str(tuple(vol.shape)),
+        dtype=str(vol.dtype),
+        voxel_size=str(tuple(vol.voxel_size)) if vol.voxel_size else "",
+        voxel_size_from=vol.voxel_size_from,
+        planes=",".join(planes),
+        window_low=np.nan if window.low is None else window.low,
+        window_high=np.nan if window.high is None else window.high,
+        n_raw=n,
+        n_unique=int(unique.sum()),
+        dataset=vol.dataset or "",
+        notes="; ".join(notes),
+    )
     return row, rows
 
 
