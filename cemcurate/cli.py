@@ -6,13 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from cemcurate.build import BuildConfig, build
+from cemcurate.build.config import BuildConfig
 from cemcurate.common.config import add_config_arguments, load_config
-from cemcurate.dedup.preview import dedup_preview
-from cemcurate.export_patches import export_patches
+from cemcurate.common.lazy import lazy_import
 from cemcurate.filtering.cli import add_filter_command, add_label_command
 from cemcurate.layout import BuildLayout
 from cemcurate.sample import default_input
+
+# The commands' modules load pandas and pyarrow: bound lazily, so that ``cemcurate --help``
+# imports neither and each command only what it uses.
+orchestrate = lazy_import("cemcurate.build.orchestrate")
+preview = lazy_import("cemcurate.dedup.preview")
+exporting = lazy_import("cemcurate.export_patches")
 
 DEFAULT_OUT = "cemcurate_out"
 
@@ -25,7 +30,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         if cfg.sources is None and sidecar is not None:
             cfg.sources = str(sidecar)
         print(f"no RAW folder given: using {raw}")
-    summary = build(raw, args.out, cfg, progress=not args.quiet)
+    summary = orchestrate.build(raw, args.out, cfg, progress=not args.quiet)
     print(
         f"{summary.n_sources} source(s) ({summary.reused} reused from an earlier run, {summary.skipped} file(s) "
         f"skipped), {summary.n_raw} raw patches, {summary.n_kept} kept -> {summary.out_dir}"
@@ -40,13 +45,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    n = export_patches(args.out, args.dest, args.format)
+    n = exporting.export_patches(args.out, args.dest, args.format)
     print(f"wrote {n} patches to {args.dest}")
     return 0
 
 
 def _cmd_dedup_preview(args: argparse.Namespace) -> int:
-    page = dedup_preview(args.out, groups=args.groups, max_hamming=args.max_hamming, seed=args.seed)
+    page = preview.dedup_preview(args.out, groups=args.groups, max_hamming=args.max_hamming, seed=args.seed)
     print(f"wrote {page}")
     return 0
 

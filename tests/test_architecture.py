@@ -13,7 +13,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("cemcurate", "pretrain", "finetune")
-CONFIG_MODULES = {"finetune.config", "pretrain.config", "cemcurate.build.config", "cemcurate.common.config"}
+CONFIG_MODULES = {
+    "finetune.config",
+    "pretrain.config",
+    "cemcurate.build.config",
+    "cemcurate.common.config",
+    "cemcurate.filtering.config",
+}
 # Command-level modules: they read configs and call compute. Everything else is compute or
 # infrastructure and must not import a config or CLI module.
 COMMAND_MODULES = {

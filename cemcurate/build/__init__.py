@@ -25,6 +25,16 @@ The paths of the output folder are those of :class:`cemcurate.layout.BuildLayout
 """
 
 from cemcurate.build.config import BuildConfig
-from cemcurate.build.orchestrate import BuildSummary, build
+from cemcurate.common.lazy import lazy_import
 
 __all__ = ["BuildConfig", "BuildSummary", "build"]
+
+# Lazy, so that reading the settings (``cemcurate build --help`` imports BuildConfig) does
+# not load pandas and pyarrow through the orchestration modules.
+_orchestrate = lazy_import("cemcurate.build.orchestrate")
+
+
+def __getattr__(name: str):
+    if name in ("BuildSummary", "build"):
+        return getattr(_orchestrate, name)
+    raise AttributeError(f"module 'cemcurate.build' has no attribute {name!r}")

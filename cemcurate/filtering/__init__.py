@@ -7,6 +7,7 @@ One job a module; import what you need from its module:
 * :mod:`~cemcurate.filtering.filters` - :func:`make_filter` / :class:`PatchFilter`, ``--filter stats|none|PATH``;
 * :mod:`~cemcurate.filtering.forest` - the Random Forest on the image statistics;
 * :mod:`~cemcurate.filtering.classifier` - the ResNet classifier (loads torch);
+* :mod:`~cemcurate.filtering.config` - :class:`FilterTrainConfig`, the settings of ``filter train``;
 * :mod:`~cemcurate.filtering.train` - ``cemcurate filter train`` (loads torch);
 * :mod:`~cemcurate.filtering.labels` - ``OUT/labels.csv``, the labelling pool, contact sheets;
 * :mod:`~cemcurate.filtering.label_server` - the ``cemcurate label`` web page;

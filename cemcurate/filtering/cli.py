@@ -11,15 +11,20 @@ import argparse
 from pathlib import Path
 
 from cemcurate.common.config import add_config_arguments, load_config
-from cemcurate.filtering.label_server import serve
-from cemcurate.filtering.labels import export_sheets, import_sheet, labels_path
-from cemcurate.filtering.train import FilterTrainConfig, train_filter
+from cemcurate.common.lazy import lazy_import
+from cemcurate.filtering.config import FilterTrainConfig
 from cemcurate.layout import BuildLayout
+
+# The handlers' modules load pandas, Flask or torch: bound lazily, so that building the
+# parser (``cemcurate --help``) imports none of them.
+label_server = lazy_import("cemcurate.filtering.label_server")
+labels = lazy_import("cemcurate.filtering.labels")
+train = lazy_import("cemcurate.filtering.train")
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
     if args.export_sheet is not None:
-        sheets, csv_path = export_sheets(
+        sheets, csv_path = labels.export_sheets(
             args.out,
             args.export_sheet,
             count=args.sheet_patches,
@@ -35,10 +40,12 @@ def _cmd_label(args: argparse.Namespace) -> int:
         )
         return 0
     if args.import_sheet is not None:
-        added = import_sheet(args.out, args.import_sheet)
-        print(f"added {added} label(s) from {args.import_sheet} to {labels_path(args.out)}")
+        added = labels.import_sheet(args.out, args.import_sheet)
+        print(f"added {added} label(s) from {args.import_sheet} to {labels.labels_path(args.out)}")
         return 0
-    return serve(args.out, port=args.port, open_browser=not args.no_browser, seed=args.seed, page_size=args.page_size)
+    return label_server.serve(
+        args.out, port=args.port, open_browser=not args.no_browser, seed=args.seed, page_size=args.page_size
+    )
 
 
 def add_label_command(subparsers) -> argparse.ArgumentParser:
@@ -89,7 +96,7 @@ def add_label_command(subparsers) -> argparse.ArgumentParser:
 
 def _cmd_filter_train(args: argparse.Namespace) -> int:
     cfg = load_config(FilterTrainConfig, args.config, vars(args))
-    metrics = train_filter(args.out, cfg, progress=not args.quiet)
+    metrics = train.train_filter(args.out, cfg, progress=not args.quiet)
     dest = Path(cfg.output) if cfg.output else BuildLayout(args.out).filter_dir
     auroc = metrics["auroc"]
     print(
