@@ -1,9 +1,15 @@
-"""Command line of the curation stage: ``cemcurate build | export``."""
+"""Command line of the curation stage: ``cemcurate build | check | export | dedup-preview | label | filter``.
+
+Errors are one line naming the file (``--debug`` shows the traceback); Ctrl-C stops with
+one line and exit code 130; a closed standard output (``| head``) is not an error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from cemcurate.build.config import BuildConfig
@@ -16,6 +22,7 @@ from cemcurate.sample import default_input
 # The commands' modules load pandas and pyarrow: bound lazily, so that ``cemcurate --help``
 # imports neither and each command only what it uses.
 orchestrate = lazy_import("cemcurate.build.orchestrate")
+checking = lazy_import("cemcurate.build.check")
 preview = lazy_import("cemcurate.dedup.preview")
 exporting = lazy_import("cemcurate.export_patches")
 
@@ -30,7 +37,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
         if cfg.sources is None and sidecar is not None:
             cfg.sources = str(sidecar)
         print(f"no RAW folder given: using {raw}")
-    summary = orchestrate.build(raw, args.out, cfg, progress=not args.quiet)
+    summary = orchestrate.build(raw, args.out, cfg, progress=not args.quiet, wait=args.wait, debug=args.debug)
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if summary.n_sources == 0:
+        print(
+            f"note: {raw} holds no file cemcurate reads ({summary.skipped} skipped); wrote an empty, valid "
+            f"{summary.out_dir}",
+            file=sys.stderr,
+        )
     print(
         f"{summary.n_sources} source(s) ({summary.reused} reused from an earlier run, {summary.skipped} file(s) "
         f"skipped), {summary.n_raw} raw patches, {summary.n_kept} kept -> {summary.out_dir}"
@@ -42,6 +57,23 @@ def _cmd_build(args: argparse.Namespace) -> int:
             print(f"  {name}: {error.splitlines()[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    result = checking.check_build(args.out, sample=args.sample)
+    if not result.ok and args.repair:
+        for problem in result.problems:
+            print(f"found: {problem}", file=sys.stderr)
+        checking.repair_build(args.out, args.raw, progress=not args.quiet)
+        result = checking.check_build(args.out, sample=args.sample)
+    for problem in result.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    state = "OK" if result.ok else f"{len(result.problems)} problem(s)"
+    print(
+        f"{result.out_dir}: {state} ({result.rows} manifest rows, {result.shards} shards, "
+        f"{result.hashed} patches re-hashed)"
+    )
+    return 0 if result.ok else 1
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -89,8 +121,36 @@ def make_parser() -> argparse.ArgumentParser:
         help="YAML file with build settings (keys as the flags below, with underscores); flags override it",
     )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the full traceback of an error and of each failed source (the source table "
+        "always keeps a one-line message)",
+    )
+    b.add_argument(
+        "--wait",
+        action="store_true",
+        help="when another build is writing OUT, wait for it to finish instead of stopping",
+    )
     add_config_arguments(b, BuildConfig)
     b.set_defaults(func=_cmd_build)
+
+    c = sub.add_parser(
+        "check",
+        help="verify an output folder (files, schema, shards, dHash of a sample); --repair rebuilds what is missing",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("out", type=Path, help="a cemcurate build output folder")
+    c.add_argument(
+        "--repair",
+        action="store_true",
+        help="redo the sources whose shards are missing or damaged and rewrite the outputs",
+    )
+    c.add_argument("--raw", type=Path, default=None, help="RAW folder for --repair (default: the one recorded in OUT)")
+    c.add_argument("--sample", type=int, default=256, help="stored patches whose dHash is recomputed")
+    c.add_argument("--quiet", action="store_true", help="no progress bar while repairing")
+    c.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    c.set_defaults(func=_cmd_check)
 
     e = sub.add_parser(
         "export",
@@ -120,12 +180,24 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
+    args = make_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(
+            f"cemcurate {args.command}: interrupted; outputs already written stay valid (re-run to resume)",
+            file=sys.stderr,
+        )
+        return 130
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `| head`): not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as exc:
-        print(f"cemcurate {args.command}: error: {exc}", file=sys.stderr)
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"cemcurate {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -12,6 +12,9 @@
     OUT/parts/patch_ids.json        the patch-id blocks of every source
     OUT/parts/filter/<id>/<shard>.npy  cached filter scores of one shard, per filter
     OUT/parts/work/                 scratch files of a running build
+    OUT/.cemcurate-output           marks OUT as an output (never read as input); records RAW
+    OUT/.lock                       held by the running build (who holds it, inside)
+    OUT/.commit/                    the next outputs while they are published (see cemcurate.commit)
     OUT/labels.csv                  human labels (cemcurate label)
     OUT/filter/                     the trained filter (cemcurate filter train)
     OUT/dedup_preview.html, OUT/lorenz.png   the dedup preview (cemcurate dedup-preview)
@@ -23,6 +26,9 @@ import hashlib
 from pathlib import Path
 
 SHARD_SUFFIX = ".u8"
+# Written into every folder cemcurate writes (a build OUT, a patch export): such a folder
+# inside RAW is never read as input, so a build does not curate its own outputs.
+OUTPUT_MARKER = ".cemcurate-output"
 
 
 class BuildLayout:
@@ -66,6 +72,25 @@ class BuildLayout:
     @property
     def build_config(self) -> Path:
         return self.root / "build_config.yaml"
+
+    # -- the running build
+    @property
+    def marker(self) -> Path:
+        """Marks the folder as a cemcurate output; holds the RAW folder and sidecar of the build (JSON)."""
+        return self.root / OUTPUT_MARKER
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def commit_dir(self) -> Path:
+        """Where the next manifest, source table, store.json, config and report are staged."""
+        return self.root / ".commit"
+
+    def staged(self, path: Path) -> Path:
+        """The staged copy of output ``path`` (one of the files above, directly in OUT)."""
+        return self.commit_dir / path.name
 
     # -- resume state of the build
     @property

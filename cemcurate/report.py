@@ -52,11 +52,14 @@ def stage_counts(manifest: pd.DataFrame) -> pd.DataFrame:
     return counts.reset_index(names="source")
 
 
-def write_report(out_dir: str | Path, manifest: pd.DataFrame, sources: pd.DataFrame, cfg) -> None:
-    """Write ``OUT/report.html``: stage counts, the source table and a montage of kept patches.
+def write_report(
+    out_dir: str | Path, manifest: pd.DataFrame, sources: pd.DataFrame, cfg, path: str | Path | None = None
+) -> None:
+    """Write the report of build folder ``out_dir`` (to ``path``, default ``OUT/report.html``):
+    stage counts, the source table and a montage of kept patches.
 
     ``cfg`` is the :class:`cemcurate.build.BuildConfig` of the build (``montage_patches``,
-    ``patch_size`` and ``seed`` are used).
+    ``patch_size`` and ``seed`` are used). The patches are read from the store's shards.
     """
     layout = BuildLayout(out_dir)
     sections = [f"<h1>cemcurate build: {html.escape(str(layout.root))}</h1>"]
@@ -71,8 +74,8 @@ def write_report(out_dir: str | Path, manifest: pd.DataFrame, sources: pd.DataFr
     sections.append(
         f"<h2>Random kept patches ({len(picks)} of {len(kept)})</h2><img src='{png_data_uri(montage(picks))}'>"
     )
-    sections.append(filter_report_section(layout.root, manifest, seed=cfg.seed))
+    sections.append(filter_report_section(layout.root, manifest, seed=cfg.seed, patch_size=cfg.patch_size))
     columns = [c for c in _SOURCE_COLUMNS if c in sources]
     sections.append("<h2>Sources</h2>" + html_table(sources[columns]))
-    with atomic_path(layout.report) as tmp:
+    with atomic_path(path or layout.report) as tmp:
         tmp.write_text(html_page("cemcurate report", _STYLE, sections))

@@ -23,6 +23,7 @@ from typing import BinaryIO, Sequence
 import numpy as np
 import pandas as pd
 
+from cemcurate.commit import finish_interrupted_commit
 from cemcurate.common.atomic import atomic_path
 from cemcurate.layout import BuildLayout
 from cemcurate.manifest import write_manifest
@@ -85,8 +86,15 @@ class ShardWriter:
 
 
 def open_shard(path: str | Path, patch_size: int) -> np.ndarray:
-    """Memory-map a shard as a read-only uint8 array of shape ``(n, patch_size, patch_size)``."""
+    """Memory-map a shard as a read-only uint8 array of shape ``(n, patch_size, patch_size)``.
+
+    Raises:
+        StoreError: the shard is missing or not a whole number of patches (names it, and the fix).
+    """
     path = Path(path)
+    if not path.is_file():
+        out = path.parent.parent
+        raise StoreError(f"{path}: shard missing from the store; `cemcurate check {out} --repair` rebuilds it")
     size = path.stat().st_size
     per_patch = patch_size * patch_size
     if size % per_patch:
@@ -161,10 +169,11 @@ def read_store_info(out_dir: str | Path) -> StoreInfo:
     return StoreInfo(int(info["patch_size"]), float(info["mean"]), float(info["std"]))
 
 
-def write_store_info(out_dir: str | Path, patch_size: int, mean: float, std: float) -> None:
-    """Write ``OUT/store.json`` (patch size and kept-patch intensity statistics in [0, 1])."""
+def write_store_info(path: str | Path, patch_size: int, mean: float, std: float) -> None:
+    """Write ``store.json`` to ``path`` (``OUT/store.json``, or its staged copy): patch size and the
+    kept patches' intensity statistics in [0, 1]."""
     info = {"format": STORE_FORMAT, "patch_size": int(patch_size), "mean": float(mean), "std": float(std)}
-    with atomic_path(BuildLayout(out_dir).store_info) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(info, indent=2))
 
 
@@ -185,6 +194,7 @@ class PatchStore:
     def __init__(self, out_dir: str | Path):
         layout = BuildLayout(out_dir)
         out_dir = layout.root
+        finish_interrupted_commit(layout)  # a build killed while publishing: finish it, never read a mix
         info = read_store_info(out_dir)
         if not layout.manifest.is_file():
             raise _not_finished(out_dir, layout.manifest)
@@ -261,5 +271,5 @@ def write_patch_store(out_dir: str | Path, patches: np.ndarray, source: str = "a
     )
     write_manifest(manifest, layout.manifest)
     scaled = patches.astype(np.float64) / 255.0
-    write_store_info(layout.root, p, scaled.mean(), scaled.std())
+    write_store_info(layout.store_info, p, scaled.mean(), scaled.std())
     return PatchStore(layout.root)

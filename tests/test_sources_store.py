@@ -51,7 +51,8 @@ def test_discover_sources_with_a_sidecar(tmp_path):
         "  - {path: 'stack*/raw/*.tif', stack: true, voxel_size: [50, 4.6, 4.6]}\n"
         "  - {path: 'stack1/labels/*', exclude: true}\n"
     )
-    specs, skipped = discover_sources(vnc, sidecar)
+    found = discover_sources(vnc, sidecar)
+    specs, skipped = found.specs, found.skipped
     names = {s.name: s for s in specs}
     assert names["stack1/raw"].options.stack and len(names["stack1/raw"].files) == 20
     assert names["stack1/raw"].options.voxel_size == (50.0, 4.6, 4.6)
@@ -71,7 +72,7 @@ def test_sidecar_errors_name_the_file_and_entry(tmp_path):
     with pytest.raises(ValueError, match=r"cemcurate.yaml: entry 1 has unknown key"):
         load_sidecar(bad)
     bad.write_text("- {path: '*.tif', voxel_size: [1, 2]}\n")
-    with pytest.raises(ValueError, match="voxel_size must be three positive numbers"):
+    with pytest.raises(ValueError, match=r"entry 1 \(path '\*.tif'\): 'voxel_size' must be three positive numbers"):
         load_sidecar(bad)
 
 

@@ -71,6 +71,13 @@ class BuildConfig:
             "metavar": "FILE",
         },
     )
+    allow_unmatched: bool = field(
+        default=False,
+        metadata={
+            "help": "a sidecar entry that matches no file is a warning instead of an error (a typo in a path "
+            "would otherwise let label images in or drop a voxel size without a word)"
+        },
+    )
     montage_patches: int = field(default=48, metadata={"help": "random kept patches shown in report.html"})
 
     def __post_init__(self) -> None:

@@ -1,11 +1,24 @@
-"""``build()``: find the sources, process the unfinished ones in parallel, merge, write the outputs."""
+"""``build()``: find the sources, process the unfinished ones in parallel, merge, publish the outputs.
+
+A build holds OUT's lock (:mod:`cemcurate.build.lock`) from start to end, finishes or
+discards whatever an interrupted build left (:mod:`cemcurate.commit`), reuses only parts
+whose shards the store still holds whole (:func:`cemcurate.build.resume.finished_part`), and
+publishes the manifest, source table, ``store.json``, config and report together. Worker
+processes ignore Ctrl-C (the parent stops them) and exit when the parent dies.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
+import json
+import multiprocessing
 import os
 import shutil
-from dataclasses import dataclass
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +26,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from cemcurate.build.config import BuildConfig
+from cemcurate.build.lock import BuildLock
 from cemcurate.build.merge import merge_parts
 from cemcurate.build.records import PartRecord, SourceRow
 from cemcurate.build.resume import finished_part
 from cemcurate.build.source import process_source
+from cemcurate.commit import commit, discard_unfinished_stage, finish_interrupted_commit, stage
 from cemcurate.common.atomic import atomic_path
 from cemcurate.common.config import save_config
 from cemcurate.layout import BuildLayout
@@ -37,6 +52,7 @@ class BuildSummary:
     failed: dict[str, str]
     skipped: int
     reused: int
+    notes: list[str] = field(default_factory=list)  # for the person running it (waits, redone parts)
 
 
 def _crashed(spec: SourceSpec, exc: BaseException) -> PartRecord:
@@ -52,8 +68,21 @@ def _crashed(spec: SourceSpec, exc: BaseException) -> PartRecord:
     )
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker start-up: leave Ctrl-C to the parent, and exit as soon as the parent is gone (a
+    killed build must not leave workers writing into OUT)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _process_all(
-    todo: list[SourceSpec], cfg: BuildConfig, layout: BuildLayout, raw: Path, progress: bool
+    todo: list[SourceSpec], cfg: BuildConfig, layout: BuildLayout, raw: Path, progress: bool, debug: bool
 ) -> dict[str, PartRecord]:
     """Run :func:`process_source` for every spec of ``todo``, in ``cfg.workers`` processes."""
     records: dict[str, PartRecord] = {}
@@ -61,19 +90,30 @@ def _process_all(
     bar = tqdm(total=len(todo), desc="sources", unit="src", disable=not progress or not todo)
     if workers == 1 or len(todo) <= 1:
         for spec in todo:
-            records[spec.key] = process_source(spec, cfg, layout.root, raw)
+            records[spec.key] = process_source(spec, cfg, layout.root, raw, debug)
             bar.update()
-    else:
-        with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            futures = {pool.submit(process_source, spec, cfg, layout.root, raw): spec for spec in todo}
-            for future in cf.as_completed(futures):
-                spec = futures[future]
-                try:
-                    records[spec.key] = future.result()
-                except Exception as exc:  # a crashed worker process
-                    records[spec.key] = _crashed(spec, exc)
-                bar.update()
-    bar.close()
+        bar.close()
+        return records
+    pool = cf.ProcessPoolExecutor(
+        max_workers=min(workers, len(todo)), initializer=_exit_with_parent, initargs=(os.getpid(),)
+    )
+    try:
+        futures = {pool.submit(process_source, spec, cfg, layout.root, raw, debug): spec for spec in todo}
+        for future in cf.as_completed(futures):
+            spec = futures[future]
+            try:
+                records[spec.key] = future.result()
+            except Exception as exc:  # a crashed worker process
+                records[spec.key] = _crashed(spec, exc)
+            bar.update()
+    except BaseException:  # Ctrl-C or an error here: stop the workers at once, not after their sources
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise
+    finally:
+        bar.close()
+    pool.shutdown()
     return records
 
 
@@ -88,48 +128,120 @@ def _store_statistics(manifest: pd.DataFrame) -> tuple[float, float]:
     return mean, float(np.sqrt(max(sq - mean * mean, 0.0)))
 
 
-def _remove_stale_shards(layout: BuildLayout, manifest: pd.DataFrame) -> None:
-    """Delete shards no manifest row points to (sources removed from RAW or redone)."""
+def _remove_stale(layout: BuildLayout, manifest: pd.DataFrame, specs: list[SourceSpec]) -> None:
+    """Delete shards no manifest row points to (sources removed from RAW or redone), and the
+    parts of sources no longer in RAW (their shards are gone with them)."""
     live = set(manifest["shard"].unique()) if len(manifest) else set()
     for path in layout.shards():
         if path.stem not in live:
             path.unlink()
+    keys = {spec.key for spec in specs}
+    for path in layout.parts_dir.glob("*.json"):
+        if path != layout.patch_ids and path.stem not in keys:
+            path.unlink()
+            layout.part_parquet(path.stem).unlink(missing_ok=True)
 
 
-def build(raw: str | Path, out_dir: str | Path, cfg: BuildConfig | None = None, progress: bool = True) -> BuildSummary:
-    """Run ``cemcurate build RAW OUT``; see :mod:`cemcurate.build`. Returns a summary."""
+def _sidecar_cell(spec: SourceSpec, sidecar: str | None) -> str:
+    """The ``sidecar`` column of a source: which entries of which file set its options (JSON)."""
+    if not sidecar or not spec.entries:
+        return ""
+    options = {k: v for k, v in dataclasses.asdict(spec.options).items() if v not in (None, False)}
+    return json.dumps({"sidecar": sidecar, "entries": list(spec.entries), "options": options})
+
+
+def _source_table(
+    sources: pd.DataFrame, specs: list[SourceSpec], ordered: list[PartRecord], sidecar: str, skipped: list
+) -> pd.DataFrame:
+    """The source table: a row per volume, with the sidecar entries that set its options, then
+    a row per skipped file; it has every column even when RAW gave nothing."""
+    sources = sources.reindex(columns=[f.name for f in dataclasses.fields(SourceRow)])
+    sources["sidecar"] = [_sidecar_cell(spec, sidecar) for spec, rec in zip(specs, ordered) for _ in rec.sources]
+    skipped_rows = pd.DataFrame(
+        [{"source": s.name, "files": s.name, "status": "skipped", "error": s.reason, "sidecar": ""} for s in skipped],
+        columns=sources.columns,
+    )
+    table = pd.concat([sources, skipped_rows], ignore_index=True) if len(skipped_rows) else sources
+    return table.astype({"voxel_size": str, "shape": str})
+
+
+def _publish(layout: BuildLayout, cfg: BuildConfig, manifest: pd.DataFrame, sources: pd.DataFrame) -> None:
+    """Write the manifest, source table, store.json, config and report, then commit them together."""
+    stage(layout)
+    write_manifest(manifest, layout.staged(layout.manifest))
+    with atomic_path(layout.staged(layout.sources)) as tmp:
+        sources.to_parquet(tmp, index=False)
+    write_store_info(layout.staged(layout.store_info), cfg.patch_size, *_store_statistics(manifest))
+    save_config(cfg, layout.staged(layout.build_config))
+    write_report(layout.root, manifest, sources, cfg, layout.staged(layout.report))
+    names = [p.name for p in (layout.manifest, layout.sources, layout.store_info, layout.build_config, layout.report)]
+    commit(layout, names)
+
+
+def build(
+    raw: str | Path,
+    out_dir: str | Path,
+    cfg: BuildConfig | None = None,
+    progress: bool = True,
+    wait: bool = False,
+    debug: bool = False,
+) -> BuildSummary:
+    """Run ``cemcurate build RAW OUT``; see the module docstring. Returns a summary.
+
+    Args:
+        wait: when another build holds OUT, wait for it instead of failing.
+        debug: failed sources also print their full traceback (the source table keeps one line).
+
+    Raises:
+        BuildLockedError: another build holds OUT (and ``wait`` is False).
+        ValueError: RAW missing or the same folder as OUT, or a bad sidecar (each message names
+            the problem).
+    """
     cfg = cfg or BuildConfig()
     raw, layout = Path(raw), BuildLayout(out_dir)
-    specs, skipped = discover_sources(raw, cfg.sources)
+    if raw.resolve() == layout.root.resolve():
+        raise ValueError(f"{raw}: RAW and OUT are the same folder; write the outputs somewhere else")
+    found = discover_sources(raw, cfg.sources, cfg.allow_unmatched, layout.root)
+    specs, skipped = found.specs, found.skipped
     if len(set(s.key for s in specs)) != len(specs):
         raise ValueError(f"{raw}: two sources map to the same id; rename one of them")
-    for folder in (layout.parts_dir, layout.store_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    records: dict[str, PartRecord] = {}
-    todo = []
-    for spec in specs:
-        record = finished_part(layout, spec, cfg)
-        if record is None:
-            todo.append(spec)
-        else:
-            records[spec.key] = record
-    reused = len(records)
-    records.update(_process_all(todo, cfg, layout, raw, progress))
-    shutil.rmtree(layout.work_dir, ignore_errors=True)
-    ordered = [records[s.key] for s in specs]
-    manifest, sources = merge_parts(layout, ordered, cfg, progress)
-    skipped_rows = pd.DataFrame(
-        [{"source": s.name, "files": s.name, "status": "skipped", "error": s.reason} for s in skipped]
-    )
-    sources = pd.concat([sources, skipped_rows], ignore_index=True)
-    write_manifest(manifest, layout.manifest)
-    _remove_stale_shards(layout, manifest)
-    with atomic_path(layout.sources) as tmp:
-        sources.astype({"voxel_size": str, "shape": str}).to_parquet(tmp, index=False)
-    write_store_info(layout.root, cfg.patch_size, *_store_statistics(manifest))
-    save_config(cfg, layout.build_config)
-    write_report(layout.root, manifest, sources, cfg)
+    notes = list(found.warnings)
+    with BuildLock(layout, wait, on_wait=lambda holder: notes.append(f"waited for {holder}")):
+        if finish_interrupted_commit(layout):
+            notes.append("finished publishing the outputs of an interrupted build")
+        discard_unfinished_stage(layout)
+        for folder in (layout.parts_dir, layout.store_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        layout.marker.write_text(json.dumps({"raw": str(raw.resolve()), "sources": cfg.sources}) + "\n")
+        records: dict[str, PartRecord] = {}
+        todo, redone = [], {}
+        for spec in specs:
+            record, problem = finished_part(layout, spec, cfg)
+            if record is not None:
+                records[spec.key] = record
+            else:
+                todo.append(spec)
+                if problem:
+                    redone[spec.key] = f"redone: the part of an earlier build could not be reused ({problem})"
+        reused = len(records)
+        records.update(_process_all(todo, cfg, layout, raw, progress, debug))
+        shutil.rmtree(layout.work_dir, ignore_errors=True)
+        for key, note in redone.items():
+            for row in records[key].sources:
+                row.notes = "; ".join(filter(None, [row.notes, note]))
+        ordered = [records[s.key] for s in specs]
+        manifest, sources = merge_parts(layout, ordered, cfg, progress)
+        sources = _source_table(sources, specs, ordered, str(cfg.sources or ""), skipped)
+        _publish(layout, cfg, manifest, sources)
+        _remove_stale(layout, manifest, specs)
     failed = {r.name: r.sources[0].error for r in ordered if not r.ok}
     return BuildSummary(
-        layout.root, len(specs), len(manifest), int(manifest["kept"].sum()), failed, len(skipped), reused
+        layout.root,
+        len(specs),
+        len(manifest),
+        int(manifest["kept"].sum()),
+        failed,
+        len(skipped),
+        reused,
+        notes + list(redone.values()),
     )

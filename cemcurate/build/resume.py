@@ -2,7 +2,9 @@
 
 A part is reused when its files (name, size, modification time) and the settings that
 shape its patches (:meth:`BuildConfig.patch_settings` and the sidecar options) are those
-it was made with; both are summed up in its *fingerprint*.
+it was made with, both summed up in its *fingerprint*, and when the store still holds its
+shards whole (:func:`store_problem`): a source that left RAW and came back, or a shard lost
+or cut short, is redone instead of leaving OUT pointing at patches that are not there.
 """
 
 from __future__ import annotations
@@ -11,10 +13,15 @@ import dataclasses
 import hashlib
 import json
 
+import pandas as pd
+
 from cemcurate.build.config import BuildConfig
 from cemcurate.build.records import PartRecord
+from cemcurate.common.lazy import lazy_import
 from cemcurate.layout import BuildLayout
 from cemcurate.sources import SourceSpec
+
+pyarrow_parquet = lazy_import("pyarrow.parquet")
 
 
 def file_stamps(spec: SourceSpec) -> list[list]:
@@ -54,7 +61,36 @@ def read_part(layout: BuildLayout, key: str) -> PartRecord | None:
     return record if record is not None and record.ok else None
 
 
-def finished_part(layout: BuildLayout, spec: SourceSpec, cfg: BuildConfig) -> PartRecord | None:
-    """A finished, successful part of ``spec`` made with the same files and settings, else None."""
+def store_problem(layout: BuildLayout, key: str, patch_size: int) -> str | None:
+    """Why the store cannot serve the part stored under ``key`` (a shard missing or of the wrong
+    size for the rows the part's manifest rows point at), or None when it can."""
+    path = layout.part_parquet(key)
+    try:
+        if "shard_row" not in pyarrow_parquet.read_schema(path).names:
+            return None  # a source that gave no patches has an empty part and no shard
+        rows = pd.read_parquet(path, columns=["shard", "shard_row"])
+    except (OSError, ValueError) as exc:  # pyarrow's errors for a damaged file are both
+        return f"its manifest rows {path} cannot be read ({exc})"
+    stored = rows[rows["shard_row"] >= 0]
+    for shard, count in stored.groupby("shard")["shard_row"].max().items():
+        path = layout.shard(shard)
+        if not path.is_file():
+            return f"its shard {path} is missing"
+        expected = (int(count) + 1) * patch_size * patch_size
+        if path.stat().st_size != expected:
+            return f"its shard {path} holds {path.stat().st_size} bytes, {expected} expected"
+    return None
+
+
+def finished_part(layout: BuildLayout, spec: SourceSpec, cfg: BuildConfig) -> tuple[PartRecord | None, str]:
+    """``(part, "")`` for a finished part of ``spec`` that can be reused, else ``(None, why)``.
+
+    ``why`` is empty when there is simply nothing to reuse (a new source, changed files or
+    settings) and names the problem when a part made with the same files and settings
+    cannot be reused because the store lost its patches.
+    """
     record = read_part(layout, spec.key)
-    return record if record is not None and record.fingerprint == fingerprint(spec, cfg) else None
+    if record is None or record.fingerprint != fingerprint(spec, cfg):
+        return None, ""
+    problem = store_problem(layout, spec.key, cfg.patch_size)
+    return (record, "") if problem is None else (None, problem)

@@ -9,6 +9,7 @@ a part whose JSON exists is complete.
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -100,20 +101,23 @@ def _name_stack_files(part: pd.DataFrame, spec: SourceSpec, raw: Path) -> None:
     part["file"] = files
 
 
-def _error_message(exc: Exception, spec: SourceSpec) -> str:
-    """What the source table says about a failed source: the error, naming the source."""
+def error_line(exc: BaseException, spec: SourceSpec) -> str:
+    """What the source table says about a failed source: one line, naming the source or its file."""
     expected = isinstance(exc, (ReadError, ValueError))
-    message = str(exc) if expected else f"{type(exc).__name__}: {exc}\n" + traceback.format_exc(limit=3)
+    text = " ".join(str(exc).split()) or "no message"
+    message = text if expected else f"{type(exc).__name__}: {text}"
     if spec.name not in message and str(spec.files[0]) not in message:
         message = f"{spec.name}: {message}"
     return message
 
 
-def process_source(spec: SourceSpec, cfg: BuildConfig, out_dir: str | Path, raw: str | Path) -> PartRecord:
+def process_source(
+    spec: SourceSpec, cfg: BuildConfig, out_dir: str | Path, raw: str | Path, debug: bool = False
+) -> PartRecord:
     """Process one source and write its part; return the part record (also on failure).
 
-    Errors in reading or processing are caught and recorded with the file name so that a
-    single bad file never stops the build.
+    Errors in reading or processing are caught and recorded in one line naming the file, so
+    that a single bad file never stops the build; ``debug`` also prints the full traceback.
     """
     layout, raw = BuildLayout(out_dir), Path(raw)
     record = new_record(spec, cfg)
@@ -143,8 +147,10 @@ def process_source(spec: SourceSpec, cfg: BuildConfig, out_dir: str | Path, raw:
         with atomic_path(layout.part_parquet(spec.key)) as tmp:
             part.to_parquet(tmp, index=False)
     except Exception as exc:  # one bad source must not stop the build
+        if debug:
+            traceback.print_exc(file=sys.stderr)
         record.status = "failed"
-        record.sources = [SourceRow.failed(spec, _error_message(exc, spec))]
+        record.sources = [SourceRow.failed(spec, error_line(exc, spec))]
     with atomic_path(layout.part_json(spec.key)) as tmp:
         tmp.write_text(record.to_json())
     return record

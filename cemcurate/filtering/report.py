@@ -15,7 +15,13 @@ UNINFORMATIVE_REASON = "uninformative"
 
 
 def filter_report_section(
-    out_dir: str | Path, manifest: pd.DataFrame, per_source: int = 12, seed: int = 0, columns: int = 6, tile: int = 96
+    out_dir: str | Path,
+    manifest: pd.DataFrame,
+    per_source: int = 12,
+    seed: int = 0,
+    columns: int = 6,
+    tile: int = 96,
+    patch_size: int | None = None,
 ) -> str:
     """HTML for the uninformative-patch filter: per source, random kept and dropped patches.
 
@@ -27,6 +33,8 @@ def filter_report_section(
         per_source: random patches shown per side and source.
         seed: seed of the random choice.
         columns, tile: montage layout (patches per row, tile edge in px).
+        patch_size: edge of the stored patches; None reads it from ``OUT/store.json`` (a build
+            writing its report passes it: its store.json is not published yet).
 
     Returns:
         an HTML fragment (``<h2>`` heading, one table row per source with two embedded PNGs).
@@ -35,7 +43,7 @@ def filter_report_section(
     head = "<h2>Uninformative-patch filter</h2>"
     if "informative_prob" not in manifest.columns:
         return head + "<p>The filter was not run on this build (no <code>informative_prob</code> column).</p>"
-    patch_size = read_store_info(out_dir).patch_size
+    patch_size = patch_size or read_store_info(out_dir).patch_size
     dropped_all = manifest["reason"].astype(str) == UNINFORMATIVE_REASON
     kept_all = manifest["kept"].astype(bool)
     scored = manifest["informative_prob"].notna()
