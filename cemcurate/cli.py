@@ -66,6 +66,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(f"found: {problem}", file=sys.stderr)
         checking.repair_build(args.out, args.raw, progress=not args.quiet)
         result = checking.check_build(args.out, sample=args.sample)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     for problem in result.problems:
         print(f"problem: {problem}", file=sys.stderr)
     state = "OK" if result.ok else f"{len(result.problems)} problem(s)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import imageio.v3 as iio
 from tqdm import tqdm
 
 from cemcurate.common.atomic import atomic_path
+from cemcurate.layout import OUTPUT_MARKER
 from cemcurate.store import open_patches
 
 
@@ -21,14 +23,16 @@ def patch_filename(row, ext: str) -> str:
 def export_patches(out_dir: str | Path, dest: str | Path, fmt: str = "tiff", progress: bool = True) -> int:
     """Write every kept patch of build folder ``out_dir`` to ``dest`` as ``fmt`` (tiff or png).
 
-    Files are written atomically; re-running skips files already present. Returns the
-    number of kept patches.
+    Files are written atomically; re-running skips files already present. ``dest`` gets the
+    output marker (:data:`cemcurate.layout.OUTPUT_MARKER`), so a build whose RAW holds it does
+    not read the patches back as input. Returns the number of kept patches.
     """
     if fmt not in ("tiff", "png"):
         raise ValueError(f"unknown export format {fmt!r}; use 'tiff' or 'png'")
     store = open_patches(out_dir)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    (dest / OUTPUT_MARKER).write_text(json.dumps({"export_of": str(Path(out_dir).resolve())}) + "\n")
     for i, row in enumerate(
         tqdm(store.manifest.itertuples(index=False), total=len(store), disable=not progress, desc="export")
     ):

@@ -250,11 +250,13 @@ class Discovery:
         specs: the sources to read, in a stable order.
         skipped: files not read (excluded, unsupported, or inside a cemcurate output folder).
         warnings: what a person should know (unmatched sidecar entries with ``allow_unmatched``).
+        sidecar: the sidecar file that was read, or None.
     """
 
     specs: list[SourceSpec]
     skipped: list[Skipped]
     warnings: list[str]
+    sidecar: Path | None = None
 
 
 def discover_sources(
@@ -331,4 +333,4 @@ def discover_sources(
                 "that exists is matched literally, else a glob), or pass --allow-unmatched"
             )
         warnings.append(message)
-    return Discovery(specs, skipped, warnings)
+    return Discovery(specs, skipped, warnings, Path(sidecar) if sidecar is not None else None)

@@ -22,7 +22,7 @@ from cemcurate.build.config import BuildConfig
 from cemcurate.build.lock import BuildLock
 from cemcurate.build.orchestrate import BuildSummary, build
 from cemcurate.build.records import PartRecord
-from cemcurate.commit import READY
+from cemcurate.commit import finish_interrupted_commit
 from cemcurate.common.config import load_config
 from cemcurate.dhash import dhash64, hex_to_dhash
 from cemcurate.layout import BuildLayout
@@ -36,6 +36,7 @@ class CheckResult:
 
     out_dir: Path
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     bad_shards: set[str] = field(default_factory=set)
     rows: int = 0
     shards: int = 0
@@ -47,7 +48,11 @@ class CheckResult:
 
 
 def check_build(out_dir: str | Path, sample: int = 256, seed: int = 0) -> CheckResult:
-    """Check build folder ``out_dir`` (see the module docstring); nothing is changed.
+    """Check build folder ``out_dir`` (see the module docstring).
+
+    The only change it may make is the one every reader makes: finishing the publication of
+    outputs that a build killed after its point of no return left half renamed
+    (:func:`cemcurate.commit.finish_interrupted_commit`), which is noted.
 
     Args:
         sample: stored patches whose dHash is recomputed from their pixels.
@@ -56,8 +61,8 @@ def check_build(out_dir: str | Path, sample: int = 256, seed: int = 0) -> CheckR
     layout = BuildLayout(out_dir)
     result = CheckResult(layout.root)
     problems = result.problems
-    if (layout.commit_dir / READY).is_file():
-        problems.append(f"{layout.commit_dir}: an interrupted build left outputs half published (--repair finishes)")
+    if finish_interrupted_commit(layout):
+        result.notes.append("finished publishing the outputs of an interrupted build")
     for required in (layout.manifest, layout.sources, layout.store_info):
         if not required.is_file():
             problems.append(f"{required}: missing")

@@ -231,7 +231,7 @@ def build(
                 row.notes = "; ".join(filter(None, [row.notes, note]))
         ordered = [records[s.key] for s in specs]
         manifest, sources = merge_parts(layout, ordered, cfg, progress)
-        sources = _source_table(sources, specs, ordered, str(cfg.sources or ""), skipped)
+        sources = _source_table(sources, specs, ordered, str(found.sidecar or ""), skipped)
         _publish(layout, cfg, manifest, sources)
         _remove_stale(layout, manifest, specs)
     failed = {r.name: r.sources[0].error for r in ordered if not r.ok}

@@ -21,13 +21,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success rename it over ``path``.
 
     Works for files and directories (e.g. a zarr store). On error the temporary is removed
-    and ``path`` is untouched.
+    and ``path`` is untouched. An OS error that names no file (a full disk: ``[Errno 28] No
+    space left on device``) is raised again naming ``path``, so the message says where.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.filename is None and exc.errno is not None:
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            raise
         if path.is_dir() and tmp.is_dir():
             # A directory cannot be replaced in one rename; move the old one aside first.
             old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")

@@ -90,14 +90,58 @@ def noise_sigma(patches: np.ndarray) -> np.ndarray:
     differences at edges.
     """
     patches = check_patches(patches)
+    # |difference| of uint8 neighbours without overflow: max - min, for the whole batch at once.
+    right, left = patches[:, :, 1:], patches[:, :, :-1]
+    diff = np.maximum(right, left) - np.minimum(right, left)
     median = np.empty(len(patches), np.float64)
-    for i, patch in enumerate(patches):
-        # |difference| of uint8 neighbours without overflow: max - min.
-        diff = np.maximum(patch[:, 1:], patch[:, :-1]) - np.minimum(patch[:, 1:], patch[:, :-1])
+    for i, d in enumerate(diff):
         # Integer differences 0..255: the (lower) median via a histogram is exact and avoids a sort.
-        cum = np.cumsum(np.bincount(diff.ravel(), minlength=256))
-        median[i] = np.argmax(cum >= (diff.size + 1) // 2)
+        cum = np.cumsum(np.bincount(d.ravel(), minlength=256))
+        median[i] = np.argmax(cum >= (d.size + 1) // 2)
     return 1.4826 * median / np.sqrt(2.0)
+
+
+def _smoothed(core: np.ndarray, s: int) -> np.ndarray:
+    """Means of the ``s x s`` pixel blocks of uint8 ``(n, h, w)`` (h, w multiples of s): float32
+    ``(n, h // s, w // s)``, the values ``core.reshape(n, h/s, s, w/s, s).astype(float32).mean(axis=(2, 4))``
+    gives, computed from integer sums (exact in float32) instead of a float copy of every pixel."""
+    n, h, w = core.shape
+    sums = np.zeros((n, h // s, w // s), np.uint16 if s * s * 255 <= np.iinfo(np.uint16).max else np.uint32)
+    for i in range(s):
+        for j in range(s):
+            sums += core[:, i::s, j::s]
+    binned = sums.astype(np.float32)
+    # The division numpy's mean does (float32 sum / intp count, cast back), so the values are the same.
+    np.true_divide(binned, np.intp(s * s), out=binned, casting="unsafe")
+    return binned
+
+
+def _flat_fraction(patches: np.ndarray, rules: RuleSettings, counts: np.ndarray | None) -> np.ndarray:
+    """:func:`flat_fraction`; ``counts`` is :func:`level_counts` of the patches' block-covered core when
+    the caller has it."""
+    n, p, _ = patches.shape
+    m = p // rules.block
+    if m == 0:
+        raise ValueError(f"patches of {p} px are smaller than one {rules.block}-px block")
+    off = (p - m * rules.block) // 2
+    side = m * rules.block
+    core = patches[:, off : off + side, off : off + side]
+    s, b = rules.smooth, rules.block // rules.smooth
+    block_std = _smoothed(core, s).reshape(n, m, b, m, b).std(axis=(2, 4))
+    # Averaging s x s pixels of white noise divides its std by s.
+    limit = np.maximum(rules.std_floor, rules.noise_factor * noise_sigma(patches) / s)
+    uniform_block = block_std < limit[:, None, None]  # (n, m, m)
+    counts = level_counts(core) if counts is None else counts
+    mode = counts.argmax(axis=1)
+    share = counts.max(axis=1) / core[0].size
+    # Flat pixels: all of a uniform block, and the mode-level pixels of the other blocks
+    # where the mode covers enough of the patch; counted per block, not drawn pixel by pixel.
+    flat = uniform_block.sum(axis=(1, 2), dtype=np.int64) * rules.block**2
+    for i in np.flatnonzero(share >= rules.mode_share):
+        is_mode = core[i] == np.uint8(mode[i])
+        per_block = is_mode.reshape(m, rules.block, m, rules.block).sum(axis=(1, 3))
+        flat[i] += per_block[~uniform_block[i]].sum()
+    return flat / (side * side)
 
 
 def flat_fraction(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> np.ndarray:
@@ -105,42 +149,31 @@ def flat_fraction(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> n
 
     Blocks tile the central ``(p // block) * block`` square of the patch (all of a 224 patch).
     """
-    patches = check_patches(patches)
-    n, p, _ = patches.shape
-    m = p // rules.block
-    if m == 0:
-        raise ValueError(f"patches of {p} px are smaller than one {rules.block}-px block")
-    off = (p - m * rules.block) // 2
-    core = patches[:, off : off + m * rules.block, off : off + m * rules.block]
-    s, b = rules.smooth, rules.block // rules.smooth
-    binned = core.reshape(n, m * b, s, m * b, s).astype(np.float32).mean(axis=(2, 4))
-    block_std = binned.reshape(n, m, b, m, b).std(axis=(2, 4))
-    # Averaging s x s pixels of white noise divides its std by s.
-    limit = np.maximum(rules.std_floor, rules.noise_factor * noise_sigma(patches) / s)
-    uniform_block = block_std < limit[:, None, None]
-    flat = np.repeat(np.repeat(uniform_block, rules.block, axis=1), rules.block, axis=2)
-    counts = level_counts(core)
-    mode = counts.argmax(axis=1)
-    share = counts.max(axis=1) / core[0].size
-    filled = (core == mode[:, None, None].astype(np.uint8)) & (share >= rules.mode_share)[:, None, None]
-    return (flat | filled).reshape(n, -1).mean(axis=1)
+    return _flat_fraction(check_patches(patches), rules, None)
 
 
-def overlay_shares(patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(share of the two most frequent grey levels, share of the second one)``, float64 ``(n,)`` each."""
-    counts = np.sort(level_counts(patches), axis=1)
+def _overlay_from_counts(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.sort(counts, axis=1)
     total = counts.sum(axis=1)
     return (counts[:, -1] + counts[:, -2]) / total, counts[:, -2] / total
 
 
-def intensity_range(patches: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
-    """Nearest-rank ``high``-th minus ``low``-th percentile of each patch, grey levels (float64 ``(n,)``)."""
-    counts = level_counts(patches)
+def _range_from_counts(counts: np.ndarray, low: float, high: float) -> np.ndarray:
     cum = np.cumsum(counts, axis=1)
     total = cum[:, -1:]
     lo = np.argmax(cum >= np.ceil(total * low / 100.0), axis=1)
     hi = np.argmax(cum >= np.ceil(total * high / 100.0), axis=1)
     return (hi - lo).astype(np.float64)
+
+
+def overlay_shares(patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(share of the two most frequent grey levels, share of the second one)``, float64 ``(n,)`` each."""
+    return _overlay_from_counts(level_counts(patches))
+
+
+def intensity_range(patches: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Nearest-rank ``high``-th minus ``low``-th percentile of each patch, grey levels (float64 ``(n,)``)."""
+    return _range_from_counts(level_counts(patches), low, high)
 
 
 def rule_reasons(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> np.ndarray:
@@ -150,13 +183,17 @@ def rule_reasons(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> np
     """
     patches = check_patches(patches)
     reasons = np.full(len(patches), "", dtype=object)
+    # The rules share one histogram per patch; the flat rule's is of the block-covered core,
+    # which is the whole patch when its side is a multiple of the block (224 = 14 x 16).
+    whole_core = patches.shape[1] % rules.block == 0
     for start in range(0, len(patches), _CHUNK):
         chunk = patches[start : start + _CHUNK]
         part = reasons[start : start + len(chunk)]  # a view: assignments land in ``reasons``
-        two, second = overlay_shares(chunk)
-        part[intensity_range(chunk) < rules.min_range] = "low-contrast"
+        counts = level_counts(chunk)
+        two, second = _overlay_from_counts(counts)
+        part[_range_from_counts(counts, 1.0, 99.0) < rules.min_range] = "low-contrast"
         part[(two >= rules.overlay_share) & (second >= rules.overlay_minor)] = "overlay"
-        part[flat_fraction(chunk, rules) >= rules.max_flat] = "uniform"
+        part[_flat_fraction(chunk, rules, counts if whole_core else None) >= rules.max_flat] = "uniform"
     return reasons
 
 
