@@ -62,7 +62,8 @@ class AxisPlan:
         """Reorder an array indexed with :meth:`index` to ``(z, y, x)`` and make it gray."""
         kept = [a for a, f in zip(self.axes, self.fixed) if f is None]
         order = [kept.index(a) for a in "ZQITYXS" if a in kept and self._is_kept_role(a)]
-        arr = np.transpose(arr, order)
+        if order != sorted(order):  # stored in another order: a transposed view
+            arr = np.transpose(arr, order)
         if self.stack is None:
             arr = arr[np.newaxis]
         if "S" in kept:

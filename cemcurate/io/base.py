@@ -161,9 +161,21 @@ class Slicer:
             if not np.can_cast(out.dtype, self.dtype, casting="equiv"):
                 raise ReadError(self.path, f"slices {z0}:{z1} decoded as {out.dtype}, expected {self.dtype}")
             out = out.astype(self.dtype)  # byte order only
-        if not (out.flags.writeable and out.flags.c_contiguous and out.flags.owndata):
+        if not _fresh(out):
             out = np.array(out, order="C")  # detach from memory maps and read-only buffers
         return out
+
+
+def _fresh(arr: np.ndarray) -> bool:
+    """Whether ``arr`` is writable, C-contiguous memory of its own: it owns its data, or it is a
+    view of all of a plain array that does (``arr[np.newaxis]`` of a freshly decoded plane),
+    which needs no copy."""
+    if not (arr.flags.writeable and arr.flags.c_contiguous):
+        return False
+    if arr.flags.owndata:
+        return True
+    base = arr.base
+    return type(base) is np.ndarray and base.flags.owndata and base.nbytes == arr.nbytes
 
 
 _NM_PER_UNIT = {

@@ -1,11 +1,19 @@
 """TIFF: single pages, multi-page stacks, ImageJ and OME hyperstacks (tifffile).
 
 Every image series in the file becomes one volume, split further by channel/time as
-described in :mod:`cemcurate.io.axes`. Uncompressed contiguous data are memory-mapped
-(``read_slices`` touches only the requested pages); anything else (compressed, tiled,
-scattered pages) is read page by page through tifffile's zarr view, whose open file
-handle is kept in :mod:`cemcurate.io.handles`. Codecs tifffile cannot decode without the
-optional ``imagecodecs`` package (LZW, JPEG) are decoded page by page with Pillow.
+described in :mod:`cemcurate.io.axes`. How pixels are read, fastest first:
+
+* uncompressed data stored contiguously are memory-mapped (``read_slices`` touches only
+  the requested pages);
+* a series whose pages each hold one 2D plane (compressed, tiled or scattered pages: the
+  stacks microscopes and Fiji write) is decoded page by page by tifffile, each page
+  straight into the output array;
+* anything else (planar-separate colour, SGI depth pages) goes through tifffile's zarr
+  view.
+
+The open file (and the zarr view) is kept in :mod:`cemcurate.io.handles`. Codecs tifffile
+cannot decode without the optional ``imagecodecs`` package (LZW, JPEG) are decoded page by
+page with Pillow.
 
 Voxel size, in order: OME-XML ``PhysicalSizeX/Y/Z`` with their units (default µm);
 ImageJ ``unit`` with the X/YResolution tags (pixels per unit) and ``spacing`` (z);
@@ -97,7 +105,13 @@ def _series_volumes(path, tif, index, series, file_size, prefix, notes) -> list[
         source = ("memmap", int(offset), dtype.newbyteorder(tif.byteorder).str, shape)
     else:
         _check_pages(path, series, file_size)
-        source = ("pages", index) if _tifffile_decodes(series.keyframe) else _pillow_source(path, tif, series)
+        if not _tifffile_decodes(series.keyframe):
+            source = _pillow_source(path, tif, series)
+        elif _one_plane_per_page(series):
+            lead = len(shape) - len(series.keyframe.shape)
+            source = ("pages", index, shape[:lead], tuple(series.keyframe.shape))
+        else:
+            source = ("zarr", index)
     voxel, vnotes = _voxel_size(tif, index, series)
     volumes = []
     for name, plan, xy_only in plan_axes(axes, shape, path):
@@ -129,6 +143,21 @@ def _check_pages(path, series, file_size: int) -> None:
             raise ReadError(
                 path, f"truncated: page {i} needs bytes up to {max(ends)} but the file has {file_size} bytes"
             )
+
+
+def _one_plane_per_page(series) -> bool:
+    """Whether every page of ``series`` holds one ``YX`` (or ``YXS``) plane, in C order over the
+    series' leading axes: then page ``i`` is plane ``i`` of the series."""
+    page_axes = series.keyframe.axes
+    lead = len(series.axes) - len(page_axes)
+    return (
+        page_axes in ("YX", "YXS")
+        and lead >= 0
+        and series.axes[lead:] == page_axes
+        and not set(series.axes[:lead]) & set("YXS")
+        and tuple(series.shape[lead:]) == tuple(series.keyframe.shape)
+        and int(np.prod(series.shape[:lead])) == len(series)
+    )
 
 
 def _tifffile_decodes(page) -> bool:
@@ -165,10 +194,26 @@ class _TiffSlicer(Slicer):
             del data
         elif self.source[0] == "pillow":
             return self._read_pillow(z0, z1)
+        elif self.source[0] == "pages":
+            part = self._read_pages(z0, z1)
         else:
-            array = handles.get("tiff", self.path, self._open_pages, self.source[1])
+            array = handles.get("tiff", self.path, self._open_zarr, self.source[1])
             part = np.asarray(array[self.plan.index(z0, z1)])
         return self.plan.arrange(part, self.path)
+
+    def _read_pages(self, z0: int, z1: int) -> np.ndarray:
+        """Planes ``z0:z1``, each decoded by tifffile from its own page into the result: the
+        array ``series[plan.index(z0, z1)]`` would be (stack axis first, then the page's axes)."""
+        _, index, lead_shape, page_shape = self.source
+        series = handles.get("tiff-pages", self.path, self._open_series, index)
+        stacked = self.plan.stack is not None
+        part = np.empty(((z1 - z0,) if stacked else ()) + tuple(page_shape), self.dtype)
+        for k, z in enumerate(range(z0, z1)):
+            # Leading axes are fixed (a channel, a singleton) or the stack: one page per z.
+            lead = [i.start if isinstance(i, slice) else i for i in self.plan.index(z, z + 1)[: len(lead_shape)]]
+            page = series[int(np.ravel_multi_index(lead, lead_shape))] if lead_shape else series[0]
+            page.asarray(out=part[k] if stacked else part)
+        return part
 
     def _read_pillow(self, z0: int, z1: int) -> np.ndarray:
         page_shape = self.source[1]  # pages in file order = C order over the non-YXS axes
@@ -186,7 +231,16 @@ class _TiffSlicer(Slicer):
             planes.append(np.asarray(image))
         return to_grayscale(np.stack(planes), self.path)
 
-    def _open_pages(self):
+    def _open_series(self):
+        tif = tifffile.TiffFile(self.path)
+        try:
+            series = tif.series[self.source[1]]
+        except Exception:
+            tif.close()
+            raise
+        return series, tif.close
+
+    def _open_zarr(self):
         tif = tifffile.TiffFile(self.path)
         try:
             store = tif.series[self.source[1]].aszarr(level=0)
