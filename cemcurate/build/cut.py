@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cemcurate.build.records import CutPatches
+from cemcurate.build.timing import timed
 from cemcurate.dhash import dhash64, dhash_hex
 from cemcurate.io import Volume
 from cemcurate.patch_grid import crop_patches, tile_grid
@@ -23,6 +24,8 @@ from cemcurate.store import ShardWriter
 
 # ~8 M voxels per slab: the float copy made while windowing stays near 64 MB.
 SLAB_VOXELS = 8 << 20
+# Patches per chunk of the statistics: their float32 copy (3 MB for 224-px patches) stays in the cache.
+STATS_CHUNK = 16
 
 
 def volume_window(
@@ -35,8 +38,10 @@ def volume_window(
     # Every k-th pixel of up to N slices: ~1e6 values are plenty for 0.1/99.9 percentiles.
     indices = sample_slice_indices(vol.shape[0], sample_slices)
     step = max(1, int(np.sqrt(vol.shape[1] * vol.shape[2] * len(indices) / 2e6)))
-    sample = np.concatenate([vol.read_slices(int(z), int(z) + 1)[0, ::step, ::step].ravel() for z in indices])
-    return compute_window(sample, low_percentile, high_percentile, invert)
+    with timed("decode"):
+        sample = np.concatenate([vol.read_slices(int(z), int(z) + 1)[0, ::step, ::step].ravel() for z in indices])
+    with timed("standardise"):
+        return compute_window(sample, low_percentile, high_percentile, invert)
 
 
 def iter_standard_planes(
@@ -52,24 +57,59 @@ def iter_standard_planes(
     slab = max(1, SLAB_VOXELS // max(1, y * x))
     if planes == ("xy",):
         for z0 in range(0, z, slab):
-            block = window.apply(vol.read_slices(z0, min(z, z0 + slab)))
+            block = _standard_slab(vol, window, z0, min(z, z0 + slab))
             for k in range(block.shape[0]):
                 yield "xy", z0 + k, block[k]
         return
     scratch.parent.mkdir(parents=True, exist_ok=True)
     try:
-        std = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(z, y, x))
+        with timed("standardise"):
+            std = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(z, y, x))
         for z0 in range(0, z, slab):
-            std[z0 : z0 + slab] = window.apply(vol.read_slices(z0, min(z, z0 + slab)))
-        std.flush()
-        del std
-        std = np.load(scratch, mmap_mode="r")
+            block = _standard_slab(vol, window, z0, min(z, z0 + slab))
+            with timed("standardise"):
+                std[z0 : z0 + slab] = block
+        with timed("standardise"):
+            std.flush()
+            del std
+            std = np.load(scratch, mmap_mode="r")
         for plane in planes:
-            for index, image in iter_planes(std, plane, block_bytes=64 << 20):
-                yield plane, index, image
+            sections = iter_planes(std, plane, block_bytes=64 << 20)
+            while True:
+                with timed("slice"):  # not around the yield: the consumer's time is its own
+                    section = next(sections, None)
+                if section is None:
+                    break
+                yield plane, section[0], section[1]
         del std
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def _standard_slab(vol: Volume, window: IntensityWindow, z0: int, z1: int) -> np.ndarray:
+    """Slices ``z0:z1`` of ``vol`` read and mapped to uint8 ``(z1 - z0, y, x)``."""
+    with timed("decode"):
+        block = vol.read_slices(z0, z1)
+    with timed("standardise"):
+        return window.apply(block)
+
+
+def patch_statistics(patches: np.ndarray) -> np.ndarray:
+    """Mean and std of each patch's pixels in [0, 1]: float32 ``(n, 2)`` from uint8 ``(n, p, p)``.
+
+    The values of ``x = patches.reshape(n, -1).astype(float32) / 255``, ``x.mean(1)``,
+    ``x.std(1)``, computed a chunk of patches at a time (rows reduce independently, so the
+    result is the same) with one float copy per chunk and the mean passed to ``std``.
+    """
+    n = len(patches)
+    flat = patches.reshape(n, -1)
+    out = np.empty((n, 2), np.float32)
+    for start in range(0, n, STATS_CHUNK):
+        x = np.divide(flat[start : start + STATS_CHUNK], np.float32(255.0), dtype=np.float32)
+        mean = x.mean(axis=1, keepdims=True)
+        out[start : start + len(x), 0] = mean[:, 0]
+        out[start : start + len(x), 1] = x.std(axis=1, mean=mean)
+    return out
 
 
 def cut_patches(images: Iterator[tuple[str, int, np.ndarray]], writer: ShardWriter, min_edge: int) -> CutPatches:
@@ -78,17 +118,19 @@ def cut_patches(images: Iterator[tuple[str, int, np.ndarray]], writer: ShardWrit
     crops, hashes and statistics (see :class:`CutPatches`)."""
     grids, planes, slices, hashes, stats = [], [], [], [], []
     for plane, index, image in images:
-        grid = tile_grid(*image.shape, writer.patch_size, min_edge)
-        if len(grid) == 0:
-            continue
-        patches = crop_patches(image, grid, writer.patch_size)
-        writer.append(patches)
-        grids.append(grid)
-        planes += [plane] * len(grid)
-        slices += [index] * len(grid)
-        hashes.append(dhash64(patches))
-        flat = patches.reshape(len(patches), -1).astype(np.float32) / 255.0
-        stats.append(np.stack([flat.mean(1), flat.std(1)], 1))
+        with timed("cut"):
+            grid = tile_grid(*image.shape, writer.patch_size, min_edge)
+            if len(grid) == 0:
+                continue
+            patches = crop_patches(image, grid, writer.patch_size)
+            grids.append(grid)
+            planes += [plane] * len(grid)
+            slices += [index] * len(grid)
+            stats.append(patch_statistics(patches))
+        with timed("write"):
+            writer.append(patches)
+        with timed("hash"):
+            hashes.append(dhash64(patches))
     return CutPatches(
         grid=np.concatenate(grids) if grids else np.zeros((0, 4), np.int64),
         planes=np.array(planes, object),
@@ -113,6 +155,11 @@ def manifest_rows(
     of each patch's exemplar; ``duplicate``: bool (n,). Local ids run from 0; the merge maps
     them (and the groups) to ``patch_id`` values.
     """
+    with timed("write"):
+        return _rows(cut, name, file, shard, shard_row, group_local, duplicate)
+
+
+def _rows(cut, name, file, shard, shard_row, group_local, duplicate) -> pd.DataFrame:
     n, grid = len(cut), cut.grid
     return pd.DataFrame(
         {

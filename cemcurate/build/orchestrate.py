@@ -31,6 +31,7 @@ from cemcurate.build.merge import merge_parts
 from cemcurate.build.records import PartRecord, SourceRow
 from cemcurate.build.resume import finished_part
 from cemcurate.build.source import process_source
+from cemcurate.build.timing import timed
 from cemcurate.commit import commit, discard_unfinished_stage, finish_interrupted_commit, stage
 from cemcurate.common.atomic import atomic_path
 from cemcurate.common.config import save_config
@@ -173,7 +174,8 @@ def _publish(layout: BuildLayout, cfg: BuildConfig, manifest: pd.DataFrame, sour
         sources.to_parquet(tmp, index=False)
     write_store_info(layout.staged(layout.store_info), cfg.patch_size, *_store_statistics(manifest))
     save_config(cfg, layout.staged(layout.build_config))
-    write_report(layout.root, manifest, sources, cfg, layout.staged(layout.report))
+    with timed("report"):
+        write_report(layout.root, manifest, sources, cfg, layout.staged(layout.report))
     names = [p.name for p in (layout.manifest, layout.sources, layout.store_info, layout.build_config, layout.report)]
     commit(layout, names)
 
@@ -201,7 +203,8 @@ def build(
     raw, layout = Path(raw), BuildLayout(out_dir)
     if raw.resolve() == layout.root.resolve():
         raise ValueError(f"{raw}: RAW and OUT are the same folder; write the outputs somewhere else")
-    found = discover_sources(raw, cfg.sources, cfg.allow_unmatched, layout.root)
+    with timed("discover"):
+        found = discover_sources(raw, cfg.sources, cfg.allow_unmatched, layout.root)
     specs, skipped = found.specs, found.skipped
     if len(set(s.key for s in specs)) != len(specs):
         raise ValueError(f"{raw}: two sources map to the same id; rename one of them")
@@ -216,7 +219,8 @@ def build(
         records: dict[str, PartRecord] = {}
         todo, redone = [], {}
         for spec in specs:
-            record, problem = finished_part(layout, spec, cfg)
+            with timed("discover"):
+                record, problem = finished_part(layout, spec, cfg)
             if record is not None:
                 records[spec.key] = record
             else:
@@ -230,10 +234,12 @@ def build(
             for row in records[key].sources:
                 row.notes = "; ".join(filter(None, [row.notes, note]))
         ordered = [records[s.key] for s in specs]
-        manifest, sources = merge_parts(layout, ordered, cfg, progress)
-        sources = _source_table(sources, specs, ordered, str(found.sidecar or ""), skipped)
-        _publish(layout, cfg, manifest, sources)
-        _remove_stale(layout, manifest, specs)
+        with timed("merge"):
+            manifest, sources = merge_parts(layout, ordered, cfg, progress)
+            sources = _source_table(sources, specs, ordered, str(found.sidecar or ""), skipped)
+        with timed("write"):
+            _publish(layout, cfg, manifest, sources)
+            _remove_stale(layout, manifest, specs)
     failed = {r.name: r.sources[0].error for r in ordered if not r.ok}
     return BuildSummary(
         layout.root,

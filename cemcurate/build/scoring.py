@@ -12,6 +12,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from cemcurate.build.config import BuildConfig
+from cemcurate.build.timing import timed
 from cemcurate.common.atomic import atomic_path
 from cemcurate.filtering.filters import make_filter
 from cemcurate.layout import BuildLayout
@@ -35,9 +36,10 @@ def score_patches(layout: BuildLayout, manifest: pd.DataFrame, cfg: BuildConfig,
         scores = np.empty(len(patches), np.float32)
         step = cfg.filter_batch_size  # also bounds the filters' per-batch float temporaries
         for start in range(0, len(patches), step):
-            scores[start : start + step] = patch_filter(np.asarray(patches[start : start + step]))
+            with timed("filter"):
+                scores[start : start + step] = patch_filter(np.asarray(patches[start : start + step]))
             bar.update(min(step, len(patches) - start))
-        with atomic_path(layout.filter_scores(patch_filter.name, shard)) as tmp:
+        with timed("write"), atomic_path(layout.filter_scores(patch_filter.name, shard)) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, scores)
     bar.close()

@@ -21,6 +21,7 @@ from cemcurate.build.cut import cut_patches, iter_standard_planes, manifest_rows
 from cemcurate.build.extend import extend_stack, extendable_part
 from cemcurate.build.records import Extends, PartRecord, SourceRow
 from cemcurate.build.resume import new_record
+from cemcurate.build.timing import timed
 from cemcurate.common.atomic import atomic_path
 from cemcurate.dedup import group_near_duplicates
 from cemcurate.io import ReadError, Volume
@@ -57,18 +58,19 @@ def process_volume(
             notes.append(
                 f"slices of {vol.shape[1]}x{vol.shape[2]} px are smaller than min-edge {cfg.min_edge}: no patches"
             )
-    exemplar = (
-        group_near_duplicates(cut.hashes, cfg.max_hamming, seed=cfg.seed)
-        if cfg.dedup and n
-        else np.arange(n, dtype=np.int64)
-    )
+    with timed("group"):
+        exemplar = (
+            group_near_duplicates(cut.hashes, cfg.max_hamming, seed=cfg.seed)
+            if cfg.dedup and n
+            else np.arange(n, dtype=np.int64)
+        )
     unique = exemplar == np.arange(n)
     shard_row = np.full(n, -1, np.int64)
     if n and unique.all():
         os.replace(all_path, layout.shard(shard))
         shard_row[:] = np.arange(n)
     elif n:
-        with ShardWriter(layout.shard(shard), cfg.patch_size) as final:
+        with timed("write"), ShardWriter(layout.shard(shard), cfg.patch_size) as final:
             keep = np.flatnonzero(unique)
             shard_row[keep] = final.append_from(open_shard(all_path, cfg.patch_size), keep)
         all_path.unlink()
@@ -131,7 +133,8 @@ def process_source(
             record.extends = Extends(old_record.fingerprint, len(old_frame))
             frames.append(frame)
         else:
-            volumes = open_volumes(spec)
+            with timed("decode"):  # headers
+                volumes = open_volumes(spec)
             for i, vol in enumerate(volumes):
                 name = spec.name if len(volumes) == 1 else f"{spec.name}:{vol.dataset or i}"
                 row, frame = process_volume(vol, name, shard_name(record, i), spec, cfg, layout)
@@ -144,7 +147,7 @@ def process_source(
         part = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         if spec.options.stack and len(part):
             _name_stack_files(part, spec, raw)
-        with atomic_path(layout.part_parquet(spec.key)) as tmp:
+        with timed("write"), atomic_path(layout.part_parquet(spec.key)) as tmp:
             part.to_parquet(tmp, index=False)
     except Exception as exc:  # one bad source must not stop the build
         if debug:
