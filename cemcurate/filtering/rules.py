@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from PIL import Image
 
 from cemcurate.filtering.features import check_patches
 
@@ -72,13 +73,18 @@ DEFAULT_RULES = RuleSettings()
 _CHUNK = 64
 
 
+def _histogram(image: np.ndarray) -> list[int]:
+    """Grey-level counts (256) of a uint8 2D image. Pillow's C loop counts bytes directly;
+    ``np.bincount`` first converts every pixel to intp, which takes twice as long."""
+    return Image.fromarray(image).histogram()
+
+
 def level_counts(patches: np.ndarray) -> np.ndarray:
     """Grey-level histogram of each patch: int64 ``(n, 256)``."""
     patches = check_patches(patches)
     out = np.empty((len(patches), 256), np.int64)
     for i, patch in enumerate(patches):
-        # One bincount per patch: no (n, p*p) int64 temporary for large batches.
-        out[i] = np.bincount(patch.ravel(), minlength=256)
+        out[i] = _histogram(patch)
     return out
 
 
@@ -96,7 +102,7 @@ def noise_sigma(patches: np.ndarray) -> np.ndarray:
     median = np.empty(len(patches), np.float64)
     for i, d in enumerate(diff):
         # Integer differences 0..255: the (lower) median via a histogram is exact and avoids a sort.
-        cum = np.cumsum(np.bincount(d.ravel(), minlength=256))
+        cum = np.cumsum(_histogram(d))
         median[i] = np.argmax(cum >= (d.size + 1) // 2)
     return 1.4826 * median / np.sqrt(2.0)
 
