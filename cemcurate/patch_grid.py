@@ -35,13 +35,19 @@ def tile_grid(height: int, width: int, patch_size: int = 224, min_edge: int = 11
     return np.array(rows, dtype=np.int64).reshape(-1, 4)
 
 
-def crop_patches(image: np.ndarray, grid: np.ndarray, patch_size: int = 224) -> np.ndarray:
+def crop_patches(
+    image: np.ndarray, grid: np.ndarray, patch_size: int = 224, out: np.ndarray | None = None
+) -> np.ndarray:
     """Cut ``image`` (uint8, ``(rows, cols)``) at ``grid`` rows ``(y, x, h, w)``.
 
-    Returns uint8 ``(len(grid), patch_size, patch_size)``; full-size crops are exact
-    copies of the source pixels, edge crops are resized bilinearly.
+    Returns uint8 ``(len(grid), patch_size, patch_size)``, written into ``out`` when given
+    (e.g. a slice of a batch buffer); full-size crops are exact copies of the source pixels,
+    edge crops are resized bilinearly.
     """
-    out = np.empty((len(grid), patch_size, patch_size), np.uint8)
+    if out is None:
+        out = np.empty((len(grid), patch_size, patch_size), np.uint8)
+    elif out.shape != (len(grid), patch_size, patch_size) or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 {(len(grid), patch_size, patch_size)}, got {out.dtype} {out.shape}")
     for i, (y, x, h, w) in enumerate(grid):
         crop = image[y : y + h, x : x + w]
         if h == patch_size and w == patch_size:

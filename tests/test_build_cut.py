@@ -1,0 +1,39 @@
+"""The cut of cemcurate.build.cut: batches across planes and per-patch statistics, against plain per-plane code."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import cemcurate.build.cut as cut_module
+from cemcurate.build.cut import cut_patches, patch_statistics
+from cemcurate.dhash import dhash64
+from cemcurate.patch_grid import crop_patches, tile_grid
+from cemcurate.store import ShardWriter, open_shard
+
+
+def test_patch_statistics_are_the_plain_float32_mean_and_std():
+    rng = np.random.default_rng(0)
+    for n, p in ((1, 224), (17, 224), (40, 100)):
+        patches = rng.integers(0, 256, (n, p, p), dtype=np.uint8)
+        flat = patches.reshape(n, -1).astype(np.float32) / 255.0
+        plain = np.stack([flat.mean(1), flat.std(1)], 1)
+        assert patch_statistics(patches).dtype == np.float32
+        assert np.array_equal(patch_statistics(patches).view(np.uint32), plain.view(np.uint32))  # bit for bit
+
+
+def test_batched_cut_equals_plane_by_plane(tmp_path, monkeypatch):
+    """Planes of 1, several and more patches than a batch holds, with edge crops: the same
+    patches, hashes, statistics and shard bytes as cutting each plane on its own."""
+    monkeypatch.setattr(cut_module, "BATCH_PATCHES", 5)
+    rng = np.random.default_rng(3)
+    shapes = [(250, 250), (300, 700), (250, 250), (900, 500), (120, 130), (60, 60), (250, 250)]
+    images = [("xy", i, rng.integers(0, 256, shape, dtype=np.uint8)) for i, shape in enumerate(shapes)]
+    with ShardWriter(tmp_path / "batched.u8", 224) as writer:
+        cut = cut_patches(iter(images), writer, 112)
+    planes = [(plane, index, crop_patches(image, tile_grid(*image.shape), 224)) for plane, index, image in images]
+    plain = np.concatenate([patches for _, _, patches in planes if len(patches)])
+    assert np.array_equal(np.asarray(open_shard(tmp_path / "batched.u8", 224)), plain)
+    assert np.array_equal(cut.hashes, dhash64(plain))
+    assert np.array_equal(cut.stats, patch_statistics(plain))
+    assert list(cut.slices) == [index for _, index, patches in planes for _ in range(len(patches))]
+    assert len(cut.grid) == len(plain) == writer.count
