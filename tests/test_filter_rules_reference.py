@@ -86,12 +86,18 @@ def real_patches(data_root):
         for y in range(0, image.shape[0] - 223, 112)
         for x in range(0, image.shape[1] - 223, 112)
     ]
+    return np.ascontiguousarray(np.stack(tiles + enlarged_plate_crops(plate)))
+
+
+def enlarged_plate_crops(plate: np.ndarray) -> list[np.ndarray]:
+    """The SEM plate's empty background (2x, bilinear) and data bar (4x, nearest) as 224-px
+    patches, enlarged as the tests of the rules do: patches the rules drop."""
     enlarged = [(plate[y : y + 112, x : x + 112], 2) for y, x in PLATE_EMPTY]
     enlarged += [(plate[BAR_ROWS[0] : BAR_ROWS[0] + 56, x : x + 56], 4) for x in range(0, plate.shape[1] - 55, 56)]
-    for crop, factor in enlarged:  # as the tests of the rules enlarge them
-        resample = Image.NEAREST if factor == 4 else Image.BILINEAR
-        tiles.append(np.asarray(Image.fromarray(crop).resize((224, 224), resample)))
-    return np.ascontiguousarray(np.stack(tiles))
+    return [
+        np.asarray(Image.fromarray(crop).resize((224, 224), Image.NEAREST if factor == 4 else Image.BILINEAR))
+        for crop, factor in enlarged
+    ]
 
 
 def test_real_patches_match_the_plain_formulation(real_patches):

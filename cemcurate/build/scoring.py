@@ -3,9 +3,22 @@
 Scores are cached per shard and filter identity (``PatchFilter.name``) under
 ``OUT/parts/filter/``, so a re-run scores only new shards, and changing ``--filter``
 rescores without re-reading any source.
+
+A fork-safe filter (the label-free rules, ``PatchFilter.fork_safe``) scores the shards in
+ranges of patches on a pool of forked processes, one per worker the build may use: after
+the sources are done it is the one stage left that keeps a core busy. A classifier runs
+in the calling process (with its own threads, or on the GPU).
 """
 
 from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import signal
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -14,9 +27,88 @@ from tqdm import tqdm
 from cemcurate.build.config import BuildConfig
 from cemcurate.build.timing import timed
 from cemcurate.common.atomic import atomic_path
-from cemcurate.filtering.filters import make_filter
+from cemcurate.filtering.filters import PatchFilter, make_filter
 from cemcurate.layout import BuildLayout
 from cemcurate.store import open_shard
+
+# Patches per task of the pool (25 MB of 224-px patches read from the page cache).
+RANGE_PATCHES = 512
+# Fewer patches than this are scored in the calling process: starting the pool costs more.
+MIN_PARALLEL_PATCHES = 1024
+
+
+def _score_range(patch_filter: PatchFilter, path: Path, patch_size: int, start: int, stop: int, batch: int):
+    """Scores (float32 ``(stop - start,)``) of patches ``start:stop`` of the shard at ``path``,
+    ``batch`` at a time (which also bounds the filters' per-batch float temporaries)."""
+    patches = open_shard(path, patch_size)
+    scores = np.empty(stop - start, np.float32)
+    for first in range(start, stop, batch):
+        last = min(first + batch, stop)
+        scores[first - start : last - start] = patch_filter(np.asarray(patches[first:last]))
+    return scores
+
+
+@lru_cache(maxsize=4)
+def _child_filter(spec: str, batch_size: int) -> PatchFilter:
+    return make_filter(spec, batch_size=batch_size)
+
+
+def _score_range_in_child(spec: str, batch_size: int, path: Path, patch_size: int, start: int, stop: int):
+    return _score_range(_child_filter(spec, batch_size), path, patch_size, start, stop, batch_size)
+
+
+def _leave_interrupt_to_parent() -> None:
+    # Ctrl-C is the build's to handle. A child writes nothing into OUT (the parent saves the
+    # scores) and exits when the parent's end of the pool's pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _score_shards(
+    layout: BuildLayout, cfg: BuildConfig, patch_filter: PatchFilter, sizes: dict[str, int], bar: tqdm
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``(shard, scores of all its patches)`` for each shard in ``sizes`` (name -> patch count),
+    as soon as it is scored (so an interrupted run keeps the shards it finished)."""
+    tasks = [(s, a, min(a + RANGE_PATCHES, n)) for s, n in sizes.items() for a in range(0, n, RANGE_PATCHES)]
+    scores = {shard: np.empty(n, np.float32) for shard, n in sizes.items()}
+    left = {shard: len(range(0, n, RANGE_PATCHES)) for shard, n in sizes.items()}
+    workers = min(cfg.workers or os.cpu_count() or 1, len(tasks))
+    parallel = (
+        patch_filter.fork_safe
+        and workers > 1
+        and sum(sizes.values()) >= MIN_PARALLEL_PATCHES
+        and "fork" in multiprocessing.get_all_start_methods()
+    )
+    if not parallel:
+        for shard, start, stop in tasks:
+            with timed("filter"):
+                scores[shard][start:stop] = _score_range(
+                    patch_filter, layout.shard(shard), cfg.patch_size, start, stop, cfg.filter_batch_size
+                )
+            bar.update(stop - start)
+            left[shard] -= 1
+            if not left[shard]:
+                yield shard, scores.pop(shard)
+        return
+    context = multiprocessing.get_context("fork")
+    with cf.ProcessPoolExecutor(workers, context, _leave_interrupt_to_parent) as pool:
+        futures = {
+            pool.submit(
+                _score_range_in_child, cfg.filter, cfg.filter_batch_size, layout.shard(s), cfg.patch_size, a, b
+            ): (s, a, b)
+            for s, a, b in tasks
+        }
+        pending = cf.as_completed(futures)
+        while True:
+            with timed("filter"):  # waiting for the pool; not around the yield
+                future = next(pending, None)
+            if future is None:
+                break
+            shard, start, stop = futures[future]
+            scores[shard][start:stop] = future.result()
+            bar.update(stop - start)
+            left[shard] -= 1
+            if not left[shard]:
+                yield shard, scores.pop(shard)
 
 
 def score_patches(layout: BuildLayout, manifest: pd.DataFrame, cfg: BuildConfig, progress: bool = True) -> np.ndarray:
@@ -31,14 +123,7 @@ def score_patches(layout: BuildLayout, manifest: pd.DataFrame, cfg: BuildConfig,
     todo = [s for s in shards if not layout.filter_scores(patch_filter.name, s).is_file()]
     sizes = {s: layout.shard(s).stat().st_size // (cfg.patch_size**2) for s in todo}
     bar = tqdm(total=sum(sizes.values()), desc=f"filter ({cfg.filter})", unit="patch", disable=not progress or not todo)
-    for shard in todo:
-        patches = open_shard(layout.shard(shard), cfg.patch_size)
-        scores = np.empty(len(patches), np.float32)
-        step = cfg.filter_batch_size  # also bounds the filters' per-batch float temporaries
-        for start in range(0, len(patches), step):
-            with timed("filter"):
-                scores[start : start + step] = patch_filter(np.asarray(patches[start : start + step]))
-            bar.update(min(step, len(patches) - start))
+    for shard, scores in _score_shards(layout, cfg, patch_filter, sizes, bar):
         with timed("write"), atomic_path(layout.filter_scores(patch_filter.name, shard)) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, scores)

@@ -42,11 +42,17 @@ class PatchFilter:
     Attributes:
         name: stable identity of the method and its parameters/weights (for caching).
         threshold: the pipeline keeps a patch when its probability is at least this.
+        fork_safe: the method is plain numpy/Pillow code that forked worker processes can run
+            side by side (the label-free rules); a classifier is not (torch and fork do not
+            mix, and it runs its own threads).
     """
 
-    def __init__(self, name: str, score: Callable[[np.ndarray], np.ndarray], threshold: float = 0.5):
+    def __init__(
+        self, name: str, score: Callable[[np.ndarray], np.ndarray], threshold: float = 0.5, fork_safe: bool = False
+    ):
         self.name = name
         self.threshold = float(threshold)
+        self.fork_safe = bool(fork_safe)
         self._score = score
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
@@ -78,10 +84,12 @@ def make_filter(
     """
     text = str(spec).strip()
     if text == "none":
-        return PatchFilter("none", lambda p: np.ones(len(p), np.float32))
+        return PatchFilter("none", lambda p: np.ones(len(p), np.float32), fork_safe=True)
     if text == "stats":
         return PatchFilter(
-            f"stats-rules-v1[{DEFAULT_RULES.identity()}]", lambda p: rule_informative_prob(p, DEFAULT_RULES)
+            f"stats-rules-v1[{DEFAULT_RULES.identity()}]",
+            lambda p: rule_informative_prob(p, DEFAULT_RULES),
+            fork_safe=True,
         )
     path = Path(text)
     if not path.is_file():
