@@ -44,6 +44,8 @@ def filter_report_section(
     if "informative_prob" not in manifest.columns:
         return head + "<p>The filter was not run on this build (no <code>informative_prob</code> column).</p>"
     patch_size = patch_size or read_store_info(out_dir).patch_size
+    # Only the columns used: the per-source selections below then copy a few columns, not all.
+    manifest = manifest[["source", "kept", "reason", "informative_prob", "shard", "shard_row"]]
     dropped_all = manifest["reason"].astype(str) == UNINFORMATIVE_REASON
     kept_all = manifest["kept"].astype(bool)
     scored = manifest["informative_prob"].notna()
