@@ -52,9 +52,10 @@ def plane_shape(shape: tuple[int, int, int], plane: str) -> tuple[int, int, int]
 def iter_planes(volume: np.ndarray, plane: str, block_bytes: int = 256 << 20) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(slice_index, image)`` for every cross-section of ``volume`` in ``plane``.
 
-    ``volume`` is a ``(z, y, x)`` array, typically a read-only memory map; it is read in
-    blocks of about ``block_bytes`` so memory stays bounded for volumes larger than RAM.
-    Images are C-contiguous copies with the row/col order of :func:`plane_shape`.
+    ``volume`` is a ``(z, y, x)`` array, typically a read-only memory map, taken in blocks of
+    about ``block_bytes``. Images have the row/col order of :func:`plane_shape`; they are
+    views into ``volume`` (strided for xz and yz): no copy is made here, whoever crops them
+    copies the pixels once.
     """
     z, y, x = volume.shape
     if plane == "xy":
@@ -62,18 +63,18 @@ def iter_planes(volume: np.ndarray, plane: str, block_bytes: int = 256 << 20) ->
         for z0 in range(0, z, step):
             block = np.asarray(volume[z0 : z0 + step])
             for k in range(block.shape[0]):
-                yield z0 + k, np.ascontiguousarray(block[k])
+                yield z0 + k, block[k]
     elif plane == "xz":
         step = max(1, block_bytes // max(1, z * x * volume.itemsize))
         for y0 in range(0, y, step):
             block = np.asarray(volume[:, y0 : y0 + step, :])
             for k in range(block.shape[1]):
-                yield y0 + k, np.ascontiguousarray(block[:, k, :])
+                yield y0 + k, block[:, k, :]
     elif plane == "yz":
         step = max(1, block_bytes // max(1, z * y * volume.itemsize))
         for x0 in range(0, x, step):
             block = np.asarray(volume[:, :, x0 : x0 + step])
             for k in range(block.shape[2]):
-                yield x0 + k, np.ascontiguousarray(block[:, :, k])
+                yield x0 + k, block[:, :, k]
     else:
         raise ValueError(f"unknown plane {plane!r}; expected one of {ALL_PLANES}")

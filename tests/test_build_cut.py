@@ -1,13 +1,16 @@
-"""The cut of cemcurate.build.cut: batches across planes and per-patch statistics, against plain per-plane code."""
+"""cemcurate.build.cut against plain code: batches across planes, per-patch statistics, the 3-plane sections."""
 
 from __future__ import annotations
 
 import numpy as np
 
 import cemcurate.build.cut as cut_module
-from cemcurate.build.cut import cut_patches, patch_statistics
+from cemcurate.build.cut import cut_patches, iter_standard_planes, patch_statistics
 from cemcurate.dhash import dhash64
+from cemcurate.io import Volume
 from cemcurate.patch_grid import crop_patches, tile_grid
+from cemcurate.slicing import ALL_PLANES
+from cemcurate.standardize import IntensityWindow
 from cemcurate.store import ShardWriter, open_shard
 
 
@@ -37,3 +40,25 @@ def test_batched_cut_equals_plane_by_plane(tmp_path, monkeypatch):
     assert np.array_equal(cut.stats, patch_statistics(plain))
     assert list(cut.slices) == [index for _, index, patches in planes for _ in range(len(patches))]
     assert len(cut.grid) == len(plain) == writer.count
+
+
+def test_three_planes_from_memory_or_from_the_scratch_file_are_the_same(tmp_path, monkeypatch):
+    """Small volumes are standardised in memory, larger ones into a scratch memory map: the same sections."""
+    data = np.random.default_rng(4).integers(0, 4000, (20, 30, 40), dtype=np.uint16)
+    vol = Volume(shape=data.shape, dtype=data.dtype, read_slices=lambda z0, z1: data[z0:z1].copy(), reader="test")
+    window = IntensityWindow(100.0, 3900.0)
+    scratch = tmp_path / "work" / "v.std.npy"
+
+    def sections():
+        return [(p, i, np.array(image)) for p, i, image in iter_standard_planes(vol, window, ALL_PLANES, scratch)]
+
+    in_memory = sections()
+    monkeypatch.setattr(cut_module, "IN_MEMORY_VOXELS", 100)
+    from_file = sections()
+    assert not scratch.exists()
+    assert [(p, i) for p, i, _ in in_memory] == [(p, i) for p, i, _ in from_file]
+    assert len(in_memory) == 20 + 30 + 40
+    assert all(np.array_equal(a, b) for (_, _, a), (_, _, b) in zip(in_memory, from_file))
+    standard = window.apply(data)
+    assert np.array_equal(in_memory[20 + 3][2], standard[:, 3, :])  # xz section 3
+    assert np.array_equal(in_memory[-1][2], standard[:, :, 39])  # yz section 39

@@ -24,6 +24,9 @@ from cemcurate.store import ShardWriter
 
 # ~8 M voxels per slab: the float copy made while windowing stays near 64 MB.
 SLAB_VOXELS = 8 << 20
+# A volume cut in three planes is standardised into memory up to this many voxels (64 MB,
+# the size of the blocks read from a larger one's scratch memory map), else into a scratch file.
+IN_MEMORY_VOXELS = 64 << 20
 # Patches per chunk of the statistics: their float32 copy (3 MB for 224-px patches) stays in the cache.
 STATS_CHUNK = 16
 # Patches of consecutive planes hashed, measured and written together (12 MB of 224-px
@@ -54,8 +57,9 @@ def iter_standard_planes(
     """Yield ``(plane, slice_index, uint8 image)`` for every cross-section to tile.
 
     xy-only volumes are streamed a slab at a time. Volumes cut in three planes are first
-    standardised into a uint8 memory map at ``scratch`` (removed afterwards), from which
-    xz and yz sections are read in bounded blocks.
+    standardised whole: into memory up to :data:`IN_MEMORY_VOXELS`, else into a uint8 memory
+    map at ``scratch`` (removed afterwards), from which xz and yz sections are read in
+    bounded blocks.
     """
     z, y, x = vol.shape
     slab = max(1, SLAB_VOXELS // max(1, y * x))
@@ -65,29 +69,44 @@ def iter_standard_planes(
             for k in range(block.shape[0]):
                 yield "xy", z0 + k, block[k]
         return
+    if z * y * x <= IN_MEMORY_VOXELS:
+        std = np.empty((z, y, x), np.uint8)
+        _standardise_into(std, vol, window, slab)
+        yield from _sections(std, planes)
+        return
     scratch.parent.mkdir(parents=True, exist_ok=True)
     try:
         with timed("standardise"):
             std = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(z, y, x))
-        for z0 in range(0, z, slab):
-            block = _standard_slab(vol, window, z0, min(z, z0 + slab))
-            with timed("standardise"):
-                std[z0 : z0 + slab] = block
+        _standardise_into(std, vol, window, slab)
         with timed("standardise"):
             std.flush()
             del std
             std = np.load(scratch, mmap_mode="r")
-        for plane in planes:
-            sections = iter_planes(std, plane, block_bytes=64 << 20)
-            while True:
-                with timed("slice"):  # not around the yield: the consumer's time is its own
-                    section = next(sections, None)
-                if section is None:
-                    break
-                yield plane, section[0], section[1]
+        yield from _sections(std, planes)
         del std
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def _standardise_into(std: np.ndarray, vol: Volume, window: IntensityWindow, slab: int) -> None:
+    """Fill ``std`` (uint8, the volume's shape) with the standardised volume, ``slab`` slices at a time."""
+    for z0 in range(0, vol.shape[0], slab):
+        block = _standard_slab(vol, window, z0, min(vol.shape[0], z0 + slab))
+        with timed("standardise"):
+            std[z0 : z0 + slab] = block
+
+
+def _sections(std: np.ndarray, planes: tuple[str, ...]) -> Iterator[tuple[str, int, np.ndarray]]:
+    """``(plane, index, image)`` of every section of the standardised volume ``std`` in ``planes``."""
+    for plane in planes:
+        sections = iter_planes(std, plane, block_bytes=IN_MEMORY_VOXELS)
+        while True:
+            with timed("slice"):  # not around the yield: the consumer's time is its own
+                section = next(sections, None)
+            if section is None:
+                break
+            yield plane, section[0], section[1]
 
 
 def _standard_slab(vol: Volume, window: IntensityWindow, z0: int, z1: int) -> np.ndarray:
