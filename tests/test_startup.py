@@ -18,8 +18,21 @@ from conftest import REPO, require
 # What building the command line must not load: the training and plotting stack, and the
 # table libraries only a build or an export needs.
 NOT_FOR_THE_PARSER = ("torch", "timm", "matplotlib", "sklearn", "pandas", "pyarrow", "scipy")
-# What a default build (filter 'stats') never needs.
-NOT_FOR_A_DEFAULT_BUILD = ("torch", "timm", "matplotlib", "sklearn", "torchvision", "segmentation_models_pytorch")
+# What a default build (filter 'stats') of TIFF and PNG files never needs: the training and
+# plotting stack, and the backends of other formats (zarr, 0.3 s, once read LZW TIFFs).
+NOT_FOR_A_DEFAULT_BUILD = (
+    "torch",
+    "timm",
+    "matplotlib",
+    "sklearn",
+    "torchvision",
+    "segmentation_models_pytorch",
+    "scipy",
+    "skimage",
+    "zarr",
+    "h5py",
+    "cv2",
+)
 
 
 def loaded_after(code: str) -> set[str]:
