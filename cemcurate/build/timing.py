@@ -8,11 +8,12 @@ build with one worker runs every source in the calling process, so there
 prints it); with a process pool each worker keeps its own. Meant for the one thread that runs
 the build in each process.
 
-Stages: ``discover`` (finding sources, checking finished parts), ``decode`` (reading pixels),
-``standardise`` (the uint8 window, the scratch volume of 3-plane sources), ``cut`` (tiling,
-edge resizes, per-patch statistics), ``hash`` (dHash), ``group`` (near-duplicate grouping),
-``write`` (shards, parts, the manifest and tables), ``merge`` (parts to the manifest),
-``filter`` (the uninformative-patch filter), ``report`` (``report.html``).
+Stages: ``discover`` (finding sources, checking finished parts), ``decode`` (file headers
+and pixels), ``standardise`` (the uint8 window; the whole standardised volume of a 3-plane
+source), ``slice`` (its xz/yz sections), ``cut`` (tiling, edge resizes, per-patch
+statistics), ``hash`` (dHash), ``group`` (near-duplicate grouping), ``write`` (shards,
+parts, the manifest and tables), ``merge`` (parts to the manifest), ``filter`` (the
+uninformative-patch filter), ``report`` (``report.html``).
 """
 
 from __future__ import annotations
