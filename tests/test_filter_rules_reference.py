@@ -1,7 +1,7 @@
 """The label-free rules give exactly what their plain formulation gives.
 
-``flat_fraction`` and ``rule_reasons`` count flat pixels per block from integer sums instead
-of drawing a float copy and a full-size mask of every patch; the plain formulation below
+``flat_fraction`` and ``rule_reasons`` compute the block statistics and count flat pixels per
+block from integer sums instead of drawing a float copy and a full-size mask of every patch; the plain formulation below
 (the one the rules were written in) is the reference, on real patches and on synthetic
 near-threshold ones, for the default and for other block settings.
 """
@@ -33,8 +33,9 @@ def plain_flat_fraction(patches: np.ndarray, rules: RuleSettings) -> np.ndarray:
     off = (p - m * rules.block) // 2
     core = patches[:, off : off + m * rules.block, off : off + m * rules.block]
     s, b = rules.smooth, rules.block // rules.smooth
-    binned = core.reshape(n, m * b, s, m * b, s).astype(np.float32).mean(axis=(2, 4))
-    block_std = binned.reshape(n, m, b, m, b).std(axis=(2, 4))
+    # The std of the s x s means is that of the (integer) s x s sums over s^2.
+    sums = core.reshape(n, m * b, s, m * b, s).sum(axis=(2, 4), dtype=np.int64).astype(np.float64)
+    block_std = sums.reshape(n, m, b, m, b).std(axis=(2, 4)) / (s * s)
     limit = np.maximum(rules.std_floor, rules.noise_factor * noise_sigma(patches) / s)
     uniform_block = block_std < limit[:, None, None]
     flat = np.repeat(np.repeat(uniform_block, rules.block, axis=1), rules.block, axis=2)
