@@ -17,6 +17,7 @@ from cemcurate.build.config import BuildConfig
 from cemcurate.build.cut import cut_patches, manifest_rows
 from cemcurate.build.records import PartRecord, SourceRow, encode_files
 from cemcurate.build.resume import file_stamps, read_part, settings_hash
+from cemcurate.build.scoring import score_new_shard
 from cemcurate.dedup import group_incremental
 from cemcurate.dhash import hex_to_dhash
 from cemcurate.layout import BuildLayout
@@ -95,6 +96,7 @@ def extend_stack(
             kept_rows = np.flatnonzero(keep)
             shard_row[kept_rows] = final.append_from(open_shard(new_path, cfg.patch_size), kept_rows)
     new_path.unlink(missing_ok=True)
+    score_new_shard(layout, cfg, shard)
     old["shard"] = shard  # the old shard was copied first, so old shard rows are unchanged
     new_rows = manifest_rows(cut, old_row.source, spec.name, shard, shard_row, group_local, ~keep)
     new_rows["local_id"] += n_old

@@ -4,10 +4,12 @@ Scores are cached per shard and filter identity (``PatchFilter.name``) under
 ``OUT/parts/filter/``, so a re-run scores only new shards, and changing ``--filter``
 rescores without re-reading any source.
 
-A fork-safe filter (the label-free rules, ``PatchFilter.fork_safe``) scores the shards in
-ranges of patches on a pool of forked processes, one per worker the build may use: after
-the sources are done it is the one stage left that keeps a core busy. A classifier runs
-in the calling process (with its own threads, or on the GPU).
+A built-in filter (``stats``, ``none``: plain numpy/Pillow code) scores each shard in the
+worker that has just written it (:func:`score_new_shard`), while its patches are in the page
+cache and beside the other sources' work, so the filter stage only has to read the scores
+back. What is left (shards of an earlier run under another filter) is scored here: a
+fork-safe filter in ranges of patches on a pool of forked processes, one per worker the
+build may use; a classifier in the calling process (with its own threads, or on the GPU).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tqdm import tqdm
 from cemcurate.build.config import BuildConfig
 from cemcurate.build.timing import timed
 from cemcurate.common.atomic import atomic_path
-from cemcurate.filtering.filters import PatchFilter, make_filter
+from cemcurate.filtering.filters import BUILTIN_FILTERS, PatchFilter, make_filter
 from cemcurate.layout import BuildLayout
 from cemcurate.store import open_shard
 
@@ -51,6 +53,28 @@ def _score_range(patch_filter: PatchFilter, path: Path, patch_size: int, start: 
 @lru_cache(maxsize=4)
 def _child_filter(spec: str, batch_size: int) -> PatchFilter:
     return make_filter(spec, batch_size=batch_size)
+
+
+def _save_scores(layout: BuildLayout, filter_name: str, shard: str, scores: np.ndarray) -> None:
+    with timed("write"), atomic_path(layout.filter_scores(filter_name, shard)) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, scores)
+
+
+def score_new_shard(layout: BuildLayout, cfg: BuildConfig, shard: str) -> None:
+    """Score the shard a source worker has just written and cache the scores, when the
+    build's filter is a built-in one; a classifier file waits for the filter stage (it would
+    load its weights in every worker)."""
+    if str(cfg.filter).strip() not in BUILTIN_FILTERS:
+        return
+    patch_filter = _child_filter(cfg.filter, cfg.filter_batch_size)
+    path = layout.shard(shard)
+    with timed("filter"):
+        scores = _score_range(
+            patch_filter, path, cfg.patch_size, 0, path.stat().st_size // cfg.patch_size**2, cfg.filter_batch_size
+        )
+    layout.filter_cache(patch_filter.name).mkdir(parents=True, exist_ok=True)
+    _save_scores(layout, patch_filter.name, shard, scores)
 
 
 def _score_range_in_child(spec: str, batch_size: int, path: Path, patch_size: int, start: int, stop: int):
@@ -124,9 +148,7 @@ def score_patches(layout: BuildLayout, manifest: pd.DataFrame, cfg: BuildConfig,
     sizes = {s: layout.shard(s).stat().st_size // (cfg.patch_size**2) for s in todo}
     bar = tqdm(total=sum(sizes.values()), desc=f"filter ({cfg.filter})", unit="patch", disable=not progress or not todo)
     for shard, scores in _score_shards(layout, cfg, patch_filter, sizes, bar):
-        with timed("write"), atomic_path(layout.filter_scores(patch_filter.name, shard)) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, scores)
+        _save_scores(layout, patch_filter.name, shard, scores)
     bar.close()
     shard_col, row_col = manifest["shard"].to_numpy(), manifest["shard_row"].to_numpy()
     for shard in shards:

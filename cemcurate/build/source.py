@@ -21,6 +21,7 @@ from cemcurate.build.cut import cut_patches, iter_standard_planes, manifest_rows
 from cemcurate.build.extend import extend_stack, extendable_part
 from cemcurate.build.records import Extends, PartRecord, SourceRow
 from cemcurate.build.resume import new_record
+from cemcurate.build.scoring import score_new_shard
 from cemcurate.build.timing import timed
 from cemcurate.common.atomic import atomic_path
 from cemcurate.dedup import group_near_duplicates
@@ -74,6 +75,8 @@ def process_volume(
             keep = np.flatnonzero(unique)
             shard_row[keep] = final.append_from(open_shard(all_path, cfg.patch_size), keep)
         all_path.unlink()
+    if n:
+        score_new_shard(layout, cfg, shard)
     rows = manifest_rows(cut, name, spec.name, shard, shard_row, exemplar, ~unique)
     row = SourceRow.for_spec(
         spec,

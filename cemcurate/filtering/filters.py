@@ -30,6 +30,9 @@ from cemcurate.filtering.rules import DEFAULT_RULES, rule_informative_prob
 # The classifier module imports torch; only a classifier file needs it.
 classifier_module = lazy_import("cemcurate.filtering.classifier")
 
+# The specs that need no file: cheap to make in any process.
+BUILTIN_FILTERS = ("none", "stats")
+
 FILTER_SPECS_HELP = (
     "'stats' (label-free rules), 'none' (keep all), a classifier .pth from `cemcurate filter train` "
     "or the CEM500K filter weights, or a stats_forest.pkl from `cemcurate filter train`"
