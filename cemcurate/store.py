@@ -64,7 +64,8 @@ class ShardWriter:
                 f"shard {self.path.name}: expected uint8 (n, {p}, {p}), got {patches.dtype} {patches.shape}"
             )
         assert self._file is not None
-        self._file.write(np.ascontiguousarray(patches).tobytes())
+        # A memoryview writes the array's buffer as it is; ``tobytes`` would copy it first.
+        self._file.write(memoryview(np.ascontiguousarray(patches)).cast("B"))
         rows = np.arange(self.count, self.count + len(patches), dtype=np.int64)
         self.count += len(patches)
         return rows
