@@ -1,4 +1,5 @@
-"""The filter stage (cemcurate.build.scoring): the pool of forked processes scores what one process does."""
+"""The filter stage (cemcurate.build.scoring): the pool of forked processes scores what one
+process does, and a build's source workers score the shards they write."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from conftest import require
 from test_filter_rules_reference import enlarged_plate_crops
 
 import cemcurate.build.scoring as scoring
-from cemcurate.build import BuildConfig
+from cemcurate.build import BuildConfig, build
 from cemcurate.filtering.filters import make_filter
 from cemcurate.layout import BuildLayout
-from cemcurate.store import ShardWriter
+from cemcurate.store import ShardWriter, open_shard
 
 
 @pytest.fixture
@@ -54,3 +55,41 @@ def test_a_classifier_is_never_forked():
     assert make_filter("stats").fork_safe and make_filter("none").fork_safe
     # Files (classifier, forest) keep the default: scored in the calling process.
     assert not scoring.PatchFilter("x", lambda p: np.ones(len(p), np.float32)).fork_safe
+
+
+def test_a_build_scores_its_shards_where_they_are_written(tmp_path, data_root, monkeypatch):
+    """The built-in filter's scores are cached by the source workers (two forked processes
+    here), so the filter stage has nothing left to score; a re-run under another filter
+    reuses the parts and scores their shards in the stage."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in (0, 1):
+        src = require(data_root / f"drosophila_vnc_gerhard/stack1/raw/{i:02d}.tif")
+        (raw / src.name).symlink_to(src)
+    (raw / "plate.tif").symlink_to(require(data_root / "sem_plate_databar/plateImage2D.tif"))
+    staged = []
+    real_score_shards = scoring._score_shards
+
+    def recording(layout, cfg, patch_filter, sizes, bar):
+        staged.append((patch_filter.name, dict(sizes)))
+        return real_score_shards(layout, cfg, patch_filter, sizes, bar)
+
+    monkeypatch.setattr(scoring, "_score_shards", recording)
+    out = tmp_path / "out"
+    build(raw, out, BuildConfig(workers=2), progress=False)
+    stats = make_filter("stats")
+    layout = BuildLayout(out)
+    shards = sorted(p.stem for p in layout.shards())
+    assert len(shards) == 3 and staged == [(stats.name, {})]
+    manifest = pd.read_parquet(layout.manifest)
+    for shard in shards:
+        cached = np.load(layout.filter_scores(stats.name, shard))
+        assert np.array_equal(cached, stats(np.asarray(open_shard(layout.shard(shard), 224))))
+        rows = manifest[(manifest["shard"] == shard) & (manifest["shard_row"] >= 0)]
+        assert np.array_equal(manifest.loc[rows.index, "informative_prob"], cached[rows["shard_row"]])
+
+    staged.clear()
+    build(raw, out, BuildConfig(workers=2, filter="none"), progress=False)
+    name, sizes = staged[0]
+    assert name == "none" and sorted(sizes) == shards
+    assert pd.read_parquet(layout.manifest)["informative_prob"].dropna().eq(1.0).all()
