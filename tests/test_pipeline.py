@@ -13,6 +13,7 @@ import pytest
 import tifffile
 
 import cemcurate.build.cut as cut_module
+import cemcurate.build.merge as merge_module
 import cemcurate.build.orchestrate as orchestrate
 from cemcurate import open_patches
 from cemcurate.build import BuildConfig, build
@@ -168,6 +169,39 @@ def test_parallel_build_equals_serial(built, tmp_path):
     a = pd.read_parquet(out / "manifest.parquet").drop(columns=["shard"])
     b = pd.read_parquet(tmp_path / "par" / "manifest.parquet").drop(columns=["shard"])
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_the_merge_reads_back_only_the_parts_it_reuses(built, tmp_path, monkeypatch):
+    """Fresh parts come back from the workers with their rows; reused ones are read from disk.
+    Either way the manifest is the same."""
+    raw, out, _ = built
+    reads = []
+    real_read = merge_module.pd.read_parquet
+
+    def counting(path, *args, **kwargs):
+        if "columns" not in kwargs:  # the resume check reads a part's shard columns only
+            reads.append(Path(path).name)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(merge_module.pd, "read_parquet", counting)
+    fresh = tmp_path / "fresh"
+    build(raw, fresh, BuildConfig(workers=2), progress=False)
+    assert not [name for name in reads if name.endswith(".parquet")]
+    again = build(raw, fresh, BuildConfig(workers=2), progress=False)
+    assert again.reused == again.n_sources and len(reads) == again.n_sources
+    expected = pd.read_parquet(out / "manifest.parquet").drop(columns=["shard"])
+    pd.testing.assert_frame_equal(real_read(fresh / "manifest.parquet").drop(columns=["shard"]), expected)
+
+
+def test_the_pool_takes_the_largest_sources_first(tmp_path):
+    sizes = {"small.tif": 10, "large.tif": 1000, "medium.tif": 100}
+    specs = []
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(b"x" * size)
+        specs.append(SourceSpec(name=name, files=[tmp_path / name]))
+    specs.append(SourceSpec(name="gone.tif", files=[tmp_path / "gone.tif"]))  # fails in its worker
+    order = [spec.name for spec in orchestrate._largest_first(specs)]
+    assert order == ["large.tif", "medium.tif", "small.tif", "gone.tif"]
 
 
 def test_bad_files_fail_alone_with_clear_messages(tmp_path, data_root):

@@ -39,11 +39,16 @@ def merge_parts(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Combine parts into the manifest and the source table (not yet written).
 
-    ``records`` are every source's part in source order. The manifest has the columns of
+    ``records`` are every source's part in source order; a record's manifest rows are read
+    from its part file unless the record carries them (``PartRecord.rows``). The manifest has the columns of
     :data:`cemcurate.manifest.MANIFEST_SCHEMA`, sorted by ``patch_id``; the source table has
     one :class:`SourceRow` per volume.
     """
-    frames = {rec.key: pd.read_parquet(layout.part_parquet(rec.key)) for rec in records if rec.ok}
+    frames = {
+        rec.key: rec.rows if rec.rows is not None else pd.read_parquet(layout.part_parquet(rec.key))
+        for rec in records
+        if rec.ok
+    }
     ids = assign_patch_ids(layout, records, {k: len(f) for k, f in frames.items()})
     parts = []
     for key, frame in frames.items():

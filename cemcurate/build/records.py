@@ -15,12 +15,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
 from cemcurate.sources import SourceOptions, SourceSpec
 from cemcurate.standardize import IntensityWindow
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PART_FORMAT = 1
 
@@ -119,6 +122,9 @@ class PartRecord:
     status: str = "ok"
     sources: list[SourceRow] = field(default_factory=list)
     extends: Extends | None = None
+    # The manifest rows of the part as the worker wrote them, handed back with the record so
+    # the merge need not read them from disk again; not part of the JSON (None when read).
+    rows: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:

@@ -152,10 +152,11 @@ def process_source(
             _name_stack_files(part, spec, raw)
         with timed("write"), atomic_path(layout.part_parquet(spec.key)) as tmp:
             part.to_parquet(tmp, index=False)
+        record.rows = part
     except Exception as exc:  # one bad source must not stop the build
         if debug:
             traceback.print_exc(file=sys.stderr)
-        record.status = "failed"
+        record.status, record.rows = "failed", None
         record.sources = [SourceRow.failed(spec, error_line(exc, spec))]
     with atomic_path(layout.part_json(spec.key)) as tmp:
         tmp.write_text(record.to_json())
