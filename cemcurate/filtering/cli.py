@@ -1,4 +1,4 @@
-"""Argparse builders for ``cemcurate label`` and ``cemcurate filter train``.
+"""Argparse builders for ``cemcurate label`` and ``cemcurate filter train|evaluate``.
 
 ``cemcurate/cli.py`` calls :func:`add_label_command` and :func:`add_filter_command` with its
 sub-parsers; each sets ``func`` to a handler that takes the parsed namespace and returns an
@@ -8,8 +8,10 @@ exit code.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+from cemcurate.common.atomic import atomic_path
 from cemcurate.common.config import add_config_arguments, load_config
 from cemcurate.common.lazy import lazy_import
 from cemcurate.filtering.config import FilterTrainConfig
@@ -17,6 +19,8 @@ from cemcurate.layout import BuildLayout
 
 # The handlers' modules load pandas, Flask or torch: bound lazily, so that building the
 # parser (``cemcurate --help``) imports none of them.
+evaluation = lazy_import("cemcurate.filtering.evaluation")
+filters = lazy_import("cemcurate.filtering.filters")
 label_server = lazy_import("cemcurate.filtering.label_server")
 labels = lazy_import("cemcurate.filtering.labels")
 train = lazy_import("cemcurate.filtering.train")
@@ -109,12 +113,66 @@ def _cmd_filter_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _percent(value: float) -> str:
+    return "-" if value != value else f"{100 * value:.1f}%"  # NaN: a class with no patches
+
+
+def _cmd_filter_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np  # here, not at the top: building the parser stays light
+
+    crops = evaluation.read_evaluation_set(args.labels)
+    data_root = args.data if args.data is not None else args.labels.parent
+    patches = evaluation.evaluation_patches(crops, data_root, source=args.labels)
+    labels = np.array([c.label for c in crops])
+    groups = np.array([c.group for c in crops])
+    counts = f"{int(labels.sum())} informative, {int((labels == 0).sum())} uninformative"
+    print(f"{args.labels}: {len(crops)} patches from {len(set(groups))} source folder(s), {counts}")
+    report, curves = {}, {}
+    for spec in args.filters or ["stats"]:
+        patch_filter = filters.make_filter(spec)
+        scores = patch_filter(patches)
+        threshold = patch_filter.threshold if args.threshold is None else args.threshold
+        overall = evaluation.filter_metrics(labels, scores, threshold)
+        per_group = {
+            g: evaluation.filter_metrics(labels[groups == g], scores[groups == g], threshold)
+            for g in sorted(set(groups))
+        }
+        report[spec] = {"filter": patch_filter.name, **overall, "by_source_folder": per_group}
+        if overall["informative"] and overall["uninformative"]:
+            curves[spec] = {**evaluation.roc_points(labels, scores), "label": spec}
+        print(
+            f"\n--filter {spec} (keeps score >= {threshold:g}): AUROC {overall['auroc']:.3f}, precision "
+            f"{overall['precision']:.3f}, recall {overall['recall']:.3f}; dropped: "
+            f"{_percent(overall['informative_dropped'])} of the informative, "
+            f"{_percent(overall['uninformative_dropped'])} of the uninformative"
+        )
+        print("| source folder | informative | uninformative | informative dropped | uninformative dropped |")
+        print("|---|---|---|---|---|")
+        for g, m in per_group.items():
+            print(
+                f"| {g} | {m['informative']} | {m['uninformative']} | {_percent(m['informative_dropped'])} | "
+                f"{_percent(m['uninformative_dropped'])} |"
+            )
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(args.out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+        written = [args.out / "metrics.json"]
+        if curves:
+            evaluation.write_roc_png(
+                args.out / "roc.png", curves, f"{args.labels.name}: {len(crops)} patches, {counts}"
+            )
+            written.append(args.out / "roc.png")
+        print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def add_filter_command(subparsers) -> argparse.ArgumentParser:
     """Add ``filter train OUT [--labels CSV] [--config YAML] [flags]``."""
     f = subparsers.add_parser(
         "filter", help="train the uninformative-patch filter on labels", description="Uninformative-patch filter tools."
     )
-    sub = f.add_subparsers(dest="filter_command", required=True, metavar="{train}")
+    sub = f.add_subparsers(dest="filter_command", required=True, metavar="{train,evaluate}")
     t = sub.add_parser(
         "train",
         help="fine-tune a ResNet filter (and the statistics baseline) on OUT/labels.csv",
@@ -136,4 +194,39 @@ def add_filter_command(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(t, FilterTrainConfig)
     t.set_defaults(func=_cmd_filter_train)
+    e = sub.add_parser(
+        "evaluate",
+        help="score filters on a labelled evaluation set: AUROC, precision/recall, ROC",
+        description="Cut the patches an evaluation set names out of the raw files (with a default build's "
+        "reader, intensity window and patch size), score them with each --filter and print the AUROC, the "
+        "precision and recall of the informative class at the filter's threshold, and the share of each "
+        "class dropped, overall and per source folder. The set is a CSV with the columns file, plane, "
+        "slice, y, x, h, w, label (1 informative, 0 uninformative) and optionally dataset; "
+        "benchmarks/filter_labels.csv is ours, on ../shared/data.",
+    )
+    e.add_argument("labels", type=Path, help="the evaluation set CSV")
+    e.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder the CSV's file paths are relative to (default: the CSV's own folder)",
+    )
+    e.add_argument(
+        "--filter",
+        action="append",
+        dest="filters",
+        metavar="SPEC",
+        help="a filter to evaluate, as `cemcurate build --filter` takes it (stats, none, a classifier .pth or a "
+        "stats_forest.pkl); repeat to compare several (default: stats)",
+    )
+    e.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="keep a patch when its score is at least this (default: each filter's own, 0.5 for stats)",
+    )
+    e.add_argument(
+        "--out", type=Path, default=None, help="folder to write metrics.json and roc.png into (default: print only)"
+    )
+    e.set_defaults(func=_cmd_filter_evaluate)
     return f

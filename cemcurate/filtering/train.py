@@ -42,6 +42,7 @@ from cemcurate.filtering.classifier import (
     save_classifier,
 )
 from cemcurate.filtering.config import FilterTrainConfig
+from cemcurate.filtering.evaluation import roc_points, write_roc_png
 from cemcurate.filtering.features import image_statistics
 from cemcurate.filtering.forest import fit_forest, forest_prob, save_forest
 from cemcurate.filtering.labels import LabelPool, load_labelled
@@ -49,9 +50,6 @@ from cemcurate.filtering.rules import rule_informative_prob
 from cemcurate.layout import BuildLayout
 
 albumentations = lazy_import("albumentations")
-matplotlib = lazy_import("matplotlib")
-pyplot = lazy_import("matplotlib.pyplot")
-sklearn_metrics = lazy_import("sklearn.metrics")
 sklearn_model_selection = lazy_import("sklearn.model_selection")
 
 
@@ -142,45 +140,6 @@ def _train_mode(model: torch.nn.Module, layers: list[str]) -> None:
     children = dict(model.named_children())
     for n in layers:
         children[n].train()
-
-
-# ----------------------------------------------------------------------------- metrics and plot
-
-
-def roc_points(labels: np.ndarray, scores: np.ndarray) -> dict:
-    """AUROC and the ROC curve of ``scores`` against 0/1 ``labels`` (JSON-ready)."""
-    fpr, tpr, _ = sklearn_metrics.roc_curve(labels, scores)
-    return {
-        "auroc": float(sklearn_metrics.roc_auc_score(labels, scores)),
-        "fpr": fpr.round(5).tolist(),
-        "tpr": tpr.round(5).tolist(),
-    }
-
-
-def write_roc_png(path: Path, curves: dict[str, dict], n_test: int, counts: tuple[int, int]) -> None:
-    """ROC curves (one per model) as a PNG, atomically."""
-    matplotlib.use("Agg", force=False)
-    fig, ax = pyplot.subplots(figsize=(4.8, 4.6), dpi=120)
-    styles = {"resnet": "-", "forest": "--", "rules": ":"}
-    for name, c in curves.items():
-        ax.plot(
-            c["fpr"],
-            c["tpr"],
-            styles.get(name, "-"),
-            marker="o" if name == "rules" else None,
-            label=f"{c['label']} (AUROC {c['auroc']:.3f})",
-        )
-    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
-    ax.set_xlabel("false positive rate (uninformative kept)")
-    ax.set_ylabel("true positive rate (informative kept)")
-    ax.set_title(f"held-out test set: {n_test} patches ({counts[1]} inf., {counts[0]} uninf.)", fontsize=9)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    pyplot.close(fig)
 
 
 # ----------------------------------------------------------------------------- training
@@ -322,7 +281,11 @@ def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, prog
     save_forest(
         dest / "stats_forest.pkl", forest, meta={"n_train": int(len(train_idx)), "auroc": curves["forest"]["auroc"]}
     )
-    write_roc_png(dest / "roc.png", curves, len(test_idx), counts)
+    write_roc_png(
+        dest / "roc.png",
+        curves,
+        f"held-out test set: {len(test_idx)} patches ({counts[1]} inf., {counts[0]} uninf.)",
+    )
     with atomic_path(dest / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=1))
     save_config(cfg, dest / "filter_train.yaml")
