@@ -8,9 +8,12 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from cemcurate.charts import curves_image, histogram_image
 from cemcurate.common.atomic import atomic_path
+from cemcurate.dedup.inequality import gini, lorenz_curve
 from cemcurate.filtering.report import filter_report_section
 from cemcurate.layout import BuildLayout
 from cemcurate.montage import html_page, html_table, montage, png_data_uri, sample_patches
@@ -52,14 +55,45 @@ def stage_counts(manifest: pd.DataFrame) -> pd.DataFrame:
     return counts.reset_index(names="source")
 
 
+def curation_section(manifest: pd.DataFrame, threshold: float) -> str:
+    """HTML: the histogram of ``informative_prob`` with the threshold, and the Lorenz curves of
+    patches per source (raw, deduplicated, kept) with their Gini coefficients."""
+    parts = ["<h2>Curation at a glance</h2>"]
+    probs = manifest["informative_prob"].to_numpy(np.float64) if "informative_prob" in manifest else np.zeros(0)
+    scored = np.isfinite(probs)
+    if scored.any():
+        below = int((probs[scored] < threshold).sum())
+        image = histogram_image(probs[scored], marker=threshold, xlabel="informative_prob (dashed: threshold)")
+        parts.append(
+            f"<p>{int(scored.sum())} deduplicated patches scored; {below} ({below / scored.sum():.0%}) below "
+            f"the threshold {threshold:g}, dropped. A filter that ranks patches spreads them over the range; "
+            f"one that only keeps or drops puts them at 0 and 1.</p><img alt='' src='{png_data_uri(image)}'>"
+        )
+    per_source = stage_counts(manifest).iloc[:-1]  # less the "all sources" row
+    columns = {"kept": "informative (kept)", "deduplicated": "deduplicated", "raw": "raw"}
+    counts = {name: per_source[column].to_numpy(np.float64) for name, column in columns.items()}
+    if len(per_source) >= 2 and counts["kept"].sum() > 0:
+        ginis = {name: gini(c) for name, c in counts.items()}
+        image = curves_image([lorenz_curve(c) for c in counts.values()], "fraction of sources", "fraction of patches")
+        shades = ("black", "grey", "light grey")
+        legend = ", ".join(f"{shade}: {name} (Gini {ginis[name]:.2f})" for shade, name in zip(shades, counts))
+        parts.append(
+            f"<p>Patches per source, Lorenz curves (sources sorted by count; the dotted diagonal is equality): "
+            f"{legend}. A Gini near 1 means a few sources dominate the curated set.</p>"
+            f"<img alt='' src='{png_data_uri(image)}'>"
+        )
+    return "".join(parts) if len(parts) > 1 else ""
+
+
 def write_report(
     out_dir: str | Path, manifest: pd.DataFrame, sources: pd.DataFrame, cfg, path: str | Path | None = None
 ) -> None:
     """Write the report of build folder ``out_dir`` (to ``path``, default ``OUT/report.html``):
-    stage counts, the source table and a montage of kept patches.
+    stage counts, a montage of kept patches, the curation charts (:func:`curation_section`),
+    the filter's kept and dropped patches per source and the source table.
 
     ``cfg`` is the :class:`cemcurate.build.BuildConfig` of the build (``montage_patches``,
-    ``patch_size`` and ``seed`` are used). The patches are read from the store's shards.
+    ``patch_size``, ``seed`` and ``filter_threshold`` are used). The patches are read from the store's shards.
     """
     layout = BuildLayout(out_dir)
     sections = [f"<h1>cemcurate build: {html.escape(str(layout.root))}</h1>"]
@@ -74,7 +108,9 @@ def write_report(
     sections.append(
         f"<h2>Random kept patches ({len(picks)} of {len(kept)})</h2><img src='{png_data_uri(montage(picks))}'>"
     )
-    sections.append(filter_report_section(layout.root, manifest, seed=cfg.seed, patch_size=cfg.patch_size))
+    if len(manifest):
+        sections.append(curation_section(manifest, cfg.filter_threshold))
+    sections.append(filter_report_section(layout.root, manifest, patch_size=cfg.patch_size))
     columns = [c for c in _SOURCE_COLUMNS if c in sources]
     sections.append("<h2>Sources</h2>" + html_table(sources[columns]))
     with atomic_path(path or layout.report) as tmp:

@@ -1,4 +1,5 @@
-"""The filter section of report.html, on a store of real patches filtered by the label-free rules."""
+"""The curation parts of report.html - the filter section, the histogram of scores and the
+Lorenz curves - on a store of real patches filtered by the label-free rules."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import pytest
 import tifffile
 from PIL import Image
 
+from cemcurate.charts import curves_image, histogram_image
+from cemcurate.dedup.inequality import gini, lorenz_curve
 from cemcurate.filtering.filters import make_filter
 from cemcurate.filtering.report import filter_report_section
 from cemcurate.manifest import read_manifest, write_manifest
-from cemcurate.store import write_patch_store
+from cemcurate.report import curation_section
+from cemcurate.store import ShardReader, write_patch_store
 
 
 @pytest.fixture()
@@ -66,3 +70,50 @@ def test_section_without_filter_column(filtered_build):
     out, manifest = filtered_build
     html = filter_report_section(out, manifest.drop(columns=["informative_prob"]))
     assert "not run" in html and "data:image" not in html
+
+
+def test_montages_follow_the_scores_lowest_first(filtered_build):
+    """With continuous scores (a classifier's), each side shows patches evenly spread over the
+    source's score order, lowest first: here all 6 VNC tiles with scores given in reverse."""
+    out, manifest = filtered_build
+    scored = manifest.copy()
+    vnc = (scored["source"] == "vnc").to_numpy()
+    scored.loc[vnc, "informative_prob"] = np.linspace(0.99, 0.6, vnc.sum(), dtype=np.float32)  # last lowest
+    html = filter_report_section(out, scored, per_source=6, columns=6, tile=64)
+    montage = _images(html)[0]
+    tiles = [montage[:, i * 66 : i * 66 + 64] for i in range(6)]
+    stored = ShardReader(out, 224).read(
+        manifest.loc[vnc, "shard"].to_numpy(), manifest.loc[vnc, "shard_row"].to_numpy()
+    )
+    expected = [np.asarray(Image.fromarray(p).resize((64, 64), Image.BILINEAR)) for p in stored[::-1]]
+    assert all(np.array_equal(a, b) for a, b in zip(tiles, expected))
+
+
+def test_curation_section_histogram_and_lorenz(filtered_build):
+    out, manifest = filtered_build
+    manifest = manifest.assign(duplicate=False)  # a build's manifest has the column; this store none
+    html = curation_section(manifest, threshold=0.5)
+    assert "11 deduplicated patches scored; 4 (36%) below the threshold 0.5, dropped" in html
+    by_source = manifest.groupby("source")
+    kept = by_source["kept"].sum().to_numpy(float)
+    assert f"black: kept (Gini {gini(kept):.2f})" in html and f"raw (Gini {gini(by_source.size()):.2f})" in html
+    histogram, lorenz = _images(html)
+    assert histogram.shape == (180, 420) and lorenz.shape == (280, 300)
+
+
+def test_histogram_bars_stand_where_the_values_are():
+    image = histogram_image(np.array([0.02] * 10 + [0.97] * 5 + [np.nan]), bins=20, size=(420, 180))
+    left, top, right, bottom = 44, 22, 420 - 12, 180 - 34
+    width = (right - left) / 20
+    bar_rows = lambda b: (image[top + 1 : bottom - 1, int(left + (b + 0.5) * width)] == 140).sum()  # noqa: E731
+    full, half = bar_rows(0), bar_rows(19)
+    assert full > 0 and half == pytest.approx(full / 2, abs=2)  # 10 vs 5 values
+    assert all(bar_rows(b) == 0 for b in range(1, 19))
+
+
+def test_lorenz_of_equal_sources_is_the_diagonal():
+    image = curves_image([lorenz_curve(np.ones(4))], size=(300, 280))
+    left, top, right, bottom = 44, 22, 300 - 12, 280 - 34
+    for t in (0.25, 0.5, 0.75):  # the black curve runs on the diagonal
+        x, y = int(left + t * (right - left)), int(round(bottom - t * (bottom - top)))
+        assert (image[y - 2 : y + 3, x] == 0).any()

@@ -14,24 +14,33 @@ from cemcurate.store import read_store_info
 UNINFORMATIVE_REASON = "uninformative"
 
 
+def _spread_by_score(rows: pd.DataFrame, n: int) -> pd.DataFrame:
+    """Up to ``n`` of the stored ``rows``, evenly spaced through their order by
+    ``informative_prob`` (lowest first; ties in manifest order), so a montage shows the range
+    of scores of a source rather than a random draw from its most common score."""
+    rows = rows[rows["shard_row"] >= 0].sort_values("informative_prob", kind="stable")
+    if len(rows) <= n:
+        return rows
+    return rows.iloc[np.unique(np.linspace(0, len(rows) - 1, n).round().astype(int))]
+
+
 def filter_report_section(
     out_dir: str | Path,
     manifest: pd.DataFrame,
     per_source: int = 12,
-    seed: int = 0,
     columns: int = 6,
     tile: int = 96,
     patch_size: int | None = None,
 ) -> str:
-    """HTML for the uninformative-patch filter: per source, random kept and dropped patches.
+    """HTML for the uninformative-patch filter: per source, kept and dropped patches spread over
+    their scores, lowest score first.
 
     Args:
         out_dir: build folder (its shards hold the pixels of kept *and* filtered-out patches).
         manifest: the full manifest; uses ``kept``, ``reason`` (``'uninformative'`` for
             patches the filter dropped), ``shard``/``shard_row`` and, when present,
             ``informative_prob``.
-        per_source: random patches shown per side and source.
-        seed: seed of the random choice.
+        per_source: patches shown per side and source.
         columns, tile: montage layout (patches per row, tile edge in px).
         patch_size: edge of the stored patches; None reads it from ``OUT/store.json`` (a build
             writing its report passes it: its store.json is not published yet).
@@ -55,7 +64,7 @@ def filter_report_section(
         kept, dropped = manifest[mine & kept_all.to_numpy()], manifest[mine & dropped_all.to_numpy()]
         cells = []
         for part in (kept, dropped):
-            picks = sample_patches(out_dir, part, per_source, patch_size, seed)
+            picks = sample_patches(out_dir, _spread_by_score(part, per_source), per_source, patch_size)
             if len(picks):
                 cells.append(f"<img alt='' src='{png_data_uri(montage(picks, columns=columns, tile=tile))}'>")
             else:
@@ -71,9 +80,9 @@ def filter_report_section(
         return head + "<p>No patch has an informative probability yet.</p>"
     total_dropped = int(dropped_all.sum())
     intro = (
-        f"<p>{total_dropped} patch(es) dropped as uninformative. Random examples per source; "
-        "look for informative patches on the right (filter too strict) and empty, uniform or "
-        "artefact patches on the left (too lenient).</p>"
+        f"<p>{total_dropped} patch(es) dropped as uninformative. Per source, patches spread over "
+        "their scores, lowest first: look for informative patches on the right (filter too strict) "
+        "and empty, uniform or artefact patches at the start of the left (too lenient).</p>"
     )
     table = (
         "<table><tr><th>source</th><th>kept (informative)</th><th>dropped (uninformative)</th></tr>"
