@@ -262,3 +262,38 @@ def test_contact_sheets_round_trip(build, tmp_path):
     _, csv_path = export_sheets(out, tmp_path / "more", count=50, seed=2)
     remaining = pd.read_csv(csv_path)["patch_id"].tolist()
     assert len(remaining) == 14 - len(expected) and not set(remaining) & set(expected)
+
+
+def _score(out: Path, probs) -> None:
+    """Give the build's manifest these informative probabilities (as a classifier's build would)."""
+    manifest = read_manifest(out / "manifest.parquet")
+    manifest["informative_prob"] = np.asarray(probs, np.float32)
+    write_manifest(manifest, out / "manifest.parquet")
+
+
+def test_a_classifier_scored_build_is_labelled_most_uncertain_first(build):
+    out, _ = build
+    # Distance from the 0.5 threshold grows with the id among 0-9; ids 10-13 are sure.
+    probs = [0.5, 0.45, 0.56, 0.4, 0.67, 0.3, 0.2, 0.85, 0.9, 0.05, 0.99, 0.0, 0.01, 1.0, 0.5, 0.5]
+    _score(out, probs)
+    append_labels(labels_path(out), [(1, 1)])  # labelled: goes last whatever its score
+    client = make_label_app(out, seed=3).test_client()
+    page = client.get("/api/patches?start=0&count=14").get_json()
+    ids = [p["patch_id"] for p in page["patches"]]
+    assert page["order"] == "uncertain"
+    assert ids[:9] == [0, 2, 3, 4, 5, 6, 7, 8, 9] and ids[-1] == 1
+    assert set(ids[9:13]) == {10, 11, 12, 13}
+    # The same order for the contact sheets; --order random shuffles instead.
+    _, csv_path = export_sheets(out, out / "sheets", count=3, seed=3)
+    assert pd.read_csv(csv_path)["patch_id"].tolist() == [0, 2, 3]
+    shuffled = make_label_app(out, seed=3, order="random").test_client().get("/api/patches?count=13").get_json()
+    assert shuffled["order"] == "random" and [p["patch_id"] for p in shuffled["patches"]][:9] != ids[:9]
+
+
+def test_rule_scores_leave_the_order_random(build):
+    out, _ = build
+    _score(out, [1.0] * 12 + [0.0] * 4)  # the rules only keep or drop
+    page = make_label_app(out, seed=0).test_client().get("/api/patches?count=14").get_json()
+    assert page["order"] == "random"
+    with pytest.raises(ValueError, match="order must be one of auto, uncertain, random"):
+        make_label_app(out, order="smart")

@@ -35,6 +35,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
             per_sheet=args.sheet_size,
             columns=args.sheet_columns,
             seed=args.seed,
+            order=args.order,
         )
         n = sum(1 for _ in open(csv_path)) - 1
         print(f"wrote {len(sheets)} contact sheet(s) with {n} unlabelled patches to {args.export_sheet}")
@@ -48,7 +49,12 @@ def _cmd_label(args: argparse.Namespace) -> int:
         print(f"added {added} label(s) from {args.import_sheet} to {labels.labels_path(args.out)}")
         return 0
     return label_server.serve(
-        args.out, port=args.port, open_browser=not args.no_browser, seed=args.seed, page_size=args.page_size
+        args.out,
+        port=args.port,
+        open_browser=not args.no_browser,
+        seed=args.seed,
+        page_size=args.page_size,
+        order=args.order,
     )
 
 
@@ -73,6 +79,15 @@ def add_label_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=24, help="patches per page of the grid")
     p.add_argument(
         "--seed", type=int, default=None, help="seed of the random patch order; None = a new order every time"
+    )
+    p.add_argument(
+        "--order",
+        choices=("auto", "uncertain", "random"),
+        default="auto",
+        help="which unlabelled patches come first (page and sheets): 'uncertain' = informative_prob nearest the "
+        "build's threshold (active learning: train a classifier, rebuild with --filter "
+        "OUT/filter/classifier.pth, label again); 'random'; 'auto' = uncertain when the build's scores rank "
+        "patches (a classifier's), random when they only keep or drop (the rules)",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(

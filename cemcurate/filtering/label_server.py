@@ -1,6 +1,8 @@
 """``cemcurate label OUT``: a local web page for labelling patches informative / uninformative.
 
-The page shows a grid of random deduplicated patches of a build (unlabelled ones first).
+The page shows a grid of deduplicated patches of a build, unlabelled ones first: in random
+order, or - once the build was scored by a classifier (``cemcurate build --filter
+OUT/filter/classifier.pth``) - the most uncertain first (active learning; ``--order``).
 Click a patch (or press ``i``) to mark it informative, right-click (or press ``u``) to mark
 it uninformative; arrow keys move the cursor, ``n`` shows the next page. Every label is
 appended to ``OUT/labels.csv`` and fsynced before the page is told it was saved, so killing
@@ -15,7 +17,7 @@ Routes (JSON errors with 4xx codes for bad input):
 
 * ``GET /`` the page;
 * ``GET /api/patches?start=S&count=C`` patches ``S..S+C`` of the labelling order (the order
-  is recomputed - unlabelled first - when ``start`` is 0);
+  is recomputed - unlabelled first - when ``start`` is 0; ``order`` says which was used);
 * ``GET /patch/<patch_id>.png`` the pixels of one patch;
 * ``POST /api/label`` with ``{"patch_id": int, "label": 0 or 1}``;
 * ``GET /api/stats`` label counts.
@@ -35,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from cemcurate.common.lazy import lazy_import
-from cemcurate.filtering.labels import LabelPool, append_labels, labels_path, read_labels
+from cemcurate.filtering.labels import LabelPool, append_labels, labelling_order, labels_path, read_labels
 
 flask = lazy_import("flask")
 werkzeug_exceptions = lazy_import("werkzeug.exceptions")
@@ -51,13 +53,17 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int = 24):
+def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int = 24, order: str = "auto"):
     """The Flask app of the labelling page for build folder ``out_dir``.
 
     Args:
         out_dir: a finished ``cemcurate build`` output folder.
         seed: random order of the patches (``None``: different on every start).
         page_size: patches per page shown by the web page.
+        order: which unlabelled patches come first: ``uncertain`` (nearest the build's
+            threshold: active learning on a classifier's scores), ``random``, or ``auto``
+            (uncertain when the build's scores rank patches); see
+            :func:`cemcurate.filtering.labels.labelling_order`.
 
     Returns:
         a ``flask.Flask`` app; use ``app.test_client()`` in tests or :func:`serve`.
@@ -71,12 +77,10 @@ def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int 
     labels: dict[int, int] = dict(zip(existing.loc[known, "patch_id"].tolist(), existing.loc[known, "label"].tolist()))
     rng = np.random.default_rng(seed)
     lock = threading.Lock()
-    state = {"order": np.zeros(0, np.int64)}
+    state = {"order": np.zeros(0, np.int64), "order_used": order}
 
     def reorder() -> None:
-        shuffled = rng.permutation(pool.patch_ids)
-        done = np.isin(shuffled, np.fromiter(labels.keys(), np.int64, len(labels)))
-        state["order"] = np.concatenate([shuffled[~done], shuffled[done]])
+        state["order"], state["order_used"] = labelling_order(pool, list(labels), rng, order)
 
     def counts() -> dict:
         informative = sum(1 for v in labels.values() if v == 1)
@@ -135,7 +139,7 @@ def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int 
                 }
                 for pid in ids
             ]
-            return flask.jsonify({"start": start, "patches": items, **counts()})
+            return flask.jsonify({"start": start, "patches": items, "order": state["order_used"], **counts()})
 
     @app.get("/patch/<int:patch_id>.png")
     def patch_png(patch_id: int):
@@ -182,6 +186,7 @@ def serve(
     seed: int | None = None,
     page_size: int = 24,
     host: str = LOOPBACK,
+    order: str = "auto",
 ) -> int:
     """Serve the labelling page on ``127.0.0.1:port`` until Ctrl-C; returns an exit code.
 
@@ -189,20 +194,23 @@ def serve(
         out_dir: build folder.
         port: TCP port; 0 picks a free one. The URL is printed (and flushed) on start.
         open_browser: open the page in the default web browser.
-        seed, page_size: see :func:`make_label_app`.
+        seed, page_size, order: see :func:`make_label_app`.
         host: must be a loopback address; anything else is refused (the page writes files).
     """
     if host != LOOPBACK:
         raise ValueError(f"the labelling server only binds to {LOOPBACK}, not {host!r}: it can write to {out_dir}")
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be 0-65535, got {port}")
-    app = make_label_app(out_dir, seed=seed, page_size=page_size)
+    app = make_label_app(out_dir, seed=seed, page_size=page_size, order=order)
     # One log line per click would bury the URL and any real warning.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = werkzeug_serving.make_server(host, port, app, threaded=True)
     bound_host, bound_port = server.socket.getsockname()[:2]
     url = f"http://{bound_host}:{bound_port}/"
-    print(f"cemcurate label: {url}  (labels -> {labels_path(out_dir)}; Ctrl-C to stop)", flush=True)
+    with app.test_client() as client:  # the order the page starts with, said once
+        used = client.get("/api/patches?count=1", headers={"Host": LOOPBACK}).get_json()["order"]
+    shown = "most uncertain first (nearest the build's threshold)" if used == "uncertain" else "random"
+    print(f"cemcurate label: {url}  (labels -> {labels_path(out_dir)}; order: {shown}; Ctrl-C to stop)", flush=True)
     if open_browser:
         threading.Timer(0.5, webbrowser.open, args=(url,)).start()
     try:

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import yaml
 from PIL import Image, ImageDraw
 
 from cemcurate.common.atomic import atomic_path
@@ -146,6 +147,15 @@ def read_labels(path: str | Path, latest: bool = True) -> pd.DataFrame:
     return frame
 
 
+def _build_threshold(layout: BuildLayout) -> float:
+    """The ``filter_threshold`` the build used (``OUT/build_config.yaml``), 0.5 when not recorded."""
+    try:
+        settings = yaml.safe_load(layout.build_config.read_text()) or {}
+        return float(settings.get("filter_threshold", 0.5))
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return 0.5
+
+
 class LabelPool:
     """The deduplicated patches of a build folder, addressable by ``patch_id``.
 
@@ -153,6 +163,7 @@ class LabelPool:
         out_dir: the build folder.
         patch_size: patch edge in pixels.
         mean, std: store intensity statistics in [0, 1] units (from ``store.json``).
+        threshold: the build's ``filter_threshold`` (what "uncertain" is measured from).
         rows: candidate manifest rows indexed by ``patch_id`` (sorted).
         patch_ids: int64 ``(n,)`` candidate ids, sorted.
     """
@@ -170,6 +181,7 @@ class LabelPool:
             unique = (manifest["reason"].astype(str) != "duplicate").to_numpy()
         self.rows = manifest[stored & unique].set_index("patch_id").sort_index()
         self.patch_ids = self.rows.index.to_numpy(np.int64)
+        self.threshold = _build_threshold(layout)
         self._reader = ShardReader(self.out_dir, self.patch_size)
 
     def __len__(self) -> int:
@@ -195,6 +207,47 @@ class LabelPool:
             )
         sel = self.rows.loc[ids]
         return np.array(self._reader.read(sel["shard"].to_numpy(), sel["shard_row"].to_numpy(np.int64)))
+
+
+# How the unlabelled patches are ordered for labelling (``cemcurate label --order``).
+LABEL_ORDERS = ("auto", "uncertain", "random")
+
+
+def scores_rank(scores: np.ndarray) -> bool:
+    """Whether informative probabilities rank patches (a classifier's, more than two distinct
+    finite values) rather than only keep or drop them (the rules' 0 and 1)."""
+    finite = np.asarray(scores, np.float64)
+    finite = finite[np.isfinite(finite)]
+    return len(np.unique(finite)) > 2
+
+
+def labelling_order(
+    pool: LabelPool, labelled: Iterable[int], rng: np.random.Generator, order: str = "auto"
+) -> tuple[np.ndarray, str]:
+    """The pool's patch ids in the order to label them, unlabelled first, and the order used.
+
+    ``uncertain`` (active learning): the unlabelled patches by how close their
+    ``informative_prob`` is to the build's threshold, nearest first - the patches a label
+    teaches the classifier most about; ties, and patches without a score, in random order.
+    ``random``: a random order. ``auto``: ``uncertain`` when the build's scores rank
+    (:func:`scores_rank`: the build ran ``--filter`` with a classifier), else ``random``.
+    Labelled patches follow in random order.
+
+    Raises:
+        ValueError: an unknown ``order``.
+    """
+    if order not in LABEL_ORDERS:
+        raise ValueError(f"order must be one of {', '.join(LABEL_ORDERS)}, got {order!r}")
+    shuffled = rng.permutation(pool.patch_ids)
+    done = np.isin(shuffled, np.fromiter(labelled, np.int64))
+    scores = pool.rows["informative_prob"] if "informative_prob" in pool.rows else None
+    if order == "auto":
+        order = "uncertain" if scores is not None and scores_rank(scores.to_numpy()) else "random"
+    todo = shuffled[~done]
+    if order == "uncertain":
+        distance = np.abs(pool.rows["informative_prob"].reindex(todo).to_numpy(np.float64) - pool.threshold)
+        todo = todo[np.argsort(np.nan_to_num(distance, nan=np.inf), kind="stable")]
+    return np.concatenate([todo, shuffled[done]]), order
 
 
 def load_labelled(
@@ -240,6 +293,7 @@ def export_sheets(
     per_sheet: int = 48,
     columns: int = 8,
     seed: int | None = None,
+    order: str = "auto",
 ) -> tuple[list[Path], Path]:
     """Write numbered contact sheets of unlabelled patches and a CSV to fill in.
 
@@ -249,6 +303,7 @@ def export_sheets(
         count: patches to export (fewer if fewer are unlabelled).
         per_sheet, columns: grid of each sheet.
         seed: random order of the patches (``None``: a fresh random order).
+        order: which unlabelled patches come first (:func:`labelling_order`).
 
     Returns:
         ``(sheet paths, csv path)``. The CSV has the columns ``patch_id, sheet, position,
@@ -258,10 +313,9 @@ def export_sheets(
     if count < 1 or per_sheet < 1 or columns < 1:
         raise ValueError(f"count, per_sheet and columns must be positive, got {count}, {per_sheet}, {columns}")
     pool = LabelPool(out_dir)
-    done = set(read_labels(labels_path(out_dir))["patch_id"].tolist())
-    todo = np.array([p for p in pool.patch_ids if p not in done], np.int64)
-    rng = np.random.default_rng(seed)
-    todo = rng.permutation(todo)[:count]
+    done = read_labels(labels_path(out_dir))["patch_id"].to_numpy(np.int64)
+    ids, _ = labelling_order(pool, done, np.random.default_rng(seed), order)
+    todo = ids[: min(count, len(pool) - int(np.isin(pool.patch_ids, done).sum()))]
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     sheets, records = [], []
