@@ -130,6 +130,11 @@ class BuildLayout:
         """The cached scores (float32 ``.npy``, one per shard row) of ``shard`` under that filter."""
         return self.filter_cache(filter_name) / f"{shard}.npy"
 
+    def filter_deciders(self, filter_name: str, shard: str) -> Path:
+        """What decided each cached score (uint8 ``.npy`` of indices in
+        :data:`cemcurate.filtering.filters.DECIDED_BY`), beside :meth:`filter_scores`."""
+        return self.filter_cache(filter_name) / f"{shard}.decided.npy"
+
     # -- written by the other commands
     @property
     def labels(self) -> Path:

@@ -39,22 +39,40 @@ def out_with_shards(tmp_path, data_root):
 
 def test_the_pool_scores_as_one_process_does(out_with_shards, monkeypatch):
     layout, manifest = out_with_shards
-    serial = scoring.score_patches(layout, manifest, BuildConfig(workers=1), progress=False)
+    serial, serial_deciders = scoring.score_patches(layout, manifest, BuildConfig(workers=1), progress=False)
     cache = layout.filter_cache(make_filter("stats").name)
     for path in cache.iterdir():
         path.unlink()
     monkeypatch.setattr(scoring, "RANGE_PATCHES", 50)  # several ranges per shard, in any order
     monkeypatch.setattr(scoring, "MIN_PARALLEL_PATCHES", 1)
-    pooled = scoring.score_patches(layout, manifest, BuildConfig(workers=2), progress=False)
-    assert np.array_equal(serial, pooled, equal_nan=True)
+    pooled, deciders = scoring.score_patches(layout, manifest, BuildConfig(workers=2), progress=False)
+    assert np.array_equal(serial, pooled, equal_nan=True) and (serial_deciders == deciders).all()
     assert np.isnan(pooled[-1]) and set(np.unique(pooled[:-1])) == {0.0, 1.0}  # both outcomes occur
-    assert sorted(p.name for p in cache.iterdir()) == ["plate.npy", "vnc.npy"]
+    # The rule that fired, for every dropped patch; 'rules' for the kept; '' for the one not stored.
+    assert deciders[-1] == "" and set(deciders[:-1][pooled[:-1] == 1.0]) == {"rules"}
+    assert set(deciders[:-1][pooled[:-1] == 0.0]) <= {"uniform", "overlay", "low-contrast"}
+    assert {"uniform", "overlay"} <= set(deciders)
+    names = ["plate.decided.npy", "plate.npy", "vnc.decided.npy", "vnc.npy"]
+    assert sorted(p.name for p in cache.iterdir()) == names
+
+
+def test_a_cache_without_deciders_is_scored_again(out_with_shards):
+    """Score caches of builds before ``decided_by`` hold only the scores: those shards are redone."""
+    layout, manifest = out_with_shards
+    cfg = BuildConfig(workers=1)
+    probs, deciders = scoring.score_patches(layout, manifest, cfg, progress=False)
+    name = make_filter("stats").name
+    layout.filter_deciders(name, "vnc").unlink()
+    again, deciders_again = scoring.score_patches(layout, manifest, cfg, progress=False)
+    assert layout.filter_deciders(name, "vnc").is_file()
+    assert np.array_equal(probs, again, equal_nan=True) and (deciders == deciders_again).all()
 
 
 def test_a_classifier_is_never_forked():
     assert make_filter("stats").fork_safe and make_filter("none").fork_safe
     # Files (classifier, forest) keep the default: scored in the calling process.
     assert not scoring.PatchFilter("x", lambda p: np.ones(len(p), np.float32)).fork_safe
+    assert make_filter("none").decider == "none"
 
 
 def test_a_build_scores_its_shards_where_they_are_written(tmp_path, data_root, monkeypatch):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cemcurate.charts import curves_image, histogram_image
 from cemcurate.dedup.inequality import gini, lorenz_curve
-from cemcurate.filtering.filters import make_filter
+from cemcurate.filtering.filters import DECIDED_BY, make_filter
 from cemcurate.filtering.report import filter_report_section
 from cemcurate.manifest import read_manifest, write_manifest
 from cemcurate.report import curation_section
@@ -37,8 +37,9 @@ def filtered_build(data_root, tmp_path):
     write_patch_store(out, patches)
     manifest = read_manifest(out / "manifest.parquet")
     manifest["source"] = ["vnc"] * len(cells) + ["sem_plate"] * len(sem)
-    probs = make_filter("stats")(patches)
+    probs, deciders = make_filter("stats").decide(patches)
     manifest["informative_prob"] = probs
+    manifest["decided_by"] = np.asarray(DECIDED_BY, object)[deciders]
     manifest["kept"] = probs >= 0.5
     manifest["reason"] = np.where(probs >= 0.5, "", "uninformative")
     write_manifest(manifest, out / "manifest.parquet")
@@ -57,7 +58,9 @@ def test_section_shows_kept_and_dropped_per_source(filtered_build):
     assert manifest.groupby("source")["kept"].sum().to_dict() == {"sem_plate": 1, "vnc": 6}
     html = filter_report_section(out, manifest, per_source=12, columns=4, tile=64)
     assert "<h2>Uninformative-patch filter</h2>" in html and "4 patch(es) dropped" in html
-    assert "vnc<br>6 kept, 0 dropped" in html and "sem_plate<br>1 kept, 4 dropped" in html
+    assert "vnc<br>6 kept, 0 dropped (0%)<br>median" in html and "sem_plate<br>1 kept, 4 dropped" in html
+    # The two enlarged background crops are uniform, the two data-bar crops overlays.
+    assert "dropped by: uniform 2, overlay 2" in html or "dropped by: overlay 2, uniform 2" in html
     images = _images(html)
     # vnc: kept montage only (its dropped cell says 'none'); sem_plate: kept and dropped.
     assert len(images) == 3 and html.count("<i>none</i>") == 1

@@ -20,7 +20,7 @@ from cemcurate.build import BuildConfig, build
 from cemcurate.cli import main
 from cemcurate.dedup.preview import boundary_pairs, patch_pixels
 from cemcurate.dhash import dhash64, dhash_hex
-from cemcurate.filtering.filters import make_filter
+from cemcurate.filtering.filters import DECIDED_BY, make_filter
 from cemcurate.sources import SourceSpec
 from cemcurate.store import ShardReader
 
@@ -306,6 +306,16 @@ def test_filter_stage_marks_uninformative_and_rescoring_reuses_sources(tmp_path,
     assert (resin.reason == "uninformative").any()
     assert m[m.source == "isbi7.png"].kept.all()
     assert (m[m.kept].informative_prob >= 0.5).all()
+    # decided_by names the rule that dropped a patch (the resin is uniform), 'rules' for the
+    # patches no rule dropped, '' for the near-duplicates not stored.
+    reasons = make_filter("stats")  # the same rules, asked directly
+    assert m.columns.get_loc("decided_by") == m.columns.get_loc("informative_prob") + 1
+    assert (m.loc[~stored, "decided_by"] == "").all()
+    assert set(m.loc[stored & (m.informative_prob == 1.0).to_numpy(), "decided_by"]) == {"rules"}
+    dropped = stored & (m.informative_prob == 0.0).to_numpy()
+    assert set(m.loc[dropped & (m.source == "resin.png").to_numpy(), "decided_by"]) == {"uniform"}
+    codes = reasons.decide(pixels)[1]
+    assert m.loc[stored, "decided_by"].tolist() == [DECIDED_BY[c] for c in codes]
     store = open_patches(work)
     assert "resin.png" not in set(store.manifest.source)
     none = build(raw, work, BuildConfig(workers=1, filter="none"), progress=False)

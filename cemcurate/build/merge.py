@@ -61,7 +61,8 @@ def merge_parts(
     manifest = pd.concat(parts, ignore_index=True) if parts else empty_manifest(PART_COLUMNS)
     if cfg.dedup and cfg.dedup_scope == "corpus" and len(manifest):
         _deduplicate_corpus(manifest, cfg)
-    manifest["informative_prob"] = score_patches(layout, manifest, cfg, progress)
+    manifest["informative_prob"], decided_by = score_patches(layout, manifest, cfg, progress)
+    manifest.insert(manifest.columns.get_loc("informative_prob") + 1, "decided_by", decided_by)
     informative = manifest["informative_prob"].fillna(0.0).to_numpy() >= cfg.filter_threshold
     duplicate = manifest["duplicate"].to_numpy(bool)
     manifest["kept"] = ~duplicate & informative

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from cemcurate.build.config import BuildConfig
 from cemcurate.build.timing import timed
 from cemcurate.common.atomic import atomic_path
-from cemcurate.filtering.filters import BUILTIN_FILTERS, PatchFilter, make_filter
+from cemcurate.filtering.filters import BUILTIN_FILTERS, DECIDED_BY, PatchFilter, make_filter
 from cemcurate.layout import BuildLayout
 from cemcurate.store import open_shard
 
@@ -40,14 +40,18 @@ MIN_PARALLEL_PATCHES = 1024
 
 
 def _score_range(patch_filter: PatchFilter, path: Path, patch_size: int, start: int, stop: int, batch: int):
-    """Scores (float32 ``(stop - start,)``) of patches ``start:stop`` of the shard at ``path``,
-    ``batch`` at a time (which also bounds the filters' per-batch float temporaries)."""
+    """Scores (float32 ``(stop - start,)``) and deciders (uint8, :meth:`PatchFilter.decide`) of
+    patches ``start:stop`` of the shard at ``path``, ``batch`` at a time (which also bounds the
+    filters' per-batch float temporaries)."""
     patches = open_shard(path, patch_size)
     scores = np.empty(stop - start, np.float32)
+    deciders = np.empty(stop - start, np.uint8)
     for first in range(start, stop, batch):
         last = min(first + batch, stop)
-        scores[first - start : last - start] = patch_filter(np.asarray(patches[first:last]))
-    return scores
+        scores[first - start : last - start], deciders[first - start : last - start] = patch_filter.decide(
+            np.asarray(patches[first:last])
+        )
+    return scores, deciders
 
 
 @lru_cache(maxsize=4)
@@ -55,10 +59,18 @@ def _child_filter(spec: str, batch_size: int) -> PatchFilter:
     return make_filter(spec, batch_size=batch_size)
 
 
-def _save_scores(layout: BuildLayout, filter_name: str, shard: str, scores: np.ndarray) -> None:
-    with timed("write"), atomic_path(layout.filter_scores(filter_name, shard)) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, scores)
+def _save_scores(layout: BuildLayout, filter_name: str, shard: str, scores: np.ndarray, deciders: np.ndarray) -> None:
+    # Each file is written atomically; a shard counts as scored only when both exist (:func:`_scored`).
+    scores_path, deciders_path = layout.filter_scores(filter_name, shard), layout.filter_deciders(filter_name, shard)
+    for path, values in ((deciders_path, deciders), (scores_path, scores)):
+        with timed("write"), atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, values)
+
+
+def _scored(layout: BuildLayout, filter_name: str, shard: str) -> bool:
+    """Whether the shard's scores and deciders are cached (caches of older builds hold no deciders)."""
+    return layout.filter_scores(filter_name, shard).is_file() and layout.filter_deciders(filter_name, shard).is_file()
 
 
 def score_new_shard(layout: BuildLayout, cfg: BuildConfig, shard: str) -> None:
@@ -70,11 +82,11 @@ def score_new_shard(layout: BuildLayout, cfg: BuildConfig, shard: str) -> None:
     patch_filter = _child_filter(cfg.filter, cfg.filter_batch_size)
     path = layout.shard(shard)
     with timed("filter"):
-        scores = _score_range(
+        scores, deciders = _score_range(
             patch_filter, path, cfg.patch_size, 0, path.stat().st_size // cfg.patch_size**2, cfg.filter_batch_size
         )
     layout.filter_cache(patch_filter.name).mkdir(parents=True, exist_ok=True)
-    _save_scores(layout, patch_filter.name, shard, scores)
+    _save_scores(layout, patch_filter.name, shard, scores, deciders)
 
 
 def _score_range_in_child(spec: str, batch_size: int, path: Path, patch_size: int, start: int, stop: int):
@@ -89,11 +101,12 @@ def _leave_interrupt_to_parent() -> None:
 
 def _score_shards(
     layout: BuildLayout, cfg: BuildConfig, patch_filter: PatchFilter, sizes: dict[str, int], bar: tqdm
-) -> Iterator[tuple[str, np.ndarray]]:
-    """``(shard, scores of all its patches)`` for each shard in ``sizes`` (name -> patch count),
-    as soon as it is scored (so an interrupted run keeps the shards it finished)."""
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(shard, scores, deciders)`` of all the patches of each shard in ``sizes`` (name ->
+    patch count), as soon as it is scored (so an interrupted run keeps the shards it finished)."""
     tasks = [(s, a, min(a + RANGE_PATCHES, n)) for s, n in sizes.items() for a in range(0, n, RANGE_PATCHES)]
     scores = {shard: np.empty(n, np.float32) for shard, n in sizes.items()}
+    deciders = {shard: np.empty(n, np.uint8) for shard, n in sizes.items()}
     left = {shard: len(range(0, n, RANGE_PATCHES)) for shard, n in sizes.items()}
     workers = min(cfg.workers or os.cpu_count() or 1, len(tasks))
     parallel = (
@@ -102,16 +115,22 @@ def _score_shards(
         and sum(sizes.values()) >= MIN_PARALLEL_PATCHES
         and "fork" in multiprocessing.get_all_start_methods()
     )
+
+    def finished(shard: str, start: int, stop: int, result: tuple[np.ndarray, np.ndarray]):
+        scores[shard][start:stop], deciders[shard][start:stop] = result
+        bar.update(stop - start)
+        left[shard] -= 1
+        return (shard, scores.pop(shard), deciders.pop(shard)) if not left[shard] else None
+
     if not parallel:
         for shard, start, stop in tasks:
             with timed("filter"):
-                scores[shard][start:stop] = _score_range(
+                result = _score_range(
                     patch_filter, layout.shard(shard), cfg.patch_size, start, stop, cfg.filter_batch_size
                 )
-            bar.update(stop - start)
-            left[shard] -= 1
-            if not left[shard]:
-                yield shard, scores.pop(shard)
+            done = finished(shard, start, stop, result)
+            if done:
+                yield done
         return
     context = multiprocessing.get_context("fork")
     with cf.ProcessPoolExecutor(workers, context, _leave_interrupt_to_parent) as pool:
@@ -127,31 +146,34 @@ def _score_shards(
                 future = next(pending, None)
             if future is None:
                 break
-            shard, start, stop = futures[future]
-            scores[shard][start:stop] = future.result()
-            bar.update(stop - start)
-            left[shard] -= 1
-            if not left[shard]:
-                yield shard, scores.pop(shard)
+            done = finished(*futures[future], future.result())
+            if done:
+                yield done
 
 
-def score_patches(layout: BuildLayout, manifest: pd.DataFrame, cfg: BuildConfig, progress: bool = True) -> np.ndarray:
-    """Informative probability (float32 (n,), in [0, 1]) of every manifest row; NaN for patches not stored."""
+def score_patches(
+    layout: BuildLayout, manifest: pd.DataFrame, cfg: BuildConfig, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every manifest row's informative probability (float32 ``(n,)`` in [0, 1]; NaN for patches
+    not stored) and what decided it (object ``(n,)`` of :data:`DECIDED_BY` names; '' when not
+    stored)."""
     patch_filter = make_filter(cfg.filter, batch_size=cfg.filter_batch_size)
     layout.filter_cache(patch_filter.name).mkdir(parents=True, exist_ok=True)
     probs = np.full(len(manifest), np.nan, np.float32)
+    codes = np.zeros(len(manifest), np.uint8)  # DECIDED_BY[0] == ''
     if not len(manifest):
-        return probs
+        return probs, np.asarray(DECIDED_BY, object)[codes]
     stored = manifest["shard_row"].to_numpy() >= 0
     shards = manifest.loc[stored, "shard"].unique()
-    todo = [s for s in shards if not layout.filter_scores(patch_filter.name, s).is_file()]
+    todo = [s for s in shards if not _scored(layout, patch_filter.name, s)]
     sizes = {s: layout.shard(s).stat().st_size // (cfg.patch_size**2) for s in todo}
     bar = tqdm(total=sum(sizes.values()), desc=f"filter ({cfg.filter})", unit="patch", disable=not progress or not todo)
-    for shard, scores in _score_shards(layout, cfg, patch_filter, sizes, bar):
-        _save_scores(layout, patch_filter.name, shard, scores)
+    for shard, scores, deciders in _score_shards(layout, cfg, patch_filter, sizes, bar):
+        _save_scores(layout, patch_filter.name, shard, scores, deciders)
     bar.close()
     shard_col, row_col = manifest["shard"].to_numpy(), manifest["shard_row"].to_numpy()
     for shard in shards:
         sel = np.flatnonzero(stored & (shard_col == shard))
         probs[sel] = np.load(layout.filter_scores(patch_filter.name, shard))[row_col[sel]]
-    return probs
+        codes[sel] = np.load(layout.filter_deciders(patch_filter.name, shard))[row_col[sel]]
+    return probs, np.asarray(DECIDED_BY, object)[codes]

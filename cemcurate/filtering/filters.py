@@ -25,7 +25,7 @@ from cemcurate.common.atomic import file_sha256
 from cemcurate.common.lazy import lazy_import
 from cemcurate.filtering.features import check_patches
 from cemcurate.filtering.forest import load_forest, predict_forest
-from cemcurate.filtering.rules import DEFAULT_RULES, rule_informative_prob
+from cemcurate.filtering.rules import DEFAULT_RULES, rule_reasons
 
 # The classifier module imports torch; only a classifier file needs it.
 classifier_module = lazy_import("cemcurate.filtering.classifier")
@@ -39,6 +39,12 @@ FILTER_SPECS_HELP = (
 )
 
 
+# What decided a patch's score (the manifest's ``decided_by``): a rule of the label-free filter
+# that fired, ``rules`` when none fired, or the method itself; '' for patches not scored.
+# Cached per shard as uint8 codes, so the order is fixed: only append.
+DECIDED_BY = ("", "rules", "uniform", "overlay", "low-contrast", "classifier", "forest", "none")
+
+
 class PatchFilter:
     """Scores patches: ``filter(patches uint8 (n, p, p)) -> float32 (n,)`` informative probabilities.
 
@@ -48,28 +54,55 @@ class PatchFilter:
         fork_safe: the method is plain numpy/Pillow code that forked worker processes can run
             side by side (the label-free rules); a classifier is not (torch and fork do not
             mix, and it runs its own threads).
+        decider: what decides every patch (one of :data:`DECIDED_BY`) unless ``score`` says
+            per patch: a ``score`` may return ``(probs, deciders)``, deciders an object array
+            of :data:`DECIDED_BY` names (the rules name the rule that fired).
     """
 
     def __init__(
-        self, name: str, score: Callable[[np.ndarray], np.ndarray], threshold: float = 0.5, fork_safe: bool = False
+        self,
+        name: str,
+        score: Callable[[np.ndarray], np.ndarray | tuple[np.ndarray, np.ndarray]],
+        threshold: float = 0.5,
+        fork_safe: bool = False,
+        decider: str = "classifier",
     ):
+        if decider not in DECIDED_BY:
+            raise ValueError(f"decider must be one of {DECIDED_BY}, got {decider!r}")
         self.name = name
         self.threshold = float(threshold)
         self.fork_safe = bool(fork_safe)
+        self.decider = decider
         self._score = score
 
-    def __call__(self, patches: np.ndarray) -> np.ndarray:
+    def decide(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(probs float32 (n,), decided_by uint8 (n,))``: the scores and, per patch, the index
+        in :data:`DECIDED_BY` of what decided it."""
         patches = np.asarray(patches)
         if len(patches) == 0:
-            return np.zeros(0, np.float32)
+            return np.zeros(0, np.float32), np.zeros(0, np.uint8)
         check_patches(patches)
-        probs = np.asarray(self._score(patches), np.float32)
+        result = self._score(patches)
+        probs, deciders = result if isinstance(result, tuple) else (result, None)
+        probs = np.asarray(probs, np.float32)
         if probs.shape != (len(patches),):
             raise RuntimeError(f"filter {self.name} returned shape {probs.shape} for {len(patches)} patches")
-        return probs
+        if deciders is None:
+            return probs, np.full(len(patches), DECIDED_BY.index(self.decider), np.uint8)
+        codes = {name: i for i, name in enumerate(DECIDED_BY)}
+        return probs, np.array([codes[d] for d in deciders], np.uint8)
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        return self.decide(patches)[0]
 
     def __repr__(self) -> str:
         return f"PatchFilter({self.name!r}, threshold={self.threshold})"
+
+
+def _rules_decision(patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The label-free rules: 1.0 / 0.0 and the rule that fired (``rules`` when none did)."""
+    reasons = rule_reasons(patches, DEFAULT_RULES)
+    return (reasons == "").astype(np.float32), np.where(reasons == "", "rules", reasons)
 
 
 def make_filter(
@@ -87,20 +120,18 @@ def make_filter(
     """
     text = str(spec).strip()
     if text == "none":
-        return PatchFilter("none", lambda p: np.ones(len(p), np.float32), fork_safe=True)
+        return PatchFilter("none", lambda p: np.ones(len(p), np.float32), fork_safe=True, decider="none")
     if text == "stats":
-        return PatchFilter(
-            f"stats-rules-v1[{DEFAULT_RULES.identity()}]",
-            lambda p: rule_informative_prob(p, DEFAULT_RULES),
-            fork_safe=True,
-        )
+        return PatchFilter(f"stats-rules-v1[{DEFAULT_RULES.identity()}]", _rules_decision, fork_safe=True)
     path = Path(text)
     if not path.is_file():
         raise ValueError(f"--filter {text!r}: not 'stats' or 'none' and no such file; expected {FILTER_SPECS_HELP}")
     sha = file_sha256(path)
     if path.suffix == ".pkl":
         forest = load_forest(path)
-        return PatchFilter(f"stats-forest:{path.name}:sha256={sha}", lambda p: predict_forest(forest, p))
+        return PatchFilter(
+            f"stats-forest:{path.name}:sha256={sha}", lambda p: predict_forest(forest, p), decider="forest"
+        )
     classifier = classifier_module.load_classifier(path)
 
     def score(patches: np.ndarray) -> np.ndarray:

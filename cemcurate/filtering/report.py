@@ -54,7 +54,8 @@ def filter_report_section(
         return head + "<p>The filter was not run on this build (no <code>informative_prob</code> column).</p>"
     patch_size = patch_size or read_store_info(out_dir).patch_size
     # Only the columns used: the per-source selections below then copy a few columns, not all.
-    manifest = manifest[["source", "kept", "reason", "informative_prob", "shard", "shard_row"]]
+    used = ["source", "kept", "reason", "informative_prob", "shard", "shard_row"]
+    manifest = manifest[used + (["decided_by"] if "decided_by" in manifest.columns else [])]
     dropped_all = manifest["reason"].astype(str) == UNINFORMATIVE_REASON
     kept_all = manifest["kept"].astype(bool)
     scored = manifest["informative_prob"].notna()
@@ -72,8 +73,12 @@ def filter_report_section(
         n_scored = int((mine & scored.to_numpy()).sum())
         share = len(dropped) / n_scored if n_scored else 0.0
         probs = manifest.loc[mine & scored.to_numpy(), "informative_prob"].to_numpy(np.float64)
+        by = ""
+        if "decided_by" in dropped.columns and len(dropped):
+            counts = dropped["decided_by"].astype(str).value_counts()
+            by = "<br>dropped by: " + ", ".join(f"{html.escape(k)} {v}" for k, v in counts.items())
         rows.append(
-            f"<tr><td>{html.escape(str(source))}<br>{len(kept)} kept, {len(dropped)} dropped ({share:.0%})"
+            f"<tr><td>{html.escape(str(source))}<br>{len(kept)} kept, {len(dropped)} dropped ({share:.0%}){by}"
             f"<br>median p(informative) {np.median(probs):.2f}</td><td>{cells[0]}</td><td>{cells[1]}</td></tr>"
         )
     if not rows:
