@@ -17,6 +17,7 @@ from cemcurate.build import BuildConfig, build
 from cemcurate.cli import main
 from cemcurate.filtering.evaluation import (
     EvaluationSetError,
+    WindowSettings,
     evaluation_patches,
     filter_metrics,
     read_evaluation_set,
@@ -72,6 +73,12 @@ def test_the_set_cuts_the_pixels_a_default_build_stores(tmp_path, data_root, lab
             assert np.array_equal(store[index[key]], patch), crop
             matched += 1
     assert matched >= 40  # the tomogram's labelled slices and the plate's tiles on the build's grid
+
+
+def test_the_window_settings_are_the_builds_defaults():
+    cfg, window = BuildConfig(), WindowSettings()
+    assert (window.low_percentile, window.high_percentile) == (cfg.low_percentile, cfg.high_percentile)
+    assert window.sample_slices == cfg.window_sample_slices
 
 
 def test_metrics_by_hand():

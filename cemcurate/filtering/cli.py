@@ -20,6 +20,7 @@ from cemcurate.layout import BuildLayout
 # The handlers' modules load pandas, Flask or torch: bound lazily, so that building the
 # parser (``cemcurate --help``) imports none of them.
 evaluation = lazy_import("cemcurate.filtering.evaluation")
+np = lazy_import("numpy")
 filters = lazy_import("cemcurate.filtering.filters")
 label_server = lazy_import("cemcurate.filtering.label_server")
 labels = lazy_import("cemcurate.filtering.labels")
@@ -133,8 +134,6 @@ def _percent(value: float) -> str:
 
 
 def _cmd_filter_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np  # here, not at the top: building the parser stays light
-
     crops = evaluation.read_evaluation_set(args.labels)
     data_root = args.data if args.data is not None else args.labels.parent
     patches = evaluation.evaluation_patches(crops, data_root, source=args.labels)

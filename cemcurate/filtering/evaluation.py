@@ -14,8 +14,9 @@ cannot):
 ``label``        1 informative, 0 uninformative
 
 The patches are cut again from the raw files with the build's own reader and intensity
-window (:func:`cemcurate.build.cut.volume_window`, the default percentiles), so they are the
-pixels a default build stores. ``benchmarks/filter_labels.csv`` is our set on
+window (:func:`cemcurate.build.cut.volume_window`, the default percentiles; a test checks the
+defaults against :class:`cemcurate.build.BuildConfig`), so they are the pixels a default build
+stores. ``benchmarks/filter_labels.csv`` is our set on
 ``../shared/data``.
 """
 
@@ -27,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cemcurate.build.config import BuildConfig
 from cemcurate.build.cut import volume_window
 from cemcurate.common.atomic import atomic_path
 from cemcurate.common.lazy import lazy_import
@@ -44,6 +44,17 @@ _PLANES = ("xy", "xz", "yz")
 
 class EvaluationSetError(ValueError):
     """A row of an evaluation set that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """How non-uint8 data are mapped to uint8 (percentiles 0-100, slices sampled), as in
+    ``cemcurate build`` (``--low-percentile``, ``--high-percentile``, ``--window-sample-slices``);
+    the defaults are the build's."""
+
+    low_percentile: float = 0.1
+    high_percentile: float = 99.9
+    sample_slices: int = 32
 
 
 @dataclass(frozen=True)
@@ -117,35 +128,38 @@ def _plane_image(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
 
 
 def evaluation_patches(
-    crops: list[LabelledCrop], data_root: str | Path, cfg: BuildConfig | None = None, source: str | Path = "set"
+    crops: list[LabelledCrop],
+    data_root: str | Path,
+    window: WindowSettings = WindowSettings(),
+    patch_size: int = 224,
+    source: str | Path = "set",
 ) -> np.ndarray:
-    """The uint8 ``(n, p, p)`` patches of ``crops``, cut from the files under ``data_root``
-    with the reader, intensity window and patch size (``cfg.patch_size``) of a build with
-    ``cfg`` (default: the build's defaults). Each file is opened once.
+    """The uint8 ``(n, patch_size, patch_size)`` patches of ``crops``, cut from the files under
+    ``data_root`` with the build's reader and intensity window (``window``: the settings of a
+    default build unless given). Each file is opened once.
 
     Raises:
         EvaluationSetError: a file missing or unreadable, a dataset not in its file, or a crop
             outside its plane (naming ``source``, the line and the file).
     """
-    cfg = cfg or BuildConfig()
     data_root = Path(data_root)
-    out = np.empty((len(crops), cfg.patch_size, cfg.patch_size), np.uint8)
+    out = np.empty((len(crops), patch_size, patch_size), np.uint8)
     volumes: dict[tuple[str, str], tuple] = {}
     for i, crop in enumerate(crops):
         where = f"{source}, line {crop.line}: {crop.file}"
         key = (crop.file, crop.dataset)
         if key not in volumes:
-            volumes[key] = _open(data_root / crop.file, crop.dataset, where, cfg)
-        vol, window, loaded = volumes[key]
+            volumes[key] = _open(data_root / crop.file, crop.dataset, where, window)
+        vol, mapping, loaded = volumes[key]
         depth = {"xy": vol.shape[0], "xz": vol.shape[1], "yz": vol.shape[2]}[crop.plane]
         if crop.slice >= depth:
             raise EvaluationSetError(f"{where}: slice {crop.slice} of plane {crop.plane}, which has {depth}")
         if crop.plane == "xy":
-            image = window.apply(vol.read_slices(crop.slice, crop.slice + 1))[0]
+            image = mapping.apply(vol.read_slices(crop.slice, crop.slice + 1))[0]
         else:
             if loaded is None:
-                loaded = window.apply(vol.read_slices(0, vol.shape[0]))
-                volumes[key] = (vol, window, loaded)
+                loaded = mapping.apply(vol.read_slices(0, vol.shape[0]))
+                volumes[key] = (vol, mapping, loaded)
             image = _plane_image(loaded, crop.plane, crop.slice)
         if crop.y + crop.h > image.shape[0] or crop.x + crop.w > image.shape[1]:
             raise EvaluationSetError(
@@ -153,11 +167,11 @@ def evaluation_patches(
                 f"({image.shape[0]} x {image.shape[1]} px)"
             )
         grid = np.array([[crop.y, crop.x, crop.h, crop.w]], np.int64)
-        out[i] = crop_patches(np.ascontiguousarray(image), grid, cfg.patch_size)[0]
+        out[i] = crop_patches(np.ascontiguousarray(image), grid, patch_size)[0]
     return out
 
 
-def _open(path: Path, dataset: str, where: str, cfg: BuildConfig) -> tuple:
+def _open(path: Path, dataset: str, where: str, window: WindowSettings) -> tuple:
     if not path.exists():
         raise EvaluationSetError(f"{where}: no such file under the data root")
     try:
@@ -174,7 +188,7 @@ def _open(path: Path, dataset: str, where: str, cfg: BuildConfig) -> tuple:
     else:
         chosen = found
     vol = chosen[0]
-    return vol, volume_window(vol, False, cfg.low_percentile, cfg.high_percentile, cfg.window_sample_slices), None
+    return vol, volume_window(vol, False, window.low_percentile, window.high_percentile, window.sample_slices), None
 
 
 def filter_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
