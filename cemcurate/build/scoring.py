@@ -1,8 +1,8 @@
 """The filter stage: informative probability of every stored patch, cached per shard.
 
-Scores are cached per shard and filter identity (``PatchFilter.name``) under
-``OUT/parts/filter/``, so a re-run scores only new shards, and changing ``--filter``
-rescores without re-reading any source.
+Scores, and what decided each (the manifest's ``decided_by``), are cached per shard and
+filter identity (``PatchFilter.name``) under ``OUT/parts/filter/``, so a re-run scores only
+new shards, and changing ``--filter`` rescores without re-reading any source.
 
 A built-in filter (``stats``, ``none``: plain numpy/Pillow code) scores each shard in the
 worker that has just written it (:func:`score_new_shard`), while its patches are in the page
