@@ -131,10 +131,11 @@ class ModelConfig:
             "cem500k:PATH (released CEM500K MoCoV2 checkpoint) or PATH (our export, file or folder)"
         ),
     )
-    freeze_encoder: bool = field(
-        default=True,
+    freeze_encoder: bool | None = field(
+        default=None,
         metadata=_help(
-            "freeze the encoder (weights and BatchNorm statistics), as in the paper for pre-trained encoders"
+            "freeze the encoder (weights and BatchNorm statistics); unset: a pre-trained encoder is frozen (the "
+            "paper's protocol) and a random one trains (frozen, it would stay noise)"
         ),
     )
     norm_mean: float | None = field(
@@ -151,6 +152,12 @@ class ModelConfig:
         get_arch(self.arch)
         if self.norm_std is not None and not self.norm_std > 0:
             raise ValueError(f"norm_std must be > 0, got {self.norm_std}")
+
+    @property
+    def encoder_frozen(self) -> bool:
+        """Whether training freezes the encoder: ``freeze_encoder`` when set, else frozen
+        exactly when the encoder is pre-trained (not ``random``), as in the paper's Table 2."""
+        return self.freeze_encoder if self.freeze_encoder is not None else self.encoder != "random"
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Recipe (Conrad & Narayan 2021, "Benchmark segmentation tasks"): AdamW, one-cycle
 learning rate with maximum 0.003, weight decay 0.1, batch 16, a fixed number of
 iterations, BCE-with-logits for binary tasks and prevalence-weighted cross-entropy for
-multi-class ones, seed 42, encoder frozen (including BatchNorm statistics).
+multi-class ones, seed 42, a pre-trained encoder frozen (including BatchNorm statistics) and a random one trained.
 
 ``dim: 3d`` keeps that recipe and swaps the model and the data: a
 :class:`~finetune.models.unet3d.UNet3D` whose encoder holds the same 2D weights inflated
@@ -26,6 +26,7 @@ A run folder ``RUN`` holds:
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,13 +103,19 @@ def build_training_model(
     for 3D, with ``geometry``, default isotropic), frozen as configured. The input
     normalisation is the config's, else the encoder source's, else 0.5/0.5."""
     m = cfg.model
+    if m.encoder == "random" and m.encoder_frozen:
+        warnings.warn(
+            "the encoder is random and frozen (--freeze-encoder): only the decoder learns, on features of "
+            "random weights - a baseline, not a model to use; leave --freeze-encoder unset to train the encoder",
+            stacklevel=2,
+        )
     weights = resolve(m.encoder, m.arch)
     # Seeding right before construction makes every randomly initialised parameter the
     # same in every experiment with the same seed (as in the paper), whatever the source.
     torch.manual_seed(cfg.optim.seed)
     common = dict(
         weights=weights,
-        freeze_encoder=m.freeze_encoder,
+        freeze_encoder=m.encoder_frozen,
         arch=m.arch,
         num_classes=len(cfg.data.classes),
         mean=m.norm_mean,

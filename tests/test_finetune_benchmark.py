@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -57,7 +58,9 @@ def test_every_definition_loads_with_paper_settings():
                     16,
                     42,
                 )
-                assert cfg.model.arch == "resnet50" and cfg.model.freeze_encoder
+                # The paper's freezing rule (Table 2): a pre-trained encoder frozen, a random one trained.
+                assert cfg.model.arch == "resnet50" and cfg.model.freeze_encoder is None
+                assert dataclasses.replace(cfg.model, encoder="imagenet").encoder_frozen
     assert set(PAPER_CROPS) <= names, sorted(set(PAPER_CROPS) - names)
     assert {"VNC mitochondria", "ISBI-2012 membranes"} <= names
     guay = load_config(TrainConfig, REPO / "configs/finetune/guay.yaml")

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from cemcurate.common.config import build_config
 from cemcurate.common.weights import CEM500K_MEAN, WeightsError, WeightSpec, resolve
-from finetune.config import TrainConfig
+from finetune.cli import main as finetune_main
+from finetune.config import ModelConfig, TrainConfig
 from finetune.models import build_model
 from finetune.train import train
 
@@ -172,3 +173,31 @@ def test_frozen_encoder_weights_and_bn_stats_do_not_change_in_training(tmp_path,
     saved2 = torch.load(tmp_path / "run_unfrozen" / "model.pth", weights_only=True)["state_dict"]
     assert not torch.equal(saved2["net.encoder.layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
     assert not torch.equal(saved2["net.encoder.bn1.running_mean"], state["bn1.running_mean"])
+
+
+def test_a_random_encoder_trains_by_default_and_a_pretrained_one_is_frozen():
+    assert ModelConfig().freeze_encoder is None and not ModelConfig().encoder_frozen
+    assert ModelConfig(encoder="imagenet").encoder_frozen and ModelConfig(encoder="cem500k:x.pth").encoder_frozen
+    assert not ModelConfig(encoder="imagenet", freeze_encoder=False).encoder_frozen
+    assert ModelConfig(encoder="random", freeze_encoder=True).encoder_frozen
+
+
+def test_finetune_train_without_encoder_flags_trains_the_encoder(tmp_path, data_root, recwarn):
+    """The command a new user types: no --encoder, no freeze flag. The random encoder must
+    learn (it did not before: frozen random features); asking to freeze it warns."""
+    raw = data_root / "drosophila_vnc_gerhard/stack1/raw/00.tif"
+    mito = data_root / "drosophila_vnc_gerhard/stack1/mitochondria/00.png"
+    iio.imwrite(tmp_path / "img.png", iio.imread(raw)[:256, :256])
+    iio.imwrite(tmp_path / "mask.png", iio.imread(mito)[:256, :256])
+    args = ["train", "--images", str(tmp_path / "img.png"), "--masks", str(tmp_path / "mask.png")]
+    args += ["--mask-threshold", "127", "--arch", "resnet18", "--iters", "3", "--batch-size", "2"]
+    args += ["--crop", "64", "--workers", "0", "--device", "cpu", "--quiet"]
+    assert finetune_main(args + ["--out", str(tmp_path / "run")]) == 0
+    saved = torch.load(tmp_path / "run" / "model.pth", weights_only=True)["state_dict"]
+    torch.manual_seed(42)  # the run's seed: the same initial weights as a fresh build
+    fresh = build_model("unet2d", arch="resnet18").state_dict()
+    for name in ("net.encoder.conv1.weight", "net.encoder.layer4.1.conv2.weight", "net.encoder.bn1.running_mean"):
+        assert not torch.equal(saved[name], fresh[name]), f"{name} did not train"
+    assert not [w for w in recwarn if "random and frozen" in str(w.message)]
+    with pytest.warns(UserWarning, match="the encoder is random and frozen"):
+        assert finetune_main(args + ["--out", str(tmp_path / "frozen"), "--freeze-encoder"]) == 0
