@@ -64,7 +64,8 @@ def add_label_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "label",
         help="label patches informative / uninformative (local web page, or contact sheets)",
-        description="Show random deduplicated patches of a build in a local web page (http://127.0.0.1 only) and "
+        description="Show deduplicated patches of a build (random, or the most uncertain first once a classifier has "
+        "scored it) in a local web page (http://127.0.0.1 only) and "
         "record each click as a label in OUT/labels.csv (patch_id, label: 1 informative / 0 uninformative, "
         "time), saved at once. A patch is uninformative when 80% or more of it is uniform (nucleus or "
         "cytoplasm interior, resin, padding), when it is low-contrast, or when it shows reconstruction "
