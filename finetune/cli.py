@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     add_config_arguments(p, PredictConfig)
 
     p = sub.add_parser(
-        "evaluate", help="per-class IoU of a prediction against labels", description=EvaluateConfig.__doc__
+        "evaluate",
+        help="per-class IoU, F1 (Dice), precision and recall of a prediction against labels",
+        description=EvaluateConfig.__doc__,
     )
     p.add_argument("pred", metavar="PRED", help="prediction: volume file, folder or glob of 2D images")
     p.add_argument("labels", metavar="LABELS", help="labels: volume file, folder or glob (paired with PRED in order)")

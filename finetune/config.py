@@ -513,7 +513,7 @@ class PredictConfig:
 
 @dataclass
 class EvaluateConfig:
-    """``finetune evaluate``: IoU of a prediction against labels."""
+    """``finetune evaluate``: IoU, F1 (Dice), precision and recall of a prediction against labels."""
 
     classes: list[str] = field(
         default_factory=lambda: ["background", "foreground"], metadata=_help("class names, index 0 first")

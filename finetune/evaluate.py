@@ -1,4 +1,6 @@
-"""``finetune evaluate``: per-class IoU of predictions against labels, from files.
+"""``finetune evaluate``: per-class IoU, F1 (Dice), precision and recall of predictions against
+labels, from files (IoU is what CEM500K and Xie et al. report; F1, precision and recall what ASEM
+reports).
 
 The compute is :mod:`finetune.metrics`; this module reads files, turns predictions and
 labels into class maps and accumulates confusion matrices:
@@ -22,7 +24,7 @@ from cemcurate.common.atomic import atomic_path
 from cemcurate.io import open_series
 from finetune.config import EvaluateConfig
 from finetune.labels import LabelSpec, to_class_map
-from finetune.metrics import confusion_matrix, iou_from_confusion, unlabelled_prediction_mask
+from finetune.metrics import confusion_matrix, iou_from_confusion, scores_from_confusion, unlabelled_prediction_mask
 from finetune.volumes import expand_patterns, input_files, open_volume
 
 _SLAB = 32
@@ -102,8 +104,10 @@ def evaluate_paths(pred: str, labels: str, cfg: EvaluateConfig) -> dict:
     """Score ``pred`` against ``labels`` (files, folders or globs); see the module docstring.
 
     Returns:
-        A JSON-ready dict: ``iou`` per class, ``mean_foreground_iou``, ``confusion``
-        (rows = true class), ``per_image`` (2D sets) and the inputs.
+        A JSON-ready dict: ``iou``, ``f1``, ``precision`` and ``recall`` per class (None where
+        undefined), ``mean_foreground_iou`` (and ``_f1``, ``_precision``, ``_recall``: means
+        over the classes after the first), ``confusion`` (rows = true class), ``per_image``
+        (2D sets: IoU per image) and the inputs.
     """
     pred_paths = input_files(pred)
     label_paths = input_files(labels)
@@ -128,14 +132,20 @@ def evaluate_paths(pred: str, labels: str, cfg: EvaluateConfig) -> dict:
     else:
         ign = _open(ignore_paths) if ignore_paths is not None else None
         cm = score_volume(_open(pred_paths), _open(label_paths), cfg, ign, name=f"{pred} vs {labels}")
-    iou = _iou_dict(cm, cfg.classes)
-    fg = [v for c, v in list(iou.items())[1:] if v is not None]
+    scores = {
+        name: {c: (None if math.isnan(v) else float(v)) for c, v in zip(cfg.classes, values)}
+        for name, values in scores_from_confusion(cm).items()
+    }
+    means = {}
+    for name, per_class in scores.items():
+        fg = [v for v in list(per_class.values())[1:] if v is not None]
+        means[f"mean_foreground_{name}"] = float(np.mean(fg)) if fg else None
     return {
         "pred": str(pred),
         "labels": str(labels),
         "classes": list(cfg.classes),
-        "iou": iou,
-        "mean_foreground_iou": float(np.mean(fg)) if fg else None,
+        **scores,
+        **means,
         "confusion": cm.tolist(),
         "scored_pixels": int(cm.sum()),
         "instances_only": cfg.instances_only,
@@ -156,10 +166,12 @@ def format_table(result: dict) -> str:
         for row in result["per_image"]:
             lines.append(Path(row["pred"]).name[:32].ljust(32) + "".join(fmt(row["iou"][c]).rjust(13) for c in classes))
         lines.append("")
-    lines.append("class".ljust(20) + "IoU".rjust(8))
+    metrics = [("iou", "IoU"), ("f1", "F1/Dice"), ("precision", "precision"), ("recall", "recall")]
+    lines.append("class".ljust(20) + "".join(title.rjust(11) for _, title in metrics))
     for c in classes:
-        lines.append(c[:20].ljust(20) + fmt(result["iou"][c]).rjust(8))
-    lines.append("mean (foreground)".ljust(20) + fmt(result["mean_foreground_iou"]).rjust(8))
+        lines.append(c[:20].ljust(20) + "".join(fmt(result[key][c]).rjust(11) for key, _ in metrics))
+    mean_row = "".join(fmt(result[f"mean_foreground_{key}"]).rjust(11) for key, _ in metrics)
+    lines.append("mean (foreground)".ljust(20) + mean_row)
     return "\n".join(lines)
 
 

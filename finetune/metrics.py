@@ -1,4 +1,4 @@
-"""Intersection-over-Union from class maps (pure functions).
+"""Intersection-over-Union, F1 (Dice), precision and recall from class maps (pure functions).
 
 Scores are accumulated as a confusion matrix, so a volume can be scored chunk by chunk
 and a 2D set image by image with the same code: sum the matrices, then take the IoU.
@@ -53,6 +53,27 @@ def iou_from_confusion(cm: np.ndarray) -> np.ndarray:
     union = cm.sum(axis=0) + cm.sum(axis=1) - tp
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)
+
+
+def scores_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class scores from a confusion matrix (rows = true class), float64 ``(K,)`` each:
+    ``iou`` TP / (TP + FP + FN); ``f1`` (the Dice coefficient) 2 TP / (2 TP + FP + FN);
+    ``precision`` TP / (TP + FP); ``recall`` TP / (TP + FN). NaN where the denominator is 0
+    (a class never predicted has no precision, a class absent from the labels no recall)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    predicted, true = cm.sum(axis=0), cm.sum(axis=1)
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+    return {
+        "iou": iou_from_confusion(cm),
+        "f1": ratio(2 * tp, predicted + true),
+        "precision": ratio(tp, predicted),
+        "recall": ratio(tp, true),
+    }
 
 
 def unlabelled_prediction_mask(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:

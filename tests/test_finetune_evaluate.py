@@ -15,6 +15,8 @@ from scipy import ndimage
 
 from cemcurate.io import write_volume
 from finetune.cli import main
+from finetune.evaluate import format_table
+from finetune.metrics import scores_from_confusion
 
 
 def _iou(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -65,6 +67,38 @@ def test_per_image_and_pooled_iou_match_hand_counts(isbi, tmp_path):
     pooled = _iou(np.stack(preds), np.stack(truths))
     assert result["iou"]["membrane"] == pytest.approx(pooled)
     assert result["scored_pixels"] == sum(t.size for t in truths)
+    # F1 (Dice), precision and recall of the pooled pixels, counted by hand.
+    p, t = np.stack(preds), np.stack(truths)
+    tp, fp, fn = (p & t).sum(), (p & ~t).sum(), (~p & t).sum()
+    assert result["f1"]["membrane"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert result["precision"]["membrane"] == pytest.approx(tp / (tp + fp))
+    assert result["recall"]["membrane"] == pytest.approx(tp / (tp + fn))
+    assert result["mean_foreground_f1"] == pytest.approx(result["f1"]["membrane"])
+    assert result["recall"]["background"] == pytest.approx((~p & ~t).sum() / (~t).sum())
+
+
+def test_scores_from_a_confusion_matrix_by_hand():
+    # Rows: true class; columns: predicted. Class 2 is never predicted and never present.
+    cm = np.array([[50, 10, 0], [5, 35, 0], [0, 0, 0]])
+    s = scores_from_confusion(cm)
+    assert s["iou"][1] == pytest.approx(35 / (35 + 10 + 5)) and s["f1"][1] == pytest.approx(70 / (70 + 10 + 5))
+    assert s["precision"][1] == pytest.approx(35 / 45) and s["recall"][1] == pytest.approx(35 / 40)
+    assert s["precision"][0] == pytest.approx(50 / 55) and s["recall"][0] == pytest.approx(50 / 60)
+    assert all(np.isnan(s[k][2]) for k in s)
+    # F1 and IoU are tied: F1 = 2 IoU / (1 + IoU).
+    assert s["f1"][:2] == pytest.approx(2 * s["iou"][:2] / (1 + s["iou"][:2]))
+
+
+def test_the_table_shows_every_metric(tmp_path):
+    result = {
+        "classes": ["background", "mito"],
+        "per_image": [],
+        **{k: {"background": 0.9, "mito": 0.5} for k in ("iou", "f1", "precision", "recall")},
+        **{f"mean_foreground_{k}": 0.5 for k in ("iou", "f1", "precision", "recall")},
+    }
+    table = format_table(result).splitlines()
+    assert table[0].split() == ["class", "IoU", "F1/Dice", "precision", "recall"]
+    assert table[2].split() == ["mito", "0.5000", "0.5000", "0.5000", "0.5000"]
 
 
 def test_volume_probabilities_ignore_label_and_instances_only(isbi, tmp_path):
