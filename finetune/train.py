@@ -20,11 +20,15 @@ A run folder ``RUN`` holds:
   and ends with the same weights as an uninterrupted run: samples are a pure function of
   ``(seed, sample index)`` (:mod:`finetune.data`), so the data stream resumes exactly too;
 * ``model.pth``: the final model (weights + what is needed to rebuild it);
+* ``model_best.pth``: with validation data, the model of the validation with the best mean
+  foreground IoU so far (``finetune predict RUN/model_best.pth`` uses it), as ASEM selects
+  its model by validation score;
 * ``train_log.csv``, ``val_log.csv``, ``tensorboard/``: loss, learning rate, validation IoU.
 """
 
 from __future__ import annotations
 
+import csv
 import time
 import warnings
 from dataclasses import dataclass
@@ -64,6 +68,7 @@ torch_tensorboard = lazy_import("torch.utils.tensorboard")
 
 CHECKPOINT = "checkpoint.pth"
 MODEL = "model.pth"
+BEST_MODEL = "model_best.pth"
 
 
 @dataclass
@@ -249,6 +254,7 @@ def _save_model(
     iteration: int,
     elapsed: float,
     val: dict | None,
+    name: str = MODEL,
 ) -> None:
     payload = {
         "state_dict": model.state_dict(),
@@ -260,8 +266,23 @@ def _save_model(
         "seconds": elapsed,
         "val": val,
     }
-    with atomic_path(run / MODEL) as tmp:
+    with atomic_path(run / name) as tmp:
         torch.save(payload, tmp)
+
+
+def _best_logged(val_log: Path) -> float:
+    """The best ``mean_foreground_iou`` in a run's ``val_log.csv`` (-inf when there is none):
+    the score ``model_best.pth`` holds, so a resumed run keeps comparing against it."""
+    if not val_log.is_file():
+        return float("-inf")
+    scores = []
+    with open(val_log, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                scores.append(float(row["mean_foreground_iou"]))
+            except (TypeError, ValueError):  # no foreground class scored at that validation
+                continue
+    return max((v for v in scores if v == v), default=float("-inf"))
 
 
 def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progress: bool = True) -> TrainResult:
@@ -323,6 +344,7 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     if start >= optim.iters and (run / MODEL).is_file():
         return TrainResult(run, start, True, elapsed, None)
 
+    best = _best_logged(run / "val_log.csv")
     tb = torch_tensorboard.SummaryWriter(str(run / "tensorboard"), purge_step=start if start else None)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -378,6 +400,10 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
                         + [("" if v is None else f"{v:.5f}") for v in last_val["iou"]]
                         + [last_val["mean_foreground_iou"]],
                     )
+                    score = last_val["mean_foreground_iou"]
+                    if score is not None and score > best:  # the validation-selected model (ASEM's choice)
+                        best = score
+                        _save_model(run, model, cfg, enc, it, elapsed + time.perf_counter() - t0, last_val, BEST_MODEL)
                 _save_checkpoint(run, it, elapsed + time.perf_counter() - t0, model, optimizer, scheduler, scaler, cfg)
     except KeyboardInterrupt:
         if it > start:

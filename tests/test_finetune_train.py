@@ -16,6 +16,7 @@ import pytest
 import torch
 from skimage.transform import downscale_local_mean
 
+import finetune.train as train_module
 from cemcurate.common.config import build_config
 from finetune.cli import main
 from finetune.config import TrainConfig
@@ -208,3 +209,38 @@ def test_bad_training_inputs_fail_before_training(vnc, tmp_path, capsys):
     )
     assert rc == 2 and "r34.pth" in err and "resnet34 encoder; pass --arch resnet34" in err
     assert not (tmp_path / "r" / "checkpoint.pth").exists()
+
+
+def test_the_best_validation_model_is_kept_across_a_resume(vnc, tmp_path, monkeypatch):
+    """Validations at iterations 2, 4, 6 score 0.2, 0.5, 0.3 (scripted): model_best.pth holds
+    the iteration-4 model, also when the run is interrupted after it and resumed."""
+    scores = {2: 0.2, 4: 0.5, 6: 0.3}
+    calls = []
+    real_save = train_module._save_model
+
+    def scripted(model, items, num_classes, *args, **kwargs):
+        it = 2 * (len(calls) + 1)
+        calls.append(it)
+        return {"iou": [0.9, scores[it]], "mean_foreground_iou": scores[it]}
+
+    saved_best = []
+
+    def recording(run, model, cfg, enc, it, elapsed, val, name=train_module.MODEL):
+        if name == train_module.BEST_MODEL:
+            saved_best.append(it)
+        real_save(run, model, cfg, enc, it, elapsed, val, name)
+
+    monkeypatch.setattr(train_module, "validate", scripted)
+    monkeypatch.setattr(train_module, "_save_model", recording)
+    cfg = _cfg(vnc, val_images=["raw/16.png"], val_masks=["mito/16.png"])
+    run = tmp_path / "run"
+    assert not train(cfg, run, stop_at=4, progress=False).finished
+    train(cfg, run, progress=False)  # resumes at 4: the best so far (0.5) comes from val_log.csv
+    assert calls == [2, 4, 6] and saved_best == [2, 4]
+    best = torch.load(run / "model_best.pth", weights_only=False)
+    assert best["iterations"] == 4 and best["val"]["mean_foreground_iou"] == 0.5
+    assert torch.load(run / "model.pth", weights_only=False)["iterations"] == 6
+    # The selected model predicts like any other.
+    assert (
+        main(["predict", str(run / "model_best.pth"), str(vnc / "raw/17.png"), str(tmp_path / "p.png"), "--quiet"]) == 0
+    )
