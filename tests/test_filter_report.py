@@ -62,11 +62,12 @@ def test_section_shows_kept_and_dropped_per_source(filtered_build):
     # The two enlarged background crops are uniform, the two data-bar crops overlays.
     assert "dropped by: uniform 2, overlay 2" in html or "dropped by: overlay 2, uniform 2" in html
     images = _images(html)
-    # vnc: kept montage only (its dropped cell says 'none'); sem_plate: kept and dropped.
+    # sem_plate first (the most dropped): kept (1) and dropped (4); vnc: kept only ('none' dropped).
     assert len(images) == 3 and html.count("<i>none</i>") == 1
-    # Montage widths follow the number of patches shown: 4 columns of 64 px (+2 px gaps).
-    assert images[0].shape == (2 * 64 + 2, 4 * 64 + 3 * 2)
-    assert images[2].shape == (64, 4 * 64 + 3 * 2)
+    assert html.index("sem_plate<br>") < html.index("vnc<br>")
+    # Montage sizes follow the number of patches shown: up to 4 columns of 64 px (+2 px gaps).
+    assert images[0].shape == (64, 64) and images[1].shape == (64, 4 * 64 + 3 * 2)
+    assert images[2].shape == (2 * 64 + 2, 4 * 64 + 3 * 2)
 
 
 def test_section_without_filter_column(filtered_build):
@@ -82,7 +83,7 @@ def test_montages_follow_the_scores_lowest_first(filtered_build):
     scored = manifest.copy()
     vnc = (scored["source"] == "vnc").to_numpy()
     scored.loc[vnc, "informative_prob"] = np.linspace(0.99, 0.6, vnc.sum(), dtype=np.float32)  # last lowest
-    html = filter_report_section(out, scored, per_source=6, columns=6, tile=64)
+    html = filter_report_section(out, scored[vnc], per_source=6, columns=6, tile=64)
     montage = _images(html)[0]
     tiles = [montage[:, i * 66 : i * 66 + 64] for i in range(6)]
     stored = ShardReader(out, 224).read(
@@ -90,6 +91,19 @@ def test_montages_follow_the_scores_lowest_first(filtered_build):
     )
     expected = [np.asarray(Image.fromarray(p).resize((64, 64), Image.BILINEAR)) for p in stored[::-1]]
     assert all(np.array_equal(a, b) for a, b in zip(tiles, expected))
+
+
+def test_many_sources_get_montages_for_the_most_dropped_and_a_line_each_for_the_rest(filtered_build):
+    out, manifest = filtered_build
+    many = manifest.copy()
+    many["source"] = [f"image_{i:02d}" for i in range(len(many))]  # one patch per source
+    html = filter_report_section(out, many, per_source=4, max_sources=3)
+    dropped = many.loc[many["reason"] == "uninformative", "source"].tolist()
+    assert len(dropped) == 4 and "Montages for the 3 sources with the most dropped patches; the other 8" in html
+    montaged, listed = html.split("<th>other sources</th>")
+    assert sum(name in montaged for name in dropped) == 3  # three of the four with a drop
+    assert all(name in montaged or name in listed for name in many["source"])
+    assert len(_images(montaged)) == 3 and not _images(listed)  # one dropped montage each, 'none' kept
 
 
 def test_curation_section_histogram_and_lorenz(filtered_build):
