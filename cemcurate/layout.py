@@ -25,6 +25,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from cemcurate.common.lazy import lazy_import
+
+yaml = lazy_import("yaml")
+
 SHARD_SUFFIX = ".u8"
 # Written into every folder cemcurate writes (a build OUT, a patch export): such a folder
 # inside RAW is never read as input, so a build does not curate its own outputs.
@@ -72,6 +76,23 @@ class BuildLayout:
     @property
     def build_config(self) -> Path:
         return self.root / "build_config.yaml"
+
+    def recorded_setting(self, key: str, default):
+        """The build setting ``key`` as the last build recorded it in ``build_config.yaml``;
+        ``default`` when the file or the key is absent.
+
+        Raises:
+            ValueError: the file exists but is not a YAML mapping (names it).
+        """
+        if not self.build_config.is_file():
+            return default
+        try:
+            settings = yaml.safe_load(self.build_config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"{self.build_config}: cannot be read ({exc})") from exc
+        if not isinstance(settings, dict):
+            raise ValueError(f"{self.build_config}: expected a mapping of build settings")
+        return settings.get(key, default)
 
     # -- the running build
     @property

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from cemcurate.build.records import SourceRow
 from cemcurate.common.atomic import atomic_path
@@ -139,8 +138,7 @@ def dedup_preview(
     out_dir = layout.root
     manifest = read_manifest(layout.manifest)
     if max_hamming is None:
-        used = yaml.safe_load(layout.build_config.read_text()) if layout.build_config.is_file() else {}
-        max_hamming = int(used.get("max_hamming", DEFAULT_MAX_HAMMING))
+        max_hamming = int(layout.recorded_setting("max_hamming", DEFAULT_MAX_HAMMING))
     patch_size = read_store_info(out_dir).patch_size
     hashes = hex_to_dhash(manifest["dhash"].tolist()) if len(manifest) else np.zeros(0, np.uint64)
     position = pd.Series(np.arange(len(manifest)), index=manifest["patch_id"].to_numpy())

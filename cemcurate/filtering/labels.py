@@ -24,7 +24,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
 from PIL import Image, ImageDraw
 
 from cemcurate.common.atomic import atomic_path
@@ -147,15 +146,6 @@ def read_labels(path: str | Path, latest: bool = True) -> pd.DataFrame:
     return frame
 
 
-def _build_threshold(layout: BuildLayout) -> float:
-    """The ``filter_threshold`` the build used (``OUT/build_config.yaml``), 0.5 when not recorded."""
-    try:
-        settings = yaml.safe_load(layout.build_config.read_text()) or {}
-        return float(settings.get("filter_threshold", 0.5))
-    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
-        return 0.5
-
-
 class LabelPool:
     """The deduplicated patches of a build folder, addressable by ``patch_id``.
 
@@ -181,7 +171,7 @@ class LabelPool:
             unique = (manifest["reason"].astype(str) != "duplicate").to_numpy()
         self.rows = manifest[stored & unique].set_index("patch_id").sort_index()
         self.patch_ids = self.rows.index.to_numpy(np.int64)
-        self.threshold = _build_threshold(layout)
+        self.threshold = float(layout.recorded_setting("filter_threshold", 0.5))
         self._reader = ShardReader(self.out_dir, self.patch_size)
 
     def __len__(self) -> int:
