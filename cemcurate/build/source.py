@@ -156,7 +156,7 @@ def process_source(
     except Exception as exc:  # one bad source must not stop the build
         if debug:
             traceback.print_exc(file=sys.stderr)
-        record.status, record.rows = "failed", None
+        record.status = "failed"  # rows are set only after the part file is written
         record.sources = [SourceRow.failed(spec, error_line(exc, spec))]
     with atomic_path(layout.part_json(spec.key)) as tmp:
         tmp.write_text(record.to_json())

@@ -43,6 +43,7 @@ FILTER_SPECS_HELP = (
 # that fired, ``rules`` when none fired, or the method itself; '' for patches not scored.
 # Cached per shard as uint8 codes, so the order is fixed: only append.
 DECIDED_BY = ("", "rules", "uniform", "overlay", "low-contrast", "classifier", "forest", "none")
+_DECIDER_CODES = {name: code for code, name in enumerate(DECIDED_BY)}
 
 
 class PatchFilter:
@@ -88,9 +89,8 @@ class PatchFilter:
         if probs.shape != (len(patches),):
             raise RuntimeError(f"filter {self.name} returned shape {probs.shape} for {len(patches)} patches")
         if deciders is None:
-            return probs, np.full(len(patches), DECIDED_BY.index(self.decider), np.uint8)
-        codes = {name: i for i, name in enumerate(DECIDED_BY)}
-        return probs, np.array([codes[d] for d in deciders], np.uint8)
+            return probs, np.full(len(patches), _DECIDER_CODES[self.decider], np.uint8)
+        return probs, np.array([_DECIDER_CODES[d] for d in deciders], np.uint8)
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         return self.decide(patches)[0]

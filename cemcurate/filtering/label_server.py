@@ -94,6 +94,8 @@ def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int 
 
     reorder()
     app = flask.Flask("cemcurate.filtering.label_server")
+    # Which order ``auto`` resolved to: it depends on the build's scores, not on the labels.
+    app.config["LABEL_ORDER"] = state["order_used"]
     app.config["MAX_CONTENT_LENGTH"] = 4096  # a label is a few dozen bytes
 
     def error(code: int, message: str):
@@ -207,9 +209,8 @@ def serve(
     server = werkzeug_serving.make_server(host, port, app, threaded=True)
     bound_host, bound_port = server.socket.getsockname()[:2]
     url = f"http://{bound_host}:{bound_port}/"
-    with app.test_client() as client:  # the order the page starts with, said once
-        used = client.get("/api/patches?count=1", headers={"Host": LOOPBACK}).get_json()["order"]
-    shown = "most uncertain first (nearest the build's threshold)" if used == "uncertain" else "random"
+    uncertain = app.config["LABEL_ORDER"] == "uncertain"
+    shown = "most uncertain first (nearest the build's threshold)" if uncertain else "random"
     print(f"cemcurate label: {url}  (labels -> {labels_path(out_dir)}; order: {shown}; Ctrl-C to stop)", flush=True)
     if open_browser:
         threading.Timer(0.5, webbrowser.open, args=(url,)).start()
