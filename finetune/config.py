@@ -131,11 +131,28 @@ class ModelConfig:
             "cem500k:PATH (released CEM500K MoCoV2 checkpoint) or PATH (our export, file or folder)"
         ),
     )
+    init_model: str = field(
+        default="",
+        metadata=_help(
+            "start the whole network (encoder and decoder) from a model finetune train saved: RUN, "
+            "RUN/model.pth or RUN/model_best.pth, 2D or 3D (a 2D model into dim 3d is inflated); other "
+            "classes re-initialise the output head. Arch (and for a 3D source its geometry, decoder_channels "
+            "and upsample) must be the source's (default: empty, start from encoder)",
+            metavar="MODEL",
+        ),
+    )
     freeze_encoder: bool | None = field(
         default=None,
         metadata=_help(
             "freeze the encoder (weights and BatchNorm statistics); unset: a pre-trained encoder is frozen (the "
-            "paper's protocol) and a random one trains (frozen, it would stay noise)"
+            "paper's protocol), a random one and one from init_model train (frozen, random ones stay noise)"
+        ),
+    )
+    freeze_decoder: bool = field(
+        default=False,
+        metadata=_help(
+            "freeze the decoder too (weights and BatchNorm statistics; the output head still trains), "
+            "e.g. to adapt only the head of an init_model"
         ),
     )
     norm_mean: float | None = field(
@@ -152,12 +169,21 @@ class ModelConfig:
         get_arch(self.arch)
         if self.norm_std is not None and not self.norm_std > 0:
             raise ValueError(f"norm_std must be > 0, got {self.norm_std}")
+        if self.init_model and self.encoder != "random":
+            raise ValueError(
+                f"init_model {self.init_model!r} brings its own encoder; encoder {self.encoder!r} would be "
+                "ignored: give one of the two"
+            )
 
     @property
     def encoder_frozen(self) -> bool:
         """Whether training freezes the encoder: ``freeze_encoder`` when set, else frozen
-        exactly when the encoder is pre-trained (not ``random``), as in the paper's Table 2."""
-        return self.freeze_encoder if self.freeze_encoder is not None else self.encoder != "random"
+        exactly when the encoder is a pre-trained encoder (not ``random``), as in the paper's
+        Table 2; a whole model from ``init_model`` trains end to end, as Xie et al. and ASEM
+        fine-tune it."""
+        if self.freeze_encoder is not None:
+            return self.freeze_encoder
+        return self.encoder != "random" and not self.init_model
 
 
 @dataclass
@@ -245,9 +271,11 @@ class Dim3DConfig:
         ),
     )
     inflate: str = field(
-        default="i3d",
+        default="auto",
         metadata=_help(
-            "how 2D kernels become 3D: i3d (repeated along z, divided by depth) or center (middle slice only)"
+            "how 2D kernels become 3D: i3d (repeated along z, divided by depth), center (middle slice only) "
+            "or auto: i3d for encoder weights, center for a 2D init_model (the 3D model then starts as "
+            "exactly the 2D model on every slice; i3d's z padding changes it in short windows)"
         ),
     )
     decoder_channels: list[int] = field(
@@ -255,8 +283,11 @@ class Dim3DConfig:
         metadata=_help("widths of the five decoder blocks (the 2D UNet's; smaller saves memory and time)"),
     )
     upsample: str = field(
-        default="trilinear",
-        metadata=_help("decoder upsampling: trilinear, nearest or transpose (learned transposed convolution)"),
+        default="auto",
+        metadata=_help(
+            "decoder upsampling: trilinear, nearest, transpose (learned transposed convolution) or auto: "
+            "a 3D init_model's, nearest for a 2D init_model (as its smp decoder), else trilinear"
+        ),
     )
     crop_depth: int = field(
         default=32, metadata=_help("training sub-volume depth in slices (volumes thinner than this are mirrored)")
@@ -268,10 +299,10 @@ class Dim3DConfig:
     def __post_init__(self) -> None:
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
-        if self.inflate not in INFLATE_MODES:
-            raise ValueError(f"inflate must be one of {INFLATE_MODES}, got {self.inflate!r}")
-        if self.upsample not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
+        if self.inflate not in ("auto",) + INFLATE_MODES:
+            raise ValueError(f"inflate must be auto or one of {INFLATE_MODES}, got {self.inflate!r}")
+        if self.upsample not in ("auto",) + UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be auto or one of {UPSAMPLE_MODES}, got {self.upsample!r}")
         if len(self.decoder_channels) != 5 or min(self.decoder_channels) < 1:
             raise ValueError(f"decoder_channels must be five positive ints, got {self.decoder_channels}")
         if self.crop_depth < 1 or self.elastic_alpha < 0:

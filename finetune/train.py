@@ -29,6 +29,7 @@ A run folder ``RUN`` holds:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ from finetune.losses import count_classes, prevalence_weights, training_loss
 from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes
 from finetune.models import UNet3D, build_model
 from finetune.models.geometry import StageGeometry
+from finetune.models.transfer import SavedModel, provenance, read_saved_model, transferred_state
+from finetune.models.unet3d import DEFAULT_DECODER_CHANNELS
 from finetune.predict.slices import SlicePredictor
 from finetune.predict.sliding import DEFAULT_WINDOW, predict_sliding
 from finetune.volumes import open_volume
@@ -69,6 +72,7 @@ torch_tensorboard = lazy_import("torch.utils.tensorboard")
 CHECKPOINT = "checkpoint.pth"
 MODEL = "model.pth"
 BEST_MODEL = "model_best.pth"
+MODEL_CARD = "model_card.md"
 
 
 @dataclass
@@ -90,9 +94,20 @@ class TrainResult:
     val: dict | None
 
 
-def resolve_geometry(cfg: TrainConfig, first_image: str | Path | None = None) -> StageGeometry:
-    """The 3D stage geometry of ``cfg``: a preset, or for ``auto`` one derived from the voxel
-    size of ``first_image`` (isotropic when the file records none)."""
+def resolve_geometry(
+    cfg: TrainConfig, first_image: str | Path | None = None, source: SavedModel | None = None
+) -> StageGeometry:
+    """The 3D stage geometry of ``cfg``: a 3D ``source`` model's (``init_model``; its kernels fix
+    it), else a preset, or for ``auto`` one derived from the voxel size of ``first_image``
+    (isotropic when the file records none)."""
+    if source is not None and source.dim == 3:
+        found = StageGeometry.from_any(source.model_config["geometry"])
+        if cfg.dim3d.geometry != "auto" and StageGeometry.preset(cfg.dim3d.geometry) != found:
+            raise ValueError(
+                f"init_model {source.path} has geometry {found.to_dict()}, not {cfg.dim3d.geometry!r}: "
+                "its kernels fix the geometry (leave --geometry at auto)"
+            )
+        return found
     if cfg.dim3d.geometry != "auto":
         return StageGeometry.preset(cfg.dim3d.geometry)
     voxel = open_volume(first_image).voxel_size if first_image is not None else None
@@ -101,20 +116,83 @@ def resolve_geometry(cfg: TrainConfig, first_image: str | Path | None = None) ->
     return StageGeometry.from_spacing(voxel)
 
 
+@dataclass(frozen=True)
+class ModelOrigin:
+    """Where a run's starting weights and data came from, saved with its models.
+
+    Attributes:
+        encoder_source: the encoder weights' source (a path, ``timm:...`` or ``random``).
+        init_model: :func:`finetune.models.transfer.provenance` of ``init_model``, or None.
+        voxel_size: ``(z, y, x)`` of the first training volume in its file's units, or None.
+    """
+
+    encoder_source: str
+    init_model: dict | None = None
+    voxel_size: tuple[float, float, float] | None = None
+
+
+def check_source_structure(cfg: TrainConfig, source: SavedModel) -> None:
+    """Refuse settings that cannot hold an ``init_model``'s tensors, naming what to pass instead.
+
+    The arch must be the source's; a 3D model also needs the source's decoder widths and
+    upsampling (a 3D source) or the 2D UNet's widths (a 2D source, whose decoder is inflated).
+    """
+    m, d3 = cfg.model, cfg.dim3d
+    arch = source.model_config.get("arch")
+    if arch != m.arch:
+        raise ValueError(f"init_model {source.path} holds a {arch} model, not {m.arch}; pass --arch {arch}")
+    if m.dim == "2d":
+        if source.dim == 3:
+            raise ValueError(f"init_model {source.path} is a 3D model; train with --dim 3d to start from it")
+        return
+    widths = list(source.model_config.get("decoder_channels", DEFAULT_DECODER_CHANNELS))
+    if list(d3.decoder_channels) != widths:
+        raise ValueError(
+            f"init_model {source.path} has decoder widths {widths}; "
+            f"pass --decoder-channels {' '.join(map(str, widths))}"
+        )
+    upsample = source.model_config.get("upsample")
+    if source.dim == 3 and d3.upsample not in ("auto", upsample):
+        raise ValueError(f"init_model {source.path} upsamples by {upsample!r}; pass --upsample {upsample} or auto")
+
+
+def resolve_3d_options(cfg: TrainConfig, source: SavedModel | None = None) -> tuple[str, str]:
+    """``(inflate, upsample)`` with ``auto`` resolved: a 2D ``init_model`` gets center inflation
+    and nearest upsampling (the 3D model then computes the 2D one on every slice), a 3D one its
+    own upsampling; otherwise the I3D rule and trilinear upsampling."""
+    d3 = cfg.dim3d
+    from_2d = source is not None and source.dim == 2
+    inflate = d3.inflate if d3.inflate != "auto" else ("center" if from_2d else "i3d")
+    if d3.upsample != "auto":
+        upsample = d3.upsample
+    elif source is not None:
+        upsample = "nearest" if from_2d else source.model_config["upsample"]
+    else:
+        upsample = "trilinear"
+    return inflate, upsample
+
+
 def build_training_model(
-    cfg: TrainConfig, geometry: StageGeometry | None = None
-) -> tuple[torch.nn.Module, ResolvedWeights]:
-    """The 2D or 3D UNet with seeded random init, encoder weights loaded strictly (inflated
-    for 3D, with ``geometry``, default isotropic), frozen as configured. The input
-    normalisation is the config's, else the encoder source's, else 0.5/0.5."""
+    cfg: TrainConfig, geometry: StageGeometry | None = None, source: SavedModel | None = None
+) -> tuple[torch.nn.Module, ModelOrigin]:
+    """The 2D or 3D UNet with seeded random init, then the ``source`` model's weights
+    (``init_model``; :mod:`finetune.models.transfer`) or the encoder's, loaded strictly
+    (inflated for 3D, with ``geometry``, default isotropic), frozen as configured. The input
+    normalisation is the config's, else the source model's or encoder's, else 0.5/0.5."""
     m = cfg.model
-    if m.encoder == "random" and m.encoder_frozen:
+    if m.encoder == "random" and source is None and m.encoder_frozen:
         warnings.warn(
             "the encoder is random and frozen (--freeze-encoder): only the decoder learns, on features of "
             "random weights - a baseline, not a model to use; leave --freeze-encoder unset to train the encoder",
             stacklevel=2,
         )
-    weights = resolve(m.encoder, m.arch)
+    if source is not None:
+        check_source_structure(cfg, source)
+        weights = ResolvedWeights(
+            "file", None, source.model_config.get("mean"), source.model_config.get("std"), str(source.path)
+        )
+    else:
+        weights = resolve(m.encoder, m.arch)
     # Seeding right before construction makes every randomly initialised parameter the
     # same in every experiment with the same seed (as in the paper), whatever the source.
     torch.manual_seed(cfg.optim.seed)
@@ -126,19 +204,26 @@ def build_training_model(
         mean=m.norm_mean,
         std=m.norm_std,
     )
+    inflate, upsample = resolve_3d_options(cfg, source)
     if m.dim == "3d":
-        d3 = cfg.dim3d
         model = build_model(
             "unet3d",
             **common,
-            inflate=d3.inflate,
+            inflate=inflate,
             geometry=geometry,
-            upsample=d3.upsample,
-            decoder_channels=d3.decoder_channels,
+            upsample=upsample,
+            decoder_channels=cfg.dim3d.decoder_channels,
         )
     else:
         model = build_model("unet2d", **common)
-    return model, weights
+    if source is not None:
+        state, notes = transferred_state(source, model, cfg.data.classes, inflate)
+        model.load_state_dict(state, strict=True)
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
+    model.freeze_decoder(m.freeze_decoder)
+    origin = ModelOrigin(weights.source, provenance(source) if source is not None else None)
+    return model, origin
 
 
 def class_weights(optim: OptimConfig, classes: list[str], items: list[LabelledVolume]) -> np.ndarray | None:
@@ -250,7 +335,7 @@ def _save_model(
     run: Path,
     model: torch.nn.Module,
     cfg: TrainConfig,
-    weights: ResolvedWeights,
+    origin: ModelOrigin,
     iteration: int,
     elapsed: float,
     val: dict | None,
@@ -261,13 +346,51 @@ def _save_model(
         "model_config": model.config(),
         "classes": list(cfg.data.classes),
         "config": config_to_dict(cfg),
-        "encoder_source": weights.source,
+        "encoder_source": origin.encoder_source,
+        "init_model": origin.init_model,
+        "voxel_size": None if origin.voxel_size is None else list(origin.voxel_size),
         "iterations": iteration,
         "seconds": elapsed,
         "val": val,
     }
     with atomic_path(run / name) as tmp:
         torch.save(payload, tmp)
+    if name == MODEL:
+        with atomic_path(run / MODEL_CARD) as tmp:
+            tmp.write_text(model_card(payload))
+
+
+def model_card(payload: dict) -> str:
+    """A short Markdown description of a saved model: task, network, data, origin, training."""
+    cfg, mc = payload["config"], payload["model_config"]
+    data = cfg.get("data", {})
+    lines = [
+        f"# {cfg.get('runtime', {}).get('name') or 'finetune model'}",
+        "",
+        f"- task: classes {', '.join(payload['classes'])}",
+        f"- network: {mc['model']} ({mc['arch']} encoder), input normalisation mean {mc['mean']:.4g} "
+        f"std {mc['std']:.4g} on [0, 1]",
+        f"- training data: images {data.get('images')}, masks {data.get('masks')}"
+        + (f" under {data['data_dir']}" if data.get("data_dir") else ""),
+        f"- voxel size of the first training volume (z, y, x): {payload['voxel_size'] or 'not recorded in the file'}",
+        f"- encoder weights: {payload['encoder_source']}",
+    ]
+    source = payload.get("init_model")
+    while source:  # a chain of transfers, newest first
+        lines.append(
+            f"- started from the whole model {source['path']} (sha256 {source['sha256'][:12]}...; "
+            f"classes {', '.join(source['classes'])}; trained on {source['images']}, "
+            f"voxel size {source['voxel_size'] or 'not recorded'})"
+        )
+        source = source.get("init_model")
+    val = payload.get("val") or {}
+    score = val.get("mean_foreground_iou")
+    lines += [
+        f"- training: {payload['iterations']} iterations in {payload['seconds']:.0f} s",
+        f"- last validation mean foreground IoU: {score:.4f}" if score is not None else "- no validation data",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _best_logged(val_log: Path) -> float:
@@ -315,9 +438,11 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     )
     weights_np = class_weights(optim, data.classes, items)
     weights_t = torch.from_numpy(weights_np) if weights_np is not None else None
-    geometry = resolve_geometry(cfg, pairs[0][0]) if cfg.model.dim == "3d" else None
+    source = read_saved_model(cfg.model.init_model) if cfg.model.init_model else None
+    geometry = resolve_geometry(cfg, pairs[0][0], source) if cfg.model.dim == "3d" else None
     dataset = training_samples(cfg, items, geometry)
-    model, enc = build_training_model(cfg, geometry)
+    model, origin = build_training_model(cfg, geometry, source)
+    origin = dataclasses.replace(origin, voxel_size=open_volume(pairs[0][0]).voxel_size)
     model.to(device)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -403,7 +528,8 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
                     score = last_val["mean_foreground_iou"]
                     if score is not None and score > best:  # the validation-selected model (ASEM's choice)
                         best = score
-                        _save_model(run, model, cfg, enc, it, elapsed + time.perf_counter() - t0, last_val, BEST_MODEL)
+                        now = elapsed + time.perf_counter() - t0
+                        _save_model(run, model, cfg, origin, it, now, last_val, BEST_MODEL)
                 _save_checkpoint(run, it, elapsed + time.perf_counter() - t0, model, optimizer, scheduler, scaler, cfg)
     except KeyboardInterrupt:
         if it > start:
@@ -416,5 +542,5 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     elapsed += time.perf_counter() - t0
     finished = it >= optim.iters
     if finished:
-        _save_model(run, model, cfg, enc, it, elapsed, last_val)
+        _save_model(run, model, cfg, origin, it, elapsed, last_val)
     return TrainResult(run, it, finished, elapsed, last_val)

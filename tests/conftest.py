@@ -68,3 +68,26 @@ def neuroproof_boundaries(data_root: Path, tmp_path_factory):
         pytest.skip(f"{sample}/groundtruth.h5.gz not found")
     image, bodies = neuroproof_sample(sample, tmp_path_factory.mktemp("neuroproof"))
     return image, bodies, boundary_map(bodies)
+
+
+@pytest.fixture(scope="session")
+def vnc(data_root: Path, tmp_path_factory) -> Path:
+    """VNC stack-1 (Gerhard et al. 2013) slices 00-19 and their mitochondria masks, downsampled
+    4x to 256 x 256 (18.4 nm pixels) as ``raw/NN.png`` and ``mito/NN.png`` in a temporary folder,
+    so tiny training runs fit a CPU test budget."""
+    import imageio.v3 as iio
+    import numpy as np
+    from skimage.transform import downscale_local_mean
+
+    src = data_root / "drosophila_vnc_gerhard/stack1"
+    if not (src / "raw/00.tif").is_file():
+        pytest.skip(f"{src} not found")
+    out = tmp_path_factory.mktemp("vnc4x")
+    (out / "raw").mkdir()
+    (out / "mito").mkdir()
+    for i in range(20):
+        raw = downscale_local_mean(iio.imread(src / f"raw/{i:02d}.tif"), (4, 4))
+        mito = downscale_local_mean(iio.imread(src / f"mitochondria/{i:02d}.png"), (4, 4))
+        iio.imwrite(out / f"raw/{i:02d}.png", np.rint(raw).astype(np.uint8))
+        iio.imwrite(out / f"mito/{i:02d}.png", np.rint(mito).astype(np.uint8))
+    return out

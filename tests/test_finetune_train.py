@@ -14,7 +14,6 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from skimage.transform import downscale_local_mean
 
 import finetune.train as train_module
 from cemcurate.common.config import build_config
@@ -23,22 +22,6 @@ from finetune.config import TrainConfig
 from finetune.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def vnc(data_root, tmp_path_factory):
-    src = data_root / "drosophila_vnc_gerhard/stack1"
-    if not (src / "raw/00.tif").is_file():
-        pytest.skip(f"{src} not found")
-    out = tmp_path_factory.mktemp("vnc4x")
-    (out / "raw").mkdir()
-    (out / "mito").mkdir()
-    for i in range(20):
-        raw = downscale_local_mean(iio.imread(src / f"raw/{i:02d}.tif"), (4, 4))
-        mito = downscale_local_mean(iio.imread(src / f"mitochondria/{i:02d}.png"), (4, 4))
-        iio.imwrite(out / f"raw/{i:02d}.png", np.rint(raw).astype(np.uint8))
-        iio.imwrite(out / f"mito/{i:02d}.png", np.rint(mito).astype(np.uint8))
-    return out
 
 
 TRAIN_IMAGES = ["raw/0?.png", "raw/1[0-5].png"]

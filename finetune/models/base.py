@@ -32,12 +32,16 @@ def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
 class SegmentationModel(nn.Module):
     """Base of the 2D and 3D UNets: ``arch``, ``num_classes``, normalisation buffers, freezing.
 
-    Subclasses set :attr:`dim` and :attr:`encoder` (a module with timm ResNet key names) and
-    call :meth:`normalise` on their input.
+    Subclasses set :attr:`dim`, :attr:`encoder` (a module with timm ResNet key names),
+    :attr:`decoder` and :attr:`head_prefix` (the state-dict prefix of the output convolution,
+    re-initialised when a model is transferred to other classes), and call :meth:`normalise`
+    on their input.
     """
 
     dim: int
     encoder: nn.Module
+    decoder: nn.Module
+    head_prefix: str
 
     def __init__(self, arch: str, num_classes: int, mean: float, std: float):
         super().__init__()
@@ -48,6 +52,7 @@ class SegmentationModel(nn.Module):
         self.register_buffer("norm_mean", torch.tensor(float(mean)))
         self.register_buffer("norm_std", torch.tensor(float(std)))
         self.encoder_frozen = False
+        self.decoder_frozen = False
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.norm_mean) / self.norm_std
@@ -60,12 +65,23 @@ class SegmentationModel(nn.Module):
         where the pre-trained encoder is not updated at all.
         """
         self.encoder_frozen = frozen
-        for p in self.encoder.parameters():
-            p.requires_grad_(not frozen)
+        self._set_trainable(self.encoder, not frozen)
+
+    def freeze_decoder(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the decoder as :meth:`freeze_encoder` does the encoder; the
+        output head always trains (it is what a transferred model must relearn first)."""
+        self.decoder_frozen = frozen
+        self._set_trainable(self.decoder, not frozen)
+
+    def _set_trainable(self, part: nn.Module, trainable: bool) -> None:
+        for p in part.parameters():
+            p.requires_grad_(trainable)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "SegmentationModel":
         super().train(mode)
         if self.encoder_frozen:
             self.encoder.eval()
+        if self.decoder_frozen:
+            self.decoder.eval()
         return self

@@ -34,6 +34,7 @@ class UNet2D(SegmentationModel):
     """
 
     dim = 2
+    head_prefix = "net.segmentation_head."
 
     def __init__(
         self, arch: str = "resnet50", num_classes: int = 2, mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD
@@ -48,6 +49,11 @@ class UNet2D(SegmentationModel):
     def encoder(self) -> nn.Module:
         """The ResNet encoder (timm/torchvision key names, no ``fc``)."""
         return self.net.encoder
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The smp UNet decoder (five blocks, without the output head)."""
+        return self.net.decoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalise(x))

@@ -310,6 +310,7 @@ class UNet3D(SegmentationModel):
     """
 
     dim = 3
+    head_prefix = "head."
 
     def __init__(
         self,

@@ -13,7 +13,8 @@ import torch
 
 from cemcurate.common.device import select_device
 from finetune.config import PredictConfig
-from finetune.models import UNet2D, build_model
+from finetune.models import SegmentationModel, build_model
+from finetune.models.transfer import read_saved_model
 from finetune.predict.orthoplane import predict_orthoplane, predict_stack
 from finetune.predict.output import PredictionWriter
 from finetune.predict.predictor import batch_for
@@ -22,42 +23,19 @@ from finetune.predict.sliding import predict_sliding
 from finetune.volumes import expand_patterns, open_input
 
 
-def model_file(path: str | Path) -> Path:
-    """``RUN/model.pth`` for a run folder, else ``path`` itself."""
-    path = Path(path)
-    if path.is_dir():
-        candidate = path / "model.pth"
-        if not candidate.is_file():
-            raise FileNotFoundError(
-                f"{path}: no model.pth in this run folder; has training finished? "
-                "(checkpoint.pth is resumable state, not a final model)"
-            )
-        return candidate
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: model file not found")
-    return path
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet2D, dict]:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[SegmentationModel, dict]:
     """Rebuild a trained model from ``RUN`` or ``RUN/model.pth``.
 
     Returns:
         ``(model in eval mode on device, saved payload without the weights)``; the
         payload holds ``model_config``, ``classes`` and the training ``config``.
     """
-    path = model_file(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot read model file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(payload, dict) or "state_dict" not in payload or "model_config" not in payload:
-        raise ValueError(f"{path}: not a finetune model file (expected keys state_dict and model_config)")
-    cfg = dict(payload["model_config"])
+    saved = read_saved_model(path)
+    cfg = dict(saved.model_config)
     model = build_model(cfg.pop("model"), **cfg)
-    model.load_state_dict(payload["state_dict"], strict=True)
+    model.load_state_dict(saved.state, strict=True)
     model.to(device).eval()
-    info = {k: v for k, v in payload.items() if k != "state_dict"}
-    return model, info
+    return model, saved.info
 
 
 def sliding_batch(cfg: PredictConfig, device: torch.device) -> int:
