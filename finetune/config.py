@@ -24,8 +24,9 @@ from finetune.losses import LOSSES
 from finetune.models.inflate import INFLATE_MODES
 from finetune.models.unet3d import UPSAMPLE_MODES
 from finetune.predict.sliding import DEFAULT_WINDOW
+from finetune.sampling import SAMPLING_RULES
 
-WEIGHTINGS = ("auto", "prevalence", "none")
+WEIGHTINGS = ("auto", "prevalence", "balanced", "none")
 DEVICES = ("auto", "cpu", "cuda")
 DIMS = ("2d", "3d")
 PREDICT_MODES = ("auto", "stack", "orthoplane", "sliding")
@@ -92,12 +93,26 @@ class DataConfig:
     ignore_label: float | None = field(
         default=None, metadata=_help("raw label value excluded from the loss and the metrics")
     )
+    mask_volume: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "labelled-region masks paired with images (same shapes): voxels where the mask is 0 are not "
+            "labelled and count neither as background nor at all in the loss (sparse annotation, ASEM)",
+            metavar="GLOB",
+        ),
+    )
+    val_mask_volume: list[str] = field(
+        default_factory=list,
+        metadata=_help("labelled-region masks paired with val_images (0: excluded from validation)", metavar="GLOB"),
+    )
 
     def __post_init__(self) -> None:
         if not self.images or not self.masks:
             raise ValueError("no training data: set images and masks in the config or pass --images GLOB --masks GLOB")
         if bool(self.val_images) != bool(self.val_masks):
             raise ValueError("val_images and val_masks must be given together")
+        if self.val_mask_volume and not self.val_images:
+            raise ValueError("val_mask_volume is given but there are no val_images to apply it to")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes must list at least two distinct names (background first), got {self.classes}")
         parse_unmapped(self.unmapped, self.classes)
@@ -203,8 +218,17 @@ class AugmentConfig:
         default_factory=list,
         metadata=_help("Gaussian noise variance range in 8-bit grey levels squared, e.g. 400 1200 (empty: off)"),
     )
+    sampling: str = field(
+        default="uniform",
+        metadata=_help(
+            "which random crops train: uniform (all) or asem (reject crops with over 25%% unlabelled voxels, "
+            "and with probability 0.9 those with under 5%% foreground: ASEM's block sampling)"
+        ),
+    )
 
     def __post_init__(self) -> None:
+        if self.sampling not in SAMPLING_RULES:
+            raise ValueError(f"sampling must be one of {tuple(SAMPLING_RULES)}, got {self.sampling!r}")
         if self.crop < 32 or self.crop % 32:
             raise ValueError(f"crop must be a positive multiple of 32 (the UNet stride), got {self.crop}")
         if self.noise_var:
@@ -330,7 +354,8 @@ class OptimConfig:
         default="auto",
         metadata=_help(
             "cross-entropy class weights: prevalence (3 for classes under 10%% of labelled pixels, 1 above, "
-            "0.1 background), none, or auto (prevalence for multi-class, none for binary)"
+            "0.1 background), balanced (per batch, inversely proportional to each class's share of labelled "
+            "voxels, clipped at 1:100, ASEM's), none, or auto (prevalence for multi-class, none for binary)"
         ),
     )
     class_weights: list[float] = field(

@@ -17,6 +17,8 @@ import torch
 
 from finetune.augment2d import Augment2D, Augmenter
 from finetune.labels import LabelSpec, to_class_map
+from finetune.losses import IGNORE_INDEX
+from finetune.sampling import MAX_DRAWS, SamplingRule
 from finetune.volumes import expand_patterns, read_array, read_uint8
 
 # Slicing planes of a volume, named by the axes they span: xy = fixed z, xz = fixed y, yz = fixed x.
@@ -50,22 +52,47 @@ def pair_files(images: list[str], masks: list[str], base: str | None, what: str 
     return list(zip(img_paths, mask_paths))
 
 
-def load_labelled(pairs: list[tuple[Path, Path]], spec: LabelSpec) -> list[LabelledVolume]:
+def load_labelled(
+    pairs: list[tuple[Path, Path]], spec: LabelSpec, region_masks: list[Path] | None = None
+) -> list[LabelledVolume]:
     """Read image/label pairs and check them before any training starts.
 
+    Args:
+        pairs: ``(image, labels)`` files.
+        spec: how label values become classes.
+        region_masks: optional labelled-region masks, one per pair, of the image's shape:
+            voxels where the mask is 0 become :data:`~finetune.losses.IGNORE_INDEX`, so
+            unlabelled voxels never count as background (``--mask-volume``).
+
     Raises:
-        ValueError: image and labels of different shapes, empty files or label values
+        ValueError: image, labels or mask of different shapes, empty files or label values
             that the spec cannot map (each message names the files).
     """
+    if region_masks is not None and len(region_masks) != len(pairs):
+        raise ValueError(
+            f"{len(pairs)} images but {len(region_masks)} mask volumes (first {region_masks[:1]}); "
+            "they are paired in order"
+        )
     items = []
-    for img_path, mask_path in pairs:
+    for i, (img_path, mask_path) in enumerate(pairs):
         image = read_uint8(img_path)
         raw = read_array(mask_path)
         if image.shape != raw.shape:
             raise ValueError(
                 f"{mask_path}: label shape {raw.shape} (z, y, x) does not match image {img_path} shape {image.shape}"
             )
-        items.append(LabelledVolume(image, to_class_map(raw, spec, source=str(mask_path)), Path(img_path).name))
+        labels = to_class_map(raw, spec, source=str(mask_path))
+        if region_masks is not None:
+            region = read_array(region_masks[i])
+            if region.shape != image.shape:
+                raise ValueError(
+                    f"{region_masks[i]}: mask volume shape {region.shape} does not match image {img_path} "
+                    f"shape {image.shape}"
+                )
+            if not np.any(region):
+                raise ValueError(f"{region_masks[i]}: mask volume is all zero: no voxel of {img_path} is labelled")
+            labels[region == 0] = IGNORE_INDEX
+        items.append(LabelledVolume(image, labels, Path(img_path).name))
     return items
 
 
@@ -106,10 +133,20 @@ class CropSamples(torch.utils.data.Dataset):
         seed: base seed; sample ``k`` is a pure function of ``(seed, k)``.
         length: number of samples, ``iters * batch_size`` (sample ``k`` belongs to iteration
             ``k // batch_size``).
+        rule: which crops to keep (:mod:`finetune.sampling`; None: every crop).
     """
 
-    def __init__(self, items: list[LabelledVolume], planes: list[str], augment: Augment2D, seed: int, length: int):
+    def __init__(
+        self,
+        items: list[LabelledVolume],
+        planes: list[str],
+        augment: Augment2D,
+        seed: int,
+        length: int,
+        rule: SamplingRule | None = None,
+    ):
         self.items = items
+        self.rule = rule
         self.index = slice_index(items, planes)
         self.augment = Augmenter(augment)
         self.seed = seed
@@ -120,8 +157,11 @@ class CropSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(k)])
-        item, plane, index = self.index[rng.integers(len(self.index))]
-        image, labels = get_slice(self.items[item], int(plane), int(index))
-        image, labels = self.augment(image, labels, int(rng.integers(2**63 - 1)))
+        for _ in range(MAX_DRAWS if self.rule is not None else 1):
+            item, plane, index = self.index[rng.integers(len(self.index))]
+            image, labels = get_slice(self.items[item], int(plane), int(index))
+            image, labels = self.augment(image, labels, int(rng.integers(2**63 - 1)))
+            if self.rule is None or self.rule.accepts(labels, rng):
+                break
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32) / np.float32(255.0))[None]
         return x, torch.from_numpy(np.ascontiguousarray(labels))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from finetune.augment3d import Augment3D, augment_subvolume
+from finetune.sampling import MAX_DRAWS, SamplingRule
 
 
 def random_crop(
@@ -50,12 +51,19 @@ class SubvolumeSamples(torch.utils.data.Dataset):
         length: number of samples (``iters * batch_size``).
         seed: base seed; sample ``k`` uses ``default_rng([seed, k])``.
         augment: augmentation settings (None: plain crops).
+        rule: which crops to keep (:mod:`finetune.sampling`; None: every crop).
 
     A volume is picked with probability proportional to its voxel count.
     """
 
     def __init__(
-        self, items: Sequence, size: int | Sequence[int], length: int, seed: int = 42, augment: Augment3D | None = None
+        self,
+        items: Sequence,
+        size: int | Sequence[int],
+        length: int,
+        seed: int = 42,
+        augment: Augment3D | None = None,
+        rule: SamplingRule | None = None,
     ):
         pairs = [(it.image, it.labels) if hasattr(it, "image") else tuple(it) for it in items]
         if not pairs:
@@ -76,6 +84,7 @@ class SubvolumeSamples(torch.utils.data.Dataset):
         self.length = int(length)
         self.seed = int(seed)
         self.augment = augment
+        self.rule = rule
         sizes = np.array([img.size for img, _ in pairs], np.float64)
         self.p = sizes / sizes.sum()
 
@@ -84,8 +93,11 @@ class SubvolumeSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(k)])
-        image, labels = self.pairs[int(rng.choice(len(self.pairs), p=self.p))]
-        img, lab = random_crop(image, labels, self.size, rng)
+        for _ in range(MAX_DRAWS if self.rule is not None else 1):
+            image, labels = self.pairs[int(rng.choice(len(self.pairs), p=self.p))]
+            img, lab = random_crop(image, labels, self.size, rng)
+            if self.rule is None or self.rule.accepts(lab, rng):
+                break
         img = img.astype(np.float32) * np.float32(1.0 / 255.0)
         if self.augment is not None:
             img, lab = augment_subvolume(img, lab, rng, self.augment)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 # Class index for "not labelled / do not score". Class maps are stored as uint8, so real
 # classes are 0-254.
 IGNORE_INDEX = 255
+# ASEM clips its inverse-frequency class weights at 1:100.
+BALANCE_MAX_RATIO = 100.0
 
 
 def count_classes(class_maps: Sequence[np.ndarray] | np.ndarray, num_classes: int) -> np.ndarray:
@@ -85,6 +87,27 @@ def prevalence_weights(
     return weights
 
 
+def balanced_weights(target: torch.Tensor, num_classes: int, max_ratio: float = BALANCE_MAX_RATIO) -> torch.Tensor:
+    """ASEM's class weights for one batch: inversely proportional to each class's share of the
+    batch's labelled voxels, clipped at ``max_ratio`` times the smallest weight.
+
+    Args:
+        target: ``(B, ...)`` integer class indices; :data:`IGNORE_INDEX` not counted.
+        num_classes: K (2 for a binary task).
+
+    Returns:
+        ``float32[K]`` on ``target``'s device, the most frequent class weighing 1. A class
+        absent from the batch gets ``max_ratio`` (it has no voxels to weigh); a batch with
+        no labelled voxel gets all ones.
+    """
+    labelled = target[target != IGNORE_INDEX].long().flatten()
+    counts = torch.bincount(labelled, minlength=num_classes)[:num_classes].float()
+    if counts.sum() == 0:
+        return torch.ones(num_classes, device=target.device)
+    inverse = counts.max() / counts  # inf for an absent class, clipped below
+    return torch.clamp(inverse, max=max_ratio)
+
+
 def segmentation_loss(
     logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -151,16 +174,23 @@ LOSSES = ("ce", "dice_ce")
 
 
 def training_loss(
-    logits: torch.Tensor, target: torch.Tensor, kind: str = "ce", class_weights: torch.Tensor | None = None
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    kind: str = "ce",
+    class_weights: torch.Tensor | None = None,
+    balanced: bool = False,
 ) -> torch.Tensor:
     """The loss ``finetune train`` minimises, for 2D ``(B, C, y, x)`` or 3D ``(B, C, z, y, x)`` logits.
 
     ``kind``: ``ce`` = :func:`segmentation_loss` (BCE-with-logits for one channel, weighted
     cross-entropy otherwise; the paper's); ``dice_ce`` = that plus :func:`dice_loss`, which
-    counters a rare foreground such as thin membranes.
+    counters a rare foreground such as thin membranes. ``balanced``: the cross-entropy's class
+    weights come from this batch (:func:`balanced_weights`, ASEM's) instead of ``class_weights``.
     """
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; valid losses: {', '.join(LOSSES)}")
+    if balanced:
+        class_weights = balanced_weights(target, max(2, logits.shape[1]))
     loss = segmentation_loss(logits, target, class_weights)
     if kind == "dice_ce":
         loss = loss + dice_loss(logits, target)

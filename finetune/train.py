@@ -65,7 +65,8 @@ from finetune.models.transfer import SavedModel, provenance, read_saved_model, t
 from finetune.models.unet3d import DEFAULT_DECODER_CHANNELS
 from finetune.predict.slices import SlicePredictor
 from finetune.predict.sliding import DEFAULT_WINDOW, predict_sliding
-from finetune.volumes import open_volume
+from finetune.sampling import SAMPLING_RULES
+from finetune.volumes import expand_patterns, open_volume
 
 torch_tensorboard = lazy_import("torch.utils.tensorboard")
 
@@ -244,7 +245,7 @@ def class_weights(optim: OptimConfig, classes: list[str], items: list[LabelledVo
     mode = optim.class_weighting
     if mode == "auto":
         mode = "prevalence" if len(classes) > 2 else "none"
-    if mode == "none":
+    if mode in ("none", "balanced"):  # balanced weights come from each batch (training_loss)
         return None
     return prevalence_weights(counts, optim.background_classes, class_names=classes)
 
@@ -302,8 +303,9 @@ def training_samples(
 ) -> torch.utils.data.Dataset:
     """2D crops (:class:`CropSamples`) or 3D sub-volumes (:class:`SubvolumeSamples`) of ``items``."""
     length = cfg.optim.iters * cfg.optim.batch_size
+    rule = SAMPLING_RULES[cfg.augment.sampling]
     if cfg.model.dim == "2d":
-        return CropSamples(items, cfg.dim2d.planes, cfg.augment_2d(), cfg.optim.seed, length)
+        return CropSamples(items, cfg.dim2d.planes, cfg.augment_2d(), cfg.optim.seed, length, rule)
     flat = [it.name for it in items if it.image.shape[0] < 2]
     if flat:
         raise ValueError(
@@ -312,7 +314,12 @@ def training_samples(
     # Elastic displacements along z would mix slices that an in-plane first stage keeps apart.
     elastic_z = geometry is None or geometry.kernel_depth[0] > 1
     crop = (cfg.dim3d.crop_depth, cfg.augment.crop, cfg.augment.crop)
-    return SubvolumeSamples(items, crop, length, cfg.optim.seed, cfg.augment_3d(elastic_z))
+    return SubvolumeSamples(items, crop, length, cfg.optim.seed, cfg.augment_3d(elastic_z), rule)
+
+
+def region_masks(patterns: list[str], base: str | None, what: str = "") -> list[Path] | None:
+    """The ``mask_volume`` files (globs expanded in order), or None when there are none."""
+    return expand_patterns(patterns, base, what=f"{what}mask volumes") if patterns else None
 
 
 def _save_checkpoint(run: Path, iteration: int, elapsed: float, model, optimizer, scheduler, scaler, cfg) -> None:
@@ -432,12 +439,19 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     spec = data.label_spec()
     base = data.data_dir or None
     pairs = pair_files(data.images, data.masks, base)
-    items = load_labelled(pairs, spec)
+    items = load_labelled(pairs, spec, region_masks(data.mask_volume, base))
     val_items = (
-        load_labelled(pair_files(data.val_images, data.val_masks, base, "val "), spec) if data.val_images else []
+        load_labelled(
+            pair_files(data.val_images, data.val_masks, base, "val "),
+            spec,
+            region_masks(data.val_mask_volume, base, "val "),
+        )
+        if data.val_images
+        else []
     )
     weights_np = class_weights(optim, data.classes, items)
     weights_t = torch.from_numpy(weights_np) if weights_np is not None else None
+    balanced = optim.class_weighting == "balanced" and not optim.class_weights
     source = read_saved_model(cfg.model.init_model) if cfg.model.init_model else None
     geometry = resolve_geometry(cfg, pairs[0][0], source) if cfg.model.dim == "3d" else None
     dataset = training_samples(cfg, items, geometry)
@@ -496,7 +510,7 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
             y = y.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
                 logits = model(x)
-            loss = training_loss(logits, y, optim.loss, weights_t)
+            loss = training_loss(logits, y, optim.loss, weights_t, balanced)
             optimizer_step(loss, optimizer, scaler)
             scheduler.step()
             it += 1
