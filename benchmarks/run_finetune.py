@@ -1,6 +1,6 @@
 """Train, predict and score benchmark definitions for several encoder initialisations.
 
-Thin entry point for :func:`finetune.benchmark.main` (same as ``finetune benchmark``):
+Thin entry point for :func:`finetune.benchmark_cli.main` (same as ``finetune benchmark``):
 
     python benchmarks/run_finetune.py benchmarks/finetune/vnc_mito.yaml benchmarks/finetune/isbi2012.yaml \
         --inits random ours=runs/pretrain/export --out benchmarks/out/finetune
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.benchmark import main  # noqa: E402
+from finetune.benchmark_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

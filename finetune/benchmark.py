@@ -40,10 +40,8 @@ spec's ``mode``; 3D models by sliding windows (``window``, ``window_overlap``). 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,11 +75,13 @@ _INIT_NAMES = {"random": "Random Init.", "imagenet": "IN-super"}
 
 @dataclass
 class Init:
-    """One initialisation column: display name, encoder spec, freeze the encoder?"""
+    """One initialisation column: display name, encoder spec, freeze the encoder?, and a whole
+    model to start from (``init_model``; empty: start from the encoder spec)."""
 
     name: str
     spec: str
     frozen: bool
+    model: str = ""
 
 
 def default_data_root() -> Path:
@@ -95,14 +95,21 @@ def parse_init(text: str, freeze: str = "paper") -> Init:
     ``freeze`` is the default policy: ``paper`` (random trains, pre-trained is frozen, as in
     Table 2), ``all`` or ``none``; a ``+frozen``/``+trainable`` suffix overrides it for one
     initialisation (e.g. ``"Random frozen=random+frozen"``, the paper's Figure 2c baseline).
+    ``model:RUN`` starts the whole network from a trained model (``init_model``), which
+    trains end to end unless ``+frozen`` freezes its encoder.
     """
     forced = None
     for suffix, value in (("+frozen", True), ("+trainable", False)):
         if text.endswith(suffix):
             text, forced = text[: -len(suffix)], value
     name, sep, spec = text.partition("=")
-    if not sep or name.startswith(("cem500k:", "/", ".")):
+    if not sep or name.startswith(("cem500k:", "model:", "/", ".")):
         name, spec = "", text
+    if spec.startswith("model:"):
+        model = spec[len("model:") :]
+        if not model:
+            raise ValueError("initialisation 'model:' needs a run folder or model file, e.g. model:runs/source")
+        return Init(name or f"from {Path(model).name}", "random", bool(forced), model)
     kind = spec.split(":", 1)[0] if spec.startswith("cem500k:") else spec
     if not name:
         name = _INIT_NAMES.get(kind) or ("CEM500K-moco" if kind == "cem500k" else Path(spec).stem)
@@ -171,9 +178,8 @@ def run_task(
     dim: str | None = None,
 ) -> dict:
     """Train one initialisation on one task in ``dim`` (None: as configured), predict its test set, score it."""
-    cfg = _train_config(
-        task, dim, {**train_overrides, "data_dir": str(data_root), "encoder": init.spec, "freeze_encoder": init.frozen}
-    )
+    start = {"encoder": init.spec, "freeze_encoder": init.frozen, "init_model": init.model}
+    cfg = _train_config(task, dim, {**train_overrides, "data_dir": str(data_root), **start})
     result = train(cfg, out, progress=progress)
     data, model, optim = cfg.data, cfg.model, cfg.optim
     test = task["test"]
@@ -205,6 +211,7 @@ def run_task(
         "dim": model.dim,
         "init": init.name,
         "encoder": init.spec,
+        "init_model": init.model,
         "frozen": init.frozen,
         "iters": optim.iters,
         "arch": model.arch,
@@ -323,101 +330,3 @@ def run_benchmarks(
 def _slug(text: str) -> str:
     keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in text.strip())
     return keep or "default"
-
-
-def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "definitions",
-        nargs="+",
-        metavar="DEFINITION",
-        help="benchmark definition YAML files (benchmarks/finetune/*.yaml)",
-    )
-    p.add_argument(
-        "--inits",
-        nargs="+",
-        default=["random"],
-        metavar="[NAME=]SPEC[+frozen|+trainable]",
-        help="initialisations: random, imagenet, cem500k:PATH or a weights PATH, optionally named and "
-        "with the freeze policy overridden (default: random)",
-    )
-    p.add_argument("--out", required=True, type=Path, help="output folder (one run per benchmark/task/[dim/]init)")
-    p.add_argument(
-        "--dims",
-        nargs="+",
-        choices=DIMS,
-        metavar="DIM",
-        help="run every task as a 2D and/or 3D model (2d 3d), side by side in the table "
-        "(default: each task's config decides)",
-    )
-    p.add_argument(
-        "--data-root", type=Path, help="folder the data globs are relative to (default: $CEM_DATA or ../shared/data)"
-    )
-    p.add_argument(
-        "--freeze",
-        choices=("paper", "all", "none"),
-        default="paper",
-        help="paper: random encoders train, pre-trained ones are frozen (Table 2); all; none",
-    )
-    p.add_argument("--iters", type=int, help="override the training iterations of every task")
-    p.add_argument("--arch", help="override the encoder architecture")
-    p.add_argument("--crop", type=int, help="override the crop size")
-    p.add_argument("--batch-size", type=int, help="override the batch size")
-    p.add_argument("--workers", type=int, help="override data-loading workers")
-    p.add_argument("--device", help="override the device (auto, cpu, cuda)")
-    p.add_argument(
-        "--set",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any TrainConfig key for every task, e.g. class_weighting=prevalence lr=0.001 "
-        "(VALUE is read as YAML)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def parse_sets(items: list[str]) -> dict:
-    """``["key=value", ...]`` -> ``{key: yaml value}``, keys checked against :class:`TrainConfig`."""
-    valid = set(leaf_paths(TrainConfig))
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in valid:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(valid)}")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
-def run_from_args(args: argparse.Namespace) -> None:
-    overrides = parse_sets(args.set)
-    overrides.update(
-        {
-            k: getattr(args, k)
-            for k in ("iters", "arch", "crop", "batch_size", "workers", "device")
-            if getattr(args, k) is not None
-        }
-    )
-    _, table = run_benchmarks(
-        args.definitions,
-        args.inits,
-        args.out,
-        args.data_root,
-        args.freeze,
-        overrides,
-        progress=not args.quiet,
-        dims=args.dims,
-    )
-    print(table)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="run_finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_benchmark_arguments(parser)
-    try:
-        run_from_args(parser.parse_args(argv))
-    except ValueError as exc:
-        print(f"run_finetune: error: {exc}", file=sys.stderr)
-        return 2
-    return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cemcurate.common.config import add_config_arguments, load_config
 from cemcurate.io import ReadError
-from finetune.benchmark import add_benchmark_arguments, run_from_args
+from finetune.benchmark_cli import add_benchmark_arguments, run_from_args
 from finetune.config import EvaluateConfig, PredictConfig, TrainConfig
 from finetune.evaluate import evaluate_paths, format_table, write_json
 from finetune.predict.command import predict_path

@@ -32,6 +32,8 @@ COMMAND_MODULES = {
     "finetune.cli",
     "finetune.train",
     "finetune.benchmark",
+    "finetune.benchmark_cli",
+    "finetune.benchmark_transfer",
     "finetune.evaluate",
     "finetune.predict.command",
 }

@@ -15,7 +15,8 @@ import yaml
 from skimage.transform import downscale_local_mean
 
 from cemcurate.common.config import load_config
-from finetune.benchmark import REPO, load_definition, parse_init, parse_sets, results_table, run_benchmarks
+from finetune.benchmark import REPO, load_definition, parse_init, results_table, run_benchmarks
+from finetune.benchmark_cli import parse_sets
 from finetune.cli import main
 from finetune.config import TrainConfig
 
