@@ -22,6 +22,7 @@ from finetune.data import PLANES
 from finetune.labels import LabelSpec, parse_label_map, parse_unmapped
 from finetune.losses import LOSSES
 from finetune.models.inflate import INFLATE_MODES
+from finetune.models.rsunet import ARCH as RSUNET
 from finetune.models.unet3d import UPSAMPLE_MODES
 from finetune.predict.sliding import DEFAULT_WINDOW
 from finetune.sampling import SAMPLING_RULES
@@ -138,7 +139,13 @@ class ModelConfig:
             "into 3D, trained on sub-volumes of crop_depth x crop x crop voxels"
         ),
     )
-    arch: str = field(default="resnet50", metadata=_help(f"encoder architecture: {', '.join(ARCHS)}"))
+    arch: str = field(
+        default="resnet50",
+        metadata=_help(
+            f"encoder architecture: {', '.join(ARCHS)}; or, with dim 3d, {RSUNET} (Xie et al.'s residual "
+            "symmetric anisotropic 3D U-Net, no ResNet encoder: from scratch or init_model)"
+        ),
+    )
     encoder: str = field(
         default="random",
         metadata=_help(
@@ -181,7 +188,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dim not in DIMS:
             raise ValueError(f"dim must be one of {DIMS}, got {self.dim!r}")
-        get_arch(self.arch)
+        if self.arch == RSUNET:
+            if self.dim != "3d" or self.encoder != "random":
+                raise ValueError(
+                    f"arch {RSUNET} is a 3D network without a ResNet encoder: use it with dim 3d and encoder "
+                    f"random (got dim {self.dim!r}, encoder {self.encoder!r}); init_model can start it"
+                )
+        else:
+            get_arch(self.arch)
         if self.norm_std is not None and not self.norm_std > 0:
             raise ValueError(f"norm_std must be > 0, got {self.norm_std}")
         if self.init_model and self.encoder != "random":

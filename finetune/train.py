@@ -53,14 +53,15 @@ from cemcurate.common.runstate import (
     save_checkpoint,
     trim_csv,
 )
-from cemcurate.common.weights import ResolvedWeights, resolve
-from finetune.config import RESUME_SAFE_KEYS, OptimConfig, TrainConfig
+from cemcurate.common.weights import RANDOM, ResolvedWeights, resolve
+from finetune.config import RESUME_SAFE_KEYS, Dim3DConfig, OptimConfig, TrainConfig
 from finetune.data import CropSamples, LabelledVolume, load_labelled, pair_files
 from finetune.data3d import SubvolumeSamples
 from finetune.losses import count_classes, prevalence_weights, training_loss
 from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes
-from finetune.models import UNet3D, build_model
+from finetune.models import build_model
 from finetune.models.geometry import StageGeometry
+from finetune.models.rsunet import ARCH as RSUNET
 from finetune.models.transfer import SavedModel, provenance, read_saved_model, transferred_state
 from finetune.models.unet3d import DEFAULT_DECODER_CHANNELS
 from finetune.predict.slices import SlicePredictor
@@ -157,6 +158,22 @@ def check_source_structure(cfg: TrainConfig, source: SavedModel) -> None:
         raise ValueError(f"init_model {source.path} upsamples by {upsample!r}; pass --upsample {upsample} or auto")
 
 
+def check_rsunet_settings(cfg: TrainConfig) -> None:
+    """Refuse 3D UNet-ResNet settings given with ``arch rsunet``, whose widths, kernels and in-plane
+    pooling are fixed (they would be ignored)."""
+    d3, defaults = cfg.dim3d, Dim3DConfig()
+    given = [
+        f"--{key.replace('_', '-')}"
+        for key in ("geometry", "inflate", "upsample", "decoder_channels")
+        if getattr(d3, key) != getattr(defaults, key)
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} set the inflated UNet-ResNet; arch {RSUNET} has fixed widths "
+            f"28-80, in-plane pooling and transposed-convolution upsampling: leave them unset"
+        )
+
+
 def resolve_3d_options(cfg: TrainConfig, source: SavedModel | None = None) -> tuple[str, str]:
     """``(inflate, upsample)`` with ``auto`` resolved: a 2D ``init_model`` gets center inflation
     and nearest upsampling (the 3D model then computes the 2D one on every slice), a 3D one its
@@ -167,7 +184,7 @@ def resolve_3d_options(cfg: TrainConfig, source: SavedModel | None = None) -> tu
     if d3.upsample != "auto":
         upsample = d3.upsample
     elif source is not None:
-        upsample = "nearest" if from_2d else source.model_config["upsample"]
+        upsample = "nearest" if from_2d else source.model_config.get("upsample", "trilinear")
     else:
         upsample = "trilinear"
     return inflate, upsample
@@ -187,13 +204,15 @@ def build_training_model(
             "random weights - a baseline, not a model to use; leave --freeze-encoder unset to train the encoder",
             stacklevel=2,
         )
+    if m.arch == RSUNET:
+        check_rsunet_settings(cfg)
     if source is not None:
         check_source_structure(cfg, source)
         weights = ResolvedWeights(
             "file", None, source.model_config.get("mean"), source.model_config.get("std"), str(source.path)
         )
     else:
-        weights = resolve(m.encoder, m.arch)
+        weights = RANDOM if m.arch == RSUNET else resolve(m.encoder, m.arch)
     # Seeding right before construction makes every randomly initialised parameter the
     # same in every experiment with the same seed (as in the paper), whatever the source.
     torch.manual_seed(cfg.optim.seed)
@@ -206,7 +225,9 @@ def build_training_model(
         std=m.norm_std,
     )
     inflate, upsample = resolve_3d_options(cfg, source)
-    if m.dim == "3d":
+    if m.arch == RSUNET:
+        model = build_model(RSUNET, num_classes=len(cfg.data.classes), mean=common["mean"], std=common["std"])
+    elif m.dim == "3d":
         model = build_model(
             "unet3d",
             **common,
@@ -261,13 +282,13 @@ def validate(
 ) -> dict:
     """IoU of the model on ``items`` (pixels pooled over all items).
 
-    A 2D model predicts the xy slices; a :class:`UNet3D` predicts each volume by sliding
+    A 2D model predicts the xy slices; a 3D model predicts each volume by sliding
     windows of size ``window`` (z, y, x).
     """
     was_training = model.training
     cm = np.zeros((num_classes, num_classes), np.int64)
     try:
-        if isinstance(model, UNet3D):
+        if model.dim == 3:
             for item in items:
 
                 def score(z0: int, probs: np.ndarray, labels: np.ndarray = item.labels) -> None:
@@ -453,7 +474,10 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     weights_t = torch.from_numpy(weights_np) if weights_np is not None else None
     balanced = optim.class_weighting == "balanced" and not optim.class_weights
     source = read_saved_model(cfg.model.init_model) if cfg.model.init_model else None
-    geometry = resolve_geometry(cfg, pairs[0][0], source) if cfg.model.dim == "3d" else None
+    # (RSUNet has no stage geometry: its kernels are fixed.)
+    geometry = (
+        resolve_geometry(cfg, pairs[0][0], source) if cfg.model.dim == "3d" and cfg.model.arch != RSUNET else None
+    )
     dataset = training_samples(cfg, items, geometry)
     model, origin = build_training_model(cfg, geometry, source)
     origin = dataclasses.replace(origin, voxel_size=open_volume(pairs[0][0]).voxel_size)

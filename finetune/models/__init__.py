@@ -1,9 +1,11 @@
-"""Segmentation models: the registry with its one ``build_model`` (2D and 3D), the 2D UNet-ResNet
-and the 3D UNet with an inflatable ResNet encoder. Importing this package registers both."""
+"""Segmentation models: the registry with its one ``build_model`` (2D and 3D), the 2D UNet-ResNet,
+the 3D UNet with an inflatable ResNet encoder and Xie et al.'s residual symmetric anisotropic
+3D U-Net. Importing this package registers all three."""
 
-from finetune.models import unet2d, unet3d
+from finetune.models import rsunet, unet2d, unet3d
 from finetune.models.base import SegmentationModel, logits_to_probs, output_channels
 from finetune.models.registry import DEFAULT_MEAN, DEFAULT_STD, MODELS, build_model
+from finetune.models.rsunet import RSUNet
 from finetune.models.unet2d import UNet2D
 from finetune.models.unet3d import UNet3D
 
@@ -11,12 +13,14 @@ __all__ = [
     "DEFAULT_MEAN",
     "DEFAULT_STD",
     "MODELS",
+    "RSUNet",
     "SegmentationModel",
     "UNet2D",
     "UNet3D",
     "build_model",
     "logits_to_probs",
     "output_channels",
+    "rsunet",
     "unet2d",
     "unet3d",
 ]

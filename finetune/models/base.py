@@ -42,6 +42,9 @@ class SegmentationModel(nn.Module):
     encoder: nn.Module
     decoder: nn.Module
     head_prefix: str
+    # Whether build_model can load 2D ResNet encoder weights into it (False: trains from
+    # scratch or from a whole trained model).
+    takes_encoder_weights = True
 
     def __init__(self, arch: str, num_classes: int, mean: float, std: float):
         super().__init__()

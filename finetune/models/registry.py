@@ -79,6 +79,11 @@ def build_model(
     except KeyError:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}") from None
     weights = _as_weights(weights)
+    if weights.state is not None and not getattr(builder, "takes_encoder_weights", True):
+        raise ValueError(
+            f"{name} has no ResNet encoder to load {weights.source} into: it trains from scratch "
+            "(--encoder random) or from a whole trained model (--init-model)"
+        )
     if weights.state is not None:
         arch = kwargs.get("arch", inspect.signature(builder).parameters["arch"].default)
         check_arch_of(weights.state, arch, weights.source)  # before building: a 3D ResNet is large

@@ -32,6 +32,7 @@ from cemcurate.common.atomic import file_sha256
 from cemcurate.common.weights import WeightsError
 from finetune.models.base import SegmentationModel
 from finetune.models.inflate import INFLATE_MODES, inflate_kernel
+from finetune.models.registry import MODELS
 
 MODEL_FILE = "model.pth"
 _NORM_KEYS = ("norm_mean", "norm_std")
@@ -76,7 +77,7 @@ class SavedModel:
     @property
     def dim(self) -> int:
         """2 or 3."""
-        return 3 if self.model_config.get("model") == "unet3d" else 2
+        return MODELS[self.model_config["model"]].dim
 
     @property
     def classes(self) -> list[str]:
@@ -99,6 +100,11 @@ def read_saved_model(path: str | Path) -> SavedModel:
         raise ValueError(
             f"{path}: not a finetune model file (expected keys state_dict and model_config); "
             "an encoder file goes to --encoder, a finetune model to --init-model"
+        )
+    if payload["model_config"].get("model") not in MODELS:
+        raise ValueError(
+            f"{path}: holds an unknown model {payload['model_config'].get('model')!r}; "
+            f"known models: {', '.join(sorted(MODELS))}"
         )
     info = {k: v for k, v in payload.items() if k != "state_dict"}
     return SavedModel(path, dict(payload["state_dict"]), dict(payload["model_config"]), info)

@@ -272,7 +272,7 @@ class UNetDecoder(nn.Module):
         return x
 
 
-def _pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Pad the spatial axes of ``x`` symmetrically up to multiples; returns the pads per axis.
 
     Reflection where the axis is long enough (it continues the image structure), else
@@ -349,7 +349,7 @@ class UNet3D(SegmentationModel):
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"UNet3D expects (batch, 1, z, y, x), got shape {tuple(x.shape)}")
         shape = x.shape[2:]
-        x, pads = _pad_to_multiple(self.normalise(x), self.size_multiple)
+        x, pads = pad_to_multiple(self.normalise(x), self.size_multiple)
         logits = self.head(self.decoder(self.encoder(x)))
         crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, shape))
         return logits[(slice(None), slice(None)) + crop]
@@ -378,4 +378,5 @@ __all__ = [
     "UNetDecoder",
     "UPSAMPLE_MODES",
     "conv_nd",
+    "pad_to_multiple",
 ]

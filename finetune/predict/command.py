@@ -13,7 +13,7 @@ import torch
 
 from cemcurate.common.device import select_device
 from finetune.config import PredictConfig
-from finetune.models import SegmentationModel, build_model
+from finetune.models import MODELS, SegmentationModel, build_model
 from finetune.models.transfer import read_saved_model
 from finetune.predict.orthoplane import predict_orthoplane, predict_stack
 from finetune.predict.output import PredictionWriter
@@ -48,9 +48,9 @@ def _is_folder_output(output: str) -> bool:
 
 
 def resolve_mode(mode: str, model_kind: str, model_path: str | Path = "") -> str:
-    """The prediction mode for a model (``unet2d`` or ``unet3d``): ``auto`` picks stack or
+    """The prediction mode for a registered model (``unet2d``, ``unet3d``, ...): ``auto`` picks stack or
     sliding; a mode the model cannot run is an error naming the model file."""
-    is_3d = model_kind == "unet3d"
+    is_3d = MODELS[model_kind].dim == 3
     if mode == "auto":
         return "sliding" if is_3d else "stack"
     if is_3d != (mode == "sliding"):
