@@ -384,8 +384,17 @@ class OptimConfig:
         metadata=_help("class indices weighted as background (0.1) by prevalence weighting"),
     )
     seed: int = field(default=42, metadata=_help("random seed for initialisation and data sampling"))
+    early_stop: int = field(
+        default=0,
+        metadata=_help(
+            "stop once N validations in a row have not beaten the best validation mean foreground IoU "
+            "(0: off; needs val_images); model.pth is then the last model, model_best.pth the best"
+        ),
+    )
 
     def __post_init__(self) -> None:
+        if self.early_stop < 0:
+            raise ValueError(f"early_stop must be >= 0, got {self.early_stop}")
         for name in ("iters", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -445,6 +454,8 @@ class TrainConfig:
                 f"class_weights must give one weight >= 0 per class ({len(classes)}), "
                 f"not all zero, got {optim.class_weights}"
             )
+        if optim.early_stop and not self.data.val_images:
+            raise ValueError("early_stop needs validation data: give val_images and val_masks")
         bad_bg = [b for b in optim.background_classes if not 0 <= b < len(classes)]
         if bad_bg:
             raise ValueError(f"background_classes {bad_bg} out of range for {len(classes)} classes")

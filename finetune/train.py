@@ -84,7 +84,8 @@ class TrainResult:
     Attributes:
         run: the run folder.
         iteration: iterations completed so far.
-        finished: ``iteration == cfg.optim.iters`` (``model.pth`` written).
+        finished: ``iteration == cfg.optim.iters``, or stopped early by ``early_stop``
+            (``model.pth`` written).
         seconds: training wall time summed over all invocations of this run.
         val: last validation scores (``{"iou": {...}, "mean_foreground_iou": ...}``) or None.
     """
@@ -343,10 +344,13 @@ def region_masks(patterns: list[str], base: str | None, what: str = "") -> list[
     return expand_patterns(patterns, base, what=f"{what}mask volumes") if patterns else None
 
 
-def _save_checkpoint(run: Path, iteration: int, elapsed: float, model, optimizer, scheduler, scaler, cfg) -> None:
+def _save_checkpoint(
+    run: Path, iteration: int, elapsed: float, model, optimizer, scheduler, scaler, cfg, early_stopped: bool = False
+) -> None:
     save_checkpoint(
         {
             "iteration": iteration,
+            "early_stopped": early_stopped,
             "elapsed": elapsed,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -378,6 +382,7 @@ def _save_model(
         "init_model": origin.init_model,
         "voxel_size": None if origin.voxel_size is None else list(origin.voxel_size),
         "iterations": iteration,
+        "early_stopped": name == MODEL and iteration < cfg.optim.iters,
         "seconds": elapsed,
         "val": val,
     }
@@ -414,26 +419,32 @@ def model_card(payload: dict) -> str:
     val = payload.get("val") or {}
     score = val.get("mean_foreground_iou")
     lines += [
-        f"- training: {payload['iterations']} iterations in {payload['seconds']:.0f} s",
+        f"- training: {payload['iterations']} iterations in {payload['seconds']:.0f} s"
+        + (" (stopped early: validation stopped improving)" if payload["early_stopped"] else ""),
         f"- last validation mean foreground IoU: {score:.4f}" if score is not None else "- no validation data",
         "",
     ]
     return "\n".join(lines)
 
 
-def _best_logged(val_log: Path) -> float:
-    """The best ``mean_foreground_iou`` in a run's ``val_log.csv`` (-inf when there is none):
-    the score ``model_best.pth`` holds, so a resumed run keeps comparing against it."""
+def _best_logged(val_log: Path) -> tuple[float, int]:
+    """The best ``mean_foreground_iou`` in a run's ``val_log.csv`` (-inf when there is none),
+    the score ``model_best.pth`` holds, and the number of validations logged after it: so a
+    resumed run keeps comparing against it and counting towards ``early_stop``."""
     if not val_log.is_file():
-        return float("-inf")
-    scores = []
+        return float("-inf"), 0
+    best, stale = float("-inf"), 0
     with open(val_log, newline="") as f:
         for row in csv.DictReader(f):
             try:
-                scores.append(float(row["mean_foreground_iou"]))
+                score = float(row["mean_foreground_iou"])
             except (TypeError, ValueError):  # no foreground class scored at that validation
-                continue
-    return max((v for v in scores if v == v), default=float("-inf"))
+                score = float("nan")
+            if score > best:
+                best, stale = score, 0
+            else:
+                stale += 1
+    return best, stale
 
 
 def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progress: bool = True) -> TrainResult:
@@ -504,10 +515,11 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     save_config(cfg, run / "config.yaml")
     stop = optim.iters if stop_at is None else max(start, min(optim.iters, stop_at))
 
-    if start >= optim.iters and (run / MODEL).is_file():
+    if (start >= optim.iters or ckpt_path.is_file() and ckpt.get("early_stopped")) and (run / MODEL).is_file():
         return TrainResult(run, start, True, elapsed, None)
 
-    best = _best_logged(run / "val_log.csv")
+    best, stale = _best_logged(run / "val_log.csv")
+    early_stopped = False
     tb = torch_tensorboard.SummaryWriter(str(run / "tensorboard"), purge_step=start if start else None)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -565,10 +577,16 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
                     )
                     score = last_val["mean_foreground_iou"]
                     if score is not None and score > best:  # the validation-selected model (ASEM's choice)
-                        best = score
+                        best, stale = score, 0
                         now = elapsed + time.perf_counter() - t0
                         _save_model(run, model, cfg, origin, it, now, last_val, BEST_MODEL)
-                _save_checkpoint(run, it, elapsed + time.perf_counter() - t0, model, optimizer, scheduler, scaler, cfg)
+                    else:
+                        stale += 1
+                    early_stopped = bool(optim.early_stop) and stale >= optim.early_stop and it < optim.iters
+                now = elapsed + time.perf_counter() - t0
+                _save_checkpoint(run, it, now, model, optimizer, scheduler, scaler, cfg, early_stopped)
+                if early_stopped:
+                    break
     except KeyboardInterrupt:
         if it > start:
             _save_checkpoint(run, it, elapsed + time.perf_counter() - t0, model, optimizer, scheduler, scaler, cfg)
@@ -578,7 +596,7 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     bar.close()
     tb.close()
     elapsed += time.perf_counter() - t0
-    finished = it >= optim.iters
+    finished = it >= optim.iters or early_stopped
     if finished:
         _save_model(run, model, cfg, origin, it, elapsed, last_val)
     return TrainResult(run, it, finished, elapsed, last_val)

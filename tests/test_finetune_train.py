@@ -194,6 +194,35 @@ def test_bad_training_inputs_fail_before_training(vnc, tmp_path, capsys):
     assert not (tmp_path / "r" / "checkpoint.pth").exists()
 
 
+def test_early_stopping_stops_after_n_validations_without_improvement_also_across_a_resume(
+    vnc, tmp_path, monkeypatch
+):
+    """Scripted validations every 2 iterations score 0.2, 0.5, 0.3, 0.4, ...: with early_stop 2
+    the run stops at iteration 8 (two validations after the best, at 4), also when it was
+    interrupted at 6 and resumed; re-running the command trains no further."""
+    scores = {2: 0.2, 4: 0.5, 6: 0.3, 8: 0.4, 10: 0.9, 12: 0.9}
+    calls = []
+
+    def scripted(model, items, num_classes, *args, **kwargs):
+        it = 2 * (len(calls) + 1)
+        calls.append(it)
+        return {"iou": [0.9, scores[it]], "mean_foreground_iou": scores[it]}
+
+    monkeypatch.setattr(train_module, "validate", scripted)
+    cfg = _cfg(vnc, iters=12, early_stop=2, val_images=["raw/16.png"], val_masks=["mito/16.png"])
+    run = tmp_path / "run"
+    assert not train(cfg, run, stop_at=6, progress=False).finished
+    result = train(cfg, run, progress=False)
+    assert result.finished and result.iteration == 8 and calls == [2, 4, 6, 8]
+    model = torch.load(run / "model.pth", weights_only=True)
+    assert model["iterations"] == 8 and model["early_stopped"]
+    assert torch.load(run / "model_best.pth", weights_only=True)["iterations"] == 4
+    assert "stopped early" in (run / "model_card.md").read_text()
+    assert train(cfg, run, progress=False).finished and calls == [2, 4, 6, 8]
+    with pytest.raises(ValueError, match="early_stop needs validation data"):
+        _cfg(vnc, early_stop=2)
+
+
 def test_the_best_validation_model_is_kept_across_a_resume(vnc, tmp_path, monkeypatch):
     """Validations at iterations 2, 4, 6 score 0.2, 0.5, 0.3 (scripted): model_best.pth holds
     the iteration-4 model, also when the run is interrupted after it and resumed."""
