@@ -46,6 +46,29 @@ def confusion_matrix(
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
+def cross_entropy_sum(probs: np.ndarray, target: np.ndarray, eps: float = 1e-6) -> tuple[float, int]:
+    """Cross-entropy of predicted probabilities, summable chunk by chunk: the sum over labelled
+    voxels of ``-log(probability of the true class)`` (clipped at ``eps``), and their number.
+
+    Args:
+        probs: float ``(C, ...)`` in [0, 1]: ``C == 1`` is a binary task's foreground
+            probability, otherwise one probability per class.
+        target: class map ``(...)``; :data:`IGNORE_INDEX` voxels are skipped.
+    """
+    probs = np.asarray(probs, np.float64)
+    target = np.asarray(target)
+    if probs.shape[1:] != target.shape:
+        raise ValueError(f"probability shape {probs.shape[1:]} does not match label shape {target.shape}")
+    keep = target != IGNORE_INDEX
+    t = target[keep].astype(np.int64)
+    if probs.shape[0] == 1:
+        p_fg = probs[0][keep]
+        p_true = np.where(t == 1, p_fg, 1.0 - p_fg)
+    else:
+        p_true = np.take_along_axis(probs[:, keep], t[None], axis=0)[0]
+    return float(-np.log(np.clip(p_true, eps, 1.0)).sum()), int(t.size)
+
+
 def iou_from_confusion(cm: np.ndarray) -> np.ndarray:
     """Per-class IoU ``TP / (TP + FP + FN)``; NaN for a class absent from both prediction and labels."""
     cm = np.asarray(cm, dtype=np.float64)

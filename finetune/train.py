@@ -58,7 +58,7 @@ from finetune.config import RESUME_SAFE_KEYS, Dim3DConfig, OptimConfig, TrainCon
 from finetune.data import CropSamples, LabelledVolume, load_labelled, pair_files
 from finetune.data3d import SubvolumeSamples
 from finetune.losses import count_classes, prevalence_weights, training_loss
-from finetune.metrics import confusion_matrix, iou_from_confusion, probs_to_classes
+from finetune.metrics import confusion_matrix, cross_entropy_sum, iou_from_confusion, probs_to_classes
 from finetune.models import build_model
 from finetune.models.geometry import StageGeometry
 from finetune.models.rsunet import ARCH as RSUNET
@@ -281,29 +281,39 @@ def validate(
     batch_size: int = 8,
     window: tuple[int, int, int] = DEFAULT_WINDOW,
 ) -> dict:
-    """IoU of the model on ``items`` (pixels pooled over all items).
+    """IoU and cross-entropy of the model on ``items`` (pixels pooled over all items).
 
     A 2D model predicts the xy slices; a 3D model predicts each volume by sliding
-    windows of size ``window`` (z, y, x).
+    windows of size ``window`` (z, y, x). ``loss`` is the unweighted cross-entropy of the
+    blended probabilities over the labelled voxels (ASEM watches it to find the "fit" regime).
     """
     was_training = model.training
     cm = np.zeros((num_classes, num_classes), np.int64)
+    nll = np.zeros(2)  # sum of -log p(true class), labelled voxels
+
+    def score(probs: np.ndarray, labels: np.ndarray) -> None:
+        cm[:] += confusion_matrix(probs_to_classes(probs), labels, num_classes)
+        nll[:] += cross_entropy_sum(probs, labels)
+
     try:
         if model.dim == 3:
             for item in items:
-
-                def score(z0: int, probs: np.ndarray, labels: np.ndarray = item.labels) -> None:
-                    # Scored slab by slab, so a large validation volume needs no full-size probability array.
-                    cm[:] += confusion_matrix(probs_to_classes(probs), labels[z0 : z0 + probs.shape[1]], num_classes)
-
-                predict_sliding(model, item.image, window, batch_size=1, out=score, device=device, amp=amp)
+                # Scored slab by slab, so a large validation volume needs no full-size probability array.
+                predict_sliding(
+                    model,
+                    item.image,
+                    window,
+                    batch_size=1,
+                    out=lambda z0, probs, labels=item.labels: score(probs, labels[z0 : z0 + probs.shape[1]]),
+                    device=device,
+                    amp=amp,
+                )
         else:
             predictor = SlicePredictor(model, device, amp, tile=512, overlap=64, batch_size=batch_size)
             for item in items:
                 for z0 in range(0, item.image.shape[0], 4):
                     x = item.image[z0 : z0 + 4].astype(np.float32) / np.float32(255.0)
-                    probs = predictor(x).transpose(1, 0, 2, 3)
-                    cm += confusion_matrix(probs_to_classes(probs), item.labels[z0 : z0 + 4], num_classes)
+                    score(predictor(x).transpose(1, 0, 2, 3), item.labels[z0 : z0 + 4])
     finally:
         model.train(was_training)
     iou = iou_from_confusion(cm)
@@ -311,6 +321,7 @@ def validate(
     return {
         "iou": [None if np.isnan(v) else float(v) for v in iou],
         "mean_foreground_iou": float(fg.mean()) if fg.size else None,
+        "loss": float(nll[0] / nll[1]) if nll[1] else None,
     }
 
 
@@ -538,7 +549,7 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     )
     it = start
     t0 = time.perf_counter()
-    val_header = ["iteration"] + [f"iou_{c}" for c in data.classes] + ["mean_foreground_iou"]
+    val_header = ["iteration"] + [f"iou_{c}" for c in data.classes] + ["mean_foreground_iou", "loss"]
     try:
         model.train()
         for x, y in loader:
@@ -568,13 +579,16 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
                     for c, v in zip(data.classes, last_val["iou"]):
                         if v is not None:
                             tb.add_scalar(f"val/iou_{c}", v, it)
+                    val_loss = "" if last_val["loss"] is None else f"{last_val['loss']:.6f}"
                     append_csv(
                         run / "val_log.csv",
                         val_header,
                         [it]
                         + [("" if v is None else f"{v:.5f}") for v in last_val["iou"]]
-                        + [last_val["mean_foreground_iou"]],
+                        + [last_val["mean_foreground_iou"], val_loss],
                     )
+                    if last_val["loss"] is not None:
+                        tb.add_scalar("val/loss", last_val["loss"], it)
                     score = last_val["mean_foreground_iou"]
                     if score is not None and score > best:  # the validation-selected model (ASEM's choice)
                         best, stale = score, 0

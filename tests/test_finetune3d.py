@@ -134,6 +134,8 @@ def test_cli_3d_run_beats_trivial_baselines(boundary_volumes, tmp_path, capsys):
     # The validation during training scored the same volume with the default windows.
     val = list(csv.DictReader(open(run / "val_log.csv")))
     assert float(val[-1]["iou_foreground"]) == pytest.approx(iou, abs=0.05)
+    # The validation cross-entropy is logged too, and fell as the model learned.
+    assert 0 < float(val[-1]["loss"]) < float(val[0]["loss"])
 
     # A 3D model runs only in sliding mode.
     rc = main(["predict", str(run), str(d / "test_image.tif"), str(tmp_path / "o.tif"), "--mode", "orthoplane"])

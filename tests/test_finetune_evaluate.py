@@ -16,7 +16,8 @@ from scipy import ndimage
 from cemcurate.io import write_volume
 from finetune.cli import main
 from finetune.evaluate import format_table
-from finetune.metrics import scores_from_confusion
+from finetune.losses import IGNORE_INDEX
+from finetune.metrics import cross_entropy_sum, scores_from_confusion
 
 
 def _iou(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -87,6 +88,16 @@ def test_scores_from_a_confusion_matrix_by_hand():
     assert all(np.isnan(s[k][2]) for k in s)
     # F1 and IoU are tied: F1 = 2 IoU / (1 + IoU).
     assert s["f1"][:2] == pytest.approx(2 * s["iou"][:2] / (1 + s["iou"][:2]))
+
+
+def test_validation_cross_entropy_by_hand():
+    binary = np.array([[0.9, 0.2, 0.5, 0.0]])
+    target = np.array([1, 0, IGNORE_INDEX, 1], np.uint8)
+    total, count = cross_entropy_sum(binary, target)
+    assert count == 3 and total == pytest.approx(-np.log(0.9) - np.log(0.8) - np.log(1e-6))
+    multi = np.array([[0.7, 0.1], [0.2, 0.3], [0.1, 0.6]])  # (C=3, 2 voxels)
+    total, count = cross_entropy_sum(multi, np.array([0, 2], np.uint8))
+    assert count == 2 and total == pytest.approx(-np.log(0.7) - np.log(0.6))
 
 
 def test_the_table_shows_every_metric(tmp_path):

@@ -194,9 +194,7 @@ def test_bad_training_inputs_fail_before_training(vnc, tmp_path, capsys):
     assert not (tmp_path / "r" / "checkpoint.pth").exists()
 
 
-def test_early_stopping_stops_after_n_validations_without_improvement_also_across_a_resume(
-    vnc, tmp_path, monkeypatch
-):
+def test_early_stopping_stops_after_n_validations_without_improvement_also_across_a_resume(vnc, tmp_path, monkeypatch):
     """Scripted validations every 2 iterations score 0.2, 0.5, 0.3, 0.4, ...: with early_stop 2
     the run stops at iteration 8 (two validations after the best, at 4), also when it was
     interrupted at 6 and resumed; re-running the command trains no further."""
@@ -206,7 +204,7 @@ def test_early_stopping_stops_after_n_validations_without_improvement_also_acros
     def scripted(model, items, num_classes, *args, **kwargs):
         it = 2 * (len(calls) + 1)
         calls.append(it)
-        return {"iou": [0.9, scores[it]], "mean_foreground_iou": scores[it]}
+        return {"iou": [0.9, scores[it]], "mean_foreground_iou": scores[it], "loss": 1 - scores[it]}
 
     monkeypatch.setattr(train_module, "validate", scripted)
     cfg = _cfg(vnc, iters=12, early_stop=2, val_images=["raw/16.png"], val_masks=["mito/16.png"])
@@ -233,7 +231,7 @@ def test_the_best_validation_model_is_kept_across_a_resume(vnc, tmp_path, monkey
     def scripted(model, items, num_classes, *args, **kwargs):
         it = 2 * (len(calls) + 1)
         calls.append(it)
-        return {"iou": [0.9, scores[it]], "mean_foreground_iou": scores[it]}
+        return {"iou": [0.9, scores[it]], "mean_foreground_iou": scores[it], "loss": 1 - scores[it]}
 
     saved_best = []
 
