@@ -8,8 +8,11 @@ for K > 2 classes.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def output_channels(num_classes: int) -> int:
@@ -27,6 +30,23 @@ def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
     """
     logits = logits.float()
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Pad the spatial axes of ``x`` symmetrically up to multiples; returns the pads per axis.
+
+    Reflection where the axis is long enough (it continues the image structure), else
+    edge replication (reflection cannot pad by more than the axis length - 1).
+    """
+    pads = []
+    for n, m in zip(x.shape[2:], multiple):
+        extra = -n % m
+        pads.append((extra // 2, extra - extra // 2))
+    if not any(a or b for a, b in pads):
+        return x, pads
+    flat = [p for a_b in reversed(pads) for p in a_b]  # F.pad wants the last axis first
+    mode = "reflect" if all(max(a, b) < n for (a, b), n in zip(pads, x.shape[2:])) else "replicate"
+    return F.pad(x, flat, mode=mode), pads
 
 
 class SegmentationModel(nn.Module):
@@ -59,6 +79,18 @@ class SegmentationModel(nn.Module):
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.norm_mean) / self.norm_std
+
+    def padded_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """A 3D model's forward pass for ``x`` ``(B, 1, z, y, x)`` of any size: normalised, padded
+        to multiples of ``self.size_multiple`` (:func:`pad_to_multiple`), through encoder, decoder
+        and ``self.head``, and the logits ``(B, C, z, y, x)`` cropped back to the input's size."""
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise ValueError(f"{type(self).__name__} expects (batch, 1, z, y, x), got shape {tuple(x.shape)}")
+        shape = x.shape[2:]
+        x, pads = pad_to_multiple(self.normalise(x), self.size_multiple)
+        logits = self.head(self.decoder(self.encoder(x)))
+        crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, shape))
+        return logits[(slice(None), slice(None)) + crop]
 
     def freeze_encoder(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) the encoder: no gradients and BatchNorm statistics fixed.

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from finetune.models.base import SegmentationModel, output_channels
 from finetune.models.registry import DEFAULT_MEAN, DEFAULT_STD, register_model
-from finetune.models.unet3d import pad_to_multiple
 
 ARCH = "rsunet"
 WIDTHS = (28, 36, 48, 64, 80)
@@ -145,13 +144,7 @@ class RSUNet(SegmentationModel):
         return (1, 16, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5 or x.shape[1] != 1:
-            raise ValueError(f"RSUNet expects (batch, 1, z, y, x), got shape {tuple(x.shape)}")
-        shape = x.shape[2:]
-        x, pads = pad_to_multiple(self.normalise(x), self.size_multiple)
-        logits = self.head(self.decoder(self.encoder(x)))
-        crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, shape))
-        return logits[(slice(None), slice(None)) + crop]
+        return self.padded_logits(x)
 
     def config(self) -> dict:
         """Everything :func:`~finetune.models.build_model` (``"rsunet"``) needs to rebuild it."""

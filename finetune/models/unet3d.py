@@ -272,23 +272,6 @@ class UNetDecoder(nn.Module):
         return x
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Pad the spatial axes of ``x`` symmetrically up to multiples; returns the pads per axis.
-
-    Reflection where the axis is long enough (it continues the image structure), else
-    edge replication (reflection cannot pad by more than the axis length - 1).
-    """
-    pads = []
-    for n, m in zip(x.shape[2:], multiple):
-        extra = -n % m
-        pads.append((extra // 2, extra - extra // 2))
-    if not any(a or b for a, b in pads):
-        return x, pads
-    flat = [p for a_b in reversed(pads) for p in a_b]  # F.pad wants the last axis first
-    mode = "reflect" if all(max(a, b) < n for (a, b), n in zip(pads, x.shape[2:])) else "replicate"
-    return F.pad(x, flat, mode=mode), pads
-
-
 @register_model("unet3d")
 class UNet3D(SegmentationModel):
     """UNet-ResNet for one-channel volumes, with an inflatable ResNet encoder.
@@ -346,13 +329,7 @@ class UNet3D(SegmentationModel):
         return self.geometry.size_multiple
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5 or x.shape[1] != 1:
-            raise ValueError(f"UNet3D expects (batch, 1, z, y, x), got shape {tuple(x.shape)}")
-        shape = x.shape[2:]
-        x, pads = pad_to_multiple(self.normalise(x), self.size_multiple)
-        logits = self.head(self.decoder(self.encoder(x)))
-        crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, shape))
-        return logits[(slice(None), slice(None)) + crop]
+        return self.padded_logits(x)
 
     def config(self) -> dict:
         """Everything :func:`build_model` (``"unet3d"``) needs to rebuild this model, weights aside."""
@@ -378,5 +355,4 @@ __all__ = [
     "UNetDecoder",
     "UPSAMPLE_MODES",
     "conv_nd",
-    "pad_to_multiple",
 ]
