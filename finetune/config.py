@@ -28,7 +28,8 @@ from finetune.predict.sliding import DEFAULT_WINDOW
 from finetune.sampling import SAMPLING_RULES
 
 WEIGHTINGS = ("auto", "prevalence", "balanced", "none")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICE_HELP = "auto (CUDA when available, else Apple MPS, else the CPU), cpu, cuda or mps (no MPS: the CPU, warned)"
 DIMS = ("2d", "3d")
 PREDICT_MODES = ("auto", "stack", "orthoplane", "sliding")
 GEOMETRIES = ("auto", "isotropic", "anisotropic", "planar")
@@ -415,7 +416,7 @@ class RuntimeConfig:
         default=500, metadata=_help("save a resumable checkpoint (and score the validation set) every N iterations")
     )
     log_every: int = field(default=10, metadata=_help("log the training loss every N iterations"))
-    device: str = field(default="auto", metadata=_help("auto (cuda when available), cpu or cuda"))
+    device: str = field(default="auto", metadata=_help(DEVICE_HELP))
     amp: bool = field(default=True, metadata=_help("mixed precision on CUDA (ignored on CPU)"))
     workers: int = field(default=2, metadata=_help("data-loading worker processes (0: in the main process)"))
 
@@ -560,7 +561,7 @@ class PredictConfig:
     suffix: str = field(
         default=".tif", metadata=_help("file suffix when OUTPUT is a folder (one output per input image)")
     )
-    device: str = field(default="auto", metadata=_help("auto (cuda when available), cpu or cuda"))
+    device: str = field(default="auto", metadata=_help(DEVICE_HELP))
     amp: bool = field(default=True, metadata=_help("mixed precision on CUDA (ignored on CPU)"))
 
     def __post_init__(self) -> None:

@@ -81,7 +81,9 @@ class FilterTrainConfig:
     threshold: float = field(
         default=0.5, metadata={"help": "keep a patch when its informative probability is at least this (paper: 0.5)"}
     )
-    device: str = field(default="auto", metadata={"help": "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"})
+    device: str = field(
+        default="auto", metadata={"help": "auto (CUDA, else Apple MPS, else the CPU), cpu, cuda, cuda:N or mps"}
+    )
     amp: bool = field(default=True, metadata={"help": "mixed precision (float16 autocast) on CUDA; ignored on CPU"})
     workers: int = field(
         default=0, metadata={"help": "DataLoader worker processes for augmentation (0 = in the main process)"}
