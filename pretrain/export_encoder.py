@@ -160,6 +160,14 @@ def export_encoder(
         "std": float(std),
         "normalisation": "x = uint8 / 255; x = (x - mean) / std (one channel)",
         "timm": f"timm.create_model({arch!r}, in_chans=1, num_classes=0)",
+        "timm_pretrained": (
+            f"timm.create_model({arch!r}, pretrained=True, in_chans=1, num_classes=0, "
+            "pretrained_cfg_overlay=dict(file='<folder>/encoder.safetensors', **config['pretrained_cfg']))"
+        ),
+        # timm's own keys (its Hugging Face Hub config.json layout), so timm tools read the folder.
+        "architecture": arch,
+        "num_classes": 0,
+        "pretrained_cfg": timm_pretrained_cfg(mean, std, int((provenance.get("data") or {}).get("patch_size", 224))),
         "smp_encoder": arch,
         "source": provenance["source"],
         "exported_at_commit": git_commit(),
@@ -187,17 +195,46 @@ def export_encoder(
     )
 
 
+def timm_pretrained_cfg(mean: float, std: float, patch_size: int = 224) -> dict:
+    """timm's ``pretrained_cfg`` for our one-channel encoders: input size, normalisation (of
+    intensities in [0, 1]), interpolation, and where the stem and the (absent) classifier are."""
+    return {
+        "input_size": [1, patch_size, patch_size],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": [float(mean)],
+        "std": [float(std)],
+        "num_classes": 0,
+        "first_conv": "conv1",
+        "classifier": "fc",
+    }
+
+
 def model_card(meta: dict, provenance: dict, n_params: int) -> str:
-    """Markdown model card for an exported encoder."""
+    """Markdown model card for an exported encoder, with Hugging Face model-card front matter."""
     arch, mean, std = meta["arch"], meta["mean"], meta["std"]
+    front = {
+        "library_name": "timm",
+        "pipeline_tag": "image-feature-extraction",
+        # The weights inherit the terms of the images they were trained on (listed below).
+        "license": "other",
+        "tags": ["timm", "electron-microscopy", "self-supervised", "mocov2", arch],
+    }
+    if provenance["source"] == "cem500k":
+        front["datasets"] = ["CEM500K"]
     lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
         f"# {arch} encoder pre-trained with MoCoV2 on cellular electron microscopy",
         "",
         "## Architecture",
         f"- Backbone: `{arch}` (timm ResNet family), **1 input channel**, no classification head; "
         f"outputs {meta['num_features']} features after global average pooling.",
         f"- Parameters and buffers (floating point values): {n_params:,}.",
-        f"- timm: `{meta['timm']}` then `load_state_dict(..., strict=True)`.",
+        f"- timm: `{meta['timm']}` then `load_state_dict(..., strict=True)`, or, reading the folder "
+        f"with no network access, `{meta['timm_pretrained']}` (`config` is this folder's `config.json`).",
         f"- segmentation_models_pytorch: `smp.Unet({meta['smp_encoder']!r}, in_channels=1, encoder_weights=None)` "
         "then `model.encoder.load_state_dict(..., strict=True)`.",
         "- Files: `encoder.safetensors` (preferred), `encoder.pth` (same tensors), `config.json`.",

@@ -14,6 +14,7 @@ import pytest
 import segmentation_models_pytorch as smp
 import timm
 import torch
+import yaml
 from safetensors.torch import load_file
 from test_pretrain_data import build_real_store
 
@@ -103,7 +104,7 @@ def test_smoke_run_writes_checkpoint_logs_and_config(run_dir, store_dir, capsys)
     assert "cannot resume" in err and "lr: checkpoint 0.015, now 0.1" in err and str(run_dir) in err
 
 
-def test_export_round_trip_into_timm_and_smp(run_dir, real_batch, tmp_path, capsys):
+def test_export_round_trip_into_timm_and_smp(run_dir, real_batch, tmp_path, capsys, monkeypatch):
     out = tmp_path / "published"
     assert main(["export", str(run_dir / "checkpoint.pth"), str(out)]) == 0
     assert "exported resnet18" in capsys.readouterr().out
@@ -132,10 +133,20 @@ def test_export_round_trip_into_timm_and_smp(run_dir, real_batch, tmp_path, caps
         )
 
     config = json.loads((out / "config.json").read_text())
+    # timm reads the folder itself, offline, through the timm-format pretrained_cfg it carries.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    overlay = dict(file=str(out / "encoder.safetensors"), **config["pretrained_cfg"])
+    loaded = timm.create_model("resnet18", pretrained=True, in_chans=1, num_classes=0, pretrained_cfg_overlay=overlay)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in from_safetensors.items())
+    assert config["architecture"] == "resnet18" and tuple(loaded.pretrained_cfg["mean"]) == (config["mean"],)
     ckpt = load_checkpoint(run_dir / "checkpoint.pth")
+    assert config["pretrained_cfg"]["input_size"] == [1] + [ckpt["data"]["patch_size"]] * 2
     assert config["arch"] == "resnet18" and config["in_chans"] == 1 and config["smp_encoder"] == "resnet18"
     assert config["mean"] == pytest.approx(ckpt["data"]["mean"]) and config["std"] == pytest.approx(ckpt["data"]["std"])
     card = (out / "model_card.md").read_text()
+    _, front, _ = card.split("---\n", 2)  # Hugging Face model-card front matter
+    front = yaml.safe_load(front)
+    assert front["library_name"] == "timm" and "electron-microscopy" in front["tags"] and front["license"]
     for text in (
         "resnet18",
         "| drosophila_vnc_gerhard | 32 |",
