@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from cemcurate.common.config import add_config_arguments, load_config
@@ -109,13 +110,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # One line naming the command, not Python's "file:line: UserWarning:" with a source line.
+    print(f"finetune: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
             cfg = load_config(TrainConfig, args.config, overrides=vars(args))
             result = train(cfg, args.out, stop_at=args.stop_at, progress=not args.quiet)
-            state = "finished" if result.finished else "stopped (re-run the same command to continue)"
+            if result.finished and result.iteration < cfg.optim.iters:
+                state = "stopped early (validation stopped improving; model_best.pth holds the best)"
+            else:
+                state = "finished" if result.finished else "stopped (re-run the same command to continue)"
             print(
                 f"{args.out}: {state} at iteration {result.iteration}/{cfg.optim.iters} "
                 f"after {result.seconds:.0f} s of training"
