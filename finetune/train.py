@@ -9,7 +9,10 @@ multi-class ones, seed 42, a pre-trained encoder frozen (including BatchNorm sta
 :class:`~finetune.models.unet3d.UNet3D` whose encoder holds the same 2D weights inflated
 to 3D (:mod:`finetune.models.inflate`), trained on random ``crop_depth x crop x crop``
 sub-volumes (:mod:`finetune.data3d`) with 3D augmentations (:mod:`finetune.augment3d`) and validated by
-sliding-window prediction (:mod:`finetune.predict.sliding`).
+sliding-window prediction (:mod:`finetune.predict.sliding`). The network a run starts from
+(encoder weights, or a whole trained model with ``init_model``, or Xie et al.'s RSUNet) is
+built by :mod:`finetune.training_model`; crops can be filtered by ASEM's block rejection
+(:mod:`finetune.sampling`) and training can stop early (``early_stop``).
 
 A run folder ``RUN`` holds:
 
@@ -19,11 +22,13 @@ A run folder ``RUN`` holds:
   iterations, at ``stop_at`` and on Ctrl-C. Re-running the same command continues from it
   and ends with the same weights as an uninterrupted run: samples are a pure function of
   ``(seed, sample index)`` (:mod:`finetune.data`), so the data stream resumes exactly too;
-* ``model.pth``: the final model (weights + what is needed to rebuild it);
+* ``model.pth``: the final model (weights, what is needed to rebuild it, where its weights
+  and data came from) and ``model_card.md``, the same in words;
 * ``model_best.pth``: with validation data, the model of the validation with the best mean
   foreground IoU so far (``finetune predict RUN/model_best.pth`` uses it), as ASEM selects
   its model by validation score;
-* ``train_log.csv``, ``val_log.csv``, ``tensorboard/``: loss, learning rate, validation IoU.
+* ``train_log.csv``, ``val_log.csv``, ``tensorboard/``: loss, learning rate, validation IoU
+  and cross-entropy.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,20 +57,18 @@ from cemcurate.common.runstate import (
     save_checkpoint,
     trim_csv,
 )
-from cemcurate.common.weights import RANDOM, ResolvedWeights, resolve
-from finetune.config import RESUME_SAFE_KEYS, Dim3DConfig, OptimConfig, TrainConfig
+from finetune.config import RESUME_SAFE_KEYS, OptimConfig, TrainConfig
 from finetune.data import CropSamples, LabelledVolume, load_labelled, pair_files
 from finetune.data3d import SubvolumeSamples
 from finetune.losses import count_classes, prevalence_weights, training_loss
 from finetune.metrics import confusion_matrix, cross_entropy_sum, iou_from_confusion, probs_to_classes
-from finetune.models import build_model
 from finetune.models.geometry import StageGeometry
 from finetune.models.rsunet import ARCH as RSUNET
-from finetune.models.transfer import SavedModel, provenance, read_saved_model, transferred_state
-from finetune.models.unet3d import DEFAULT_DECODER_CHANNELS
+from finetune.models.transfer import read_saved_model
 from finetune.predict.slices import SlicePredictor
 from finetune.predict.sliding import DEFAULT_WINDOW, predict_sliding
 from finetune.sampling import SAMPLING_RULES
+from finetune.training_model import ModelOrigin, build_training_model, resolve_geometry
 from finetune.volumes import expand_patterns, open_volume
 
 torch_tensorboard = lazy_import("torch.utils.tensorboard")
@@ -95,158 +97,6 @@ class TrainResult:
     finished: bool
     seconds: float
     val: dict | None
-
-
-def resolve_geometry(
-    cfg: TrainConfig, first_image: str | Path | None = None, source: SavedModel | None = None
-) -> StageGeometry:
-    """The 3D stage geometry of ``cfg``: a 3D ``source`` model's (``init_model``; its kernels fix
-    it), else a preset, or for ``auto`` one derived from the voxel size of ``first_image``
-    (isotropic when the file records none)."""
-    if source is not None and source.dim == 3:
-        found = StageGeometry.from_any(source.model_config["geometry"])
-        if cfg.dim3d.geometry != "auto" and StageGeometry.preset(cfg.dim3d.geometry) != found:
-            raise ValueError(
-                f"init_model {source.path} has geometry {found.to_dict()}, not {cfg.dim3d.geometry!r}: "
-                "its kernels fix the geometry (leave --geometry at auto)"
-            )
-        return found
-    if cfg.dim3d.geometry != "auto":
-        return StageGeometry.preset(cfg.dim3d.geometry)
-    voxel = open_volume(first_image).voxel_size if first_image is not None else None
-    if voxel is None or not all(np.isfinite(v) and v > 0 for v in voxel):
-        return StageGeometry.preset("isotropic")
-    return StageGeometry.from_spacing(voxel)
-
-
-@dataclass(frozen=True)
-class ModelOrigin:
-    """Where a run's starting weights and data came from, saved with its models.
-
-    Attributes:
-        encoder_source: the encoder weights' source (a path, ``timm:...`` or ``random``).
-        init_model: :func:`finetune.models.transfer.provenance` of ``init_model``, or None.
-        voxel_size: ``(z, y, x)`` of the first training volume in its file's units, or None.
-    """
-
-    encoder_source: str
-    init_model: dict | None = None
-    voxel_size: tuple[float, float, float] | None = None
-
-
-def check_source_structure(cfg: TrainConfig, source: SavedModel) -> None:
-    """Refuse settings that cannot hold an ``init_model``'s tensors, naming what to pass instead.
-
-    The arch must be the source's; a 3D model also needs the source's decoder widths and
-    upsampling (a 3D source) or the 2D UNet's widths (a 2D source, whose decoder is inflated).
-    """
-    m, d3 = cfg.model, cfg.dim3d
-    arch = source.model_config.get("arch")
-    if arch != m.arch:
-        raise ValueError(f"init_model {source.path} holds a {arch} model, not {m.arch}; pass --arch {arch}")
-    if m.dim == "2d":
-        if source.dim == 3:
-            raise ValueError(f"init_model {source.path} is a 3D model; train with --dim 3d to start from it")
-        return
-    widths = list(source.model_config.get("decoder_channels", DEFAULT_DECODER_CHANNELS))
-    if list(d3.decoder_channels) != widths:
-        raise ValueError(
-            f"init_model {source.path} has decoder widths {widths}; "
-            f"pass --decoder-channels {' '.join(map(str, widths))}"
-        )
-    upsample = source.model_config.get("upsample")
-    if source.dim == 3 and d3.upsample not in ("auto", upsample):
-        raise ValueError(f"init_model {source.path} upsamples by {upsample!r}; pass --upsample {upsample} or auto")
-
-
-def check_rsunet_settings(cfg: TrainConfig) -> None:
-    """Refuse 3D UNet-ResNet settings given with ``arch rsunet``, whose widths, kernels and in-plane
-    pooling are fixed (they would be ignored)."""
-    d3, defaults = cfg.dim3d, Dim3DConfig()
-    given = [
-        f"--{key.replace('_', '-')}"
-        for key in ("geometry", "inflate", "upsample", "decoder_channels")
-        if getattr(d3, key) != getattr(defaults, key)
-    ]
-    if given:
-        raise ValueError(
-            f"{', '.join(given)} set the inflated UNet-ResNet; arch {RSUNET} has fixed widths "
-            f"28-80, in-plane pooling and transposed-convolution upsampling: leave them unset"
-        )
-
-
-def resolve_3d_options(cfg: TrainConfig, source: SavedModel | None = None) -> tuple[str, str]:
-    """``(inflate, upsample)`` with ``auto`` resolved: a 2D ``init_model`` gets center inflation
-    and nearest upsampling (the 3D model then computes the 2D one on every slice), a 3D one its
-    own upsampling; otherwise the I3D rule and trilinear upsampling."""
-    d3 = cfg.dim3d
-    from_2d = source is not None and source.dim == 2
-    inflate = d3.inflate if d3.inflate != "auto" else ("center" if from_2d else "i3d")
-    if d3.upsample != "auto":
-        upsample = d3.upsample
-    elif source is not None:
-        upsample = "nearest" if from_2d else source.model_config.get("upsample", "trilinear")
-    else:
-        upsample = "trilinear"
-    return inflate, upsample
-
-
-def build_training_model(
-    cfg: TrainConfig, geometry: StageGeometry | None = None, source: SavedModel | None = None
-) -> tuple[torch.nn.Module, ModelOrigin]:
-    """The 2D or 3D UNet with seeded random init, then the ``source`` model's weights
-    (``init_model``; :mod:`finetune.models.transfer`) or the encoder's, loaded strictly
-    (inflated for 3D, with ``geometry``, default isotropic), frozen as configured. The input
-    normalisation is the config's, else the source model's or encoder's, else 0.5/0.5."""
-    m = cfg.model
-    if m.encoder == "random" and source is None and m.encoder_frozen:
-        warnings.warn(
-            "the encoder is random and frozen (--freeze-encoder): only the decoder learns, on features of "
-            "random weights - a baseline, not a model to use; leave --freeze-encoder unset to train the encoder",
-            stacklevel=2,
-        )
-    if m.arch == RSUNET:
-        check_rsunet_settings(cfg)
-    if source is not None:
-        check_source_structure(cfg, source)
-        weights = ResolvedWeights(
-            "file", None, source.model_config.get("mean"), source.model_config.get("std"), str(source.path)
-        )
-    else:
-        weights = RANDOM if m.arch == RSUNET else resolve(m.encoder, m.arch)
-    # Seeding right before construction makes every randomly initialised parameter the
-    # same in every experiment with the same seed (as in the paper), whatever the source.
-    torch.manual_seed(cfg.optim.seed)
-    common = dict(
-        weights=weights,
-        freeze_encoder=m.encoder_frozen,
-        arch=m.arch,
-        num_classes=len(cfg.data.classes),
-        mean=m.norm_mean,
-        std=m.norm_std,
-    )
-    inflate, upsample = resolve_3d_options(cfg, source)
-    if m.arch == RSUNET:
-        model = build_model(RSUNET, num_classes=len(cfg.data.classes), mean=common["mean"], std=common["std"])
-    elif m.dim == "3d":
-        model = build_model(
-            "unet3d",
-            **common,
-            inflate=inflate,
-            geometry=geometry,
-            upsample=upsample,
-            decoder_channels=cfg.dim3d.decoder_channels,
-        )
-    else:
-        model = build_model("unet2d", **common)
-    if source is not None:
-        state, notes = transferred_state(source, model, cfg.data.classes, inflate)
-        model.load_state_dict(state, strict=True)
-        for note in notes:
-            warnings.warn(note, stacklevel=2)
-    model.freeze_decoder(m.freeze_decoder)
-    origin = ModelOrigin(weights.source, provenance(source) if source is not None else None)
-    return model, origin
 
 
 def class_weights(optim: OptimConfig, classes: list[str], items: list[LabelledVolume]) -> np.ndarray | None:
@@ -412,8 +262,9 @@ def model_card(payload: dict) -> str:
         f"# {cfg.get('runtime', {}).get('name') or 'finetune model'}",
         "",
         f"- task: classes {', '.join(payload['classes'])}",
-        f"- network: {mc['model']} ({mc['arch']} encoder), input normalisation mean {mc['mean']:.4g} "
-        f"std {mc['std']:.4g} on [0, 1]",
+        f"- network: {mc['model']}"
+        + (f" ({mc['arch']} encoder)" if mc["arch"] != mc["model"] else "")
+        + f", input normalisation mean {mc['mean']:.4g} std {mc['std']:.4g} on [0, 1]",
         f"- training data: images {data.get('images')}, masks {data.get('masks')}"
         + (f" under {data['data_dir']}" if data.get("data_dir") else ""),
         f"- voxel size of the first training volume (z, y, x): {payload['voxel_size'] or 'not recorded in the file'}",

@@ -31,6 +31,7 @@ COMMAND_MODULES = {
     "pretrain.train",
     "finetune.cli",
     "finetune.train",
+    "finetune.training_model",
     "finetune.benchmark",
     "finetune.benchmark_cli",
     "finetune.benchmark_transfer",

@@ -24,7 +24,8 @@ from finetune.config import PredictConfig, TrainConfig
 from finetune.metrics import confusion_matrix, iou_from_confusion
 from finetune.models.geometry import StageGeometry
 from finetune.predict.command import resolve_mode
-from finetune.train import resolve_geometry, train
+from finetune.train import train
+from finetune.training_model import resolve_geometry
 from finetune.volumes import read_array
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -24,7 +24,8 @@ from finetune.config import TrainConfig
 from finetune.models.geometry import StageGeometry
 from finetune.models.transfer import read_saved_model
 from finetune.predict.command import load_model
-from finetune.train import build_training_model, train
+from finetune.train import train
+from finetune.training_model import build_training_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
