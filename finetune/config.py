@@ -21,8 +21,8 @@ from finetune.augment3d import Augment3D
 from finetune.data import PLANES
 from finetune.labels import LabelSpec, parse_label_map, parse_unmapped
 from finetune.losses import LOSSES
+from finetune.models import NETWORK_ARCHS
 from finetune.models.inflate import INFLATE_MODES
-from finetune.models.rsunet import ARCH as RSUNET
 from finetune.models.unet3d import UPSAMPLE_MODES
 from finetune.predict.sliding import DEFAULT_WINDOW
 from finetune.sampling import SAMPLING_RULES
@@ -143,8 +143,9 @@ class ModelConfig:
     arch: str = field(
         default="resnet50",
         metadata=_help(
-            f"encoder architecture: {', '.join(ARCHS)}; or, with dim 3d, {RSUNET} (Xie et al.'s residual "
-            "symmetric anisotropic 3D U-Net, no ResNet encoder: from scratch or init_model)"
+            f"encoder architecture: {', '.join(ARCHS)}; or, with dim 3d, a whole network without a ResNet "
+            "encoder, trained from scratch or init_model: rsunet (Xie et al.'s residual symmetric anisotropic "
+            "3D U-Net) or asem_unet (ASEM's valid-convolution 3D U-Net)"
         ),
     )
     encoder: str = field(
@@ -189,10 +190,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dim not in DIMS:
             raise ValueError(f"dim must be one of {DIMS}, got {self.dim!r}")
-        if self.arch == RSUNET:
+        if self.arch in NETWORK_ARCHS:
             if self.dim != "3d" or self.encoder != "random":
                 raise ValueError(
-                    f"arch {RSUNET} is a 3D network without a ResNet encoder: use it with dim 3d and encoder "
+                    f"arch {self.arch} is a 3D network without a ResNet encoder: use it with dim 3d and encoder "
                     f"random (got dim {self.dim!r}, encoder {self.encoder!r}); init_model can start it"
                 )
         else:
@@ -331,6 +332,13 @@ class Dim3DConfig:
     crop_depth: int = field(
         default=32, metadata=_help("training sub-volume depth in slices (volumes thinner than this are mirrored)")
     )
+    width_scale: float = field(
+        default=1.0,
+        metadata=_help(
+            "arch rsunet / asem_unet: scale their channel widths (1: the papers' 28-80 and 32-256; e.g. 0.25 "
+            "to fit a CPU)"
+        ),
+    )
     elastic_alpha: float = field(
         default=0.0, metadata=_help("elastic deformation, std of the displacements in voxels (0: off; e.g. 2)")
     )
@@ -344,6 +352,8 @@ class Dim3DConfig:
             raise ValueError(f"upsample must be auto or one of {UPSAMPLE_MODES}, got {self.upsample!r}")
         if len(self.decoder_channels) != 5 or min(self.decoder_channels) < 1:
             raise ValueError(f"decoder_channels must be five positive ints, got {self.decoder_channels}")
+        if not self.width_scale > 0:
+            raise ValueError(f"width_scale must be > 0, got {self.width_scale}")
         if self.crop_depth < 1 or self.elastic_alpha < 0:
             raise ValueError(
                 f"need crop_depth >= 1 and elastic_alpha >= 0, got {self.crop_depth}, {self.elastic_alpha}"
@@ -464,6 +474,11 @@ class TrainConfig:
             raise ValueError(
                 "crop_mode paper and blur_sigma are 2D augmentations; 3D training crops sub-volumes "
                 "at native resolution without blur (set crop_mode native and blur_sigma 0)"
+            )
+        if self.dim3d.width_scale != 1 and self.model.arch not in NETWORK_ARCHS:
+            raise ValueError(
+                f"width_scale applies to {' and '.join(NETWORK_ARCHS)}; the UNet-ResNet's decoder widths are "
+                "decoder_channels"
             )
         if self.model.dim == "2d" and self.dim3d.elastic_alpha > 0:
             raise ValueError("elastic_alpha is a 3D augmentation (dim 3d)")

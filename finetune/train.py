@@ -62,8 +62,8 @@ from finetune.data import CropSamples, LabelledVolume, load_labelled, pair_files
 from finetune.data3d import SubvolumeSamples
 from finetune.losses import count_classes, prevalence_weights, training_loss
 from finetune.metrics import confusion_matrix, cross_entropy_sum, iou_from_confusion, probs_to_classes
+from finetune.models import NETWORK_ARCHS
 from finetune.models.geometry import StageGeometry
-from finetune.models.rsunet import ARCH as RSUNET
 from finetune.models.transfer import read_saved_model
 from finetune.predict.slices import SlicePredictor
 from finetune.predict.sliding import DEFAULT_WINDOW, predict_sliding
@@ -347,9 +347,11 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     weights_t = torch.from_numpy(weights_np) if weights_np is not None else None
     balanced = optim.class_weighting == "balanced" and not optim.class_weights
     source = read_saved_model(cfg.model.init_model) if cfg.model.init_model else None
-    # (RSUNet has no stage geometry: its kernels are fixed.)
+    # (Whole networks such as RSUNet have no stage geometry: their kernels are fixed.)
     geometry = (
-        resolve_geometry(cfg, pairs[0][0], source) if cfg.model.dim == "3d" and cfg.model.arch != RSUNET else None
+        resolve_geometry(cfg, pairs[0][0], source)
+        if cfg.model.dim == "3d" and cfg.model.arch not in NETWORK_ARCHS
+        else None
     )
     dataset = training_samples(cfg, items, geometry)
     model, origin = build_training_model(cfg, geometry, source)

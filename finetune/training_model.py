@@ -5,7 +5,8 @@
 * or a whole trained model (``init_model``, :mod:`finetune.models.transfer`), with the checks
   that the config can hold its tensors (arch, 3D geometry, decoder widths, upsampling);
 * the 3D stage geometry (a 3D source's, a preset, or from the first volume's voxel size);
-* Xie et al.'s RSUNet (``arch: rsunet``), which has fixed widths and kernels.
+* whole networks without a ResNet encoder (``arch: rsunet``, Xie et al.'s; ``arch: asem_unet``,
+  ASEM's), whose widths and kernels are fixed.
 
 Random initialisation is seeded right before construction, so runs with the same seed start
 from the same weights whatever the source.
@@ -22,9 +23,10 @@ import torch
 
 from cemcurate.common.weights import RANDOM, ResolvedWeights, resolve
 from finetune.config import Dim3DConfig, TrainConfig
-from finetune.models import build_model
+from finetune.models import NETWORK_ARCHS, build_model
+from finetune.models.asem_unet import DEFAULT_FMAPS as ASEM_FMAPS
 from finetune.models.geometry import StageGeometry
-from finetune.models.rsunet import ARCH as RSUNET
+from finetune.models.rsunet import WIDTHS as RSUNET_WIDTHS
 from finetune.models.transfer import SavedModel, provenance, transferred_state
 from finetune.models.unet3d import DEFAULT_DECODER_CHANNELS
 from finetune.volumes import open_volume
@@ -92,9 +94,9 @@ def check_source_structure(cfg: TrainConfig, source: SavedModel) -> None:
         raise ValueError(f"init_model {source.path} upsamples by {upsample!r}; pass --upsample {upsample} or auto")
 
 
-def check_rsunet_settings(cfg: TrainConfig) -> None:
-    """Refuse 3D UNet-ResNet settings given with ``arch rsunet``, whose widths, kernels and in-plane
-    pooling are fixed (they would be ignored)."""
+def check_network_settings(cfg: TrainConfig) -> None:
+    """Refuse 3D UNet-ResNet settings given with a whole-network arch (``rsunet``, ``asem_unet``),
+    whose widths, kernels and pooling are fixed (they would be ignored)."""
     d3, defaults = cfg.dim3d, Dim3DConfig()
     given = [
         f"--{key.replace('_', '-')}"
@@ -103,9 +105,16 @@ def check_rsunet_settings(cfg: TrainConfig) -> None:
     ]
     if given:
         raise ValueError(
-            f"{', '.join(given)} set the inflated UNet-ResNet; arch {RSUNET} has fixed widths "
-            f"28-80, in-plane pooling and transposed-convolution upsampling: leave them unset"
+            f"{', '.join(given)} set the inflated UNet-ResNet; arch {cfg.model.arch} has fixed kernels, "
+            "pooling and transposed-convolution upsampling (its widths scale with --width-scale): leave them unset"
         )
+
+
+def network_widths(arch: str, scale: float) -> dict:
+    """The width argument of a whole-network arch scaled by ``scale`` (at least one channel)."""
+    if arch == "rsunet":
+        return {"widths": [max(1, round(w * scale)) for w in RSUNET_WIDTHS]}
+    return {"num_fmaps": max(1, round(ASEM_FMAPS * scale))}
 
 
 def resolve_3d_options(cfg: TrainConfig, source: SavedModel | None = None) -> tuple[str, str]:
@@ -138,15 +147,15 @@ def build_training_model(
             "random weights - a baseline, not a model to use; leave --freeze-encoder unset to train the encoder",
             stacklevel=2,
         )
-    if m.arch == RSUNET:
-        check_rsunet_settings(cfg)
+    if m.arch in NETWORK_ARCHS:
+        check_network_settings(cfg)
     if source is not None:
         check_source_structure(cfg, source)
         weights = ResolvedWeights(
             "file", None, source.model_config.get("mean"), source.model_config.get("std"), str(source.path)
         )
     else:
-        weights = RANDOM if m.arch == RSUNET else resolve(m.encoder, m.arch)
+        weights = RANDOM if m.arch in NETWORK_ARCHS else resolve(m.encoder, m.arch)
     # Seeding right before construction makes every randomly initialised parameter the
     # same in every experiment with the same seed (as in the paper), whatever the source.
     torch.manual_seed(cfg.optim.seed)
@@ -159,8 +168,14 @@ def build_training_model(
         std=m.norm_std,
     )
     inflate, upsample = resolve_3d_options(cfg, source)
-    if m.arch == RSUNET:
-        model = build_model(RSUNET, num_classes=len(cfg.data.classes), mean=common["mean"], std=common["std"])
+    if m.arch in NETWORK_ARCHS:
+        model = build_model(
+            m.arch,
+            num_classes=len(cfg.data.classes),
+            mean=common["mean"],
+            std=common["std"],
+            **network_widths(m.arch, cfg.dim3d.width_scale),
+        )
     elif m.dim == "3d":
         model = build_model(
             "unet3d",

@@ -20,6 +20,7 @@ TINY = {
     "unet2d": {},
     "unet3d": {"decoder_channels": (8, 8, 8, 8, 8), "geometry": "anisotropic"},
     "rsunet": {"widths": (4, 4, 8, 8, 8)},
+    "asem_unet": {"num_fmaps": 2},
 }
 INPUT = {2: (1, 1, 64, 96), 3: (1, 1, 8, 32, 64)}
 
