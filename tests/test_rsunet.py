@@ -13,11 +13,16 @@ import numpy as np
 import pytest
 import torch
 
+from cemcurate.common.config import build_config
 from cemcurate.io import write_volume
 from finetune.cli import main
+from finetune.config import TrainConfig
 from finetune.metrics import confusion_matrix, iou_from_confusion
 from finetune.models import RSUNet, build_model
 from finetune.models.rsunet import NATIVE_INPUT, WIDTHS
+from finetune.models.transfer import read_saved_model
+from finetune.train import train
+from finetune.training_model import build_training_model
 from finetune.volumes import read_array
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -71,6 +76,26 @@ def test_config_refuses_what_rsunet_would_ignore(tmp_path, capsys):
     assert "use it with dim 3d" in capsys.readouterr().err
     assert main(["train", "--arch", "rsunet", "--dim", "3d", "--encoder", "imagenet", *common]) == 2
     assert "encoder random" in capsys.readouterr().err
+
+
+def test_init_model_starts_an_rsunet_from_a_trained_one(vnc, tmp_path):
+    image = np.stack([iio.imread(vnc / f"raw/{i:02d}.png") for i in range(8)])
+    mito = (np.stack([iio.imread(vnc / f"mito/{i:02d}.png") for i in range(8)]) > 127).astype(np.uint8)
+    write_volume(tmp_path / "vol.tif", image)
+    write_volume(tmp_path / "mito.tif", mito)
+
+    def cfg(**kw) -> TrainConfig:
+        base = dict(dim="3d", arch="rsunet", width_scale=0.25, images=[str(tmp_path / "vol.tif")])
+        base.update(masks=[str(tmp_path / "mito.tif")], mask_threshold=0, crop=32, crop_depth=4, batch_size=1)
+        return build_config(TrainConfig, **{**base, "iters": 1, "workers": 0, **kw})
+
+    assert train(cfg(), tmp_path / "source", progress=False).finished
+    source = read_saved_model(tmp_path / "source")
+    assert source.model_config["widths"] == [7, 9, 12, 16, 20]  # a quarter of 28, 36, 48, 64, 80
+    model, _ = build_training_model(cfg(init_model=str(tmp_path / "source")), source=source)
+    assert all(torch.equal(v, source.state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"has shape.*--width-scale giving widths \[7, 9, 12, 16, 20\]"):
+        build_training_model(cfg(init_model=str(tmp_path / "source"), width_scale=0.5), source=source)
 
 
 @pytest.mark.slow

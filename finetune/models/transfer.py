@@ -216,6 +216,9 @@ def structure_hint(model_config: Mapping[str, Any]) -> str:
     parts = [f"--arch {model_config.get('arch')}"]
     if "decoder_channels" in model_config:
         parts.append("--decoder-channels " + " ".join(str(c) for c in model_config["decoder_channels"]))
+    for key in ("widths", "num_fmaps"):  # whole-network archs: set through --width-scale
+        if key in model_config:
+            parts.append(f"--width-scale giving {key} {model_config[key]}")
     return ", ".join(parts)
 
 
