@@ -219,7 +219,7 @@ def test_config_validation_and_registry_errors():
         build_config(TrainConfig, images=["a"], masks=["b"], label_map=["3:nucleus"])
     with pytest.raises(ValueError, match="valid archs"):
         get_arch("vgg16")
-    with pytest.raises(ValueError, match="valid models: unet2d"):
+    with pytest.raises(ValueError, match="valid models: asem_unet, rsunet, unet2d, unet3d"):
         build_model("unet4d")
     model = build_model("unet2d", arch="resnet18", num_classes=3)
     out = model(torch.rand(1, 1, 64, 64))
