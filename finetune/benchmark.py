@@ -290,10 +290,7 @@ def run_benchmarks(
 
     ``dims``: e.g. ``["2d", "3d"]``; None runs each task in its config's dim.
     """
-    out = Path(out)
-    root = Path(data_root) if data_root else default_data_root()
-    if not root.is_dir():
-        raise ValueError(f"data root {root} not found: pass --data-root or set CEM_DATA")
+    out, root = Path(out), resolve_data_root(data_root)
     if dims is not None and (not dims or set(dims) - set(DIMS) or len(set(dims)) != len(dims)):
         raise ValueError(f"dims must be distinct values among {list(DIMS)}, got {dims}")
     inits = [parse_init(t, freeze) for t in init_texts]
@@ -319,12 +316,25 @@ def run_benchmarks(
                         flush=True,
                     )
     table = results_table(rows, defs, [i.name for i in inits], show_dim=dims is not None)
+    write_results(out, rows, table)
+    return rows, table
+
+
+def resolve_data_root(data_root: str | Path | None) -> Path:
+    """``data_root``, else :func:`default_data_root`; an error naming it when it is not a folder."""
+    root = Path(data_root) if data_root else default_data_root()
+    if not root.is_dir():
+        raise ValueError(f"data root {root} not found: pass --data-root or set CEM_DATA")
+    return root
+
+
+def write_results(out: Path, rows: list[dict], table: str) -> None:
+    """``out/results.json`` (the rows) and ``out/results.md`` (the table), each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=2))
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(table)
-    return rows, table
 
 
 def _slug(text: str) -> str:

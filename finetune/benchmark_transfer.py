@@ -21,7 +21,6 @@ are always part of a larger one's. The seed also seeds training (``optim.seed``)
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +29,16 @@ import numpy as np
 
 from cemcurate.common.atomic import atomic_path
 from cemcurate.common.lazy import lazy_import
-from finetune.benchmark import Init, _slug, _train_config, default_data_root, load_definition, parse_init, run_task
+from finetune.benchmark import (
+    Init,
+    _slug,
+    _train_config,
+    load_definition,
+    parse_init,
+    resolve_data_root,
+    run_task,
+    write_results,
+)
 from finetune.data import pair_files
 from finetune.volumes import expand_patterns
 
@@ -160,14 +168,6 @@ def write_fraction_png(path: Path, rows: list[dict]) -> None:
     pyplot.close(fig)
 
 
-def _write(out: Path, rows: list[dict], table: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(rows, indent=2))
-    with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(table)
-
-
 def run_fraction_curve(
     task_texts: list[str],
     init_texts: list[str],
@@ -182,7 +182,7 @@ def run_fraction_curve(
 ) -> tuple[list[dict], str]:
     """Train every task x init x fraction x seed; write ``results.json``, ``results.md`` and
     ``fraction_curve.png`` in ``out``. Runs go to ``out/<task>/<init>/f<fraction>_s<seed>``."""
-    out, root = Path(out), _root(data_root)
+    out, root = Path(out), resolve_data_root(data_root)
     for f in fractions:
         subset_indices(1, f, 0)  # validates every fraction before anything trains
     inits = [parse_init(t, freeze) for t in init_texts]
@@ -198,7 +198,7 @@ def run_fraction_curve(
                     rows.append(_row(label, init, fraction, seed, used, total, scored))
                     _report(rows[-1])
     table = fraction_table(rows)
-    _write(out, rows, table)
+    write_results(out, rows, table)
     write_fraction_png(out / "fraction_curve.png", rows)
     return rows, table
 
@@ -244,7 +244,7 @@ def run_transfer_matrix(
 
     ``source_overrides`` (e.g. more iterations) apply to the source runs on top of ``overrides``.
     """
-    out, root = Path(out), _root(data_root)
+    out, root = Path(out), resolve_data_root(data_root)
     seeds = seeds or [42]
     subset_indices(1, fraction, 0)
     scratch = parse_init("random")
@@ -272,15 +272,8 @@ def run_transfer_matrix(
     table = matrix_table(rows, [name for name, _ in sources], targets)
     own = ["", "Sources on their own test sets (all training data): "]
     own += [f"- {r['task']}: IoU {r['mean_foreground_iou']:.3f} ({r['iters']} iterations)" for r in source_rows]
-    _write(out, source_rows + rows, table + "\n".join(own) + "\n")
+    write_results(out, source_rows + rows, table + "\n".join(own) + "\n")
     return source_rows + rows, table + "\n".join(own) + "\n"
-
-
-def _root(data_root: str | Path | None) -> Path:
-    root = Path(data_root) if data_root else default_data_root()
-    if not root.is_dir():
-        raise ValueError(f"data root {root} not found: pass --data-root or set CEM_DATA")
-    return root
 
 
 def _report(row: dict) -> None:

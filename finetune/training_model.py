@@ -27,7 +27,7 @@ from finetune.models import NETWORK_ARCHS, build_model
 from finetune.models.asem_unet import DEFAULT_FMAPS as ASEM_FMAPS
 from finetune.models.geometry import StageGeometry
 from finetune.models.rsunet import WIDTHS as RSUNET_WIDTHS
-from finetune.models.transfer import SavedModel, provenance, transferred_state
+from finetune.models.transfer import SavedModel, check_can_start, provenance, transferred_state
 from finetune.models.unet3d import DEFAULT_DECODER_CHANNELS
 from finetune.volumes import open_volume
 
@@ -76,12 +76,8 @@ def check_source_structure(cfg: TrainConfig, source: SavedModel) -> None:
     upsampling (a 3D source) or the 2D UNet's widths (a 2D source, whose decoder is inflated).
     """
     m, d3 = cfg.model, cfg.dim3d
-    arch = source.model_config.get("arch")
-    if arch != m.arch:
-        raise ValueError(f"init_model {source.path} holds a {arch} model, not {m.arch}; pass --arch {arch}")
+    check_can_start(source, m.arch, 3 if m.dim == "3d" else 2)
     if m.dim == "2d":
-        if source.dim == 3:
-            raise ValueError(f"init_model {source.path} is a 3D model; train with --dim 3d to start from it")
         return
     widths = list(source.model_config.get("decoder_channels", DEFAULT_DECODER_CHANNELS))
     if list(d3.decoder_channels) != widths:

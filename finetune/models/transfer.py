@@ -110,6 +110,16 @@ def read_saved_model(path: str | Path) -> SavedModel:
     return SavedModel(path, dict(payload["state_dict"]), dict(payload["model_config"]), info)
 
 
+def check_can_start(source: SavedModel, arch: str, dim: int) -> None:
+    """Raise :class:`WeightsError` naming what to pass when ``source`` cannot start a ``dim``-D
+    model of ``arch``: another arch, or a 3D source for a 2D model (a 2D source inflates)."""
+    found = source.model_config.get("arch")
+    if found != arch:
+        raise WeightsError(f"{source.path}: holds a {found} model, not {arch}; pass --arch {found}")
+    if source.dim == 3 and dim == 2:
+        raise WeightsError(f"{source.path}: is a 3D model; train with --dim 3d to start from it")
+
+
 def inflate_model_state(
     state2d: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], mode: str = "i3d"
 ) -> dict[str, torch.Tensor]:
@@ -167,11 +177,7 @@ def transferred_state(
             (names the first key and the settings to pass).
     """
     where = str(source.path)
-    arch = source.model_config.get("arch")
-    if arch != model.arch:
-        raise WeightsError(f"{where}: cannot start a {model.arch} model: it holds a {arch} model; pass --arch {arch}")
-    if source.dim == 3 and model.dim == 2:
-        raise WeightsError(f"{where}: is a 3D model; a 2D model cannot start from it (train with --dim 3d)")
+    check_can_start(source, model.arch, model.dim)
     target = model.state_dict()
     if source.dim == model.dim:
         state = {k: v.detach().clone() for k, v in source.state.items()}
