@@ -17,7 +17,9 @@ Routes (JSON errors with 4xx codes for bad input):
 
 * ``GET /`` the page;
 * ``GET /api/patches?start=S&count=C`` patches ``S..S+C`` of the labelling order (the order
-  is recomputed - unlabelled first - when ``start`` is 0; ``order`` says which was used);
+  is recomputed - unlabelled first - when ``start`` is 0, unless ``keep=1``: the page's
+  previous-page button, which shows the patches seen there before; ``order`` says which
+  order was used);
 * ``GET /patch/<patch_id>.png`` the pixels of one patch;
 * ``POST /api/label`` with ``{"patch_id": int, "label": 0 or 1}``;
 * ``GET /api/stats`` label counts.
@@ -129,7 +131,7 @@ def make_label_app(out_dir: str | Path, seed: int | None = None, page_size: int 
         if start < 0 or not 1 <= count <= MAX_PAGE:
             return error(400, f"need start >= 0 and 1 <= count <= {MAX_PAGE}")
         with lock:
-            if start == 0:
+            if start == 0 and flask.request.args.get("keep") != "1":
                 reorder()
             ids = state["order"][start : start + count]
             items = [
@@ -257,12 +259,16 @@ right-click or <kbd>u</kbd> = <span style="color:#d33">uninformative</span>
 <script>
 const PAGE = __PAGE_SIZE__;
 let start = 0, items = [], cur = 0;
+// Labels are posted one at a time, in the order given, so labels.csv and the page agree on
+// which label of a patch is the latest.
+let saving = Promise.resolve();
 const grid = document.getElementById('grid'), err = document.getElementById('err');
 function showCounts(c){document.getElementById('counts').textContent =
   `${c.labelled} of ${c.total} labelled (${c.informative} informative, ${c.uninformative} uninformative), `
   + `${c.unlabelled} to go`;}
-async function load(s){
-  const r = await fetch(`/api/patches?start=${s}&count=${PAGE}`);
+async function load(s, keep){
+  await saving;  // a page shown after a label shows that label
+  const r = await fetch(`/api/patches?start=${s}&count=${PAGE}` + (keep ? '&keep=1' : ''));
   const d = await r.json();
   if(!r.ok){err.textContent = d.error; return;}
   if(d.patches.length === 0 && s > 0){err.textContent = 'no more patches'; return;}
@@ -273,24 +279,29 @@ function render(){
   items.forEach((it, i) => {
     const t = document.createElement('div');
     t.className = 'tile' + (it.label === null ? '' : ' l' + it.label) + (i === cur ? ' cur' : '');
+    t.dataset.patchId = it.patch_id;
     t.innerHTML = `<img src="${it.url}" alt="patch ${it.patch_id}"><span class="tag">${it.patch_id}</span>`;
     t.onclick = () => { cur = i; label(1); };
     t.oncontextmenu = (e) => { e.preventDefault(); cur = i; label(0); };
     grid.appendChild(t);
   });
 }
-async function label(value){
+function label(value){
   const it = items[cur]; if(!it) return;
+  // Move on at once: keys pressed faster than the server answers label the next patches.
+  if(cur < items.length - 1) cur += 1;
+  render();
+  saving = saving.then(() => save(it, value));
+}
+async function save(it, value){
   err.textContent = '';
   try{
     const r = await fetch('/api/label', {method:'POST', headers:{'Content-Type':'application/json'},
       body: JSON.stringify({patch_id: it.patch_id, label: value})});
     const d = await r.json();
-    if(!r.ok){err.textContent = 'NOT SAVED: ' + d.error; return;}
-    it.label = value; showCounts(d);
-    if(cur < items.length - 1) cur += 1;
-    render();
-  }catch(e){err.textContent = 'NOT SAVED (server unreachable): ' + e;}
+    if(!r.ok){err.textContent = `NOT SAVED (patch ${it.patch_id}): ` + d.error; return;}
+    it.label = value; showCounts(d); render();
+  }catch(e){err.textContent = `NOT SAVED (patch ${it.patch_id}, server unreachable): ` + e;}
 }
 function cols(){const w = grid.children[0];
   return w ? Math.max(1, Math.round(grid.clientWidth / (w.offsetWidth + 8))) : 1;}
@@ -305,7 +316,7 @@ document.addEventListener('keydown', (e) => {
   else if(k === 'ArrowUp'){cur = Math.max(0, cur - cols()); render(); e.preventDefault();}
 });
 document.getElementById('next').onclick = () => load(start + PAGE);
-document.getElementById('prev').onclick = () => load(Math.max(0, start - PAGE));
+document.getElementById('prev').onclick = () => load(Math.max(0, start - PAGE), true);
 const zoom = document.getElementById('zoom');
 zoom.oninput = () => document.documentElement.style.setProperty('--tile', zoom.value + 'px');
 zoom.oninput();
