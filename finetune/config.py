@@ -576,10 +576,28 @@ class PredictConfig:
     suffix: str = field(
         default=".tif", metadata=_help("file suffix when OUTPUT is a folder (one output per input image)")
     )
+    pyramid_levels: int = field(
+        default=0,
+        metadata=_help(
+            ".zarr/.ome.zarr outputs: OME-Zarr resolution levels (0: auto, halving y and x, and z where "
+            "isotropic, until the largest side is at most 256 px; 1: full resolution only); other formats "
+            "hold full resolution only"
+        ),
+    )
+    with_input: bool = field(
+        default=False,
+        metadata=_help(
+            ".zarr/.ome.zarr outputs: write the input (uint8, as the model saw it) as the store's root image "
+            "with the prediction inside it (labels: the NGFF label image labels/prediction; probabilities: "
+            "the image 'prediction'), so napari, Fiji and neuroglancer overlay them"
+        ),
+    )
     device: str = field(default="auto", metadata=_help(DEVICE_HELP))
     amp: bool = field(default=True, metadata=_help("mixed precision on CUDA (ignored on CPU)"))
 
     def __post_init__(self) -> None:
+        if self.pyramid_levels < 0:
+            raise ValueError(f"pyramid_levels must be 0 (auto) or a number of levels >= 1, got {self.pyramid_levels}")
         if self.mode not in PREDICT_MODES:
             raise ValueError(f"mode must be one of {PREDICT_MODES}, got {self.mode!r}")
         if (

@@ -34,19 +34,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             if exc.filename is None and exc.errno is not None:
                 raise OSError(exc.errno, exc.strerror, str(path)) from exc
             raise
-        if path.is_dir() and tmp.is_dir():
-            # A directory cannot be replaced in one rename; move the old one aside first.
-            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_path(tmp, path)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        remove_path(tmp)
+
+
+def replace_path(tmp: str | Path, path: str | Path) -> None:
+    """Rename ``tmp`` (a file or a directory) over ``path``, whichever ``path`` is now."""
+    tmp, path = Path(tmp), Path(path)
+    if path.is_dir() and tmp.is_dir():
+        # A directory cannot be replaced in one rename; move the old one aside first.
+        old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def remove_path(path: str | Path) -> None:
+    """Remove a file or a directory tree if it exists."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
 
 
 class PublishOnExit:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import struct
 import uuid
 import warnings
@@ -33,11 +32,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cemcurate.common.atomic import PublishOnExit
+from cemcurate.common.atomic import PublishOnExit, remove_path, replace_path
 from cemcurate.common.lazy import lazy_import
 
 from .formats import suffix_of
 from .mrc import IMOD_STAMP
+from .ngff import NgffStore
 
 mrcfile = lazy_import("mrcfile")
 nibabel = lazy_import("nibabel")
@@ -89,9 +89,9 @@ def write_volume(path: str | os.PathLike, array, voxel_size: tuple[float, float,
     tmp = _temp_sibling(path, suffix, "partial")
     try:
         writer(tmp, arr, voxel)
-        _install(tmp, path)
+        replace_path(tmp, path)
     finally:
-        _remove(tmp)
+        remove_path(tmp)
     return path
 
 
@@ -189,33 +189,11 @@ def _write_mrc(tmp: Path, arr: np.ndarray, voxel) -> None:
             fh.write(struct.pack("<ii", IMOD_STAMP, 0))  # IMOD stamp, flags 0: bytes are unsigned
 
 
-def create_ome_zarr(path: Path, shape: tuple[int, int, int], dtype, chunks=None, voxel=None):
-    """Create an OME-Zarr 0.4 group at ``path`` with an empty level-0 array ``"0"``; return it."""
-    chunks = tuple(chunks) if chunks is not None else (min(shape[0], 16), min(shape[1], 512), min(shape[2], 512))
-    group = zarr.open_group(str(path), mode="w", zarr_format=2)
-    array = group.create_array("0", shape=shape, chunks=chunks, dtype=np.dtype(dtype), fill_value=0)
-    axes = [{"name": n, "type": "space"} for n in "zyx"]
-    scale = [1.0, 1.0, 1.0]
-    if voxel is not None:
-        for i, value in enumerate(voxel):
-            if not math.isnan(value):
-                axes[i]["unit"] = "nanometer"
-                scale[i] = value
-    group.attrs["multiscales"] = [
-        {
-            "version": "0.4",
-            "name": path.name,
-            "axes": axes,
-            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-        }
-    ]
-    return array
-
-
 def _write_zarr(tmp: Path, arr: np.ndarray, voxel) -> None:
-    out = create_ome_zarr(tmp, arr.shape, arr.dtype, voxel=voxel)
-    for z0, z1 in _slabs(arr.shape[0]):
-        out[z0:z1] = np.asarray(arr[z0:z1])
+    with NgffStore(tmp) as store:
+        out = store.add_image("", arr.shape, arr.dtype, voxel_size=voxel)
+        for z0, z1 in _slabs(arr.shape[0]):
+            out[z0:z1] = np.asarray(arr[z0:z1])
 
 
 def _write_png(tmp: Path, arr: np.ndarray, voxel) -> None:
@@ -250,24 +228,6 @@ def _temp_sibling(path: Path, suffix: str, tag: str) -> Path:
     return path.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.{tag}{path.name[len(stem) :]}")
 
 
-def _install(tmp: Path, path: Path) -> None:
-    if tmp.is_dir() and path.is_dir():
-        # A directory cannot be replaced in one rename: move the old one aside first.
-        old = _temp_sibling(path, suffix_of(path), "old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
-def _remove(tmp: Path) -> None:
-    if tmp.is_dir():
-        shutil.rmtree(tmp, ignore_errors=True)
-    elif tmp.exists():
-        tmp.unlink()
-
-
 class ChunkedOutput(PublishOnExit):
     """A volume written piece by piece, then published under its final name.
 
@@ -276,14 +236,15 @@ class ChunkedOutput(PublishOnExit):
         array: writable ``(z, y, x)`` array-like (zarr array or ``np.memmap``); assign
             slabs, e.g. ``out.array[z0:z1] = block``.
 
-    ``.zarr`` is written into a temporary OME-Zarr directory, ``.npy``/``.raw`` into a
+    ``.zarr`` is written into a temporary OME-Zarr directory (an :class:`~cemcurate.io.ngff.NgffStore`
+    whose root image has ``levels`` pyramid levels, downsampled by ``method``), ``.npy``/``.raw`` into a
     temporary memory map (raw: C order, no header), and every other writable format into
     a temporary ``.npy`` staging map converted by :func:`write_volume` in
     :meth:`finalize`. Use as a context manager: a clean exit finalises, an exception
     discards the temporary data.
     """
 
-    def __init__(self, path: str | os.PathLike, shape, dtype, chunks=None, voxel_size=None):
+    def __init__(self, path: str | os.PathLike, shape, dtype, chunks=None, voxel_size=None, levels=1, method="mean"):
         self.path = Path(path)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
@@ -294,8 +255,9 @@ class ChunkedOutput(PublishOnExit):
         self._suffix = suffix
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if suffix in (".zarr", ".ome.zarr"):
-            self._tmp = _temp_sibling(self.path, suffix, "partial")
-            self.array = create_ome_zarr(self._tmp, self.shape, self.dtype, chunks, self.voxel_size)
+            self._store = NgffStore(self.path)
+            self._tmp = self._store.tmp
+            self.array = self._store.add_image("", self.shape, self.dtype, chunks, self.voxel_size, levels, method)
         elif suffix == ".npy":
             self._tmp = _temp_sibling(self.path, suffix, "partial")
             self.array = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=self.dtype, shape=self.shape)
@@ -318,21 +280,24 @@ class ChunkedOutput(PublishOnExit):
         if isinstance(self.array, np.memmap):
             self.array.flush()
         try:
-            if self._suffix in (".zarr", ".ome.zarr", ".npy", ".raw"):
+            if self._suffix in (".zarr", ".ome.zarr"):
                 self.array = None
-                _install(self._tmp, self.path)
+                self._store.finalize()
+            elif self._suffix in (".npy", ".raw"):
+                self.array = None
+                replace_path(self._tmp, self.path)
             else:
                 write_volume(self.path, self.array, self.voxel_size)
         finally:
             self.array = None
-            _remove(self._tmp)
+            remove_path(self._tmp)
         self.done = True
         return self.path
 
     def discard(self) -> None:
         """Drop the temporary data; :attr:`path` is left untouched."""
         self.array = None
-        _remove(self._tmp)
+        remove_path(self._tmp)
         self.done = True
 
 
@@ -342,6 +307,8 @@ def open_chunked_output(
     dtype,
     chunks: tuple[int, int, int] | None = None,
     voxel_size: tuple[float, float, float] | None = None,
+    levels: int | None = 1,
+    method: str = "mean",
 ) -> ChunkedOutput:
     """Start a ``(z, y, x)`` output larger than memory; see :class:`ChunkedOutput`.
 
@@ -352,5 +319,8 @@ def open_chunked_output(
         dtype: sample type.
         chunks: zarr chunk shape; default ``(16, 512, 512)`` clipped to ``shape``.
         voxel_size: ``(z, y, x)`` nm stored with the result where the format allows.
+        levels: ``.zarr`` only: resolution levels (``None``: automatic, see
+            :func:`cemcurate.io.ngff.pyramid_factors`); other formats hold level 0 only.
+        method: ``.zarr`` pyramid downsampling, ``mean`` or ``nearest`` (labels).
     """
-    return ChunkedOutput(path, shape, dtype, chunks, voxel_size)
+    return ChunkedOutput(path, shape, dtype, chunks, voxel_size, levels, method)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from cemcurate.common.device import select_device
+from cemcurate.io import suffix_of
 from finetune.config import PredictConfig
 from finetune.models import MODELS, SegmentationModel, build_model
 from finetune.models.transfer import read_saved_model
@@ -98,8 +99,21 @@ def predict_path(
             raise ValueError(
                 f"{spec}: orthoplane prediction needs a 3D volume, got shape {source.shape}; use --mode stack"
             )
+        is_zarr = suffix_of(out_path) in (".zarr", ".ome.zarr")
+        if cfg.with_input and not is_zarr:
+            raise ValueError(f"{out_path}: --with-input needs a .zarr / .ome.zarr output")
+        if cfg.pyramid_levels > 1 and not is_zarr:
+            raise ValueError(f"{out_path}: --pyramid-levels needs a .zarr / .ome.zarr output")
         with PredictionWriter(
-            out_path, source.shape, classes, cfg.output_type, cfg.prob_dtype, cfg.threshold, source.voxel_size
+            out_path,
+            source.shape,
+            classes,
+            cfg.output_type,
+            cfg.prob_dtype,
+            cfg.threshold,
+            source.voxel_size,
+            pyramid_levels=(None if cfg.pyramid_levels == 0 else cfg.pyramid_levels) if is_zarr else 1,
+            input_image=source.read_uint8 if cfg.with_input else None,
         ) as writer:
             if mode == "stack":
                 predict_stack(source, predictor, writer.write, cfg.chunk, progress)
