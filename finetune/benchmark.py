@@ -46,14 +46,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from cemcurate.common.atomic import atomic_path
 from cemcurate.common.config import leaf_paths, load_config
 from finetune.config import DIMS, EvaluateConfig, PredictConfig, TrainConfig
 from finetune.evaluate import evaluate_paths, write_json
+from finetune.labels import LabelSpec, to_class_map
+from finetune.losses import IGNORE_INDEX
 from finetune.predict.command import predict_path
+from finetune.report import benchmark_html, central_crop, overlay, save_rgb, write_html
 from finetune.train import train
+from finetune.volumes import input_files, open_input, open_volume
 
 REPO = Path(__file__).resolve().parents[1]
 _TASK_KEYS = {"name", "config", "test", "overrides", "dim_overrides"}
@@ -206,7 +211,12 @@ def run_task(
     )
     scores = evaluate_paths(pred_out, str(data_root / test["masks"]), ecfg)
     write_json(scores, ecfg.json)
+    overlay = save_rgb(
+        out / "test_overlay.png",
+        task_overlay(str(data_root / test["images"]), str(data_root / test["masks"]), pred_out, data.label_spec()),
+    )
     return {
+        "overlay": str(overlay),
         "task": task.get("name", ""),
         "dim": model.dim,
         "init": init.name,
@@ -329,12 +339,50 @@ def resolve_data_root(data_root: str | Path | None) -> Path:
 
 
 def write_results(out: Path, rows: list[dict], table: str) -> None:
-    """``out/results.json`` (the rows) and ``out/results.md`` (the table), each written atomically."""
+    """``out/results.json`` (the rows), ``out/results.md`` (the table) and ``out/results.html`` (the
+    table and every run's test overlay), each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=2))
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(table)
+    page = benchmark_html(f"finetune benchmark {out.name}", table, rows, _overlay_caption)
+    write_html(out / "results.html", page)
+
+
+def _overlay_caption(row: dict) -> str:
+    names = [str(row[k]) for k in ("benchmark", "task", "dim", "init") if row.get(k)]
+    names += [f"{k} {row[k]:g}" if k == "fraction" else f"{k} {row[k]}" for k in ("fraction", "seed") if k in row]
+    iou = row.get("mean_foreground_iou")
+    return " / ".join(names) + f": test IoU {'-' if iou is None else f'{iou:.3f}'}"
+
+
+def task_overlay(images: str, masks: str, preds: str, spec: LabelSpec) -> np.ndarray:
+    """One picture of a task's test predictions (:func:`finetune.report.overlay`, central crop).
+
+    The slice shown is the one with the most labelled foreground among up to 8 evenly spaced
+    slices of the test volume (a set of separate 2D images: among up to 8 of its files).
+    """
+    image_files, mask_files, pred_files = input_files(images), input_files(masks), input_files(preds)
+    if len(pred_files) > 1:  # one prediction per test image
+        picks = np.unique(np.linspace(0, len(pred_files) - 1, num=min(8, len(pred_files))).astype(int))
+        candidates = [
+            (open_input([image_files[i]]), open_input([mask_files[i]]).volume, open_volume(pred_files[i]), 0)
+            for i in picks
+        ]
+    else:
+        image, mask, pred = open_input(images), open_input(masks).volume, open_volume(pred_files[0])
+        zs = np.unique(np.linspace(0, image.shape[0] - 1, num=min(8, image.shape[0])).astype(int))
+        candidates = [(image, mask, pred, int(z)) for z in zs]
+    best, best_fg = None, -1
+    for image, mask, pred, z in candidates:
+        truth = to_class_map(mask.read_slices(z, z + 1)[0], spec, str(masks))
+        fg = int(((truth > 0) & (truth != IGNORE_INDEX)).sum())
+        if fg > best_fg:
+            best, best_fg = (image, truth, pred, z), fg
+    image, truth, pred, z = best
+    ys, xs = central_crop(truth.shape)
+    return overlay(image.read_uint8(z, z + 1)[0][ys, xs], pred.read_slices(z, z + 1)[0][ys, xs], truth[ys, xs])
 
 
 def _slug(text: str) -> str:

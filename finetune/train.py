@@ -67,6 +67,7 @@ from finetune.models.geometry import StageGeometry
 from finetune.models.transfer import read_saved_model
 from finetune.predict.slices import SlicePredictor
 from finetune.predict.sliding import DEFAULT_WINDOW, predict_sliding
+from finetune.report import write_run_report
 from finetune.sampling import SAMPLING_RULES
 from finetune.training_model import ModelOrigin, build_training_model, resolve_geometry
 from finetune.volumes import expand_patterns, open_volume
@@ -466,4 +467,57 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     finished = it >= optim.iters or early_stopped
     if finished:
         _save_model(run, model, cfg, origin, it, elapsed, last_val)
+    _write_report(run, cfg, model, items, val_items, device, amp, it, origin, last_val)
     return TrainResult(run, it, finished, elapsed, last_val)
+
+
+def _write_report(
+    run: Path,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    items: list[LabelledVolume],
+    val_items: list[LabelledVolume],
+    device: torch.device,
+    amp: bool,
+    iteration: int,
+    origin: ModelOrigin,
+    scores: dict | None,
+) -> Path:
+    """``RUN/report.html``: curves, overlays of validation slices (training slices, said so, without
+    a validation set) predicted by ``model`` as it is now, and the last validation scores."""
+    window = validation_window(cfg)
+    shown = val_items or items
+    heading = "Validation slices" if val_items else "Training slices (no validation set: the model has seen these)"
+    start = f"model {origin.init_model['path']}" if origin.init_model else f"encoder {origin.encoder_source}"
+    summary = {
+        "network": f"{cfg.model.dim} {cfg.model.arch}",
+        "started from": start,
+        "iterations": f"{iteration} of {cfg.optim.iters}",
+        "classes": ", ".join(cfg.data.classes),
+        "training volumes": len(items),
+        "validation volumes": len(val_items),
+    }
+    was_training = model.training
+    model.eval()
+    try:
+        return write_run_report(
+            run,
+            f"finetune run {cfg.runtime.name or run.name}",
+            summary,
+            cfg.data.classes,
+            [(item.name, item.image, item.labels) for item in shown],
+            heading,
+            _class_predictor(model, device, amp, window),
+            context=window[0] // 2 if model.dim == 3 else 0,
+            scores=scores,
+        )
+    finally:
+        model.train(was_training)
+
+
+def _class_predictor(model, device: torch.device, amp: bool, window: tuple[int, int, int]):
+    """``uint8[z, y, x] -> uint8[z, y, x]`` class indices by ``model`` (2D: per slice; 3D: sliding windows)."""
+    if model.dim == 3:
+        return lambda crop: probs_to_classes(predict_sliding(model, crop, window, batch_size=1, device=device, amp=amp))
+    predictor = SlicePredictor(model, device, amp, tile=512, overlap=64, batch_size=4)
+    return lambda crop: probs_to_classes(predictor(crop.astype(np.float32) / np.float32(255.0)).transpose(1, 0, 2, 3))

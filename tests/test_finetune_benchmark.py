@@ -19,6 +19,7 @@ from finetune.benchmark import REPO, load_definition, parse_init, results_table,
 from finetune.benchmark_cli import parse_sets
 from finetune.cli import main
 from finetune.config import TrainConfig
+from finetune.report import overlay
 
 DEFINITIONS = sorted((REPO / "benchmarks" / "finetune").glob("*.yaml"))
 # Conrad & Narayan 2021, Materials and methods: crop size per benchmark.
@@ -174,6 +175,15 @@ def test_tiny_benchmark_end_to_end(data_root, tmp_path):
     table = (out / "results.md").read_text()
     assert "| Benchmark | Training Iterations | Random Init. | enc | Paper CEM500K-moco |" in table
     assert "| Tiny VNC | 3 |" in table and "0.500" in table
+    # results.html: the table and each run's test overlay, on the test image with the most mitochondria.
+    page = (out / "results.html").read_text()
+    assert "Tiny VNC / mito / 2d / Random Init.: test IoU" in page and "Tiny VNC / mito / 2d / enc: test IoU" in page
+    shown = 3 + int(truth[1].sum() > truth[0].sum())
+    image = iio.imread(tmp_path / f"data/raw/{shown}.png")
+    for r in rows:
+        pred = tifffile.imread(sorted(Path(r["overlay"]).parent.glob("test_pred/*.tif"))[shown - 3])
+        expected = overlay(image, pred, truth[shown - 3].astype(np.uint8))
+        np.testing.assert_array_equal(iio.imread(r["overlay"]), expected)
 
 
 def _definition(tmp_path: Path, **task) -> Path:
