@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from cemcurate.common.config import add_config_arguments, load_config
+from cemcurate.common.device import mps_available
 from cemcurate.common.runstate import CheckpointError
 from cemcurate.store import StoreError
 from pretrain import distributed
@@ -89,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         "except that --gpus 0 keeps torchrun processes on the CPU",
     )
     moco.add_argument(
+        "--device",
+        choices=distributed.DEVICE_CHOICES,
+        default="auto",
+        help="auto: every visible CUDA GPU (or --gpus N), else Apple MPS (one process), else the CPU "
+        "(--nproc processes); cpu: as --gpus 0; cuda: fail without a GPU; mps: one process on Apple "
+        "silicon (DDP has no MPS backend), the CPU with a warning where MPS is missing. Under torchrun "
+        "only cpu (as --gpus 0) applies",
+    )
+    moco.add_argument(
         "--nproc",
         type=int,
         default=None,
@@ -151,7 +163,9 @@ def run_moco(args: argparse.Namespace) -> int:
         if args.gpus is not None and args.gpus < 0:
             raise ValueError(f"--gpus must be >= 0, got {args.gpus}")
         if distributed.under_torchrun():
-            use_cuda = args.gpus != 0 and distributed.available_gpus() > 0
+            if args.device == "mps":
+                raise ValueError("--device mps runs one process and torchrun starts several; run without torchrun")
+            use_cuda = args.gpus != 0 and args.device != "cpu" and distributed.available_gpus() > 0
             ctx = distributed.torchrun_context(use_cuda)
             try:
                 plan = plan_run(cfg, args.data, args.out, ctx.world_size, use_cuda)
@@ -161,18 +175,30 @@ def run_moco(args: argparse.Namespace) -> int:
             if ctx.is_main:
                 print(f"checkpoint: {result.checkpoint} (step {result.step})")
             return 0
-        gpus = distributed.available_gpus() if args.gpus is None else args.gpus
-        if gpus > 0:
-            if args.nproc is not None:
-                raise ValueError("--nproc is for CPU runs (--gpus 0); with GPUs, one process runs per GPU")
-            distributed.check_gpus(gpus)
-        nprocs, use_cuda = (gpus, True) if gpus > 0 else (args.nproc or 1, False)
-        plan = plan_run(cfg, args.data, args.out, nprocs, use_cuda)
+        processes = distributed.plan_processes(
+            args.device, args.gpus, args.nproc, distributed.available_gpus(), mps_available()
+        )
+        if args.device == "mps" and processes.kind == "cpu":
+            print(
+                "pretrain moco: warning: --device mps but torch has no usable Apple MPS backend here "
+                "(it needs Apple silicon, macOS 12.3+ and a torch build with MPS): training on the CPU",
+                file=sys.stderr,
+            )
+        use_cuda = processes.kind == "cuda"
+        if use_cuda:
+            distributed.check_gpus(processes.nprocs)
+        plan = plan_run(cfg, args.data, args.out, processes.nprocs, use_cuda)
     except ValueError as exc:  # config, store, checkpoint and GPU checks all raise ValueError subclasses
         return _fail("moco", str(exc))
 
     try:
-        results = distributed.launch(_train_worker, nprocs, args=(cfg, args.data, args.out, plan), use_cuda=use_cuda)
+        results = distributed.launch(
+            _train_worker,
+            processes.nprocs,
+            args=(cfg, args.data, args.out, plan),
+            use_cuda=use_cuda,
+            device=torch.device("mps") if processes.kind == "mps" else None,
+        )
     except (StoreError, CheckpointError, distributed.GpuRequestError) as exc:
         return _fail("moco", str(exc))
     main_result = results[0]

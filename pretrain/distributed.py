@@ -245,19 +245,71 @@ def _entry(
             dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., Any], nprocs: int, args: Sequence[Any] = (), use_cuda: bool = False) -> list[Any]:
+@dataclass(frozen=True)
+class ProcessPlan:
+    """How ``pretrain moco`` runs outside torchrun: ``nprocs`` processes on ``kind`` (cpu, cuda, mps)."""
+
+    nprocs: int
+    kind: str
+
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def plan_processes(device: str, gpus: int | None, nproc: int | None, cuda_devices: int, mps: bool) -> ProcessPlan:
+    """Resolve ``--device``, ``--gpus`` and ``--nproc`` into processes and a device kind.
+
+    ``auto``: every visible GPU (or ``gpus`` of them), else Apple MPS (one process) when
+    ``mps`` and no CPU setting was given, else ``nproc`` CPU processes. ``cpu`` is ``--gpus 0``;
+    ``cuda`` needs a GPU; ``mps`` runs one process (DDP has no MPS backend) and, where MPS is
+    missing, the CPU (the caller warns).
+
+    Raises:
+        ValueError: settings that contradict each other, or ``cuda`` without a GPU.
+    """
+    if device not in DEVICE_CHOICES:
+        raise ValueError(f"--device must be one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
+    if device == "mps":
+        if gpus or (nproc or 1) > 1:
+            raise ValueError("--device mps runs one process (DDP has no MPS backend); drop --gpus/--nproc")
+        return ProcessPlan(1, "mps" if mps else "cpu")
+    if device == "cpu":
+        if gpus:
+            raise ValueError(f"--device cpu contradicts --gpus {gpus}")
+        gpus = 0
+    wanted = cuda_devices if gpus is None else gpus
+    if device == "cuda" and wanted == 0:
+        raise ValueError("--device cuda contradicts --gpus 0" if gpus == 0 else "--device cuda: torch sees no CUDA GPU")
+    if wanted > 0:
+        if nproc is not None:
+            raise ValueError("--nproc is for CPU runs (--gpus 0); with GPUs, one process runs per GPU")
+        return ProcessPlan(wanted, "cuda")
+    if device == "auto" and gpus is None and nproc is None and mps:
+        return ProcessPlan(1, "mps")
+    return ProcessPlan(nproc or 1, "cpu")
+
+
+def launch(
+    fn: Callable[..., Any],
+    nprocs: int,
+    args: Sequence[Any] = (),
+    use_cuda: bool = False,
+    device: torch.device | None = None,
+) -> list[Any]:
     """Run ``fn(ctx, *args)`` on ``nprocs`` processes and return each rank's result.
 
-    ``nprocs == 1`` runs in this process (on ``cuda:0`` if ``use_cuda``). Otherwise the
-    processes are spawned and joined; if one fails, the others are stopped and the first
-    failing rank's exception is re-raised here.
+    ``nprocs == 1`` runs in this process (on ``device`` if given, else ``cuda:0`` if
+    ``use_cuda``, else the CPU). Otherwise the processes are spawned and joined; if one fails,
+    the others are stopped and the first failing rank's exception is re-raised here.
     """
     if nprocs < 1:
         raise ValueError(f"need at least one process, got {nprocs}")
+    if device is not None and nprocs != 1:
+        raise ValueError(f"a device ({device}) is given for one process, not {nprocs}")
     if use_cuda:
         check_gpus(nprocs)
     if nprocs == 1:
-        return [fn(DistContext(device=_device(use_cuda, 0)), *args)]
+        return [fn(DistContext(device=device if device is not None else _device(use_cuda, 0)), *args)]
     with tempfile.TemporaryDirectory(prefix="pretrain-launch-") as result_dir:
         try:
             mp.spawn(

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_pretrain_data import real_patches
 
+import pretrain.cli as pretrain_cli
 from cemcurate.manifest import read_manifest, write_manifest
 from cemcurate.store import write_patch_store
+from pretrain import distributed
 from pretrain.cli import main
 from pretrain.config import MocoConfig
 
@@ -119,3 +122,62 @@ def test_corrupt_checkpoint_in_the_run_folder(tmp_path, store_dir, capsys):
     assert main(_moco(store_dir, run)) == 2
     err = capsys.readouterr().err
     assert f"{run / 'checkpoint.pth'}: cannot read checkpoint" in err and "delete it to start the run over" in err
+
+
+@pytest.mark.parametrize(
+    "device, gpus, nproc, cuda, mps, expected",
+    [
+        ("auto", None, None, 4, True, (4, "cuda")),  # GPUs first
+        ("auto", 2, None, 4, True, (2, "cuda")),
+        ("auto", None, None, 0, True, (1, "mps")),  # then Apple silicon
+        ("auto", 0, None, 0, True, (1, "cpu")),  # --gpus 0 and --nproc are CPU settings
+        ("auto", None, 2, 0, True, (2, "cpu")),
+        ("auto", None, None, 0, False, (1, "cpu")),
+        ("cpu", None, 2, 4, True, (2, "cpu")),
+        ("cuda", None, None, 2, False, (2, "cuda")),
+        ("mps", None, None, 4, True, (1, "mps")),
+        ("mps", None, None, 0, False, (1, "cpu")),  # no MPS: the CPU (the command warns)
+    ],
+)
+def test_device_plans(device, gpus, nproc, cuda, mps, expected):
+    plan = distributed.plan_processes(device, gpus, nproc, cuda, mps)
+    assert (plan.nprocs, plan.kind) == expected
+
+
+@pytest.mark.parametrize(
+    "device, gpus, nproc, message",
+    [
+        ("mps", None, 2, "--device mps runs one process"),
+        ("mps", 1, None, "--device mps runs one process"),
+        ("cpu", 2, None, "--device cpu contradicts --gpus 2"),
+        ("cuda", None, None, "--device cuda: torch sees no CUDA GPU"),
+        ("cuda", 0, None, "--device cuda contradicts --gpus 0"),
+        ("auto", 2, 2, "--nproc is for CPU runs"),
+        ("tpu", None, None, "--device must be one of"),
+    ],
+)
+def test_contradicting_device_settings_are_refused(device, gpus, nproc, message):
+    with pytest.raises(ValueError, match=message):
+        distributed.plan_processes(device, gpus, nproc, 0, False)
+
+
+def test_mps_without_mps_trains_on_the_cpu_and_says_so(tmp_path, store_dir, capsys, monkeypatch):
+    monkeypatch.setattr(pretrain_cli, "mps_available", lambda: False)
+    small = SMALL[2:]  # without --gpus 0
+    args = ["moco", "--data", str(store_dir), "--out", str(tmp_path / "run"), *small, "--device", "mps"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "--device mps but torch has no usable Apple MPS backend" in captured.err
+    assert "training on the CPU" in captured.err and "(step 1" in captured.out
+    # With MPS present the run goes to one process on it: the launch is asked for the mps device.
+    seen = {}
+    monkeypatch.setattr(pretrain_cli, "mps_available", lambda: True)
+    monkeypatch.setattr(
+        distributed,
+        "launch",
+        lambda fn, n, args, use_cuda, device: (
+            seen.update(n=n, device=device) or [{"checkpoint": "ck", "step": 1, "last_loss": None}]
+        ),
+    )
+    main(["moco", "--data", str(store_dir), "--out", str(tmp_path / "run2"), *small, "--device", "mps"])
+    assert seen == {"n": 1, "device": torch.device("mps")}
