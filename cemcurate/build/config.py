@@ -63,7 +63,19 @@ class BuildConfig:
         default=0.5, metadata={"help": "keep a patch when its informative probability is at least this"}
     )
     filter_batch_size: int = field(default=256, metadata={"help": "patches per batch for classifier inference"})
-    workers: int = field(default=0, metadata={"help": "sources processed in parallel (0 = all CPU cores)"})
+    workers: int = field(
+        default=0, metadata={"help": "sources processed in parallel on this machine (0 = all CPU cores)"}
+    )
+    scheduler: str = field(
+        default="",
+        metadata={
+            "help": "process the sources on a Dask cluster instead of this machine's process pool: "
+            "tcp://HOST:PORT joins a running scheduler, local:N starts N worker processes here, FILE.yaml "
+            "starts a dask-jobqueue cluster (SLURM, PBS, LSF, ...). Workers read RAW and write OUT "
+            "directly (a shared file system); the result equals the local build's",
+            "metavar": "tcp://HOST:PORT|local:N|FILE.yaml",
+        },
+    )
     sources: str | None = field(
         default=None,
         metadata={
@@ -95,6 +107,11 @@ class BuildConfig:
             raise ValueError(f"max_hamming must be between 0 and 64, got {self.max_hamming}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.scheduler and self.workers:
+            raise ValueError(
+                f"workers {self.workers} is for this machine's process pool; with scheduler {self.scheduler} "
+                "the cluster's workers process the sources (size the cluster instead)"
+            )
         if not 0.0 <= self.filter_threshold <= 1.0:
             raise ValueError(f"filter_threshold must be in [0, 1], got {self.filter_threshold}")
         if self.window_sample_slices < 1:

@@ -35,11 +35,15 @@ from cemcurate.build.timing import timed
 from cemcurate.commit import commit, discard_unfinished_stage, finish_interrupted_commit, stage
 from cemcurate.common.atomic import atomic_path
 from cemcurate.common.config import save_config
+from cemcurate.common.dask_cluster import dask_client
+from cemcurate.common.lazy import lazy_import
 from cemcurate.layout import BuildLayout
 from cemcurate.manifest import write_manifest
 from cemcurate.report import write_report
 from cemcurate.sources import SourceSpec, discover_sources
 from cemcurate.store import write_store_info
+
+distributed = lazy_import("distributed")
 
 
 @dataclass
@@ -99,7 +103,10 @@ def _largest_first(specs: list[SourceSpec]) -> list[SourceSpec]:
 def _process_all(
     todo: list[SourceSpec], cfg: BuildConfig, layout: BuildLayout, raw: Path, progress: bool, debug: bool
 ) -> dict[str, PartRecord]:
-    """Run :func:`process_source` for every spec of ``todo``, in ``cfg.workers`` processes."""
+    """Run :func:`process_source` for every spec of ``todo``, in ``cfg.workers`` processes (or on
+    the Dask cluster ``cfg.scheduler``)."""
+    if cfg.scheduler:
+        return _process_on_dask(todo, cfg, layout, raw, progress, debug)
     records: dict[str, PartRecord] = {}
     workers = cfg.workers or os.cpu_count() or 1
     bar = tqdm(total=len(todo), desc="sources", unit="src", disable=not progress or not todo)
@@ -131,6 +138,43 @@ def _process_all(
     finally:
         bar.close()
     pool.shutdown()
+    return records
+
+
+def _process_on_dask(
+    todo: list[SourceSpec], cfg: BuildConfig, layout: BuildLayout, raw: Path, progress: bool, debug: bool
+) -> dict[str, PartRecord]:
+    """:func:`process_source` of every spec of ``todo`` as one task on the Dask cluster ``cfg.scheduler``.
+
+    Workers write shards and parts straight into OUT, each atomically and under names fixed by
+    the source, so a task re-run after its worker died rewrites the same bytes; the records
+    are put in RAW's order afterwards, so the result does not depend on which task ends first.
+    """
+    records: dict[str, PartRecord] = {}
+    if not todo:
+        return records
+    root, raw = layout.root.resolve(), raw.resolve()
+    with dask_client(cfg.scheduler, quiet=not progress) as client:
+        futures = {
+            client.submit(
+                process_source, spec, cfg, root, raw, debug, key=f"cemcurate-source-{spec.key}", retries=2, pure=False
+            ): spec
+            for spec in _largest_first(todo)
+        }
+        bar = tqdm(total=len(todo), desc="sources (dask)", unit="src", disable=not progress)
+        try:
+            for future in distributed.as_completed(futures):
+                spec = futures[future]
+                try:
+                    records[spec.key] = future.result()
+                except Exception as exc:  # the task's workers kept dying (distributed.KilledWorker)
+                    records[spec.key] = _crashed(spec, exc)
+                bar.update()
+        except BaseException:
+            client.cancel(list(futures))
+            raise
+        finally:
+            bar.close()
     return records
 
 

@@ -1,0 +1,128 @@
+"""`cemcurate build --scheduler`: the same manifest and store bytes on a Dask cluster, also when a worker dies.
+
+Real data: a VNC ssTEM stack (xy only, 50 nm sections), the NeuroProof FIB-SEM volume
+(isotropic, so xy, xz and yz planes), and 2D images (an SEM plate with a data bar, a cryo-ET
+tomogram's slices). The cluster is a ``LocalCluster`` of 2 worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from distributed import Client, LocalCluster
+
+from cemcurate.build import BuildConfig, build
+from cemcurate.cli import main
+from cemcurate.common.dask_cluster import parse_scheduler
+
+
+def _raw(root: Path, data_root: Path) -> Path:
+    raw = root / "raw"
+    (raw / "vnc").mkdir(parents=True)
+    for i in range(4):
+        os.symlink(data_root / f"drosophila_vnc_gerhard/stack1/raw/{i:02d}.tif", raw / "vnc" / f"{i:02d}.tif")
+    (raw / "neuroproof").mkdir()
+    for p in sorted((data_root / "neuroproof_flyem/training_sample2/grayscale_maps").glob("*.png"))[:120]:
+        os.symlink(p, raw / "neuroproof" / p.name)
+    os.symlink(data_root / "sem_plate_databar/plateImage2D.tif", raw / "plate.tif")
+    os.symlink(data_root / "cryoet_tomo_napari_bio/tomo.tif", raw / "tomo.tif")
+    (raw / "cemcurate.yaml").write_text(
+        "sources:\n"
+        "  - {path: 'vnc/*.tif', stack: true, voxel_size: [50, 4.6, 4.6]}\n"
+        "  - {path: 'neuroproof/*.png', stack: true, voxel_size: [10, 10, 10]}\n"
+    )
+    return raw
+
+
+@pytest.fixture(scope="module")
+def local_build(tmp_path_factory, data_root):
+    root = tmp_path_factory.mktemp("dask_build")
+    raw = _raw(root, data_root)
+    summary = build(raw, root / "local", BuildConfig(workers=1), progress=False)
+    assert not summary.failed and summary.n_raw > 100
+    return raw, root / "local"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster
+
+
+def _store_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "store").iterdir())}
+
+
+def _assert_same_build(a: Path, b: Path) -> None:
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "manifest.parquet"), pd.read_parquet(b / "manifest.parquet"))
+    sa, sb = pd.read_parquet(a / "sources.parquet"), pd.read_parquet(b / "sources.parquet")
+    pd.testing.assert_frame_equal(sa, sb)
+    assert _store_bytes(a) == _store_bytes(b)  # same shard names, same bytes, nothing left over
+
+
+def test_a_dask_build_equals_the_local_build(local_build, cluster, tmp_path, capsys):
+    raw, local = local_build
+    out = tmp_path / "dask"
+    assert main(["build", str(raw), str(out), "--scheduler", cluster.scheduler_address]) == 0
+    err = capsys.readouterr().err
+    assert "dashboard http" in err  # the address a person opens to watch the run
+    _assert_same_build(local, out)
+    planes = set(pd.read_parquet(out / "manifest.parquet")["plane"])
+    assert planes == {"xy", "xz", "yz"}  # the isotropic volume was cut in three planes
+
+
+def test_a_worker_killed_mid_build_loses_and_duplicates_nothing(local_build, cluster, tmp_path):
+    raw, local = local_build
+    client = Client(cluster)
+    killed = []
+
+    def kill_a_busy_worker() -> None:
+        # Kill -9 the worker process running a source (its tasks go to the other worker or the restart).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            busy = {w: keys for w, keys in client.processing().items() if any("cemcurate-source" in k for k in keys)}
+            if busy:
+                address = next(iter(busy))
+                pid = client.run(os.getpid, workers=[address])[address]
+                os.kill(pid, signal.SIGKILL)
+                killed.append((address, busy[address]))
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill_a_busy_worker, daemon=True)
+    thread.start()
+    summary = build(raw, tmp_path / "dask", BuildConfig(scheduler=cluster.scheduler_address), progress=False)
+    thread.join()
+    client.close()
+    assert killed, "no worker was seen running a source"
+    assert not summary.failed
+    _assert_same_build(local, tmp_path / "dask")
+
+
+def test_scheduler_values_are_checked(tmp_path, local_build, capsys):
+    assert parse_scheduler("local:3").workers == 3
+    assert parse_scheduler("tcp://10.0.0.1:8786").address == "tcp://10.0.0.1:8786"
+    slurm = tmp_path / "slurm.yaml"
+    slurm.write_text("jobqueue: slurm\njobs: 4\ncores: 8\nmemory: 32GB\nwalltime: '04:00:00'\n")
+    spec = parse_scheduler(str(slurm))
+    assert (spec.kind, spec.jobqueue, spec.jobs) == ("jobqueue", "slurm", 4)
+    assert dict(spec.options) == {"cores": 8, "memory": "32GB", "walltime": "04:00:00"}
+    for bad, message in [
+        ("local:0", "local:N with N >= 1"),
+        ("sched.example.org", "not an address"),
+        (str(tmp_path / "none.yaml"), "file not found"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_scheduler(bad)
+    (tmp_path / "pbs.yaml").write_text("jobqueue: torque\n")
+    with pytest.raises(ValueError, match="'jobqueue' must be one of slurm"):
+        parse_scheduler(str(tmp_path / "pbs.yaml"))
+    raw, _ = local_build
+    assert main(["build", str(raw), str(tmp_path / "o"), "--scheduler", "local:2", "--workers", "2"]) == 2
+    assert "size the cluster instead" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "manifest.parquet").exists()
