@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 
 from cemcurate.build import BuildConfig, build
+from cemcurate.build.chunked import split_chunks
 from cemcurate.cli import main
 from cemcurate.common.dask_cluster import parse_scheduler
 
@@ -77,16 +78,52 @@ def test_a_dask_build_equals_the_local_build(local_build, cluster, tmp_path, cap
     assert planes == {"xy", "xz", "yz"}  # the isotropic volume was cut in three planes
 
 
+def test_a_large_volume_is_cut_by_many_tasks_with_the_same_result(local_build, cluster, tmp_path):
+    raw, local = local_build
+    client = Client(cluster)
+    with get_task_stream(client) as stream:
+        cfg = BuildConfig(scheduler=cluster.scheduler_address, dask_chunk_voxels=1 << 20)
+        summary = build(raw, tmp_path / "dask", cfg, progress=False)
+    client.close()
+    assert not summary.failed
+    keys = {task["key"] for task in stream.data}
+    chunks = sorted(k for k in keys if k.startswith("cemcurate-chunk-"))
+    # NeuroProof (120 x 250 x 250, 3 planes) in 1 Mi-voxel chunks: 8 xy slabs of 16 sections,
+    # then 8 blocks of 34 rows in each of xz and yz; the smaller sources stay one task each.
+    names = [k.rpartition("-")[2] for k in chunks if "neuroproof" in k]
+    assert sorted(names) == sorted(
+        [f"xy{i}" for i in range(0, 120, 16)] + [f"{p}{i}" for p in ("xz", "yz") for i in range(0, 250, 34)]
+    )
+    assert all("neuroproof" in k for k in chunks)
+    _assert_same_build(local, tmp_path / "dask")
+    assert not (tmp_path / "dask" / "parts" / "work").exists()
+
+
+def test_chunks_follow_the_local_cutting_order():
+    assert split_chunks((10, 100, 50), ("xy",), 10000) == [("xy", z, z + 2) for z in range(0, 10, 2)]
+    assert split_chunks((3, 100, 50), ("xy",), 10) == [("xy", z, z + 1) for z in range(3)]  # at least a section
+    assert split_chunks((4, 6, 5), ("xy", "xz", "yz"), 60) == [
+        ("xy", 0, 2),
+        ("xy", 2, 4),
+        ("xz", 0, 3),
+        ("xz", 3, 6),
+        ("yz", 0, 2),
+        ("yz", 2, 4),
+        ("yz", 4, 5),
+    ]
+
+
 def test_a_worker_killed_mid_build_loses_and_duplicates_nothing(local_build, cluster, tmp_path):
     raw, local = local_build
     client = Client(cluster)
     killed = []
 
     def kill_a_busy_worker() -> None:
-        # Kill -9 the worker process running a source (its tasks go to the other worker or the restart).
+        # Kill -9 the worker process cutting a chunk of the large volume (its tasks go to the other
+        # worker or to the worker's restart).
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not killed:
-            busy = {w: keys for w, keys in client.processing().items() if any("cemcurate-source" in k for k in keys)}
+            busy = {w: keys for w, keys in client.processing().items() if any("cemcurate-chunk" in k for k in keys)}
             if busy:
                 address = next(iter(busy))
                 pid = client.run(os.getpid, workers=[address])[address]
@@ -96,10 +133,11 @@ def test_a_worker_killed_mid_build_loses_and_duplicates_nothing(local_build, clu
 
     thread = threading.Thread(target=kill_a_busy_worker, daemon=True)
     thread.start()
-    summary = build(raw, tmp_path / "dask", BuildConfig(scheduler=cluster.scheduler_address), progress=False)
+    cfg = BuildConfig(scheduler=cluster.scheduler_address, dask_chunk_voxels=1 << 20)
+    summary = build(raw, tmp_path / "dask", cfg, progress=False)
     thread.join()
     client.close()
-    assert killed, "no worker was seen running a source"
+    assert killed, "no worker was seen cutting a chunk"
     assert not summary.failed
     _assert_same_build(local, tmp_path / "dask")
 
@@ -126,3 +164,21 @@ def test_scheduler_values_are_checked(tmp_path, local_build, capsys):
     assert main(["build", str(raw), str(tmp_path / "o"), "--scheduler", "local:2", "--workers", "2"]) == 2
     assert "size the cluster instead" in capsys.readouterr().err
     assert not (tmp_path / "o" / "manifest.parquet").exists()
+
+
+def test_a_chunk_that_cannot_be_read_fails_its_source_alone(data_root, cluster, tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "np").mkdir(parents=True)
+    for p in sorted((data_root / "neuroproof_flyem/training_sample2/grayscale_maps").glob("*.png"))[:80]:
+        (raw / "np" / p.name).write_bytes(p.read_bytes())
+    broken = sorted((raw / "np").iterdir())[60]
+    broken.write_bytes(broken.read_bytes()[:300])  # cut short: only its chunk reads it
+    os.symlink(data_root / "sem_plate_databar/plateImage2D.tif", raw / "plate.tif")
+    (raw / "cemcurate.yaml").write_text("sources:\n  - {path: 'np/*.png', stack: true, voxel_size: [10, 10, 10]}\n")
+    local = build(raw, tmp_path / "local", BuildConfig(workers=1), progress=False)
+    cfg = BuildConfig(scheduler=cluster.scheduler_address, dask_chunk_voxels=1 << 20)
+    dask = build(raw, tmp_path / "dask", cfg, progress=False)
+    assert list(dask.failed) == ["np"] and broken.name in dask.failed["np"]
+    assert dask.failed == local.failed  # the same one-line error as the local build
+    assert dask.n_kept == local.n_kept > 0  # the plate still made it
+    assert not (tmp_path / "dask" / "parts" / "work").exists()

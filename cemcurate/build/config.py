@@ -76,6 +76,13 @@ class BuildConfig:
             "metavar": "tcp://HOST:PORT|local:N|FILE.yaml",
         },
     )
+    dask_chunk_voxels: int = field(
+        default=1 << 26,
+        metadata={
+            "help": "with --scheduler: voxels per task when a volume is split (xy slabs, xz/yz blocks); volumes "
+            "of more than 4 such chunks are cut by many workers at once"
+        },
+    )
     sources: str | None = field(
         default=None,
         metadata={
@@ -107,6 +114,8 @@ class BuildConfig:
             raise ValueError(f"max_hamming must be between 0 and 64, got {self.max_hamming}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.dask_chunk_voxels < 1:
+            raise ValueError(f"dask_chunk_voxels must be >= 1, got {self.dask_chunk_voxels}")
         if self.scheduler and self.workers:
             raise ValueError(
                 f"workers {self.workers} is for this machine's process pool; with scheduler {self.scheduler} "

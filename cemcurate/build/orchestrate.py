@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from cemcurate.build.chunked import SplitPlan, cut_chunk, finish_split, plan_split
 from cemcurate.build.config import BuildConfig
 from cemcurate.build.lock import BuildLock
 from cemcurate.build.merge import merge_parts
@@ -144,7 +145,9 @@ def _process_all(
 def _process_on_dask(
     todo: list[SourceSpec], cfg: BuildConfig, layout: BuildLayout, raw: Path, progress: bool, debug: bool
 ) -> dict[str, PartRecord]:
-    """:func:`process_source` of every spec of ``todo`` as one task on the Dask cluster ``cfg.scheduler``.
+    """Every spec of ``todo`` on the Dask cluster ``cfg.scheduler``: a source is one task
+    (:func:`process_source`), or, when its volume is large, a plan, a task per chunk and a reduce
+    (:mod:`cemcurate.build.chunked`).
 
     Workers write shards and parts straight into OUT, each atomically and under names fixed by
     the source, so a task re-run after its worker died rewrites the same bytes; the records
@@ -154,28 +157,68 @@ def _process_on_dask(
     if not todo:
         return records
     root, raw = layout.root.resolve(), raw.resolve()
+    submit = dict(retries=2, pure=False)
     with dask_client(cfg.scheduler, quiet=not progress) as client:
-        futures = {
-            client.submit(
-                process_source, spec, cfg, root, raw, debug, key=f"cemcurate-source-{spec.key}", retries=2, pure=False
-            ): spec
+        plans = {
+            client.submit(plan_split, spec, cfg, root, key=f"cemcurate-plan-{spec.key}", **submit): spec
             for spec in _largest_first(todo)
         }
-        bar = tqdm(total=len(todo), desc="sources (dask)", unit="src", disable=not progress)
+        final: dict[object, tuple[SourceSpec, SplitPlan | None]] = {}
+        running = distributed.as_completed(plans)
+        bar = tqdm(total=len(plans), desc="tasks (dask)", unit="task", disable=not progress)
         try:
-            for future in distributed.as_completed(futures):
-                spec = futures[future]
-                try:
-                    records[spec.key] = future.result()
-                except Exception as exc:  # the task's workers kept dying (distributed.KilledWorker)
-                    records[spec.key] = _crashed(spec, exc)
+            for future in running:
                 bar.update()
+                if future in plans:
+                    spec = plans[future]
+                    plan = _result(future)
+                    if isinstance(plan, SplitPlan):
+                        tasks = _submit_split(client, spec, plan, cfg, root, raw, debug, submit)
+                    else:  # small, several volumes, a grown stack, or unreadable: one task
+                        key = f"cemcurate-source-{spec.key}"
+                        tasks = [client.submit(process_source, spec, cfg, root, raw, debug, key=key, **submit)]
+                    final[tasks[-1]] = (spec, plan if isinstance(plan, SplitPlan) else None)
+                    for task in tasks:
+                        running.add(task)
+                    bar.total += len(tasks)
+                    bar.refresh()
+                elif future in final:
+                    spec, plan = final[future]
+                    record = _result(future)
+                    if isinstance(record, BaseException):  # a chunk failed, or the task's workers kept dying
+                        record = (
+                            finish_split(spec, plan, cfg, root, raw, record, debug) if plan else _crashed(spec, record)
+                        )
+                    records[spec.key] = record
         except BaseException:
-            client.cancel(list(futures))
+            client.cancel(list(plans) + list(final))
             raise
         finally:
             bar.close()
     return records
+
+
+def _result(future) -> object:
+    """A future's result, or the exception it raised (KilledWorker after repeated worker deaths)."""
+    try:
+        return future.result()
+    except Exception as exc:
+        return exc
+
+
+def _submit_split(client, spec: SourceSpec, plan: SplitPlan, cfg: BuildConfig, root: Path, raw: Path, debug, submit):
+    """The chunk tasks of a split volume (xz / yz after every xy slab) and its reduce, last."""
+    xy, sections = [], []
+    for plane, start, stop in plan.chunks:
+        key = f"cemcurate-chunk-{spec.key}-{plane}{start}"
+        after = xy if plane != "xy" else None
+        task = client.submit(cut_chunk, spec, plan, plane, start, stop, cfg, root, after, key=key, **submit)
+        (xy if plane == "xy" else sections).append(task)
+    chunks = xy + sections
+    reduce = client.submit(
+        finish_split, spec, plan, cfg, root, raw, chunks, debug, key=f"cemcurate-source-{spec.key}", **submit
+    )
+    return chunks + [reduce]
 
 
 def _store_statistics(manifest: pd.DataFrame) -> tuple[float, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pandas as pd
 from cemcurate.build.config import BuildConfig
 from cemcurate.build.cut import cut_patches, iter_standard_planes, manifest_rows, volume_window
 from cemcurate.build.extend import extend_stack, extendable_part
-from cemcurate.build.records import Extends, PartRecord, SourceRow
+from cemcurate.build.records import CutPatches, Extends, PartRecord, SourceRow
 from cemcurate.build.resume import new_record
 from cemcurate.build.scoring import score_new_shard
 from cemcurate.build.timing import timed
@@ -29,6 +30,7 @@ from cemcurate.io import ReadError, Volume
 from cemcurate.layout import BuildLayout
 from cemcurate.slicing import planes_for_spacing
 from cemcurate.sources import SourceSpec, open_volumes
+from cemcurate.standardize import IntensityWindow
 from cemcurate.store import ShardWriter, open_shard
 
 
@@ -39,25 +41,65 @@ def shard_name(record: PartRecord, index: int) -> str:
     return f"{record.key}-{record.fingerprint[:8]}-{index}"
 
 
-def process_volume(
-    vol: Volume, name: str, shard: str, spec: SourceSpec, cfg: BuildConfig, layout: BuildLayout
-) -> tuple[SourceRow, pd.DataFrame]:
-    """Cut, hash and deduplicate one volume; write its shard; return its source row and manifest rows."""
+@dataclass(frozen=True)
+class VolumeFacts:
+    """What the source table records of a volume, without its reader (so it travels between processes)."""
+
+    shape: tuple[int, int, int]
+    dtype: str
+    reader: str
+    voxel_size: tuple[float, float, float] | None
+    voxel_size_from: str
+    dataset: str
+
+    @classmethod
+    def of(cls, vol: Volume) -> VolumeFacts:
+        return cls(tuple(vol.shape), str(vol.dtype), vol.reader, vol.voxel_size, vol.voxel_size_from, vol.dataset or "")
+
+
+def volume_plan(vol: Volume, spec: SourceSpec, cfg: BuildConfig) -> tuple[tuple[str, ...], IntensityWindow, list[str]]:
+    """The planes a volume is cut in, its intensity window and the notes so far (the reader's, the planes')."""
     notes = list(vol.notes)
     planes, note = planes_for_spacing(vol.voxel_size, vol.shape[0], cfg.isotropy_tolerance, vol.xy_only)
     if note:
         notes.append(note)
     window = volume_window(vol, spec.options.invert, cfg.low_percentile, cfg.high_percentile, cfg.window_sample_slices)
+    return planes, window, notes
+
+
+def process_volume(
+    vol: Volume, name: str, shard: str, spec: SourceSpec, cfg: BuildConfig, layout: BuildLayout
+) -> tuple[SourceRow, pd.DataFrame]:
+    """Cut, hash and deduplicate one volume; write its shard; return its source row and manifest rows."""
+    planes, window, notes = volume_plan(vol, spec, cfg)
     all_path = layout.work_file(shard, ".all.u8")
     images = iter_standard_planes(vol, window, planes, layout.work_file(shard, ".std.npy"))
     with ShardWriter(all_path, cfg.patch_size) as writer:
         cut = cut_patches(images, writer, cfg.min_edge)
-    n = writer.count
+    return finish_volume(VolumeFacts.of(vol), planes, window, notes, cut, all_path, name, shard, spec, cfg, layout)
+
+
+def finish_volume(
+    facts: VolumeFacts,
+    planes: tuple[str, ...],
+    window: IntensityWindow,
+    notes: list[str],
+    cut: CutPatches,
+    all_path: Path,
+    name: str,
+    shard: str,
+    spec: SourceSpec,
+    cfg: BuildConfig,
+    layout: BuildLayout,
+) -> tuple[SourceRow, pd.DataFrame]:
+    """Deduplicate the patches of a cut volume (all of them in the work shard ``all_path``), write
+    its shard and score it; return its source row and manifest rows."""
+    n = len(cut)
     if n == 0:
         all_path.unlink(missing_ok=True)
-        if min(vol.shape[1:]) < cfg.min_edge:
+        if min(facts.shape[1:]) < cfg.min_edge:
             notes.append(
-                f"slices of {vol.shape[1]}x{vol.shape[2]} px are smaller than min-edge {cfg.min_edge}: no patches"
+                f"slices of {facts.shape[1]}x{facts.shape[2]} px are smaller than min-edge {cfg.min_edge}: no patches"
             )
     with timed("group"):
         exemplar = (
@@ -81,17 +123,17 @@ def process_volume(
     row = SourceRow.for_spec(
         spec,
         name,
-        reader=vol.reader,
-        shape=str(tuple(vol.shape)),
-        dtype=str(vol.dtype),
-        voxel_size=str(tuple(vol.voxel_size)) if vol.voxel_size else "",
-        voxel_size_from=vol.voxel_size_from,
+        reader=facts.reader,
+        shape=str(tuple(facts.shape)),
+        dtype=facts.dtype,
+        voxel_size=str(tuple(facts.voxel_size)) if facts.voxel_size else "",
+        voxel_size_from=facts.voxel_size_from,
         planes=",".join(planes),
         window_low=np.nan if window.low is None else window.low,
         window_high=np.nan if window.high is None else window.high,
         n_raw=n,
         n_unique=int(unique.sum()),
-        dataset=vol.dataset or "",
+        dataset=facts.dataset,
         notes="; ".join(notes),
     )
     return row, rows
@@ -147,17 +189,32 @@ def process_source(
                 frame["group_local"] += offset
                 record.sources.append(row)
                 frames.append(frame)
-        part = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        if spec.options.stack and len(part):
-            _name_stack_files(part, spec, raw)
-        with timed("write"), atomic_path(layout.part_parquet(spec.key)) as tmp:
-            part.to_parquet(tmp, index=False)
-        record.rows = part
+        write_part_rows(layout, spec, raw, record, frames)
     except Exception as exc:  # one bad source must not stop the build
-        if debug:
-            traceback.print_exc(file=sys.stderr)
-        record.status = "failed"  # rows are set only after the part file is written
-        record.sources = [SourceRow.failed(spec, error_line(exc, spec))]
+        fail_record(record, spec, exc, debug)
+    return write_part_record(layout, spec, record)
+
+
+def write_part_rows(layout: BuildLayout, spec: SourceSpec, raw: Path, record: PartRecord, frames: list) -> None:
+    """Write a source's manifest rows (its part's parquet), atomically, and set ``record.rows``."""
+    part = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if spec.options.stack and len(part):
+        _name_stack_files(part, spec, raw)
+    with timed("write"), atomic_path(layout.part_parquet(spec.key)) as tmp:
+        part.to_parquet(tmp, index=False)
+    record.rows = part
+
+
+def fail_record(record: PartRecord, spec: SourceSpec, exc: BaseException, debug: bool) -> None:
+    """Mark ``record`` failed with one line naming the source; ``debug`` prints the traceback."""
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    record.status = "failed"  # rows are set only after the part file is written
+    record.sources = [SourceRow.failed(spec, error_line(exc, spec))]
+
+
+def write_part_record(layout: BuildLayout, spec: SourceSpec, record: PartRecord) -> PartRecord:
+    """Write the part's JSON (last, atomically: a part whose JSON exists is complete); return ``record``."""
     with atomic_path(layout.part_json(spec.key)) as tmp:
         tmp.write_text(record.to_json())
     return record
