@@ -13,14 +13,18 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from distributed import Client, LocalCluster, get_task_stream
 
 from cemcurate.build import BuildConfig, build
 from cemcurate.build.chunked import split_chunks
+from cemcurate.build.scoring import gpu_workers
 from cemcurate.cli import main
 from cemcurate.common.dask_cluster import parse_scheduler
+from cemcurate.filtering.classifier import create_model, save_classifier
 
 
 def _raw(root: Path, data_root: Path) -> Path:
@@ -182,3 +186,30 @@ def test_a_chunk_that_cannot_be_read_fails_its_source_alone(data_root, cluster, 
     assert dask.failed == local.failed  # the same one-line error as the local build
     assert dask.n_kept == local.n_kept > 0  # the plate still made it
     assert not (tmp_path / "dask" / "parts" / "work").exists()
+
+
+def test_a_classifier_filter_scores_on_the_cluster_as_it_does_here(data_root, tmp_path):
+    """The ResNet filter's ranges run as tasks on the workers that declare a GPU (here a LocalCluster
+    whose workers say GPU=1; on this CPU machine they compute on the CPU): the same scores."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    os.symlink(data_root / "drosophila_vnc_gerhard/stack1/raw/00.tif", raw / "vnc00.tif")
+    os.symlink(data_root / "sem_plate_databar/plateImage2D.tif", raw / "plate.tif")
+    torch.manual_seed(0)
+    classifier = tmp_path / "classifier.pth"
+    save_classifier(classifier, create_model("resnet18"), "resnet18", 64, 0.5, 0.2)
+    local = build(raw, tmp_path / "local", BuildConfig(workers=1, filter=str(classifier)), progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, resources={"GPU": 1}, dashboard_address=":0") as gpus:
+        client = Client(gpus)
+        assert len(gpu_workers(client)) == 2
+        with get_task_stream(client) as stream:
+            dask = build(raw, tmp_path / "dask", BuildConfig(scheduler=gpus.scheduler_address, filter=str(classifier)))
+        client.close()
+    assert not local.failed and not dask.failed
+    filter_tasks = [t for t in stream.data if str(t["key"]).startswith("cemcurate-filter-")]
+    assert filter_tasks  # the ResNet ran on the cluster, not in this process
+    a, b = (pd.read_parquet(tmp_path / o / "manifest.parquet") for o in ("local", "dask"))
+    stored = a["shard_row"] >= 0
+    assert a.loc[stored, "decided_by"].eq("classifier").all() and stored.sum() > 20
+    np.testing.assert_allclose(a["informative_prob"], b["informative_prob"], rtol=0, atol=1e-6)
+    pd.testing.assert_frame_equal(a.drop(columns="informative_prob"), b.drop(columns="informative_prob"))

@@ -35,9 +35,10 @@ def _deduplicate_corpus(manifest: pd.DataFrame, cfg: BuildConfig) -> None:
 
 
 def merge_parts(
-    layout: BuildLayout, records: list[PartRecord], cfg: BuildConfig, progress: bool = True
+    layout: BuildLayout, records: list[PartRecord], cfg: BuildConfig, progress: bool = True, client: object = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Combine parts into the manifest and the source table (not yet written).
+    """Combine parts into the manifest and the source table (not yet written); ``client``: the
+    build's Dask client, which then scores what is left to score.
 
     ``records`` are every source's part in source order; a record's manifest rows are read
     from its part file unless the record carries them (``PartRecord.rows``). The manifest has the columns of
@@ -61,7 +62,7 @@ def merge_parts(
     manifest = pd.concat(parts, ignore_index=True) if parts else empty_manifest(PART_COLUMNS)
     if cfg.dedup and cfg.dedup_scope == "corpus" and len(manifest):
         _deduplicate_corpus(manifest, cfg)
-    manifest["informative_prob"], decided_by = score_patches(layout, manifest, cfg, progress)
+    manifest["informative_prob"], decided_by = score_patches(layout, manifest, cfg, progress, client)
     manifest.insert(manifest.columns.get_loc("informative_prob") + 1, "decided_by", decided_by)
     informative = manifest["informative_prob"].fillna(0.0).to_numpy() >= cfg.filter_threshold
     duplicate = manifest["duplicate"].to_numpy(bool)

@@ -10,6 +10,7 @@ processes ignore Ctrl-C (the parent stops them) and exit when the parent dies.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -18,6 +19,7 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,12 +104,18 @@ def _largest_first(specs: list[SourceSpec]) -> list[SourceSpec]:
 
 
 def _process_all(
-    todo: list[SourceSpec], cfg: BuildConfig, layout: BuildLayout, raw: Path, progress: bool, debug: bool
+    todo: list[SourceSpec],
+    cfg: BuildConfig,
+    layout: BuildLayout,
+    raw: Path,
+    progress: bool,
+    debug: bool,
+    client: object = None,
 ) -> dict[str, PartRecord]:
     """Run :func:`process_source` for every spec of ``todo``, in ``cfg.workers`` processes (or on
     the Dask cluster ``cfg.scheduler``)."""
-    if cfg.scheduler:
-        return _process_on_dask(todo, cfg, layout, raw, progress, debug)
+    if client is not None:
+        return _process_on_dask(todo, cfg, layout, raw, progress, debug, client)
     records: dict[str, PartRecord] = {}
     workers = cfg.workers or os.cpu_count() or 1
     bar = tqdm(total=len(todo), desc="sources", unit="src", disable=not progress or not todo)
@@ -143,9 +151,9 @@ def _process_all(
 
 
 def _process_on_dask(
-    todo: list[SourceSpec], cfg: BuildConfig, layout: BuildLayout, raw: Path, progress: bool, debug: bool
+    todo: list[SourceSpec], cfg: BuildConfig, layout: BuildLayout, raw: Path, progress: bool, debug: bool, client
 ) -> dict[str, PartRecord]:
-    """Every spec of ``todo`` on the Dask cluster ``cfg.scheduler``: a source is one task
+    """Every spec of ``todo`` on the Dask cluster of ``client``: a source is one task
     (:func:`process_source`), or, when its volume is large, a plan, a task per chunk and a reduce
     (:mod:`cemcurate.build.chunked`).
 
@@ -157,44 +165,43 @@ def _process_on_dask(
     if not todo:
         return records
     root, raw = layout.root.resolve(), raw.resolve()
+    # Keys name the build too: two builds on one long-running scheduler must not share results.
+    token = uuid.uuid4().hex[:8]
     submit = dict(retries=2, pure=False)
-    with dask_client(cfg.scheduler, quiet=not progress) as client:
-        plans = {
-            client.submit(plan_split, spec, cfg, root, key=f"cemcurate-plan-{spec.key}", **submit): spec
-            for spec in _largest_first(todo)
-        }
-        final: dict[object, tuple[SourceSpec, SplitPlan | None]] = {}
-        running = distributed.as_completed(plans)
-        bar = tqdm(total=len(plans), desc="tasks (dask)", unit="task", disable=not progress)
-        try:
-            for future in running:
-                bar.update()
-                if future in plans:
-                    spec = plans[future]
-                    plan = _result(future)
-                    if isinstance(plan, SplitPlan):
-                        tasks = _submit_split(client, spec, plan, cfg, root, raw, debug, submit)
-                    else:  # small, several volumes, a grown stack, or unreadable: one task
-                        key = f"cemcurate-source-{spec.key}"
-                        tasks = [client.submit(process_source, spec, cfg, root, raw, debug, key=key, **submit)]
-                    final[tasks[-1]] = (spec, plan if isinstance(plan, SplitPlan) else None)
-                    for task in tasks:
-                        running.add(task)
-                    bar.total += len(tasks)
-                    bar.refresh()
-                elif future in final:
-                    spec, plan = final[future]
-                    record = _result(future)
-                    if isinstance(record, BaseException):  # a chunk failed, or the task's workers kept dying
-                        record = (
-                            finish_split(spec, plan, cfg, root, raw, record, debug) if plan else _crashed(spec, record)
-                        )
-                    records[spec.key] = record
-        except BaseException:
-            client.cancel(list(plans) + list(final))
-            raise
-        finally:
-            bar.close()
+    plans = {
+        client.submit(plan_split, spec, cfg, root, key=f"cemcurate-plan-{token}-{spec.key}", **submit): spec
+        for spec in _largest_first(todo)
+    }
+    final: dict[object, tuple[SourceSpec, SplitPlan | None]] = {}
+    running = distributed.as_completed(plans)
+    bar = tqdm(total=len(plans), desc="tasks (dask)", unit="task", disable=not progress)
+    try:
+        for future in running:
+            bar.update()
+            if future in plans:
+                spec = plans[future]
+                plan = _result(future)
+                if isinstance(plan, SplitPlan):
+                    tasks = _submit_split(client, spec, plan, cfg, root, raw, debug, submit, token)
+                else:  # small, several volumes, a grown stack, or unreadable: one task
+                    key = f"cemcurate-source-{token}-{spec.key}"
+                    tasks = [client.submit(process_source, spec, cfg, root, raw, debug, key=key, **submit)]
+                final[tasks[-1]] = (spec, plan if isinstance(plan, SplitPlan) else None)
+                for task in tasks:
+                    running.add(task)
+                bar.total += len(tasks)
+                bar.refresh()
+            elif future in final:
+                spec, plan = final[future]
+                record = _result(future)
+                if isinstance(record, BaseException):  # a chunk failed, or the task's workers kept dying
+                    record = finish_split(spec, plan, cfg, root, raw, record, debug) if plan else _crashed(spec, record)
+                records[spec.key] = record
+    except BaseException:
+        client.cancel(list(plans) + list(final))
+        raise
+    finally:
+        bar.close()
     return records
 
 
@@ -206,17 +213,19 @@ def _result(future) -> object:
         return exc
 
 
-def _submit_split(client, spec: SourceSpec, plan: SplitPlan, cfg: BuildConfig, root: Path, raw: Path, debug, submit):
+def _submit_split(
+    client, spec: SourceSpec, plan: SplitPlan, cfg: BuildConfig, root: Path, raw: Path, debug, submit, token: str
+):
     """The chunk tasks of a split volume (xz / yz after every xy slab) and its reduce, last."""
     xy, sections = [], []
     for plane, start, stop in plan.chunks:
-        key = f"cemcurate-chunk-{spec.key}-{plane}{start}"
+        key = f"cemcurate-chunk-{token}-{spec.key}-{plane}{start}"
         after = xy if plane != "xy" else None
         task = client.submit(cut_chunk, spec, plan, plane, start, stop, cfg, root, after, key=key, **submit)
         (xy if plane == "xy" else sections).append(task)
     chunks = xy + sections
     reduce = client.submit(
-        finish_split, spec, plan, cfg, root, raw, chunks, debug, key=f"cemcurate-source-{spec.key}", **submit
+        finish_split, spec, plan, cfg, root, raw, chunks, debug, key=f"cemcurate-source-{token}-{spec.key}", **submit
     )
     return chunks + [reduce]
 
@@ -331,15 +340,17 @@ def build(
                 if problem:
                     redone[spec.key] = f"redone: the part of an earlier build could not be reused ({problem})"
         reused = len(records)
-        records.update(_process_all(todo, cfg, layout, raw, progress, debug))
-        shutil.rmtree(layout.work_dir, ignore_errors=True)
-        for key, note in redone.items():
-            for row in records[key].sources:
-                row.notes = "; ".join(filter(None, [row.notes, note]))
-        ordered = [records[s.key] for s in specs]
-        with timed("merge"):
-            manifest, sources = merge_parts(layout, ordered, cfg, progress)
-            sources = _source_table(sources, specs, ordered, str(found.sidecar or ""), skipped)
+        # One cluster for the sources and the filter stage (a batch system starts it once).
+        with dask_client(cfg.scheduler, quiet=not progress) if cfg.scheduler else contextlib.nullcontext() as client:
+            records.update(_process_all(todo, cfg, layout, raw, progress, debug, client))
+            shutil.rmtree(layout.work_dir, ignore_errors=True)
+            for key, note in redone.items():
+                for row in records[key].sources:
+                    row.notes = "; ".join(filter(None, [row.notes, note]))
+            ordered = [records[s.key] for s in specs]
+            with timed("merge"):
+                manifest, sources = merge_parts(layout, ordered, cfg, progress, client)
+                sources = _source_table(sources, specs, ordered, str(found.sidecar or ""), skipped)
         with timed("write"):
             _publish(layout, cfg, manifest, sources)
             _remove_stale(layout, manifest, specs)

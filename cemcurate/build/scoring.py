@@ -18,6 +18,7 @@ import concurrent.futures as cf
 import multiprocessing
 import os
 import signal
+import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -29,9 +30,12 @@ from tqdm import tqdm
 from cemcurate.build.config import BuildConfig
 from cemcurate.build.timing import timed
 from cemcurate.common.atomic import atomic_path
+from cemcurate.common.lazy import lazy_import
 from cemcurate.filtering.filters import BUILTIN_FILTERS, DECIDED_BY, PatchFilter, make_filter
 from cemcurate.layout import BuildLayout
 from cemcurate.store import open_shard
+
+distributed = lazy_import("distributed")
 
 # Patches per task of the pool (25 MB of 224-px patches read from the page cache).
 RANGE_PATCHES = 512
@@ -99,15 +103,35 @@ def _leave_interrupt_to_parent() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _ranges(sizes: dict[str, int]) -> list[tuple[str, int, int]]:
+    """``(shard, start, stop)`` ranges of at most :data:`RANGE_PATCHES` patches of every shard (name -> count)."""
+    return [(s, a, min(a + RANGE_PATCHES, n)) for s, n in sizes.items() for a in range(0, n, RANGE_PATCHES)]
+
+
+class _ShardScores:
+    """Scores of shards arriving a range at a time, in any order; :meth:`add` returns
+    ``(shard, scores, deciders)`` once a shard's last range is in."""
+
+    def __init__(self, sizes: dict[str, int], bar: tqdm):
+        self.scores = {shard: np.empty(n, np.float32) for shard, n in sizes.items()}
+        self.deciders = {shard: np.empty(n, np.uint8) for shard, n in sizes.items()}
+        self.left = {shard: len(range(0, n, RANGE_PATCHES)) for shard, n in sizes.items()}
+        self.bar = bar
+
+    def add(self, shard: str, start: int, stop: int, result: tuple[np.ndarray, np.ndarray]):
+        self.scores[shard][start:stop], self.deciders[shard][start:stop] = result
+        self.bar.update(stop - start)
+        self.left[shard] -= 1
+        return (shard, self.scores.pop(shard), self.deciders.pop(shard)) if not self.left[shard] else None
+
+
 def _score_shards(
     layout: BuildLayout, cfg: BuildConfig, patch_filter: PatchFilter, sizes: dict[str, int], bar: tqdm
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """``(shard, scores, deciders)`` of all the patches of each shard in ``sizes`` (name ->
     patch count), as soon as it is scored (so an interrupted run keeps the shards it finished)."""
-    tasks = [(s, a, min(a + RANGE_PATCHES, n)) for s, n in sizes.items() for a in range(0, n, RANGE_PATCHES)]
-    scores = {shard: np.empty(n, np.float32) for shard, n in sizes.items()}
-    deciders = {shard: np.empty(n, np.uint8) for shard, n in sizes.items()}
-    left = {shard: len(range(0, n, RANGE_PATCHES)) for shard, n in sizes.items()}
+    tasks = _ranges(sizes)
+    finished = _ShardScores(sizes, bar).add
     workers = min(cfg.workers or os.cpu_count() or 1, len(tasks))
     parallel = (
         patch_filter.fork_safe
@@ -115,12 +139,6 @@ def _score_shards(
         and sum(sizes.values()) >= MIN_PARALLEL_PATCHES
         and "fork" in multiprocessing.get_all_start_methods()
     )
-
-    def finished(shard: str, start: int, stop: int, result: tuple[np.ndarray, np.ndarray]):
-        scores[shard][start:stop], deciders[shard][start:stop] = result
-        bar.update(stop - start)
-        left[shard] -= 1
-        return (shard, scores.pop(shard), deciders.pop(shard)) if not left[shard] else None
 
     if not parallel:
         for shard, start, stop in tasks:
@@ -151,12 +169,51 @@ def _score_shards(
                 yield done
 
 
+def gpu_workers(client) -> list[str]:
+    """Addresses of the workers that declare a ``GPU`` resource (``dask worker --resources GPU=1``)."""
+    return [a for a, w in client.scheduler_info()["workers"].items() if w.get("resources", {}).get("GPU", 0) > 0]
+
+
+def _score_on_dask(
+    client, layout: BuildLayout, cfg: BuildConfig, patch_filter: PatchFilter, sizes: dict[str, int], bar: tqdm
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """As :func:`_score_shards`, with every range of patches a task on the cluster: a classifier
+    runs on the workers that declare a ``GPU`` resource when there are any (one range per GPU at
+    a time), and loads its weights once per worker process (:func:`_child_filter`)."""
+    finished = _ShardScores(sizes, bar).add
+    resources = {"GPU": 1} if not patch_filter.fork_safe and gpu_workers(client) else None
+    token = uuid.uuid4().hex[:8]
+    futures = {
+        client.submit(
+            _score_range_in_child,
+            cfg.filter,
+            cfg.filter_batch_size,
+            layout.shard(s).resolve(),
+            cfg.patch_size,
+            a,
+            b,
+            key=f"cemcurate-filter-{token}-{s}-{a}",
+            resources=resources,
+            retries=2,
+        ): (s, a, b)
+        for s, a, b in _ranges(sizes)
+    }
+    try:
+        for future in distributed.as_completed(futures):
+            done = finished(*futures[future], future.result())
+            if done:
+                yield done
+    except BaseException:
+        client.cancel(list(futures))
+        raise
+
+
 def score_patches(
-    layout: BuildLayout, manifest: pd.DataFrame, cfg: BuildConfig, progress: bool = True
+    layout: BuildLayout, manifest: pd.DataFrame, cfg: BuildConfig, progress: bool = True, client: object = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every manifest row's informative probability (float32 ``(n,)`` in [0, 1]; NaN for patches
     not stored) and what decided it (object ``(n,)`` of :data:`DECIDED_BY` names; '' when not
-    stored)."""
+    stored). With a Dask ``client`` what is left is scored on its workers (:func:`_score_on_dask`)."""
     patch_filter = make_filter(cfg.filter, batch_size=cfg.filter_batch_size)
     layout.filter_cache(patch_filter.name).mkdir(parents=True, exist_ok=True)
     probs = np.full(len(manifest), np.nan, np.float32)
@@ -168,7 +225,12 @@ def score_patches(
     todo = [s for s in shards if not _scored(layout, patch_filter.name, s)]
     sizes = {s: layout.shard(s).stat().st_size // (cfg.patch_size**2) for s in todo}
     bar = tqdm(total=sum(sizes.values()), desc=f"filter ({cfg.filter})", unit="patch", disable=not progress or not todo)
-    for shard, scores, deciders in _score_shards(layout, cfg, patch_filter, sizes, bar):
+    scored = (
+        _score_on_dask(client, layout, cfg, patch_filter, sizes, bar)
+        if client is not None and sizes
+        else _score_shards(layout, cfg, patch_filter, sizes, bar)
+    )
+    for shard, scores, deciders in scored:
         _save_scores(layout, patch_filter.name, shard, scores, deciders)
     bar.close()
     shard_col, row_col = manifest["shard"].to_numpy(), manifest["shard_row"].to_numpy()

@@ -314,9 +314,8 @@ def predict_logits(
     bar = tqdm(total=len(patches), desc="filter", unit="patch", disable=not progress or len(patches) == 0)
     with torch.inference_mode():
         for start in range(0, len(patches), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size])).to(
-                dev, non_blocking=True
-            )
+            # A copy: the patches are often a read-only memory map of a shard, which torch will not wrap.
+            chunk = torch.from_numpy(np.array(patches[start : start + batch_size])).to(dev, non_blocking=True)
             x = prepare_batch(chunk, input_size, mean, std).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
                 logits = model(x).reshape(-1)
