@@ -63,6 +63,13 @@ class BuildConfig:
         default=0.5, metadata={"help": "keep a patch when its informative probability is at least this"}
     )
     filter_batch_size: int = field(default=256, metadata={"help": "patches per batch for classifier inference"})
+    filter_device: str = field(
+        default="auto",
+        metadata={
+            "help": "where a classifier filter runs: auto (CUDA, else Apple MPS, else the CPU), cpu, cuda, "
+            "cuda:N or mps (mps without MPS: the CPU, warned); the label-free rules always run on the CPU"
+        },
+    )
     workers: int = field(
         default=0, metadata={"help": "sources processed in parallel on this machine (0 = all CPU cores)"}
     )

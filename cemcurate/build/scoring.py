@@ -59,8 +59,8 @@ def _score_range(patch_filter: PatchFilter, path: Path, patch_size: int, start: 
 
 
 @lru_cache(maxsize=4)
-def _child_filter(spec: str, batch_size: int) -> PatchFilter:
-    return make_filter(spec, batch_size=batch_size)
+def _child_filter(spec: str, batch_size: int, device: str = "auto") -> PatchFilter:
+    return make_filter(spec, batch_size=batch_size, device=device)
 
 
 def _save_scores(layout: BuildLayout, filter_name: str, shard: str, scores: np.ndarray, deciders: np.ndarray) -> None:
@@ -83,7 +83,7 @@ def score_new_shard(layout: BuildLayout, cfg: BuildConfig, shard: str) -> None:
     load its weights in every worker)."""
     if str(cfg.filter).strip() not in BUILTIN_FILTERS:
         return
-    patch_filter = _child_filter(cfg.filter, cfg.filter_batch_size)
+    patch_filter = _child_filter(cfg.filter, cfg.filter_batch_size, cfg.filter_device)
     path = layout.shard(shard)
     with timed("filter"):
         scores, deciders = _score_range(
@@ -93,8 +93,10 @@ def score_new_shard(layout: BuildLayout, cfg: BuildConfig, shard: str) -> None:
     _save_scores(layout, patch_filter.name, shard, scores, deciders)
 
 
-def _score_range_in_child(spec: str, batch_size: int, path: Path, patch_size: int, start: int, stop: int):
-    return _score_range(_child_filter(spec, batch_size), path, patch_size, start, stop, batch_size)
+def _score_range_in_child(
+    spec: str, batch_size: int, path: Path, patch_size: int, start: int, stop: int, device: str = "auto"
+):
+    return _score_range(_child_filter(spec, batch_size, device), path, patch_size, start, stop, batch_size)
 
 
 def _leave_interrupt_to_parent() -> None:
@@ -154,7 +156,14 @@ def _score_shards(
     with cf.ProcessPoolExecutor(workers, context, _leave_interrupt_to_parent) as pool:
         futures = {
             pool.submit(
-                _score_range_in_child, cfg.filter, cfg.filter_batch_size, layout.shard(s), cfg.patch_size, a, b
+                _score_range_in_child,
+                cfg.filter,
+                cfg.filter_batch_size,
+                layout.shard(s),
+                cfg.patch_size,
+                a,
+                b,
+                cfg.filter_device,
             ): (s, a, b)
             for s, a, b in tasks
         }
@@ -192,6 +201,7 @@ def _score_on_dask(
             cfg.patch_size,
             a,
             b,
+            cfg.filter_device,
             key=f"cemcurate-filter-{token}-{s}-{a}",
             resources=resources,
             retries=2,
@@ -214,7 +224,7 @@ def score_patches(
     """Every manifest row's informative probability (float32 ``(n,)`` in [0, 1]; NaN for patches
     not stored) and what decided it (object ``(n,)`` of :data:`DECIDED_BY` names; '' when not
     stored). With a Dask ``client`` what is left is scored on its workers (:func:`_score_on_dask`)."""
-    patch_filter = make_filter(cfg.filter, batch_size=cfg.filter_batch_size)
+    patch_filter = make_filter(cfg.filter, batch_size=cfg.filter_batch_size, device=cfg.filter_device)
     layout.filter_cache(patch_filter.name).mkdir(parents=True, exist_ok=True)
     probs = np.full(len(manifest), np.nan, np.float32)
     codes = np.zeros(len(manifest), np.uint8)  # DECIDED_BY[0] == ''
