@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cemcurate.common.archs import ARCHS, get_arch
+from cemcurate.common.dask_cluster import SCHEDULER_HELP
 from finetune.augment2d import CROP_MODES, Augment2D
 from finetune.augment3d import Augment3D
 from finetune.data import PLANES
@@ -590,6 +591,15 @@ class PredictConfig:
             ".zarr/.ome.zarr outputs: write the input (uint8, as the model saw it) as the store's root image "
             "with the prediction inside it (labels: the NGFF label image labels/prediction; probabilities: "
             "the image 'prediction'), so napari, Fiji and neuroglancer overlay them"
+        ),
+    )
+    scheduler: str = field(
+        default="",
+        metadata=_help(
+            SCHEDULER_HELP
+            + "; predicts blockwise on the Dask workers into a .zarr/.ome.zarr OUTPUT (chunk-aligned z-slabs "
+            "with the windows' halo, equal to the single-process result; the model is loaded once per worker; "
+            "RUN, INPUT and OUTPUT's folder must be on a file system the workers share). Empty: one process here"
         ),
     )
     device: str = field(default="auto", metadata=_help(DEVICE_HELP))

@@ -55,6 +55,20 @@ def default_chunks(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return (min(shape[0], 16), min(shape[1], 512), min(shape[2], 512))
 
 
+def array_path(array) -> Path:
+    """The folder of a zarr array in a local directory store (e.g. a level ``"0"`` inside
+    :attr:`NgffStore.tmp`): what another process on the same (shared) file system opens with
+    ``zarr.open_array(path, mode="r+")`` to write its blocks.
+
+    Raises:
+        ValueError: the array is not in a local directory store.
+    """
+    root = getattr(getattr(array, "store", None), "root", None)
+    if root is None:
+        raise ValueError(f"{array!r} is not in a local directory store")
+    return Path(root) / array.path
+
+
 def pyramid_factors(
     shape: tuple[int, int, int], voxel_size: tuple[float, float, float] | None, levels: int | None = None
 ) -> list[tuple[int, int, int]]:

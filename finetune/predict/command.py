@@ -11,32 +11,19 @@ from pathlib import Path
 
 import torch
 
+from cemcurate.common.dask_cluster import dask_client
 from cemcurate.common.device import select_device
 from cemcurate.io import suffix_of
 from finetune.config import PredictConfig
-from finetune.models import MODELS, SegmentationModel, build_model
+from finetune.models import MODELS
 from finetune.models.transfer import read_saved_model
+from finetune.predict.blockwise import PredictSettings, check_output, load_model, predict_blockwise
 from finetune.predict.orthoplane import predict_orthoplane, predict_stack
 from finetune.predict.output import PredictionWriter
 from finetune.predict.predictor import batch_for
 from finetune.predict.slices import SlicePredictor
 from finetune.predict.sliding import predict_sliding
 from finetune.volumes import expand_patterns, open_input
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[SegmentationModel, dict]:
-    """Rebuild a trained model from ``RUN`` or ``RUN/model.pth``.
-
-    Returns:
-        ``(model in eval mode on device, saved payload without the weights)``; the
-        payload holds ``model_config``, ``classes`` and the training ``config``.
-    """
-    saved = read_saved_model(path)
-    cfg = dict(saved.model_config)
-    model = build_model(cfg.pop("model"), **cfg)
-    model.load_state_dict(saved.state, strict=True)
-    model.to(device).eval()
-    return model, saved.info
 
 
 def sliding_batch(cfg: PredictConfig, device: torch.device) -> int:
@@ -72,9 +59,14 @@ def predict_path(
             existing) to predict each input file separately into ``<folder>/<stem><suffix>``,
             which also handles 2D images of different sizes.
 
+    With ``cfg.scheduler`` the prediction runs blockwise on that Dask cluster
+    (:func:`finetune.predict.blockwise.predict_blockwise`) into one ``.zarr`` output.
+
     Returns:
         The files written.
     """
+    if cfg.scheduler:
+        return predict_on_dask(model_path, input_spec, output, cfg, progress)
     device = select_device(cfg.device)
     model, info = load_model(model_path, device)
     mode = resolve_mode(cfg.mode, info["model_config"]["model"], model_path)
@@ -142,3 +134,44 @@ def predict_path(
                 )
         written += writer.paths
     return written
+
+
+def predict_on_dask(
+    model_path: str | Path, input_spec: str, output: str, cfg: PredictConfig, progress: bool = True
+) -> list[Path]:
+    """``finetune predict --scheduler``: check everything the client can, then predict blockwise on the
+    cluster ``cfg.scheduler`` names (its dashboard address is printed unless ``progress`` is off)."""
+    if _is_folder_output(output):
+        raise ValueError(f"{output}: --scheduler predicts one input into one .zarr / .ome.zarr OUTPUT, not a folder")
+    check_output(output)
+    saved = read_saved_model(model_path)
+    mode = resolve_mode(cfg.mode, saved.model_config["model"], model_path)
+    num_classes = int(saved.model_config.get("num_classes", 2))
+    classes = list(saved.info.get("classes") or [str(i) for i in range(max(2, num_classes))])
+    settings = PredictSettings(
+        model_path=str(model_path),
+        input_spec=str(input_spec),
+        mode=mode,
+        output_type=cfg.output_type,
+        prob_dtype=cfg.prob_dtype,
+        threshold=cfg.threshold,
+        tile=cfg.tile,
+        overlap=cfg.overlap,
+        window=tuple(cfg.window),
+        window_overlap=tuple(cfg.window_overlap),
+        batch_size=cfg.batch_size,
+        batch_pixels=cfg.batch_pixels,
+        chunk=cfg.chunk,
+        device=cfg.device,
+        amp=cfg.amp,
+    )
+    with dask_client(cfg.scheduler, quiet=not progress) as client:
+        return predict_blockwise(
+            client,
+            settings,
+            output,
+            classes,
+            pyramid_levels=None if cfg.pyramid_levels == 0 else cfg.pyramid_levels,
+            with_input=cfg.with_input,
+            progress=progress,
+        )
