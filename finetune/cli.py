@@ -17,6 +17,7 @@ from finetune.benchmark_cli import add_benchmark_arguments, run_from_args
 from finetune.config import EvaluateConfig, PredictConfig, TrainConfig
 from finetune.evaluate import evaluate_paths, format_table, write_json
 from finetune.predict.command import predict_path
+from finetune.publish.bioimageio import DEFAULT_LICENSE, FORMATS, export_bioimageio
 from finetune.train import train
 
 _EPILOG_TRAIN = """examples:
@@ -107,6 +108,63 @@ def _parser() -> argparse.ArgumentParser:
         "initialisation and write a Table-2-style results table.",
     )
     add_benchmark_arguments(p)
+
+    p = sub.add_parser(
+        "export",
+        help="write a trained run as a bioimage.io model package (validated and tested)",
+        description="Write RUN as a bioimage.io model package (spec 0.5) in DIR: rdf.yaml, state-dict and\n"
+        "torchscript weights, test tensors, cover, documentation. The package is validated with bioimageio.spec\n"
+        "and tested with bioimageio.core (as `bioimageio test DIR/rdf.yaml`) before it is renamed to DIR.\n"
+        "Needs the publish extra (pip install -e '.[publish]'); makes no network request.",
+        epilog="example:\n  finetune export runs/mito packages/mito --format bioimageio --author 'Ada Lovelace' \\\n"
+        "      --repository-url https://github.com/ORG/cem-toolkit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN", help="run folder (or its model.pth)")
+    p.add_argument("out", metavar="DIR", type=Path, help="package folder to write (must be empty or absent)")
+    p.add_argument("--format", choices=FORMATS, default="bioimageio", help="package format (default bioimageio)")
+    p.add_argument(
+        "--author", action="append", required=True, metavar="NAME", help="package author (repeat for several)"
+    )
+    p.add_argument(
+        "--license",
+        default=DEFAULT_LICENSE,
+        metavar="SPDX",
+        help=f"license of the weights and documentation (default {DEFAULT_LICENSE}, the model zoo's recommendation; "
+        "check the training data's terms)",
+    )
+    p.add_argument("--name", default="", help="package name (default from the run: network and classes)")
+    p.add_argument("--description", default="", help="one-paragraph description (default from the run)")
+    p.add_argument(
+        "--repository-url",
+        default="",
+        metavar="URL",
+        help="this repository's URL: cited, named as git_repo and as the pip source of the state-dict weights' "
+        "environment (without it only CEM500K is cited)",
+    )
+    p.add_argument(
+        "--voxel-size",
+        type=float,
+        nargs="+",
+        metavar="NM",
+        help="voxel size in nm, z y x (2D: y x); default the run's recorded voxel size",
+    )
+    p.add_argument(
+        "--sample",
+        metavar="IMAGE",
+        help="image or volume the test input is cropped from (default the run's first validation, else "
+        "training, image)",
+    )
+    p.add_argument(
+        "--test-shape",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="test crop size, y x (3D: z y x); default 256 256 (3D 32 64 64), rounded to the network's size step",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR")
+    p.add_argument("--no-test", action="store_true", help="skip bioimageio.core's test (the format is still validated)")
+    p.add_argument("--quiet", action="store_true", help="print only the result, not bioimageio.core's test summary")
     return parser
 
 
@@ -147,6 +205,23 @@ def _run(args: argparse.Namespace) -> int:
             print(format_table(result))
             if cfg.json:
                 write_json(result, cfg.json)
+        elif args.command == "export":
+            result = export_bioimageio(
+                args.run,
+                args.out,
+                authors=args.author,
+                license=args.license,
+                name=args.name,
+                description=args.description,
+                repository_url=args.repository_url,
+                voxel_size=args.voxel_size,
+                sample=args.sample,
+                test_shape=args.test_shape,
+                overwrite=args.overwrite,
+                run_test=not args.no_test,
+                log=(lambda text: None) if args.quiet else print,
+            )
+            print(f"{result.rdf}: " + ("format valid (not tested)" if args.no_test else "bioimageio.core test passed"))
         else:
             run_from_args(args)
     except KeyboardInterrupt:
