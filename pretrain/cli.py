@@ -4,11 +4,13 @@ Subcommands::
 
     pretrain moco --data OUT --out RUN [--config YAML] [--gpus N | --gpus 0 --nproc N] [--<setting> VALUE ...]
     pretrain export CKPT DIR [--from-cem500k] [--arch ARCH] [--mean M --std S]
+    pretrain analyze NAME=SPEC [NAME=SPEC ...] --out DIR [--images OUT|DIR|GLOB] [--noise-images N] ...
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -16,15 +18,22 @@ from typing import Sequence
 import torch
 
 from cemcurate.common.config import add_config_arguments, load_config
-from cemcurate.common.device import mps_available
+from cemcurate.common.device import DEVICE_HELP, mps_available
 from cemcurate.common.runstate import CheckpointError
+from cemcurate.common.weights import SPEC_HELP
+from cemcurate.io import ReadError
 from cemcurate.store import StoreError
+from pretrain import analyze as analysis
 from pretrain import distributed
 from pretrain.config import MocoConfig
 from pretrain.export_encoder import export_encoder
 from pretrain.train import plan_run, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "mocov2_cem500k.yaml"
+# The CEM500K example patches of the project's real-data folder ($CEM_DATA or ../shared/data).
+EXAMPLES = (
+    Path(os.environ.get("CEM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "cem500k_examples"
+)
 
 MOCO_EPILOG = """\
 examples:
@@ -42,6 +51,21 @@ stopped (only --epochs, --max-steps, --workers and the logging/checkpoint interv
 RUN receives checkpoint.pth, config.yaml, log.csv and tensorboard/.
 """
 
+ANALYZE_EPILOG = """\
+examples:
+  # our export against a random encoder of the same arch, test images from a build
+  pretrain analyze random=random moco=runs/export --arch resnet18 --images cemcurate_out --out analysis
+  # the released CEM500K weights
+  pretrain analyze cem500k=cem500k:weights/cem500k_mocov2_resnet50_200ep.pth.tar --out analysis --device cuda
+  # fewer distortions, quicker thresholds
+  pretrain analyze moco=runs/export --distortions rotation=0,45,90 blur=1,2,4 --noise-images 200 --out analysis
+
+strengths: rotation in degrees; hflip/vflip 1 = flipped; brightness: shift of intensities in [0, 1];
+contrast: factor about the image mean; blur: Gaussian sigma (px); noise: Gaussian sigma in [0, 1] units;
+scale f: centre crop of side 224/f resized back to 224. A firing rate of 1 means every neuron that fired
+on an image (near its maximum) still fires on the distorted image.
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -50,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(`pretrain moco`) and publishable encoder weights (`pretrain export`).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{moco,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{moco,export,analyze}")
 
     moco = sub.add_parser(
         "moco",
@@ -142,6 +166,81 @@ def build_parser() -> argparse.ArgumentParser:
         "or CEM500K's for an imported checkpoint without 'norms')",
     )
     export.add_argument("--std", type=float, default=None, help="normalisation std, as --mean")
+
+    an = sub.add_parser(
+        "analyze",
+        help="what encoders learned (paper Fig. 3): invariance, selectivity, occlusion",
+        description="For one or more encoders side by side write analyze.json, invariance.png, "
+        "selectivity.png and occlusion.png into --out: (a) invariance: per distortion and strength the "
+        "mean firing rate of the pooled features (Goodfellow et al. 2009, thresholds from noise images) "
+        "and the cosine similarity of an image's and its distorted view's features; (b) selectivity: "
+        "point-biserial correlation of each feature-map channel (output stride 8, 16 for nuclei) with "
+        "the organelle masks of the correlation examples, the top-32 mean response and its IoU at 0.3; "
+        "(c) occlusion: how much zeroing each 61x61 square (every 30 px) of one view lowers the dot "
+        "product with another view's features, on the occlusion examples.",
+        epilog=ANALYZE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    an.add_argument(
+        "encoders",
+        nargs="+",
+        metavar="NAME=SPEC",
+        help=f"an encoder to analyse, named NAME in the outputs; SPEC: {SPEC_HELP}. The arch comes from "
+        "the file (config.json or the state dict), else --arch; normalisation from the weights, else CEM500K's",
+    )
+    an.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for analyze.json and the PNGs")
+    an.add_argument(
+        "--images",
+        default=None,
+        metavar="OUT|DIR|GLOB",
+        help="test images of the invariance analysis: a `cemcurate build` output folder (--n-images random "
+        "kept patches) or a folder or glob of image files (centre 224 crops); default: the correlation "
+        "and occlusion example images (--correlation, --occlusion)",
+    )
+    an.add_argument("--n-images", type=int, default=100, help="number of test images to sample (default: 100)")
+    an.add_argument(
+        "--noise-images",
+        type=int,
+        default=1000,
+        help="uniform-noise images whose 99th-percentile responses are the neurons' firing thresholds "
+        "(default: 1000, as the paper)",
+    )
+    an.add_argument(
+        "--distortions",
+        nargs="+",
+        default=None,
+        metavar="KIND[=S1,S2,...]",
+        help=f"distortions and strengths to test (default: all of {', '.join(analysis.DISTORTIONS)} at "
+        "built-in strengths; a bare KIND uses those)",
+    )
+    an.add_argument(
+        "--correlation",
+        type=Path,
+        default=EXAMPLES / "correlation",
+        metavar="DIR",
+        help="selectivity examples: DIR/images/*.png with DIR/masks/*.png (0/255), named after the organelle "
+        "(default: $CEM_DATA or ../shared/data, cem500k_examples/correlation)",
+    )
+    an.add_argument(
+        "--occlusion",
+        type=Path,
+        default=EXAMPLES / "occlusion",
+        metavar="DIR",
+        help="occlusion examples: DIR/*.tif[f] (default: cem500k_examples/occlusion of the data folder)",
+    )
+    an.add_argument(
+        "--max-occlusion-images", type=int, default=None, help="analyse only the first N occlusion examples"
+    )
+    an.add_argument("--arch", default="resnet50", help="arch of encoders whose files do not say (default: resnet50)")
+    an.add_argument("--device", default="auto", help=DEVICE_HELP)
+    an.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the image sample, noise, views and random weights (encoder i: seed+i)",
+    )
+    an.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    an.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     return parser
 
 
@@ -225,10 +324,38 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_analyze(args: argparse.Namespace) -> int:
+    try:
+        settings = analysis.AnalyzeSettings(
+            images=args.images,
+            n_images=args.n_images,
+            noise_images=args.noise_images,
+            correlation_dir=args.correlation,
+            occlusion_dir=args.occlusion,
+            arch=args.arch,
+            device=args.device,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            distortions=analysis.parse_distortions(args.distortions)
+            if args.distortions
+            else dict(analysis.DISTORTIONS),
+            max_occlusion_images=args.max_occlusion_images,
+            progress=args.progress,
+        )
+        encoders = [analysis.parse_encoder_arg(text) for text in args.encoders]
+        doc = analysis.analyze(encoders, args.out, settings)
+    except (ValueError, OSError, ReadError) as exc:  # WeightsError, StoreError, unreadable images
+        return _fail("analyze", str(exc))
+    print(f"wrote {', '.join(doc['files'])} to {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "moco":
         return run_moco(args)
+    if args.command == "analyze":
+        return run_analyze(args)
     return run_export(args)
 
 
