@@ -88,11 +88,10 @@ def test_plan_blocks_are_chunk_aligned_z_slabs():
         ((32, 40), (0, 7), (0, 9)),
     ]
     assert [b[0] for b in blockwise.plan_blocks((100, 5, 5), (16, 5, 5), "stack", 12)] == [(0, 48), (48, 96), (96, 100)]
-    assert [b[0] for b in blockwise.plan_blocks((70, 5, 5), (16, 5, 5), "sliding", 16, window_depth=20)] == [
-        (0, 32),
-        (32, 64),
-        (64, 70),
-    ]
+    sliding = blockwise.plan_blocks((70, 600, 300), (16, 256, 256), "sliding", 16, window=(20, 128, 128))
+    assert [b[0] for b in sliding[::6]] == [(0, 48), (48, 70)]  # 2 windows deep: 40 -> 48 slices
+    assert sorted({b[1] for b in sliding}) == [(0, 256), (256, 512), (512, 600)]
+    assert sorted({b[2] for b in sliding}) == [(0, 256), (256, 300)] and len(sliding) == 12
     assert blockwise.touching_starts((0, 12, 24, 28), 16, 2, 16, 32) == [12, 24, 28]  # padded [18, 34)
     assert blockwise.touching_starts((0, 12, 24, 28), 16, 2, 0, 10) == [0]
     with pytest.raises(ValueError, match="supports modes"):
@@ -137,9 +136,9 @@ def test_stack_mode_on_dask_equals_single_process(client, data_root, tmp_path):
 
 
 def test_sliding_mode_on_dask_equals_single_process(client, data_root, tmp_path):
-    """A 3D UNet in 16 x 32 x 32 windows over a 30 x 40 x 48 crop: every block recomputes the global
-    windows that touch it (2 blocks of 16 slices, windows every 12 slices: 16 windows for 12)."""
-    volume = _crop(data_root, tmp_path, (30, 40, 48))
+    """A 3D UNet in 16 x 32 x 32 windows over a 40 x 48 x 56 crop: every block recomputes the global
+    windows that touch it (blocks of 32 and 8 slices, windows every 12 slices: 36 windows for 24)."""
+    volume = _crop(data_root, tmp_path, (40, 48, 56))
     run = _save_run(
         tmp_path / "run3d", "unet3d", arch="resnet18", num_classes=2, geometry="isotropic", decoder_channels=SMALL_3D
     )
@@ -148,7 +147,7 @@ def test_sliding_mode_on_dask_equals_single_process(client, data_root, tmp_path)
     cfg = PredictConfig(scheduler=client.scheduler.address, **common)
     [dask] = predict_path(run, str(volume), str(tmp_path / "dask.zarr"), cfg, progress=False)
     expected = _read(local)
-    assert expected.shape == (30, 40, 48) and expected.dtype == np.float32 and expected.std() > 1e-4
+    assert expected.shape == (40, 48, 56) and expected.dtype == np.float32 and expected.std() > 1e-4
     np.testing.assert_array_equal(_read(dask), expected)
     assert max(_loads(client, run).values()) == 1
 

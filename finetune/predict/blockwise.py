@@ -17,7 +17,7 @@ equal (bit for bit on the same device and thread count; within float tolerance o
   no halo). Slab starts are multiples of both the output chunk depth and ``chunk``, and a
   slab is predicted ``chunk`` slices at a time from its start, so every forward pass holds
   the same slices as in :func:`~finetune.predict.orthoplane.predict_stack`.
-* ``sliding``: z-slabs of whole slices, at least one window deep. The halo is every window
+* ``sliding``: boxes of about two windows per side (:func:`plan_blocks`). The halo is every window
   of the *global* :func:`~finetune.predict.sliding.plan_sliding` plan that touches the block
   (so up to one window beyond it on each side), blended with the same weights, summed in
   the same window order and divided by the same global weight sums; windows go through the
@@ -91,7 +91,8 @@ class PredictSettings:
 
     ``model_path`` and ``input_spec`` must be readable by the workers (absolute paths on a
     shared file system); ``mode`` is resolved (``stack``, ``sliding`` or ``orthoplane``); the
-    other fields are those of :class:`finetune.config.PredictConfig`.
+    other fields are those of :class:`finetune.config.PredictConfig`, but ``block_windows``:
+    sliding mode's block side in windows per axis (see :func:`plan_blocks`).
     """
 
     model_path: str
@@ -109,6 +110,7 @@ class PredictSettings:
     chunk: int = 16
     device: str = "auto"
     amp: bool = True
+    block_windows: int = 2
 
 
 @dataclass(frozen=True)
@@ -236,27 +238,30 @@ def _spans(n: int, step: int) -> list[tuple[int, int]]:
 
 
 def plan_blocks(
-    shape: tuple[int, int, int], chunks: tuple[int, int, int], mode: str, chunk: int, window_depth: int = 1
+    shape: tuple[int, int, int],
+    chunks: tuple[int, int, int],
+    mode: str,
+    chunk: int,
+    window: tuple[int, int, int] = (1, 1, 1),
+    block_windows: int = 2,
 ) -> list[Box]:
-    """The output blocks of a prediction (pure): z-slabs of whole slices whose depth is a multiple
-    of the output chunk depth ``chunks[0]``, so no two blocks share a chunk.
+    """The output blocks of a prediction (pure), in z, y, x order; their sides are multiples of
+    the output ``chunks`` (or reach the volume's end), so no two blocks share a chunk.
 
-    ``stack``: slabs of ``lcm(chunks[0], chunk)`` slices (``chunk``-slice batches line up with the
-    single-process ones); ``sliding``: the smallest multiple of ``chunks[0]`` that holds
-    ``window_depth`` slices (a deeper slab recomputes fewer halo windows); ``orthoplane`` (the last
-    phase): slabs of ``chunks[0]``.
+    ``stack``: z-slabs of whole slices, ``lcm(chunks[0], chunk)`` deep (``chunk``-slice batches
+    line up with the single-process ones); ``orthoplane`` (its last phase): z-slabs of
+    ``chunks[0]``; ``sliding``: boxes whose side on each axis is the smallest multiple of the
+    chunk that holds ``block_windows`` windows (a bigger block recomputes fewer halo windows,
+    a smaller one makes more tasks).
     """
     if mode not in BLOCK_MODES:
         raise ValueError(f"blockwise prediction supports modes {', '.join(BLOCK_MODES)}, got {mode!r}")
     z, y, x = (int(s) for s in shape)
-    cz = int(chunks[0])
-    if mode == "stack":
-        depth = _lcm(cz, chunk)
-    elif mode == "sliding":
-        depth = cz * max(1, -(-window_depth // cz))
-    else:
-        depth = cz
-    return [((a, b), (0, y), (0, x)) for a, b in _spans(z, depth)]
+    if mode != "sliding":
+        depth = _lcm(int(chunks[0]), chunk) if mode == "stack" else int(chunks[0])
+        return [((a, b), (0, y), (0, x)) for a, b in _spans(z, depth)]
+    sides = [c * max(1, -(-block_windows * w // c)) for c, w in zip(chunks, window)]
+    return list(itertools.product(*(_spans(n, side) for n, side in zip(shape, sides))))
 
 
 def touching_starts(starts: tuple[int, ...], window: int, pad: int, lo: int, hi: int) -> list[int]:
@@ -317,21 +322,26 @@ def _sliding_block(job: BlockJob, box: Box) -> np.ndarray:
     blend = plan.num_windows > 1
     weight = plan.window_weight()
     w0, n0 = plan.window[0], plan.shape[0]
-    rest_pad = ((0, 0), (0, 0)) + plan.pad[1:]
     boxes = list(itertools.product(*plan.starts[1:]))  # predict_windows' job order (one input)
     batches = [boxes[b : b + batch_size] for b in range(0, len(boxes), batch_size)]
+    work = []  # (batch, indices of its windows touching the block): batches computed whole
+    for batch in batches:
+        wanted = [k for k, (sy, sx) in enumerate(batch) if sy in touch[1] and sx in touch[2]]
+        if wanted:
+            work.append((batch, wanted))
+    used = [sorted({b[k - 1] for batch, _ in work for b in batch}) for k in (1, 2)]
+    # The y/x range of every computed window, reflected at the volume's edges like np.pad
+    lo_y, lo_x = used[0][0], used[1][0]
+    take_y = reflect_indices(lo_y - pads[1], used[0][-1] + plan.window[1] - pads[1], plan.shape[1])
+    take_x = reflect_indices(lo_x - pads[2], used[1][-1] + plan.window[2] - pads[2], plan.shape[2])
     acc: np.ndarray | None = None
     for s0 in touch[0]:
         rows = reflect_indices(s0 - pads[0], s0 - pads[0] + w0, n0)
         first = int(rows.min())
-        slab = _take(np.asarray(source.read_unit(first, int(rows.max()) + 1), np.float32)[None], 1, rows - first)
-        if any(sum(rest_pad, ())):
-            slab = np.pad(slab, rest_pad, mode="reflect")
-        for batch in batches:
-            wanted = [k for k, (sy, sx) in enumerate(batch) if sy in touch[1] and sx in touch[2]]
-            if not wanted:
-                continue
-            windows = np.stack([slab[(0, slice(None), slice(sy, sy + plan.window[1]), slice(sx, sx + plan.window[2]))]
+        slab = _take(np.asarray(source.read_unit(first, int(rows.max()) + 1), np.float32), 0, rows - first)
+        slab = _take(_take(slab, 1, take_y), 2, take_x)  # (w0, y range, x range)
+        for batch, wanted in work:
+            windows = np.stack([slab[:, sy - lo_y : sy - lo_y + plan.window[1], sx - lo_x : sx - lo_x + plan.window[2]]
                                 for sy, sx in batch])  # fmt: skip
             pred = np.asarray(model_fn(windows), dtype=np.float32)
             if acc is None:
@@ -506,8 +516,8 @@ def predict_blockwise(
             str(array_path(writer.input_array)) if writer.input_array is not None else "",
         )
         chunks = tuple(writer.outputs[0].array.chunks)
-        depth = _sliding_plan(job).window[0] if settings.mode == "sliding" else 1
-        blocks = plan_blocks(shape, chunks, settings.mode, settings.chunk, depth)
+        window = _sliding_plan(job).window if settings.mode == "sliding" else (1, 1, 1)
+        blocks = plan_blocks(shape, chunks, settings.mode, settings.chunk, window, settings.block_windows)
         phases: list[tuple[str, list[tuple]]] = []
         if settings.mode == "orthoplane":
             scratch = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex[:8]}.orthoplane")
