@@ -597,8 +597,9 @@ class PredictConfig:
         default="",
         metadata=_help(
             SCHEDULER_HELP
-            + "; predicts blockwise on the Dask workers into a .zarr/.ome.zarr OUTPUT (chunk-aligned z-slabs "
-            "with the windows' halo, equal to the single-process result; the model is loaded once per worker; "
+            + "; predicts blockwise on the Dask workers into a .zarr/.ome.zarr OUTPUT (chunk-aligned blocks, "
+            "sliding mode's with the windows' halo; equal to the single-process result in every mode; the model "
+            "is loaded once per worker; "
             "RUN, INPUT and OUTPUT's folder must be on a file system the workers share). Empty: one process here"
         ),
     )
