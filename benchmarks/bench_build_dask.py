@@ -5,11 +5,12 @@ Run from the repository root:
     .venv/bin/python benchmarks/bench_build_dask.py [--data ../shared/data] [--parts ...] [--merge-rows 10000000]
 
 Prints Markdown tables (``--parts``, default all):
-1. ``throughput``: the same RAW (20 VNC ssTEM sections of 1024^2 as separate files, and the
-   NeuroProof 250^3 volume cut in 3 planes, split into 8 Mi-voxel chunk tasks on Dask) built
+1. ``throughput``: the same RAW (the 20 VNC ssTEM sections of 1024^2, each as 3 separate files, and the
+   NeuroProof 250^3 volume cut in 3 planes, split into 2 Mi-voxel chunk tasks on Dask: 24 of them) built
    by the local process pool with 1 and 2 workers and on a LocalCluster of 1 and 2 workers,
    after one warm-up build (the files are then in the page cache: the build is not I/O
-   bound); the cluster's start-up is timed apart. Ratios are against the local 1-worker build.
+   bound); the median of 3 builds each; the cluster's start-up is timed apart. Ratios are against
+   the local 1-worker build.
 2. ``overhead``: the scheduler's cost per task: 2,000 tasks that do nothing, on 2 workers.
 3. ``merge``: what the client does after the workers: :func:`cemcurate.build.merge.merge_parts`
    over synthetic parts totalling ``--merge-rows`` manifest rows (100 parts, cached filter
@@ -23,6 +24,7 @@ import operator
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -46,27 +48,32 @@ from cemcurate.manifest import write_manifest  # noqa: E402
 
 def make_raw(data: Path, raw: Path) -> None:
     raw.mkdir(parents=True)
-    for i in range(20):
-        os.symlink(data / f"drosophila_vnc_gerhard/stack1/raw/{i:02d}.tif", raw / f"vnc{i:02d}.tif")
+    for copy in range(3):  # 60 sources: each section three times under other names (dedup is per source)
+        for i in range(20):
+            os.symlink(data / f"drosophila_vnc_gerhard/stack1/raw/{i:02d}.tif", raw / f"vnc{copy}_{i:02d}.tif")
     (raw / "neuroproof").mkdir()
     for p in sorted((data / "neuroproof_flyem/training_sample2/grayscale_maps").glob("*.png")):
         os.symlink(p, raw / "neuroproof" / p.name)
     (raw / "cemcurate.yaml").write_text("- {path: 'neuroproof/*.png', stack: true, voxel_size: [10, 10, 10]}\n")
 
 
-def _timed_build(raw: Path, out: Path, cfg: BuildConfig) -> tuple[float, int]:
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    summary = build(raw, out, cfg, progress=False)
-    assert not summary.failed, summary.failed
-    return time.perf_counter() - t0, summary.n_raw
+def _timed_build(raw: Path, out: Path, cfg: BuildConfig, rounds: int = 3) -> tuple[float, int]:
+    """Median wall time of ``rounds`` builds from scratch, and the patches cut."""
+    times = []
+    for _ in range(rounds):
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        summary = build(raw, out, cfg, progress=False)
+        times.append(time.perf_counter() - t0)
+        assert not summary.failed, summary.failed
+    return statistics.median(times), summary.n_raw
 
 
 def bench_throughput(data: Path, tmp: Path) -> str:
     raw, out = tmp / "raw", tmp / "out"
     make_raw(data, raw)
-    chunk = 8 << 20
-    _timed_build(raw, out, BuildConfig(workers=2))  # warm-up: page cache, imports
+    chunk = 2 << 20
+    _timed_build(raw, out, BuildConfig(workers=2), rounds=1)  # warm-up: page cache, imports
     rows = []
     reference = None
     for label, workers in (("local pool, 1 worker", 1), ("local pool, 2 workers", 2)):
@@ -78,7 +85,7 @@ def bench_throughput(data: Path, tmp: Path) -> str:
         with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster:
             start = time.perf_counter() - t0
             cfg = BuildConfig(scheduler=cluster.scheduler_address, dask_chunk_voxels=chunk)
-            _timed_build(raw, out, cfg)  # warm-up of the workers' imports
+            _timed_build(raw, out, cfg, rounds=1)  # warm-up of the workers' imports
             seconds, n = _timed_build(raw, out, cfg)
         rows.append((f"Dask LocalCluster, {workers} worker{'s' * (workers > 1)}", seconds, n, f"{start:.1f} s"))
     lines = [

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cemcurate.build.chunked import SplitPlan, cut_chunk, finish_split, plan_split
+from cemcurate.build.chunked import SplitPlan, cut_chunk, finish_split, may_split, plan_split
 from cemcurate.build.config import BuildConfig
 from cemcurate.build.lock import BuildLock
 from cemcurate.build.merge import merge_parts
@@ -168,13 +168,15 @@ def _process_on_dask(
     # Keys name the build too: two builds on one long-running scheduler must not share results.
     token = uuid.uuid4().hex[:8]
     submit = dict(retries=2, pure=False)
-    plans = {
-        client.submit(plan_split, spec, cfg, root, key=f"cemcurate-plan-{token}-{spec.key}", **submit): spec
-        for spec in _largest_first(todo)
-    }
-    final: dict[object, tuple[SourceSpec, SplitPlan | None]] = {}
-    running = distributed.as_completed(plans)
-    bar = tqdm(total=len(plans), desc="tasks (dask)", unit="task", disable=not progress)
+    plans, final = {}, {}
+    for spec in _largest_first(todo):
+        if may_split(spec, cfg):
+            plans[client.submit(plan_split, spec, cfg, root, key=f"cemcurate-plan-{token}-{spec.key}", **submit)] = spec
+        else:  # too small to split: one task, without a planning round trip
+            key = f"cemcurate-source-{token}-{spec.key}"
+            final[client.submit(process_source, spec, cfg, root, raw, debug, key=key, **submit)] = (spec, None)
+    running = distributed.as_completed(list(plans) + list(final))
+    bar = tqdm(total=len(plans) + len(final), desc="tasks (dask)", unit="task", disable=not progress)
     try:
         for future in running:
             bar.update()

@@ -33,7 +33,6 @@ request checks it.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import os
@@ -52,11 +51,13 @@ import yaml
 
 from cemcurate.common.atomic import file_sha256
 from cemcurate.common.lazy import lazy_import
+from finetune.metrics import probs_to_classes
 from finetune.models import MODELS, ASEMUNet, SegmentationModel, build_model
 from finetune.models.asem_unet import fitting_input_size, reflect_pad
 from finetune.models.transfer import SavedModel, read_saved_model
 from finetune.predict.slices import SlicePredictor
 from finetune.predict.sliding import predict_sliding
+from finetune.report import overlay, read_log
 from finetune.volumes import expand_patterns, open_input
 
 bioimageio_spec = lazy_import("bioimageio.spec")
@@ -218,7 +219,7 @@ def _first_image(saved: SavedModel, sample: str | None) -> Path:
     )
 
 
-def test_crop(source: Any, dim: int, step: Sequence[int], shape: Sequence[int] | None = None) -> np.ndarray:
+def sample_crop(source: Any, dim: int, step: Sequence[int], shape: Sequence[int] | None = None) -> np.ndarray:
     """A centred uint8 crop of ``source`` (a :class:`~finetune.volumes.InputVolume`, or a ``uint8[z, y, x]``
     array): ``(y, x)`` of its middle slice for 2D, ``(z, y, x)`` for 3D, each side the largest
     multiple of ``step`` up to ``shape`` (default 256 x 256 or 32 x 64 x 64). Only the slices the
@@ -292,32 +293,12 @@ def _trace(net: torch.nn.Module, example: torch.Tensor, check: torch.Tensor | No
 
 
 def _cover(image: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """``uint8[h, 2w, 3]``: the grey crop, and the same with the prediction over it (foreground
-    in orange, weighted by its probability; classes in colours for a multi-class model)."""
-    grey = np.repeat(image[..., None].astype(np.float32), 3, axis=-1)
-    if probs.shape[0] == 1:
-        alpha = 0.6 * probs[0][..., None]
-        tint = np.broadcast_to(np.array([255.0, 110.0, 0.0], np.float32), grey.shape)
-    else:
-        palette = np.array(
-            [[0, 0, 0], [255, 110, 0], [0, 170, 255], [60, 220, 60], [230, 40, 200], [250, 230, 40], [140, 90, 255]],
-            np.float32,
-        )
-        labels = probs.argmax(0)
-        tint = palette[1 + (labels - 1) % (len(palette) - 1)]
-        alpha = np.where(labels > 0, 0.55, 0.0)[..., None]
-    overlay = grey * (1 - alpha) + tint * alpha
-    cover = np.concatenate([grey, overlay], axis=1)
+    """``uint8[h, 2w, 3]``: the grey crop beside the same with the predicted classes over it (the
+    colours of ``finetune train``'s report), enlarged to at least 256 px high."""
+    grey = np.repeat(image[..., None], 3, axis=-1)
+    cover = np.concatenate([grey, overlay(image, probs_to_classes(probs))], axis=1)
     scale = max(1, int(np.ceil(256 / cover.shape[0])))
-    cover = cover.repeat(scale, 0).repeat(scale, 1)
-    return np.clip(np.rint(cover), 0, 255).astype(np.uint8)
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    return cover.repeat(scale, 0).repeat(scale, 1)
 
 
 def provenance(run: Path, saved: SavedModel) -> dict[str, Any]:
@@ -325,7 +306,7 @@ def provenance(run: Path, saved: SavedModel) -> dict[str, Any]:
     model it started from, iterations, the last and best validation IoU, the benchmark test IoU."""
     cfg = saved.info.get("config") or {}
     data = cfg.get("data", {})
-    val_rows = _read_csv(run / "val_log.csv")
+    val_rows = read_log(run / "val_log.csv")
     best = max(val_rows, key=lambda r: float(r.get("mean_foreground_iou") or "nan"), default=None)
     test_scores = json.loads((run / "test_scores.json").read_text()) if (run / "test_scores.json").is_file() else None
     chain, source = [], saved.info.get("init_model")
@@ -506,7 +487,7 @@ def build_package(
     mean, std = float(model.norm_mean), float(model.norm_std)
     rule = size_rule(model)
 
-    crop = test_crop(open_input(str(_first_image(saved, sample))), dim, rule[1] if rule else (1,) * dim, test_shape)
+    crop = sample_crop(open_input(str(_first_image(saved, sample))), dim, rule[1] if rule else (1,) * dim, test_shape)
     probs = predictor_probabilities(model, crop)[None]  # (1, C, *crop)
     x = torch.from_numpy(crop[None, None].astype(np.float32) / np.float32(255.0))
     x = (x - mean) / std
