@@ -48,8 +48,6 @@ _STYLE = (
     "pre{background:#f7f7f7;padding:8px;overflow-x:auto}"
 )
 
-Predict = Callable[[np.ndarray], np.ndarray]
-
 
 def central_crop(shape: tuple[int, int], side: int = PANEL_SIDE) -> tuple[slice, slice]:
     """The central ``side`` x ``side`` window of a ``(y, x)`` image (the whole axis where shorter)."""
@@ -154,21 +152,22 @@ def curves_png(train_rows: list[dict], val_rows: list[dict]) -> bytes:
 
 
 def panels(
-    images: Sequence[np.ndarray], labels: Sequence[np.ndarray], names: Sequence[str], predict: Predict, context: int = 0
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    names: Sequence[str],
+    predicted: Callable[[int, int], np.ndarray],
 ) -> list[tuple[str, np.ndarray]]:
-    """Overlays of the picked slices: ``[(caption, uint8[y, x, 3])]``.
+    """Overlays of the slices :func:`pick_slices` picks: ``[(caption, uint8[y, x, 3])]``.
 
     Args:
         images, labels: per item ``uint8[z, y, x]`` image and class map (255 = ignored).
         names: per item, for the caption.
-        predict: ``uint8[z, y, x]`` crop -> class indices ``[z, y, x]``.
-        context: slices above and below given to ``predict`` (3D models need z context).
+        predicted: ``(item, z) -> [y, x]`` predicted class indices of that whole slice.
     """
     out = []
     for item, z in pick_slices(labels):
         ys, xs = central_crop(images[item].shape[1:])
-        z0, z1 = max(0, z - context), min(images[item].shape[0], z + context + 1)
-        pred = predict(np.ascontiguousarray(images[item][z0:z1, ys, xs]))[z - z0]
+        pred = predicted(item, z)[ys, xs]
         truth = labels[item][z, ys, xs]
         iou = slice_iou(pred, truth)
         caption = f"{names[item]} z={z}: slice IoU {'-' if iou is None else f'{iou:.3f}'}"
@@ -256,8 +255,7 @@ def write_run_report(
     classes: Sequence[str],
     items: Sequence[tuple[str, np.ndarray, np.ndarray]],
     overlays_from: str,
-    predict: Predict,
-    context: int = 0,
+    predicted: Callable[[int, int], np.ndarray] | None,
     scores: dict | None = None,
 ) -> Path:
     """Write ``run/report.html`` from the run's logs and overlays of ``items``.
@@ -265,10 +263,10 @@ def write_run_report(
     Args:
         items: ``(name, uint8[z, y, x] image, uint8[z, y, x] class map)`` to pick slices from.
         overlays_from: the heading of the overlay grid (says whether the slices were held out).
-        predict, context: see :func:`panels`.
+        predicted: see :func:`panels`; ``None``: no overlays (the heading says why).
     """
     curves = curves_png(read_log(run / "train_log.csv"), read_log(run / "val_log.csv"))
     names, images, labels = zip(*items) if items else ((), (), ())
-    shown = panels(images, labels, names, predict, context)
+    shown = panels(images, labels, names, predicted) if predicted is not None else []
     page = run_report_html(title, summary, curves, shown, overlays_from, classes, scores)
     return write_html(run / REPORT, page)

@@ -67,7 +67,7 @@ from finetune.models.geometry import StageGeometry
 from finetune.models.transfer import read_saved_model
 from finetune.predict.slices import SlicePredictor
 from finetune.predict.sliding import DEFAULT_WINDOW, predict_sliding
-from finetune.report import write_run_report
+from finetune.report import pick_slices, write_run_report
 from finetune.sampling import SAMPLING_RULES
 from finetune.training_model import ModelOrigin, build_training_model, resolve_geometry
 from finetune.volumes import expand_patterns, open_volume
@@ -131,40 +131,49 @@ def validate(
     amp: bool,
     batch_size: int = 8,
     window: tuple[int, int, int] = DEFAULT_WINDOW,
+    keep: dict[tuple[int, int], np.ndarray | None] | None = None,
 ) -> dict:
     """IoU and cross-entropy of the model on ``items`` (pixels pooled over all items).
 
     A 2D model predicts the xy slices; a 3D model predicts each volume by sliding
     windows of size ``window`` (z, y, x). ``loss`` is the unweighted cross-entropy of the
     blended probabilities over the labelled voxels (ASEM watches it to find the "fit" regime).
+    ``keep``: ``{(item, z): None}`` slices whose predicted classes (uint8 ``[y, x]``) are filled
+    in on the way (the report's overlays, at no extra cost).
     """
     was_training = model.training
     cm = np.zeros((num_classes, num_classes), np.int64)
     nll = np.zeros(2)  # sum of -log p(true class), labelled voxels
 
-    def score(probs: np.ndarray, labels: np.ndarray) -> None:
-        cm[:] += confusion_matrix(probs_to_classes(probs), labels, num_classes)
+    def score(probs: np.ndarray, labels: np.ndarray, item: int = 0, z0: int = 0) -> None:
+        classes = probs_to_classes(probs)
+        cm[:] += confusion_matrix(classes, labels, num_classes)
         nll[:] += cross_entropy_sum(probs, labels)
+        for i, z in keep or ():
+            if i == item and z0 <= z < z0 + classes.shape[0]:
+                keep[(i, z)] = classes[z - z0]
 
     try:
         if model.dim == 3:
-            for item in items:
+            for i, item in enumerate(items):
                 # Scored slab by slab, so a large validation volume needs no full-size probability array.
                 predict_sliding(
                     model,
                     item.image,
                     window,
                     batch_size=1,
-                    out=lambda z0, probs, labels=item.labels: score(probs, labels[z0 : z0 + probs.shape[1]]),
+                    out=lambda z0, probs, labels=item.labels, i=i: score(
+                        probs, labels[z0 : z0 + probs.shape[1]], i, z0
+                    ),
                     device=device,
                     amp=amp,
                 )
         else:
             predictor = SlicePredictor(model, device, amp, tile=512, overlap=64, batch_size=batch_size)
-            for item in items:
+            for i, item in enumerate(items):
                 for z0 in range(0, item.image.shape[0], 4):
                     x = item.image[z0 : z0 + 4].astype(np.float32) / np.float32(255.0)
-                    score(predictor(x).transpose(1, 0, 2, 3), item.labels[z0 : z0 + 4])
+                    score(predictor(x).transpose(1, 0, 2, 3), item.labels[z0 : z0 + 4], i, z0)
     finally:
         model.train(was_training)
     iou = iou_from_confusion(cm)
@@ -364,7 +373,7 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optim.lr, total_steps=optim.iters)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
-    start, elapsed, last_val = 0, 0.0, None
+    start, elapsed, last_val, shown = 0, 0.0, None, {}
     ckpt_path = run / CHECKPOINT
     if ckpt_path.is_file():
         ckpt = read_checkpoint(ckpt_path)
@@ -429,7 +438,10 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
                 )
             if it % runtime.checkpoint_every == 0 or it == stop:
                 if val_items:
-                    last_val = validate(model, val_items, len(data.classes), device, amp, window=validation_window(cfg))
+                    shown = dict.fromkeys(pick_slices([item.labels for item in val_items]))
+                    last_val = validate(
+                        model, val_items, len(data.classes), device, amp, window=validation_window(cfg), keep=shown
+                    )
                     for c, v in zip(data.classes, last_val["iou"]):
                         if v is not None:
                             tb.add_scalar(f"val/iou_{c}", v, it)
@@ -467,7 +479,7 @@ def train(cfg: TrainConfig, run: str | Path, stop_at: int | None = None, progres
     finished = it >= optim.iters or early_stopped
     if finished:
         _save_model(run, model, cfg, origin, it, elapsed, last_val)
-    _write_report(run, cfg, model, items, val_items, device, amp, it, origin, last_val)
+    _write_report(run, cfg, model, items, val_items, device, amp, it, origin, last_val, shown)
     return TrainResult(run, it, finished, elapsed, last_val)
 
 
@@ -482,12 +494,23 @@ def _write_report(
     iteration: int,
     origin: ModelOrigin,
     scores: dict | None,
+    val_slices: dict[tuple[int, int], np.ndarray | None],
 ) -> Path:
-    """``RUN/report.html``: curves, overlays of validation slices (training slices, said so, without
-    a validation set) predicted by ``model`` as it is now, and the last validation scores."""
-    window = validation_window(cfg)
-    shown = val_items or items
-    heading = "Validation slices" if val_items else "Training slices (no validation set: the model has seen these)"
+    """``RUN/report.html``: curves, overlays and the last validation scores.
+
+    The overlays of validation slices come from the last validation (``val_slices``, no extra
+    prediction); without a validation set a 2D model predicts training slices (said so), and a
+    3D model shows none (its sliding windows would cost minutes on a CPU).
+    """
+    if val_items and val_slices and all(v is not None for v in val_slices.values()):
+        shown, predicted, heading = val_items, lambda item, z: val_slices[(item, z)], "Validation slices"
+    elif val_items:
+        shown, predicted, heading = val_items, None, "Validation slices: no validation in this invocation"
+    elif model.dim == 2:
+        shown, heading = items, "Training slices (no validation set: the model has seen these)"
+        predicted = _slice_predictor(model, device, amp, items)
+    else:
+        shown, predicted, heading = items, None, "No overlays: a 3D run shows validation slices (--val-images)"
     start = f"model {origin.init_model['path']}" if origin.init_model else f"encoder {origin.encoder_source}"
     summary = {
         "network": f"{cfg.model.dim} {cfg.model.arch}",
@@ -497,27 +520,29 @@ def _write_report(
         "training volumes": len(items),
         "validation volumes": len(val_items),
     }
-    was_training = model.training
-    model.eval()
-    try:
-        return write_run_report(
-            run,
-            f"finetune run {cfg.runtime.name or run.name}",
-            summary,
-            cfg.data.classes,
-            [(item.name, item.image, item.labels) for item in shown],
-            heading,
-            _class_predictor(model, device, amp, window),
-            context=window[0] // 2 if model.dim == 3 else 0,
-            scores=scores,
-        )
-    finally:
-        model.train(was_training)
+    return write_run_report(
+        run,
+        f"finetune run {cfg.runtime.name or run.name}",
+        summary,
+        cfg.data.classes,
+        [(item.name, item.image, item.labels) for item in shown],
+        heading,
+        predicted,
+        scores=scores,
+    )
 
 
-def _class_predictor(model, device: torch.device, amp: bool, window: tuple[int, int, int]):
-    """``uint8[z, y, x] -> uint8[z, y, x]`` class indices by ``model`` (2D: per slice; 3D: sliding windows)."""
-    if model.dim == 3:
-        return lambda crop: probs_to_classes(predict_sliding(model, crop, window, batch_size=1, device=device, amp=amp))
+def _slice_predictor(model, device: torch.device, amp: bool, items: list[LabelledVolume]):
+    """``(item, z) -> uint8[y, x]`` classes of one slice of ``items`` by a 2D ``model`` (in eval mode)."""
     predictor = SlicePredictor(model, device, amp, tile=512, overlap=64, batch_size=4)
-    return lambda crop: probs_to_classes(predictor(crop.astype(np.float32) / np.float32(255.0)).transpose(1, 0, 2, 3))
+
+    def predicted(item: int, z: int) -> np.ndarray:
+        x = items[item].image[z : z + 1].astype(np.float32) / np.float32(255.0)
+        was_training = model.training
+        model.eval()
+        try:
+            return probs_to_classes(predictor(x).transpose(1, 0, 2, 3))[0]
+        finally:
+            model.train(was_training)
+
+    return predicted

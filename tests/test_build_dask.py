@@ -213,3 +213,21 @@ def test_a_classifier_filter_scores_on_the_cluster_as_it_does_here(data_root, tm
     assert a.loc[stored, "decided_by"].eq("classifier").all() and stored.sum() > 20
     np.testing.assert_allclose(a["informative_prob"], b["informative_prob"], rtol=0, atol=1e-6)
     pd.testing.assert_frame_equal(a.drop(columns="informative_prob"), b.drop(columns="informative_prob"))
+
+
+def test_an_interrupted_dask_build_resumes_from_the_parts_it_finished(local_build, cluster, tmp_path):
+    """A build stopped part-way leaves finished parts (their JSON last) and no manifest; the next
+    build on the cluster redoes only the others and ends with the local build's result."""
+    raw, local = local_build
+    out = tmp_path / "dask"
+    cfg = BuildConfig(scheduler=cluster.scheduler_address, dask_chunk_voxels=1 << 20)
+    build(raw, out, cfg, progress=False)
+    parts = sorted((out / "parts").glob("*.json"))
+    lost = [p for p in parts if p.stem.startswith(("neuroproof", "tomo"))]
+    for path in lost:  # as if the build had stopped before these sources finished
+        path.unlink()
+    for name in ("manifest.parquet", "sources.parquet", "report.html"):
+        (out / name).unlink()
+    summary = build(raw, out, cfg, progress=False)
+    assert summary.reused == len(parts) - len(lost) - 1 and len(lost) == 2  # patch_ids.json is no source
+    _assert_same_build(local, out)

@@ -106,7 +106,7 @@ def test_report_shows_real_slices_with_their_iou(data_root, tmp_path):
         ["background", "mito"],
         list(zip(names, images, labels)),
         "Validation slices",
-        dark,
+        lambda item, z: dark(images[item][z]),
         scores={"iou": [0.9, 0.25], "mean_foreground_iou": 0.25, "loss": 0.4},
     )
     page = path.read_text()
