@@ -342,8 +342,10 @@ def build(
                 if problem:
                     redone[spec.key] = f"redone: the part of an earlier build could not be reused ({problem})"
         reused = len(records)
-        # One cluster for the sources and the filter stage (a batch system starts it once).
-        with dask_client(cfg.scheduler, quiet=not progress) if cfg.scheduler else contextlib.nullcontext() as client:
+        # One cluster for the sources and the filter stage (a batch system starts it once), and
+        # none when every source is reused (the filter stage then scores what is left here).
+        cluster = dask_client(cfg.scheduler, quiet=not progress) if cfg.scheduler and todo else None
+        with cluster or contextlib.nullcontext() as client:
             records.update(_process_all(todo, cfg, layout, raw, progress, debug, client))
             shutil.rmtree(layout.work_dir, ignore_errors=True)
             for key, note in redone.items():
