@@ -10,7 +10,7 @@ for its metadata sources.
 """
 
 from .base import ReadError, Volume, nm_per_unit, to_grayscale
-from .formats import SUPPORTED_SUFFIXES, is_supported, open_file, suffix_of
+from .formats import SUPPORTED_SUFFIXES, ZARR_SUFFIXES, is_supported, open_file, suffix_of
 from .handles import close_all as close_cached_files
 from .series import natural_sort_key, open_series
 from .writers import WRITABLE_SUFFIXES, ChunkedOutput, open_chunked_output, write_volume
@@ -18,6 +18,7 @@ from .writers import WRITABLE_SUFFIXES, ChunkedOutput, open_chunked_output, writ
 __all__ = [
     "SUPPORTED_SUFFIXES",
     "WRITABLE_SUFFIXES",
+    "ZARR_SUFFIXES",
     "ChunkedOutput",
     "ReadError",
     "Volume",

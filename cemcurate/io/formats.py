@@ -11,7 +11,7 @@ from .base import ReadError, Volume
 
 # Longest first so ".ome.tif" wins over ".tif" and ".nii.gz" over ".gz".
 _COMPOUND = (".ome.tiff", ".ome.tif", ".ome.zarr", ".nii.gz")
-_DIRECTORY_SUFFIXES = (".zarr", ".ome.zarr")
+ZARR_SUFFIXES = (".zarr", ".ome.zarr")  # directory stores (zarr, OME-Zarr)
 
 # One reader per format. Each reader module imports its backend (tifffile, h5py, zarr, ...)
 # with cemcurate.common.lazy.lazy_import, so importing cemcurate.io stays cheap and a missing
@@ -65,7 +65,7 @@ def is_supported(path: str | os.PathLike) -> bool:
     if suffix not in READERS:
         return False
     p = Path(path)
-    if suffix in _DIRECTORY_SUFFIXES:
+    if suffix in ZARR_SUFFIXES:
         return not p.exists() or p.is_dir()
     return not p.is_dir()
 
@@ -91,7 +91,7 @@ def open_file(path: str | os.PathLike, dataset: str | None = None) -> list[Volum
         raise ReadError(path, "file not found")
     suffix = suffix_of(path)
     if path.is_dir():
-        if suffix not in _DIRECTORY_SUFFIXES:
+        if suffix not in ZARR_SUFFIXES:
             raise ReadError(
                 path,
                 "is a directory; only '*.zarr' directories are read as one source "
@@ -99,7 +99,7 @@ def open_file(path: str | os.PathLike, dataset: str | None = None) -> list[Volum
             )
     elif path.stat().st_size == 0:
         raise ReadError(path, "file is empty (0 bytes); it was probably not copied or written completely")
-    elif suffix in _DIRECTORY_SUFFIXES:
+    elif suffix in ZARR_SUFFIXES:
         raise ReadError(path, "a zarr store must be a directory, but this is a file (zipped stores are not read)")
     reader = READERS.get(suffix)
     if reader is None:

@@ -35,7 +35,7 @@ from PIL import Image
 from cemcurate.common.atomic import PublishOnExit, remove_path, replace_path
 from cemcurate.common.lazy import lazy_import
 
-from .formats import suffix_of
+from .formats import ZARR_SUFFIXES, suffix_of
 from .mrc import IMOD_STAMP
 from .ngff import NgffStore
 
@@ -254,7 +254,7 @@ class ChunkedOutput(PublishOnExit):
         suffix = suffix_of(self.path)
         self._suffix = suffix
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if suffix in (".zarr", ".ome.zarr"):
+        if suffix in ZARR_SUFFIXES:
             self._store = NgffStore(self.path)
             self._tmp = self._store.tmp
             self.array = self._store.add_image("", self.shape, self.dtype, chunks, self.voxel_size, levels, method)
@@ -280,7 +280,7 @@ class ChunkedOutput(PublishOnExit):
         if isinstance(self.array, np.memmap):
             self.array.flush()
         try:
-            if self._suffix in (".zarr", ".ome.zarr"):
+            if self._suffix in ZARR_SUFFIXES:
                 self.array = None
                 self._store.finalize()
             elif self._suffix in (".npy", ".raw"):

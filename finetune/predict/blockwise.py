@@ -59,7 +59,7 @@ from tqdm import tqdm
 from cemcurate.common.atomic import remove_path
 from cemcurate.common.device import select_device
 from cemcurate.common.lazy import lazy_import
-from cemcurate.io import suffix_of
+from cemcurate.io import ZARR_SUFFIXES, suffix_of
 from cemcurate.io.ngff import array_path
 from cemcurate.standardize import IntensityWindow
 from finetune.metrics import probs_to_classes
@@ -76,7 +76,6 @@ distributed = lazy_import("distributed")
 zarr = lazy_import("zarr")
 
 BLOCK_MODES = ("stack", "sliding", "orthoplane")
-ZARR_SUFFIXES = (".zarr", ".ome.zarr")
 PLANES = ("xy", "xz", "yz")  # orthoplane passes; the slab axis of plane i is axis i of (z, y, x)
 SCRATCH_CHUNK = 64  # orthoplane scratch arrays: chunk side across the slab axis
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter

@@ -13,7 +13,7 @@ import torch
 
 from cemcurate.common.dask_cluster import dask_client
 from cemcurate.common.device import select_device
-from cemcurate.io import suffix_of
+from cemcurate.io import ZARR_SUFFIXES, suffix_of
 from finetune.config import PredictConfig
 from finetune.models import MODELS
 from finetune.models.transfer import read_saved_model
@@ -91,7 +91,7 @@ def predict_path(
             raise ValueError(
                 f"{spec}: orthoplane prediction needs a 3D volume, got shape {source.shape}; use --mode stack"
             )
-        is_zarr = suffix_of(out_path) in (".zarr", ".ome.zarr")
+        is_zarr = suffix_of(out_path) in ZARR_SUFFIXES
         if cfg.with_input and not is_zarr:
             raise ValueError(f"{out_path}: --with-input needs a .zarr / .ome.zarr output")
         if cfg.pyramid_levels > 1 and not is_zarr:

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from cemcurate.common.atomic import PublishOnExit
-from cemcurate.io import open_chunked_output, suffix_of
+from cemcurate.io import ZARR_SUFFIXES, open_chunked_output, suffix_of
 from cemcurate.io.ngff import NgffStore, default_chunks
 from finetune.metrics import probs_to_classes
 from finetune.predict.windows import encode_probs
@@ -70,7 +70,7 @@ class PredictionWriter(PublishOnExit):
     ):
         self.path = Path(path)
         self.shape = tuple(int(s) for s in shape)
-        is_zarr = suffix_of(self.path) in (".zarr", ".ome.zarr")
+        is_zarr = suffix_of(self.path) in ZARR_SUFFIXES
         if not is_zarr and (pyramid_levels != 1 or input_image is not None):
             raise ValueError(
                 f"{self.path}: resolution pyramids and the input image are written to .zarr / .ome.zarr outputs "
