@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from cemcurate.build.config import BuildConfig
-from cemcurate.build.cut import cut_patches
+from cemcurate.build.cut import cut_patches, standard_slab
 from cemcurate.build.extend import extendable_part
 from cemcurate.build.records import CutPatches, PartRecord
 from cemcurate.build.resume import new_record
@@ -133,7 +133,6 @@ def _chunk_path(layout: BuildLayout, plan: SplitPlan, plane: str, start: int) ->
 
 
 def cut_chunk(
-    spec: SourceSpec,
     plan: SplitPlan,
     plane: str,
     start: int,
@@ -149,7 +148,7 @@ def cut_chunk(
     """
     layout = BuildLayout(out_dir)
     if plane == "xy":
-        block = plan.window.apply(plan.volume.read_slices(start, stop))
+        block = standard_slab(plan.volume, plan.window, start, stop)
         if len(plan.planes) > 1:
             scratch = zarr.open_array(str(plan.scratch(layout)), mode="r+")
             scratch[start:stop] = block

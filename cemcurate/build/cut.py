@@ -65,7 +65,7 @@ def iter_standard_planes(
     slab = max(1, SLAB_VOXELS // max(1, y * x))
     if planes == ("xy",):
         for z0 in range(0, z, slab):
-            block = _standard_slab(vol, window, z0, min(z, z0 + slab))
+            block = standard_slab(vol, window, z0, min(z, z0 + slab))
             for k in range(block.shape[0]):
                 yield "xy", z0 + k, block[k]
         return
@@ -92,7 +92,7 @@ def iter_standard_planes(
 def _standardise_into(std: np.ndarray, vol: Volume, window: IntensityWindow, slab: int) -> None:
     """Fill ``std`` (uint8, the volume's shape) with the standardised volume, ``slab`` slices at a time."""
     for z0 in range(0, vol.shape[0], slab):
-        block = _standard_slab(vol, window, z0, min(vol.shape[0], z0 + slab))
+        block = standard_slab(vol, window, z0, min(vol.shape[0], z0 + slab))
         with timed("standardise"):
             std[z0 : z0 + slab] = block
 
@@ -109,7 +109,7 @@ def _sections(std: np.ndarray, planes: tuple[str, ...]) -> Iterator[tuple[str, i
             yield plane, section[0], section[1]
 
 
-def _standard_slab(vol: Volume, window: IntensityWindow, z0: int, z1: int) -> np.ndarray:
+def standard_slab(vol: Volume, window: IntensityWindow, z0: int, z1: int) -> np.ndarray:
     """Slices ``z0:z1`` of ``vol`` read and mapped to uint8 ``(z1 - z0, y, x)``."""
     with timed("decode"):
         block = vol.read_slices(z0, z1)

@@ -223,7 +223,7 @@ def _submit_split(
     for plane, start, stop in plan.chunks:
         key = f"cemcurate-chunk-{token}-{spec.key}-{plane}{start}"
         after = xy if plane != "xy" else None
-        task = client.submit(cut_chunk, spec, plan, plane, start, stop, cfg, root, after, key=key, **submit)
+        task = client.submit(cut_chunk, plan, plane, start, stop, cfg, root, after, key=key, **submit)
         (xy if plane == "xy" else sections).append(task)
     chunks = xy + sections
     reduce = client.submit(
