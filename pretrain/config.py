@@ -61,6 +61,14 @@ class MocoConfig:
             "CUDA only) or 'none'"
         ),
     )
+    key_bn_groups: int = field(
+        default=4,
+        metadata=_help(
+            "with key_bn 'shuffle' in a single process (nothing to shuffle across): the key batch is "
+            "shuffled and its BatchNorm statistics taken in this many groups, as the paper's 4 GPUs "
+            "would, so no BatchNorm batch holds both views of an image; not used with more processes"
+        ),
+    )
 
     # --- optimisation ------------------------------------------------------------------
     epochs: int = field(default=200, metadata=_help("passes through the curated patches"))
@@ -186,6 +194,8 @@ class MocoConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.key_bn not in KEY_BN_MODES:
             raise ValueError(f"key_bn must be one of {KEY_BN_MODES}, got {self.key_bn!r}")
+        if not 1 <= self.key_bn_groups <= self.batch_size:
+            raise ValueError(f"key_bn_groups must be in [1, batch_size {self.batch_size}], got {self.key_bn_groups}")
         if any(m <= 0 for m in self.lr_milestones):
             raise ValueError(f"lr_milestones must be positive epochs, got {self.lr_milestones}")
         for name in ("rotation_p", "hflip_p", "vflip_p", "jitter_p", "blur_p", "noise_p"):

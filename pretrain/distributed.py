@@ -75,7 +75,8 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _permutation(n: int, seed: int, device: torch.device) -> torch.Tensor:
+def permutation(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A permutation of ``range(n)`` (int64 on ``device``) that depends only on ``seed``."""
     # Every rank derives the same permutation from the same seed, so nothing is broadcast.
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randperm(n, generator=generator).to(device)
@@ -94,7 +95,7 @@ def shuffle_batch(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tenso
         permutation of the ``world_size * n`` samples, for :func:`unshuffle_batch`.
     """
     gathered = all_gather_cat(x)
-    perm = _permutation(len(gathered), seed, x.device)
+    perm = permutation(len(gathered), seed, x.device)
     r, n = rank(), len(x)
     return gathered[perm[r * n : (r + 1) * n]], perm
 

@@ -105,10 +105,12 @@ class MoCo(nn.Module):
         mlp: bool = True,
         in_chans: int = 1,
         shuffle_bn: bool = True,
+        key_bn_groups: int = 4,
     ):
         super().__init__()
         self.arch, self.in_chans = arch, in_chans
         self.key_momentum, self.temperature, self.shuffle_bn = key_momentum, temperature, shuffle_bn
+        self.key_bn_groups = key_bn_groups
         self.encoder_q = create_backbone(arch, in_chans)
         self.head_q = projection_head(self.encoder_q.num_features, feature_dim, mlp)
         # The key branch starts as an exact copy and is only ever moved by the momentum update.
@@ -142,12 +144,21 @@ class MoCo(nn.Module):
 
         With shuffle-BN on more than one process, the batch is spread across processes before
         the key encoder, so no BatchNorm batch holds both views of an image (a shortcut the
-        query could otherwise learn), and gathered back in order after it.
+        query could otherwise learn), and gathered back in order after it. In one process the
+        batch is shuffled and encoded in ``key_bn_groups`` groups instead (the single-GPU
+        recipe of the MoCo authors' CIFAR demo), since a whole-batch BatchNorm would hold
+        every query's partner key.
         """
         branch = EmbeddingBranch(self.encoder_k, self.head_k)
         if self.shuffle_bn and distributed.world_size() > 1:
             shuffled, perm = distributed.shuffle_batch(im_k, shuffle_seed)
             return distributed.unshuffle_batch(branch(shuffled), perm)
+        if self.shuffle_bn and self.key_bn_groups > 1:
+            perm = distributed.permutation(len(im_k), shuffle_seed, im_k.device)
+            shuffled = torch.cat([branch(group) for group in im_k[perm].chunk(self.key_bn_groups)])
+            k = torch.empty_like(shuffled)
+            k[perm] = shuffled
+            return k, k
         k = branch(im_k)
         return k, distributed.all_gather_cat(k)
 

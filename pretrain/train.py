@@ -148,6 +148,7 @@ def build_model(cfg: MocoConfig, ctx: distributed.DistContext) -> MoCo:
         mlp=cfg.mlp,
         in_chans=1,
         shuffle_bn=cfg.key_bn == "shuffle",
+        key_bn_groups=cfg.key_bn_groups,
     )
     if cfg.key_bn == "sync" and ctx.world_size > 1:
         model.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)

@@ -76,6 +76,28 @@ def test_forward_trains_only_the_query_branch_and_enqueues_its_keys():
     assert torch.allclose(out.logits[:, 1:] * 0.2, (q @ old_queue.T).detach(), atol=1e-4)
 
 
+def test_single_process_shuffle_bn_keeps_each_key_out_of_its_partners_batch():
+    """In one process a key depends only on its own BatchNorm group (a random quarter of the batch)."""
+    x = torch.randn(8, 1, 64, 64, generator=torch.Generator().manual_seed(4))
+    grouped = MoCo("resnet18", feature_dim=16, queue_size=24, key_bn_groups=4)
+    whole = MoCo("resnet18", feature_dim=16, queue_size=24, key_bn_groups=1)
+    whole.load_state_dict(grouped.state_dict())
+    keys, gathered = grouped.encode_keys(x, shuffle_seed=7)
+    assert torch.equal(keys, gathered) and keys.shape == (8, 16)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(7))
+    group_of = {int(i): g for g, members in enumerate(perm.chunk(4)) for i in members}
+    outsider = next(i for i in range(8) if group_of[i] != group_of[0])
+    changed = x.clone()
+    changed[outsider] = changed[outsider] * 3 + 1
+    # Key 0 is untouched by a sample outside its group, but moves with the whole-batch BatchNorm.
+    assert torch.allclose(grouped.encode_keys(changed, shuffle_seed=7)[0][0], keys[0], atol=1e-5)
+    base = whole.encode_keys(x)[0]
+    assert not torch.allclose(whole.encode_keys(changed)[0][0], base[0], atol=1e-3)
+    # The keys come back in input order: the outsider's key is the one that changed.
+    moved = (grouped.encode_keys(changed, shuffle_seed=7)[0] - keys).abs().sum(dim=1) > 1e-4
+    assert moved[outsider] and int(moved.sum()) == 2
+
+
 def test_enqueue_wraps_and_rejects_uneven_batches():
     m = MoCo("resnet18", feature_dim=4, queue_size=12)
     for i in range(4):
