@@ -5,6 +5,7 @@ Subcommands::
     pretrain moco --data OUT --out RUN [--config YAML] [--gpus N | --gpus 0 --nproc N] [--<setting> VALUE ...]
     pretrain export CKPT DIR [--from-cem500k] [--arch ARCH] [--mean M --std S]
     pretrain analyze NAME=SPEC [NAME=SPEC ...] --out DIR [--images OUT|DIR|GLOB] [--noise-images N] ...
+    pretrain probe NAME=SPEC [NAME=SPEC ...] --train-images G --train-masks G --test-images G --test-masks G --out DIR
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cemcurate.io import ReadError
 from cemcurate.store import StoreError
 from pretrain import analyze as analysis
 from pretrain import distributed
+from pretrain import probe as probing
 from pretrain.config import MocoConfig
 from pretrain.export_encoder import export_encoder
 from pretrain.train import plan_run, train
@@ -67,6 +69,20 @@ on an image (near its maximum) still fires on the distorted image.
 """
 
 
+PROBE_EPILOG = """\
+examples:
+  # does our encoder separate tiles with mitochondria better than a random one? (VNC, sections 0-15 / 16-19)
+  D=../shared/data/drosophila_vnc_gerhard/stack1
+  pretrain probe moco=runs/export random=random --arch resnet18 --mask-threshold 127 \\
+      --train-images "$D/raw/0?.tif" "$D/raw/1[0-5].tif" \\
+      --train-masks "$D/mitochondria/0?.png" "$D/mitochondria/1[0-5].png" \\
+      --test-images "$D/raw/1[6-9].tif" --test-masks "$D/mitochondria/1[6-9].png" --out probe_mito
+
+A tile is positive when at least --positive-fraction of its pixels are foreground (mask > --mask-threshold),
+negative below --negative-fraction, and left out in between. probe.json holds every score; a table is printed.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain",
@@ -74,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(`pretrain moco`) and publishable encoder weights (`pretrain export`).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{moco,export,analyze}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{moco,export,analyze,probe}")
 
     moco = sub.add_parser(
         "moco",
@@ -241,6 +257,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     an.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     an.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+
+    pr = sub.add_parser(
+        "probe",
+        help="linear probe and kNN on frozen features: how well encoders separate tiles with an organelle",
+        description="Cut the labelled images into non-overlapping --crop tiles, label each tile from its mask, "
+        "embed the tiles with every encoder (global-average-pooled last stage, frozen) and score a "
+        "class-balanced logistic regression (test AUROC, balanced accuracy at 0.5) and a k-nearest-neighbour "
+        "vote by cosine similarity (balanced accuracy) trained on the training files and tested on the test files.",
+        epilog=PROBE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pr.add_argument("encoders", nargs="+", metavar="NAME=SPEC", help=f"an encoder to probe; SPEC: {SPEC_HELP}")
+    for split in ("train", "test"):
+        for what in ("images", "masks"):
+            pr.add_argument(
+                f"--{split}-{what}",
+                nargs="+",
+                required=True,
+                metavar="GLOB",
+                help=f"{split}ing {what}: globs, folders or files, paired with the {split} "
+                f"{'masks' if what == 'images' else 'images'} in sorted order",
+            )
+    pr.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for probe.json")
+    pr.add_argument(
+        "--crop", type=int, default=112, help="tile side in pixels, at the images' resolution (default: 112)"
+    )
+    pr.add_argument(
+        "--positive-fraction",
+        type=float,
+        default=0.05,
+        help="foreground share that makes a tile positive (default: 0.05)",
+    )
+    pr.add_argument(
+        "--negative-fraction",
+        type=float,
+        default=0.005,
+        help="foreground share below which a tile is negative (default: 0.005)",
+    )
+    pr.add_argument(
+        "--mask-threshold",
+        type=float,
+        default=0.0,
+        help="foreground = mask value above this (default: 0; 127 for anti-aliased masks)",
+    )
+    pr.add_argument("--k", type=int, default=5, help="neighbours of the kNN vote (default: 5)")
+    pr.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the logistic regression (default: 1)")
+    pr.add_argument("--arch", default="resnet50", help="arch of encoders whose files do not say (default: resnet50)")
+    pr.add_argument("--device", default="auto", help=DEVICE_HELP)
+    pr.add_argument("--seed", type=int, default=0, help="seed of random weights (encoder i: seed+i)")
+    pr.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default: 64)")
     return parser
 
 
@@ -350,12 +416,44 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_probe(args: argparse.Namespace) -> int:
+    try:
+        settings = probing.ProbeSettings(
+            crop=args.crop,
+            positive_fraction=args.positive_fraction,
+            negative_fraction=args.negative_fraction,
+            mask_threshold=args.mask_threshold,
+            k=args.k,
+            c=args.c,
+            arch=args.arch,
+            device=args.device,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+        encoders = [analysis.parse_encoder_arg(text) for text in args.encoders]
+        train_pairs = probing.pair_files(args.train_images, args.train_masks)
+        test_pairs = probing.pair_files(args.test_images, args.test_masks)
+        doc = probing.probe(encoders, train_pairs, test_pairs, args.out, settings)
+    except (ValueError, OSError, ReadError) as exc:
+        return _fail("probe", str(exc))
+    t, s = doc["train"], doc["test"]
+    print(
+        f"training: {t['tiles']} tiles ({t['positive']} positive) of {t['files']} files; "
+        f"test: {s['tiles']} tiles ({s['positive']} positive) of {s['files']} files"
+    )
+    print(probing.results_table(doc))
+    print(f"wrote {args.out / 'probe.json'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "moco":
         return run_moco(args)
     if args.command == "analyze":
         return run_analyze(args)
+    if args.command == "probe":
+        return run_probe(args)
     return run_export(args)
 
 
