@@ -8,6 +8,10 @@ One cluster serves the module; the commands join it by its ``tcp://`` address.
 from __future__ import annotations
 
 import glob
+import os
+import signal
+import threading
+import time
 
 import imageio.v3 as iio
 import numpy as np
@@ -180,3 +184,32 @@ def test_orthoplane_mode_on_dask_equals_single_process(client, data_root, tmp_pa
     [dask] = predict_path(run, str(volume), str(tmp_path / "dask.zarr"), cfg, progress=False)
     np.testing.assert_array_equal(_read(dask), _read(local))
     assert not list(tmp_path.glob(".*orthoplane*")), "the scratch arrays are removed"
+
+
+def test_a_worker_killed_mid_prediction_changes_no_voxel(client, data_root, tmp_path):
+    """kill -9 of a worker while it predicts a block: the block re-runs (on the other worker or
+    the restarted one) and the output equals single-process prediction. Last in the module: the
+    restarted worker is a fresh process."""
+    volume = _crop(data_root, tmp_path, (48, 64, 64))
+    run = _save_run(tmp_path / "run", "unet2d", arch="resnet18", num_classes=2)
+    common = dict(tile=64, overlap=16, chunk=4, prob_dtype="float32", pyramid_levels=1)
+    [local] = predict_path(run, str(volume), str(tmp_path / "local.zarr"), PredictConfig(**common), progress=False)
+    killed = []
+
+    def kill_a_busy_worker() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            busy = [w for w, keys in client.processing().items() if any("predict-stack" in k for k in keys)]
+            if busy:
+                pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(busy[0])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill_a_busy_worker, daemon=True)
+    thread.start()
+    cfg = PredictConfig(scheduler=client.scheduler.address, **common)
+    [dask] = predict_path(run, str(volume), str(tmp_path / "dask.zarr"), cfg, progress=False)
+    thread.join()
+    assert killed, "no worker was seen predicting a block"
+    np.testing.assert_array_equal(_read(dask), _read(local))
