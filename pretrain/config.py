@@ -66,7 +66,8 @@ class MocoConfig:
         metadata=_help(
             "with key_bn 'shuffle' in a single process (nothing to shuffle across): the key batch is "
             "shuffled and its BatchNorm statistics taken in this many groups, as the paper's 4 GPUs "
-            "would, so no BatchNorm batch holds both views of an image; not used with more processes"
+            "would, so no BatchNorm batch holds both views of an image (at most batch/2 groups: a group needs "
+            "two samples); not used with more processes"
         ),
     )
 

@@ -153,9 +153,11 @@ class MoCo(nn.Module):
         if self.shuffle_bn and distributed.world_size() > 1:
             shuffled, perm = distributed.shuffle_batch(im_k, shuffle_seed)
             return distributed.unshuffle_batch(branch(shuffled), perm)
-        if self.shuffle_bn and self.key_bn_groups > 1:
+        # A BatchNorm group needs two samples; tiny batches get fewer groups.
+        groups = min(self.key_bn_groups, len(im_k) // 2)
+        if self.shuffle_bn and groups > 1:
             perm = distributed.permutation(len(im_k), shuffle_seed, im_k.device)
-            shuffled = torch.cat([branch(group) for group in im_k[perm].chunk(self.key_bn_groups)])
+            shuffled = torch.cat([branch(group) for group in im_k[perm].chunk(groups)])
             k = torch.empty_like(shuffled)
             k[perm] = shuffled
             return k, k
