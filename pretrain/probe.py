@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
 
 from cemcurate.common.atomic import atomic_path
 from cemcurate.common.device import select_device
@@ -180,7 +179,6 @@ def probe(
     results = {}
     for i, (name, spec) in enumerate(encoder_args):
         encoder = load_encoder(name, spec, settings.arch, device, seed=settings.seed + i)
-        torch.manual_seed(settings.seed)
         ftrain = encoder.embed(train_x, settings.batch_size)
         ftest = encoder.embed(test_x, settings.batch_size)
         results[name] = {
@@ -191,7 +189,7 @@ def probe(
             "knn": knn_probe(ftrain, train_y, ftest, test_y, settings.k),
         }
     doc = {
-        "settings": {k: v for k, v in vars(settings).items()},
+        "settings": dict(vars(settings)),
         "train": {"files": len(train_pairs), "tiles": len(train_y), "positive": int(train_y.sum())},
         "test": {"files": len(test_pairs), "tiles": len(test_y), "positive": int(test_y.sum())},
         "encoders": results,
