@@ -17,12 +17,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import zarr
 from distributed import Client, LocalCluster, get_task_stream
 
 from cemcurate.build import BuildConfig, build
-from cemcurate.build.chunked import split_chunks
+from cemcurate.build.chunked import create_scratch, cut_chunk, plan_split, split_chunks
 from cemcurate.build.scoring import gpu_workers
 from cemcurate.cli import main
+from cemcurate.layout import BuildLayout
+from cemcurate.sources import discover_sources
 from cemcurate.common.dask_cluster import parse_scheduler
 from cemcurate.filtering.classifier import create_model, save_classifier
 
@@ -101,6 +104,29 @@ def test_a_large_volume_is_cut_by_many_tasks_with_the_same_result(local_build, c
     assert all("neuroproof" in k for k in chunks)
     _assert_same_build(local, tmp_path / "dask")
     assert not (tmp_path / "dask" / "parts" / "work").exists()
+
+
+def test_a_plan_task_run_again_leaves_the_chunks_scratch_alone(local_build, tmp_path):
+    """Dask re-runs a task whose result was lost with its worker while a client still wants it; a
+    plan re-run while the xz / yz chunks read the xy slabs' scratch must not empty it (it did:
+    the plan created the scratch, and a worker kill once changed the hashes of 75 NeuroProof
+    patches). The client creates the scratch once; the plan task only reads."""
+    raw, _ = local_build
+    cfg = BuildConfig(dask_chunk_voxels=1 << 20)
+    spec = next(s for s in discover_sources(raw).specs if s.name == "neuroproof")
+    out = tmp_path / "out"
+    plan = plan_split(spec, cfg, out)
+    assert plan is not None and plan.planes == ("xy", "xz", "yz")
+    create_scratch(plan, out)
+    for plane, start, stop in plan.chunks:
+        if plane == "xy":
+            cut_chunk(plan, plane, start, stop, cfg, out)
+    scratch = plan.scratch(BuildLayout(out))
+    filled = zarr.open_array(str(scratch), mode="r")[:]
+    assert filled.std() > 10  # the standardised volume, not the zero fill
+    again = plan_split(spec, cfg, out)  # what a re-run does ...
+    assert (again.chunks, again.window, again.shard) == (plan.chunks, plan.window, plan.shard)
+    np.testing.assert_array_equal(zarr.open_array(str(scratch), mode="r")[:], filled)
 
 
 def test_chunks_follow_the_local_cutting_order():

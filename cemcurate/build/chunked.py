@@ -4,9 +4,11 @@ On one machine a volume is one task (:func:`cemcurate.build.source.process_sourc
 cluster a volume of more than :data:`SPLIT_CHUNKS` chunks of ``cfg.dask_chunk_voxels`` is
 cut by many workers at once:
 
-1. :func:`plan_split` (a task): the volume's header, planes and intensity window, and the
-   chunks: z slabs for the xy plane; y blocks (xz plane) and x blocks (yz plane) for a
-   volume cut in three planes;
+1. :func:`plan_split` (a task, reading only): the volume's header, planes and intensity
+   window, and the chunks: z slabs for the xy plane; y blocks (xz plane) and x blocks (yz
+   plane) for a volume cut in three planes. The client then creates the chunks' scratch
+   space once (:func:`create_scratch`): a plan task that Dask re-runs after its worker died
+   must not wipe slabs the xy chunks already wrote while the xz / yz chunks read them;
 2. :func:`cut_chunk` (a task per chunk): standardise and tile its sections into its own
    work shard (``OUT/parts/work/<shard>.<plane><start>.u8``) and return their crops, hashes
    and statistics (hashes are 8 bytes a patch: what travels back is small). xy slabs of a
@@ -121,11 +123,9 @@ def plan_split(spec: SourceSpec, cfg: BuildConfig, out_dir: str | Path) -> Split
         return None
     record = new_record(spec, cfg)
     chunks = split_chunks(tuple(vol.shape), planes, cfg.dask_chunk_voxels)
-    plan = SplitPlan(
+    return SplitPlan(
         VolumeFacts.of(vol), planes, window, tuple(notes), tuple(chunks), shard_name(record, 0), record, vol
     )
-    _create_scratch(plan, layout)
-    return plan
 
 
 def _chunk_path(layout: BuildLayout, plan: SplitPlan, plane: str, start: int) -> Path:
@@ -161,8 +161,11 @@ def cut_chunk(
         return cut_patches(sections, writer, cfg.min_edge)
 
 
-def _create_scratch(plan: SplitPlan, layout: BuildLayout) -> None:
-    """The scratch zarr the xy slabs of a three-plane volume fill: its z chunks are the slabs."""
+def create_scratch(plan: SplitPlan, out_dir: str | Path) -> None:
+    """The work folder of a plan's chunks and, for a three-plane volume, the scratch zarr its xy
+    slabs fill (its z chunks are the slabs). Called once per plan, by the client, before any
+    chunk task is submitted: it empties a scratch that is there."""
+    layout = BuildLayout(out_dir)
     layout.work_dir.mkdir(parents=True, exist_ok=True)
     if len(plan.planes) == 1:
         return

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cemcurate.build.chunked import SplitPlan, cut_chunk, finish_split, may_split, plan_split
+from cemcurate.build.chunked import SplitPlan, create_scratch, cut_chunk, finish_split, may_split, plan_split
 from cemcurate.build.config import BuildConfig
 from cemcurate.build.lock import BuildLock
 from cemcurate.build.merge import merge_parts
@@ -160,6 +160,9 @@ def _process_on_dask(
     Workers write shards and parts straight into OUT, each atomically and under names fixed by
     the source, so a task re-run after its worker died rewrites the same bytes; the records
     are put in RAW's order afterwards, so the result does not depend on which task ends first.
+    A future is dropped as soon as its result is read: Dask re-runs a lost result only while a
+    client holds its future, and a finished task re-run behind the build's back could still be
+    writing into OUT while the client merges and publishes.
     """
     records: dict[str, PartRecord] = {}
     if not todo:
@@ -181,24 +184,26 @@ def _process_on_dask(
         for future in running:
             bar.update()
             if future in plans:
-                spec = plans[future]
+                spec = plans.pop(future)
                 plan = _result(future)
                 if isinstance(plan, SplitPlan):
+                    create_scratch(plan, root)
                     tasks = _submit_split(client, spec, plan, cfg, root, raw, debug, submit, token)
                 else:  # small, several volumes, a grown stack, or unreadable: one task
                     key = f"cemcurate-source-{token}-{spec.key}"
                     tasks = [client.submit(process_source, spec, cfg, root, raw, debug, key=key, **submit)]
                 final[tasks[-1]] = (spec, plan if isinstance(plan, SplitPlan) else None)
-                for task in tasks:
-                    running.add(task)
+                running.update(tasks)
                 bar.total += len(tasks)
                 bar.refresh()
+                del tasks
             elif future in final:
-                spec, plan = final[future]
+                spec, plan = final.pop(future)
                 record = _result(future)
                 if isinstance(record, BaseException):  # a chunk failed, or the task's workers kept dying
                     record = finish_split(spec, plan, cfg, root, raw, record, debug) if plan else _crashed(spec, record)
                 records[spec.key] = record
+            del future  # not held while waiting for the next one (see the docstring)
     except BaseException:
         client.cancel(list(plans) + list(final))
         raise
