@@ -24,10 +24,10 @@ from cemcurate.build import BuildConfig, build
 from cemcurate.build.chunked import create_scratch, cut_chunk, plan_split, split_chunks
 from cemcurate.build.scoring import gpu_workers
 from cemcurate.cli import main
-from cemcurate.layout import BuildLayout
-from cemcurate.sources import discover_sources
 from cemcurate.common.dask_cluster import parse_scheduler
 from cemcurate.filtering.classifier import create_model, save_classifier
+from cemcurate.layout import BuildLayout
+from cemcurate.sources import discover_sources
 
 
 def _raw(root: Path, data_root: Path) -> Path:
