@@ -57,7 +57,8 @@ def histogram_image(
     width = (box[2] - box[0]) / bins
     for i, count in enumerate(counts):
         if count:
-            y = box[3] - count / top * (box[3] - box[1])
+            # At least one pixel tall: a bin of a few patches among many must still show.
+            y = min(box[3] - count / top * (box[3] - box[1]), box[3] - 2)
             draw.rectangle([box[0] + i * width + 1, y, box[0] + (i + 1) * width - 1, box[3] - 1], fill=_GREY)
     if marker is not None and lo <= marker <= hi:
         x = box[0] + (marker - lo) / (hi - lo) * (box[2] - box[0])

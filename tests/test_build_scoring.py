@@ -47,10 +47,10 @@ def test_the_pool_scores_as_one_process_does(out_with_shards, monkeypatch):
     monkeypatch.setattr(scoring, "MIN_PARALLEL_PATCHES", 1)
     pooled, deciders = scoring.score_patches(layout, manifest, BuildConfig(workers=2), progress=False)
     assert np.array_equal(serial, pooled, equal_nan=True) and (serial_deciders == deciders).all()
-    assert np.isnan(pooled[-1]) and set(np.unique(pooled[:-1])) == {0.0, 1.0}  # both outcomes occur
+    assert np.isnan(pooled[-1]) and (pooled[:-1] < 0.5).any() and (pooled[:-1] >= 0.5).any()  # both outcomes
     # The rule that fired, for every dropped patch; 'rules' for the kept; '' for the one not stored.
-    assert deciders[-1] == "" and set(deciders[:-1][pooled[:-1] == 1.0]) == {"rules"}
-    assert set(deciders[:-1][pooled[:-1] == 0.0]) <= {"uniform", "overlay", "low-contrast"}
+    assert deciders[-1] == "" and set(deciders[:-1][pooled[:-1] >= 0.5]) == {"rules"}
+    assert set(deciders[:-1][pooled[:-1] < 0.5]) <= {"uniform", "overlay", "low-contrast"}
     assert {"uniform", "overlay"} <= set(deciders)
     names = ["plate.decided.npy", "plate.npy", "vnc.decided.npy", "vnc.npy"]
     assert sorted(p.name for p in cache.iterdir()) == names

@@ -126,6 +126,9 @@ def test_histogram_bars_stand_where_the_values_are():
     full, half = bar_rows(0), bar_rows(19)
     assert full > 0 and half == pytest.approx(full / 2, abs=2)  # 10 vs 5 values
     assert all(bar_rows(b) == 0 for b in range(1, 19))
+    # One patch among thousands still draws a bar (it used to fail: a rectangle of negative height).
+    rare = histogram_image(np.array([0.02] * 5000 + [0.55]), bins=20, size=(420, 180))
+    assert (rare[top + 1 : bottom - 1, int(left + 11.5 * width)] == 140).sum() >= 1
 
 
 def test_lorenz_of_equal_sources_is_the_diagonal():

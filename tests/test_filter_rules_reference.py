@@ -37,6 +37,9 @@ def plain_flat_fraction(patches: np.ndarray, rules: RuleSettings) -> np.ndarray:
     sums = core.reshape(n, m * b, s, m * b, s).sum(axis=(2, 4), dtype=np.int64).astype(np.float64)
     block_std = sums.reshape(n, m, b, m, b).std(axis=(2, 4)) / (s * s)
     limit = np.maximum(rules.std_floor, rules.noise_factor * noise_sigma(patches) / s)
+    if rules.rel_factor > 0:
+        smoothest = np.percentile(block_std.reshape(n, -1), rules.rel_quantile, axis=1)
+        limit = np.maximum(limit, rules.rel_factor * smoothest)
     uniform_block = block_std < limit[:, None, None]
     flat = np.repeat(np.repeat(uniform_block, rules.block, axis=1), rules.block, axis=2)
     counts = np.stack([np.bincount(c.ravel(), minlength=256) for c in core])

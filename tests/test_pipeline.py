@@ -291,12 +291,13 @@ def test_filter_stage_marks_uninformative_and_rescoring_reuses_sources(tmp_path,
     build(raw, work, BuildConfig(workers=1), progress=False)
     m = pd.read_parquet(work / "manifest.parquet")
     stored = (m.shard_row >= 0).to_numpy()
-    # Each stored patch carries the stats filter's score of its own stored pixels: the rules
-    # give exactly 0 or 1, and kept / reason follow the 0.5 threshold.
+    # Each stored patch carries the stats filter's score of its own stored pixels: a score in
+    # (0, 1) that ranks them, and kept / reason follow the 0.5 threshold.
     pixels = ShardReader(work, 224).read(m.loc[stored, "shard"].to_numpy(), m.loc[stored, "shard_row"].to_numpy())
     probs = m.loc[stored, "informative_prob"].to_numpy()
     np.testing.assert_array_equal(probs, make_filter("stats")(pixels))
-    assert set(np.unique(probs)) == {0.0, 1.0} and m.loc[~stored, "informative_prob"].isna().all()
+    assert ((probs > 0) & (probs < 1)).all() and len(np.unique(probs)) > 20
+    assert m.loc[~stored, "informative_prob"].isna().all()
     informative = m.informative_prob.fillna(0).to_numpy() >= 0.5
     np.testing.assert_array_equal(m.kept.to_numpy(), ~m.duplicate.to_numpy() & informative)
     expected_reason = np.where(m.duplicate, "duplicate", np.where(informative, "", "uninformative"))
@@ -311,8 +312,8 @@ def test_filter_stage_marks_uninformative_and_rescoring_reuses_sources(tmp_path,
     reasons = make_filter("stats")  # the same rules, asked directly
     assert m.columns.get_loc("decided_by") == m.columns.get_loc("informative_prob") + 1
     assert (m.loc[~stored, "decided_by"] == "").all()
-    assert set(m.loc[stored & (m.informative_prob == 1.0).to_numpy(), "decided_by"]) == {"rules"}
-    dropped = stored & (m.informative_prob == 0.0).to_numpy()
+    assert set(m.loc[stored & (m.informative_prob >= 0.5).to_numpy(), "decided_by"]) == {"rules"}
+    dropped = stored & (m.informative_prob < 0.5).to_numpy()
     assert set(m.loc[dropped & (m.source == "resin.png").to_numpy(), "decided_by"]) == {"uniform"}
     codes = reasons.decide(pixels)[1]
     assert m.loc[stored, "decided_by"].tolist() == [DECIDED_BY[c] for c in codes]

@@ -3,7 +3,7 @@
 ``make_filter(spec)`` accepts:
 
 * ``none``: keep everything (probability 1);
-* ``stats``: the label-free rules of :mod:`cemcurate.filtering.rules` (0 or 1);
+* ``stats``: the label-free rules of :mod:`cemcurate.filtering.rules` (a score of their margins);
 * a path to a ``.pkl`` written by ``cemcurate filter train``: the Random Forest on the
   four image statistics;
 * any other path: a classifier file from ``cemcurate filter train`` or the released
@@ -25,7 +25,7 @@ from cemcurate.common.atomic import file_sha256
 from cemcurate.common.lazy import lazy_import
 from cemcurate.filtering.features import check_patches
 from cemcurate.filtering.forest import load_forest, predict_forest
-from cemcurate.filtering.rules import DEFAULT_RULES, rule_reasons
+from cemcurate.filtering.rules import DEFAULT_RULES, rule_scores
 
 # The classifier module imports torch; only a classifier file needs it.
 classifier_module = lazy_import("cemcurate.filtering.classifier")
@@ -100,9 +100,9 @@ class PatchFilter:
 
 
 def _rules_decision(patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The label-free rules: 1.0 / 0.0 and the rule that fired (``rules`` when none did)."""
-    reasons = rule_reasons(patches, DEFAULT_RULES)
-    return (reasons == "").astype(np.float32), np.where(reasons == "", "rules", reasons)
+    """The label-free rules: their score and the rule that fired (``rules`` when none did)."""
+    probs, reasons = rule_scores(patches, DEFAULT_RULES)
+    return probs, np.where(reasons == "", "rules", reasons)
 
 
 def make_filter(
@@ -122,7 +122,7 @@ def make_filter(
     if text == "none":
         return PatchFilter("none", lambda p: np.ones(len(p), np.float32), fork_safe=True, decider="none")
     if text == "stats":
-        return PatchFilter(f"stats-rules-v1[{DEFAULT_RULES.identity()}]", _rules_decision, fork_safe=True)
+        return PatchFilter(f"stats-rules-v2[{DEFAULT_RULES.identity()}]", _rules_decision, fork_safe=True)
     path = Path(text)
     if not path.is_file():
         raise ValueError(f"--filter {text!r}: not 'stats' or 'none' and no such file; expected {FILTER_SPECS_HELP}")

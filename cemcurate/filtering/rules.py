@@ -1,33 +1,47 @@
-"""Label-free default filter (``--filter stats``): three conservative rules on pixel statistics.
+"""Label-free default filter (``--filter stats``): three rules on pixel statistics, as a score.
 
 CEM500K labelled a patch *uninformative* when 80% or more of it is uniform (nucleus or
 cytoplasm interiors, resin, padding), when it is low-contrast, or when it shows
 reconstruction artefacts or non-cellular objects. Without labels we can only catch the
 unambiguous cases, so each rule is set to *keep* whenever in doubt; a trained classifier
-(``cemcurate filter train``) is the tool for the rest. A patch is dropped when any rule
-fires:
+(``cemcurate filter train``) is the tool for the rest. Each rule has a *margin*, 0 where it
+starts to fire, positive on the informative side and one unit per ``*_width``:
 
-``uniform``       80% or more of the patch is *flat*. A pixel is flat when its 16x16 block
-                  (on the patch grid) is near-uniform - the standard deviation of the block
-                  after 2x2 averaging is below ``max(2 grey levels, 1.5 x the noise std
-                  expected after 2x2 averaging)`` - or when it has the patch's most frequent
-                  grey level and that level covers at least 5% of the patch (padding,
-                  saturated or burned-in areas). The noise std is estimated per patch as
-                  ``1.4826 * median(|horizontal neighbour difference|) / sqrt(2)``, so a
-                  block of pure noise counts as flat while faint structure above the noise
-                  does not.
+``uniform``       80% or more of the patch is *flat*; margin ``(0.8 - flat) / 0.1``. A pixel
+                  is flat when its 16x16 block (on the patch grid) is near-uniform - the
+                  standard deviation of the block after 2x2 averaging is below the patch's
+                  noise floor - or when it has the patch's most frequent grey level and that
+                  level covers at least 5% of the patch (padding, saturated or burned-in
+                  areas). The noise floor is the largest of 2 grey levels, 1.5 x the white
+                  noise std expected after 2x2 averaging (``1.4826 * median(|horizontal
+                  neighbour difference|) / sqrt(2)``, divided by 2) and 1.5 x the 5th
+                  percentile of the patch's block standard deviations. The last term holds
+                  for spatially correlated noise (empty ice in a cryo-ET tomogram,
+                  interpolated edge crops), whose neighbour differences are far smaller than
+                  its block-scale variation: its blocks are all about as rough as the
+                  smoothest one, while tissue has blocks with membranes many times rougher
+                  than its smoothest cytoplasm.
 ``overlay``       the two most frequent grey levels cover 50% or more of the patch and the
                   second of them at least 3%: two-colour rendered graphics such as data
-                  bars, text and scale bars. Real EM intensities spread over many levels:
+                  bars, text and scale bars; margin ``(0.5 - share) / 0.1`` (none while the
+                  second level is below 3%). Real EM intensities spread over many levels:
                   in our test data the two most frequent levels of an EM patch hold at most
                   19% of it (a CEM500K patch with a black padded edge), usually 2-3%.
-``low-contrast``  the 1st-99th percentile intensity range is below 8 grey levels.
+``low-contrast``  the 1st-99th percentile intensity range is below 8 grey levels; margin
+                  ``(range - 8) / 8``.
+
+The patch's score is ``informative_prob = 1 / (1 + exp(-m))`` with ``m`` its smallest
+margin, so the default ``--filter-threshold 0.5`` drops exactly the patches a rule fires on,
+and a threshold ``t`` drops those with ``m < ln(t / (1 - t))`` (0.27: only patches about 90%
+flat; 0.73: already at about 70%). The score ranks patches for the report, for an ROC and
+for ``cemcurate label``; it is a monotone transform of the margin, not a probability fitted
+to labels.
 
 Chosen and checked on real data (``tests/test_filter_rules.py``): they drop the data bar
-and the empty background of ``sem_plate_databar`` and keep every 224-px patch of the VNC
-ssTEM stacks, the neuroproof FIB-SEM cubes, ISBI-2012 and the CEM500K example patches
-(including a low-contrast one with a 19-grey-level range). They do not catch noisy uniform
-areas whose noise is spatially correlated (e.g. empty ice in a cryo-ET tomogram), nor
+and the empty background of ``sem_plate_databar`` and the empty ice of the cryo-ET tomogram,
+and keep every 224-px patch of the VNC ssTEM stacks, the neuroproof FIB-SEM cubes, ISBI-2012
+and the CEM500K example patches (including a low-contrast one with a 19-grey-level range).
+They do not catch textured but structureless areas (granular cytoplasm, debris) nor
 artefacts; those need labels.
 """
 
@@ -54,13 +68,25 @@ class RuleSettings:
     overlay_share: float = 0.5
     overlay_minor: float = 0.03
     min_range: float = 8.0
+    # The relative noise floor: rel_factor x the rel_quantile-th percentile of the block stds
+    # (0 turns it off).
+    rel_factor: float = 1.6
+    rel_quantile: float = 5.0
+    # Margin units (see the module docstring).
+    flat_width: float = 0.1
+    overlay_width: float = 0.1
 
     def __post_init__(self) -> None:
         if self.block < 2 or self.smooth < 1 or self.block % self.smooth:
             raise ValueError(f"block ({self.block}) must be a multiple of smooth ({self.smooth}) and at least 2")
-        for name in ("mode_share", "max_flat", "overlay_share", "overlay_minor"):
+        for name in ("mode_share", "max_flat", "overlay_share", "overlay_minor", "flat_width", "overlay_width"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.rel_factor < 0 or not 0 <= self.rel_quantile <= 100 or self.min_range <= 0:
+            raise ValueError(
+                f"need rel_factor >= 0, 0 <= rel_quantile <= 100 and min_range > 0, got "
+                f"{self.rel_factor}, {self.rel_quantile}, {self.min_range}"
+            )
 
     def identity(self) -> str:
         """A short string that changes whenever a threshold changes (for result caching)."""
@@ -155,6 +181,9 @@ def _flat_fraction(patches: np.ndarray, rules: RuleSettings, counts: np.ndarray 
     block_std = _block_std(core, s, rules.block)
     # Averaging s x s pixels of white noise divides its std by s.
     limit = np.maximum(rules.std_floor, rules.noise_factor * noise_sigma(patches) / s)
+    if rules.rel_factor > 0:
+        smoothest = np.percentile(block_std.reshape(n, -1), rules.rel_quantile, axis=1)
+        limit = np.maximum(limit, rules.rel_factor * smoothest)
     uniform_block = block_std < limit[:, None, None]  # (n, m, m)
     counts = level_counts(core) if counts is None else counts
     mode = counts.argmax(axis=1)
@@ -201,27 +230,51 @@ def intensity_range(patches: np.ndarray, low: float = 1.0, high: float = 99.0) -
     return _range_from_counts(level_counts(patches), low, high)
 
 
-def rule_reasons(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> np.ndarray:
-    """Why each patch is dropped: object array ``(n,)`` of '' (kept), 'uniform', 'overlay' or 'low-contrast'.
+RULES = ("uniform", "overlay", "low-contrast")  # the order of :func:`rule_margins`' columns
 
-    When several rules fire, the first in that order is reported.
-    """
+
+def rule_margins(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> np.ndarray:
+    """Each rule's margin (see the module docstring): float64 ``(n, 3)``, columns in :data:`RULES`
+    order; a rule fires where its margin is below 0 (``inf``: the overlay rule does not apply)."""
     patches = check_patches(patches)
-    reasons = np.full(len(patches), "", dtype=object)
+    margins = np.empty((len(patches), len(RULES)), np.float64)
     # The rules share one histogram per patch; the flat rule's is of the block-covered core,
     # which is the whole patch when its side is a multiple of the block (224 = 14 x 16).
     whole_core = patches.shape[1] % rules.block == 0
     for start in range(0, len(patches), _CHUNK):
         chunk = patches[start : start + _CHUNK]
-        part = reasons[start : start + len(chunk)]  # a view: assignments land in ``reasons``
+        part = margins[start : start + len(chunk)]  # a view: assignments land in ``margins``
         counts = level_counts(chunk)
         two, second = _overlay_from_counts(counts)
-        part[_range_from_counts(counts, 1.0, 99.0) < rules.min_range] = "low-contrast"
-        part[(two >= rules.overlay_share) & (second >= rules.overlay_minor)] = "overlay"
-        part[_flat_fraction(chunk, rules, counts if whole_core else None) >= rules.max_flat] = "uniform"
-    return reasons
+        flat = _flat_fraction(chunk, rules, counts if whole_core else None)
+        part[:, 0] = (rules.max_flat - flat) / rules.flat_width
+        part[:, 1] = np.where(second >= rules.overlay_minor, (rules.overlay_share - two) / rules.overlay_width, np.inf)
+        part[:, 2] = (_range_from_counts(counts, 1.0, 99.0) - rules.min_range) / rules.min_range
+    return margins
+
+
+def rule_scores(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> tuple[np.ndarray, np.ndarray]:
+    """``(informative_prob float32 (n,), reasons object (n,))``: the score ``1 / (1 + exp(-m))`` of
+    the smallest margin ``m``, and why a patch is dropped - '' (no rule fires), or the first
+    rule of :data:`RULES` that fires."""
+    margins = rule_margins(patches, rules)
+    smallest = margins.min(axis=1)
+    # exp of a large negative margin overflows to inf: the score is then 0, as it should be.
+    with np.errstate(over="ignore"):
+        probs = (1.0 / (1.0 + np.exp(-smallest))).astype(np.float32)
+    fires = margins < 0
+    reasons = np.where(fires.any(axis=1), np.asarray(RULES, object)[fires.argmax(axis=1)], "")
+    return probs, reasons.astype(object)
+
+
+def rule_reasons(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> np.ndarray:
+    """Why each patch is dropped: object array ``(n,)`` of '' (kept), 'uniform', 'overlay' or 'low-contrast'.
+
+    When several rules fire, the first in that order is reported.
+    """
+    return rule_scores(patches, rules)[1]
 
 
 def rule_informative_prob(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> np.ndarray:
-    """Label-free informative probability: float32 ``(n,)``, 1.0 kept by every rule, 0.0 dropped."""
-    return (rule_reasons(patches, rules) == "").astype(np.float32)
+    """Label-free informative score: float32 ``(n,)`` in (0, 1), below 0.5 exactly where a rule fires."""
+    return rule_scores(patches, rules)[0]
