@@ -80,15 +80,17 @@ def test_the_default_filter_on_the_labelled_set(labelled):
     """The label-free default on the patches a default build cuts (crops of at least 112 px; the
     EMDB maps' 20-43 px slices and the 84-100 px cryo-ET and GALA crops are enlarged 2-11x
     here but give no patch at the default --min-edge): a ranking well above chance, no
-    informative patch dropped in the tissue sources, the tomogram's empty ice dropped."""
+    informative patch dropped in the tissue sources, the tomogram's empty ice dropped; AUROC >= 0.95
+    and <= 2% of the informative dropped, the issue's goal, on the build-sized crops."""
     crops, patches = labelled
     labels = np.array([c.label for c in crops])
     groups = np.array([c.group for c in crops])
     probs, reasons = rule_scores(patches)
     built = np.array([min(c.h, c.w) >= 112 for c in crops])
-    # Measured: 0.895 on the 463 build-sized crops, 0.660 on all 554 (the EMDB maps score as tissue).
-    assert roc_auc_score(labels[built], probs[built]) > 0.85
-    assert roc_auc_score(labels, probs) > 0.62
+    # Measured: 0.983 on the 463 build-sized crops, 0.689 on all 554 (the EMDB maps score as tissue,
+    # and 32 of the 36 faint-filament cryo-ET crops, enlarged 2.4-2.7x, as unstructured).
+    assert roc_auc_score(labels[built], probs[built]) >= 0.95
+    assert roc_auc_score(labels, probs) > 0.65
     informative = labels == 1
     assert (probs[informative & built] < 0.5).mean() <= 0.02
     for group in ("drosophila_vnc_gerhard", "isbi2012_unet", "neuroproof_flyem", "cem500k_examples"):
@@ -97,9 +99,9 @@ def test_the_default_filter_on_the_labelled_set(labelled):
     tomo = groups == "cryoet_tomo_napari_bio"
     ice, cell = tomo & ~informative, tomo & informative
     assert (probs[ice] < 0.5).mean() >= 0.9 and (reasons[ice & (probs < 0.5)] == "uniform").all()
-    assert (probs[cell] >= 0.5).all()
-    # Without the relative noise floor the correlated noise of the ice looks like structure.
-    assert (rule_reasons(patches[ice], RuleSettings(rel_factor=0)) == "").mean() >= 0.9
+    assert (probs[cell] >= 0.5).mean() >= 0.9  # measured: 16 of 17 (a slice at the cell's edge is dropped)
+    # The rules before issue 12 (no relative noise floor, no structure rule) kept the ice.
+    assert (rule_reasons(patches[ice], RuleSettings(rel_factor=0, min_structure=0)) == "").mean() >= 0.9
 
 
 def test_the_window_settings_are_the_builds_defaults():
@@ -146,6 +148,12 @@ def test_the_command_prints_and_writes_the_metrics(tmp_path, data_root, capsys):
     metrics = json.loads((out / "metrics.json").read_text())["none"]
     assert metrics["uninformative_dropped"] == 0.0 and metrics["by_source_folder"]["cryoet_tomo_napari_bio"]["n"] == 1
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --min-edge scores only the crops a build with that --min-edge cuts: the 135-px one stays out.
+    assert main(["filter", "evaluate", str(labels), "--data", str(data_root), "--min-edge", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "left out 1 crop(s) with a side below 200 px" in printed and "3 patches from 2 source folder(s)" in printed
+    assert main(["filter", "evaluate", str(labels), "--data", str(data_root), "--min-edge", "300"]) == 2
+    assert "no crop has both sides of at least --min-edge 300 px" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from cemcurate.filtering.rules import (
     rule_margins,
     rule_reasons,
     rule_scores,
+    structure_fraction,
 )
 
 # Dark, empty background of the SEM image (y, x of 112-px crops), found by eye: each is
@@ -124,6 +125,27 @@ def test_the_score_is_the_smallest_margin_through_a_logistic(cell_patches, empty
     for k, width in enumerate((0, 60, 120, 170, 200)):
         padded[k, :, :width] = 0
     assert np.all(np.diff(rule_informative_prob(padded)) < 0)
+
+
+def test_structure_is_oriented_edges_whatever_their_contrast(cell_patches):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:224, :224]
+    # Thin dark lines every 20 px on grey (membrane-like), with a little noise: oriented almost everywhere.
+    lines = 150 - 60 * (np.abs(((xx + 0.3 * yy) % 20) - 10) < 1.5) + rng.normal(0, 3, (224, 224))
+    white = 128 + rng.normal(0, 20, (224, 224))
+    # Correlated noise (white noise blurred over ~3 px, as in cryo-ET ice): no orientation either.
+    blurred = Image.fromarray(np.clip(white, 0, 255).astype(np.uint8)).resize((56, 56), Image.BILINEAR)
+    correlated = np.asarray(blurred.resize((224, 224), Image.BICUBIC), np.float64)
+    batch = np.clip(np.stack([lines, white, correlated]), 0, 255).astype(np.uint8)
+    fraction = structure_fraction(batch)
+    assert fraction[0] > 0.6 and fraction[1] < 0.05 and fraction[2] < 0.15, fraction
+    reasons = rule_reasons(batch)
+    assert reasons[0] == "" and reasons[1] == "uniform" and reasons[2] in ("uniform", "unstructured"), reasons
+    # Coherence is a ratio: the same tissue at a quarter of its contrast has about the same structure.
+    tissue = cell_patches[0][:8]
+    faint = (96 + tissue.astype(np.int32) // 4).astype(np.uint8)
+    np.testing.assert_allclose(structure_fraction(faint), structure_fraction(tissue), atol=0.05)
+    assert (structure_fraction(tissue) > DEFAULT_RULES.min_structure).all()
 
 
 def test_cem500k_examples_are_kept(data_root):

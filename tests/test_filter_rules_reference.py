@@ -24,6 +24,7 @@ from cemcurate.filtering.rules import (
     noise_sigma,
     overlay_shares,
     rule_reasons,
+    structure_fraction,
 )
 
 
@@ -51,6 +52,7 @@ def plain_flat_fraction(patches: np.ndarray, rules: RuleSettings) -> np.ndarray:
 
 def plain_reasons(patches: np.ndarray, rules: RuleSettings) -> np.ndarray:
     reasons = np.full(len(patches), "", dtype=object)
+    reasons[structure_fraction(patches, rules) < rules.min_structure] = "unstructured"
     two, second = overlay_shares(patches)
     reasons[intensity_range(patches) < rules.min_range] = "low-contrast"
     reasons[(two >= rules.overlay_share) & (second >= rules.overlay_minor)] = "overlay"

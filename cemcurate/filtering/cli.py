@@ -136,6 +136,12 @@ def _percent(value: float) -> str:
 
 def _cmd_filter_evaluate(args: argparse.Namespace) -> int:
     crops = evaluation.read_evaluation_set(args.labels)
+    if args.min_edge is not None:
+        small = [c for c in crops if min(c.h, c.w) < args.min_edge]
+        crops = [c for c in crops if min(c.h, c.w) >= args.min_edge]
+        print(f"--min-edge {args.min_edge}: left out {len(small)} crop(s) with a side below {args.min_edge} px")
+        if not crops:
+            raise ValueError(f"{args.labels}: no crop has both sides of at least --min-edge {args.min_edge} px")
     data_root = args.data if args.data is not None else args.labels.parent
     patches = evaluation.evaluation_patches(crops, data_root, source=args.labels)
     labels = np.array([c.label for c in crops])
@@ -239,6 +245,14 @@ def add_filter_command(subparsers) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="keep a patch when its score is at least this (default: each filter's own, 0.5 for stats)",
+    )
+    e.add_argument(
+        "--min-edge",
+        type=int,
+        default=None,
+        help="score only the crops whose sides are both at least this many pixels (112: the crops a default "
+        "build cuts; smaller crops are enlarged to the patch size, which a default build never does); "
+        "default: every crop",
     )
     e.add_argument(
         "--out", type=Path, default=None, help="folder to write metrics.json and roc.png into (default: print only)"

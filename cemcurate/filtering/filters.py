@@ -42,7 +42,7 @@ FILTER_SPECS_HELP = (
 # What decided a patch's score (the manifest's ``decided_by``): a rule of the label-free filter
 # that fired, ``rules`` when none fired, or the method itself; '' for patches not scored.
 # Cached per shard as uint8 codes, so the order is fixed: only append.
-DECIDED_BY = ("", "rules", "uniform", "overlay", "low-contrast", "classifier", "forest", "none")
+DECIDED_BY = ("", "rules", "uniform", "overlay", "low-contrast", "classifier", "forest", "none", "unstructured")
 _DECIDER_CODES = {name: code for code, name in enumerate(DECIDED_BY)}
 
 
