@@ -120,6 +120,13 @@ def _cmd_filter_train(args: argparse.Namespace) -> int:
     metrics = train.train_filter(args.out, cfg, progress=not args.quiet)
     dest = Path(cfg.output) if cfg.output else BuildLayout(args.out).filter_dir
     auroc = metrics["auroc"]
+    if metrics["bootstrap"]:
+        b = metrics["bootstrap"]
+        print(
+            f"bootstrap: {b['uninformative']} uninformative and {b['informative']} informative patches labelled by the "
+            f"label-free rules, {b['hand_labels']} hand labels; the held-out AUROC below measures agreement with "
+            f"the rules - judge the classifier with `cemcurate filter evaluate` on a hand-labelled set"
+        )
     print(
         f"trained on {metrics['n_train']} labelled patches, tested on {metrics['n_test']} held out: "
         f"AUROC ResNet {auroc['resnet']:.3f}, Random Forest {auroc['forest']:.3f}, label-free rules "

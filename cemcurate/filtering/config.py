@@ -89,6 +89,30 @@ class FilterTrainConfig:
         default=0, metadata={"help": "DataLoader worker processes for augmentation (0 = in the main process)"}
     )
     forest_trees: int = field(default=200, metadata={"help": "trees of the Random Forest statistics baseline"})
+    bootstrap: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "start without hand labels: add, for the build's patches without one, the labels the label-free "
+                "rules are sure of (score <= bootstrap_low: uninformative, >= bootstrap_high: informative); hand "
+                "labels in labels.csv win. The held-out AUROC then measures agreement with the rules: judge the "
+                "classifier with `cemcurate filter evaluate` on a hand-labelled set, or correct it with `cemcurate "
+                "label` and train again"
+            )
+        },
+    )
+    bootstrap_low: float = field(
+        default=0.27,
+        metadata={"help": "rules score at or below which a patch is a bootstrap uninformative (0.27: margin -1)"},
+    )
+    bootstrap_high: float = field(
+        default=0.95,
+        metadata={"help": "rules score at or above which a patch is a bootstrap informative (0.95: margin 3)"},
+    )
+    bootstrap_max: int = field(
+        default=2000,
+        metadata={"help": "at most this many bootstrap labels per class, the most confident first"},
+    )
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -107,6 +131,12 @@ class FilterTrainConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.forest_trees < 1:
             raise ValueError(f"forest_trees must be >= 1, got {self.forest_trees}")
+        if not 0 <= self.bootstrap_low < self.bootstrap_high <= 1:
+            raise ValueError(
+                f"need 0 <= bootstrap_low < bootstrap_high <= 1, got {self.bootstrap_low}, {self.bootstrap_high}"
+            )
+        if self.bootstrap_max < 1:
+            raise ValueError(f"bootstrap_max must be >= 1, got {self.bootstrap_max}")
         if isinstance(self.train_layers, str):
             self.train_layers = [self.train_layers]
         if not self.train_layers:

@@ -27,6 +27,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from cemcurate.common.atomic import atomic_path
+from cemcurate.filtering.rules import rule_informative_prob
 from cemcurate.layout import BuildLayout
 from cemcurate.manifest import read_manifest
 from cemcurate.montage import tile_grid_image
@@ -261,6 +262,39 @@ def load_labelled(
         )
     ids = table["patch_id"].to_numpy(np.int64)
     return pool.patches(ids), table["label"].to_numpy(np.int64), ids
+
+
+def confident_extremes(scores: np.ndarray, low: float, high: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(uninformative, informative)`` into ``scores`` (float ``(n,)``): those at or below
+    ``low`` and at or above ``high``, at most ``limit`` each, the most confident first (ties in
+    index order)."""
+    scores = np.asarray(scores, np.float64)
+    order = np.argsort(scores, kind="stable")
+    low_side = order[scores[order] <= low][:limit]
+    high_side = order[::-1][scores[order[::-1]] >= high]
+    # Reversing a stable ascending sort puts equal scores in reverse index order: restore it.
+    high_side = high_side[np.lexsort((high_side, -scores[high_side]))][:limit]
+    return low_side, high_side
+
+
+def bootstrap_labels(
+    pool: LabelPool, labelled: np.ndarray, low: float, high: float, limit: int, batch: int = 1024
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels for the pool's patches the label-free rules are sure of, leaving out ``labelled`` ids:
+    ``(patch_ids int64 (m,), labels int64 (m,), rule scores float32 (m,))``, uninformative first.
+
+    The rules score the stored pixels here (not the build's ``informative_prob``, which a
+    classifier may have written), ``batch`` patches at a time.
+    """
+    candidates = pool.patch_ids[~np.isin(pool.patch_ids, labelled)]
+    scores = np.empty(len(candidates), np.float32)
+    for start in range(0, len(candidates), batch):
+        ids = candidates[start : start + batch]
+        scores[start : start + len(ids)] = rule_informative_prob(pool.patches(ids))
+    uninformative, informative = confident_extremes(scores, low, high, limit)
+    chosen = np.concatenate([uninformative, informative])
+    labels = np.concatenate([np.zeros(len(uninformative), np.int64), np.ones(len(informative), np.int64)])
+    return candidates[chosen], labels, scores[chosen]
 
 
 # ----------------------------------------------------------------------------- contact sheets

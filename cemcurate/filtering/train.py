@@ -1,6 +1,7 @@
 """``cemcurate filter train OUT``: fit the ResNet filter and the statistics baseline on labels.
 
-Steps: read ``OUT/labels.csv`` and the labelled patches; hold out a stratified, seeded test
+Steps: read ``OUT/labels.csv`` and the labelled patches (with ``--bootstrap``, also the patches
+the label-free rules are sure of, labelled by them: a start without hand labels); hold out a stratified, seeded test
 split; fine-tune the ResNet (by default ``layer4`` and ``fc`` only, as CEM500K did) with
 Adam and BCE on one logit, with flips, 90-degree turns, brightness/contrast, Gaussian noise
 and blur as augmentations; fit the Random Forest on the four image statistics of the same
@@ -45,7 +46,7 @@ from cemcurate.filtering.config import FilterTrainConfig
 from cemcurate.filtering.evaluation import roc_points, write_roc_png
 from cemcurate.filtering.features import image_statistics
 from cemcurate.filtering.forest import fit_forest, forest_prob, save_forest
-from cemcurate.filtering.labels import LabelPool, load_labelled
+from cemcurate.filtering.labels import LabelPool, bootstrap_labels, labels_path, load_labelled
 from cemcurate.filtering.rules import rule_informative_prob
 from cemcurate.layout import BuildLayout
 
@@ -145,6 +146,42 @@ def _train_mode(model: torch.nn.Module, layers: list[str]) -> None:
 # ----------------------------------------------------------------------------- training
 
 
+def _training_labels(
+    out_dir: Path, cfg: FilterTrainConfig, pool: LabelPool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict | None]:
+    """The hand labels and, with ``cfg.bootstrap``, the rules' confident labels of the other patches:
+    ``(patches, labels, patch_ids, bootstrap summary or None)``."""
+    csv = Path(cfg.labels) if cfg.labels else labels_path(out_dir)
+    if cfg.bootstrap and not csv.is_file():
+        patches = np.zeros((0, pool.patch_size, pool.patch_size), np.uint8)
+        labels, ids = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    else:
+        patches, labels, ids = load_labelled(out_dir, cfg.labels)
+    if not cfg.bootstrap:
+        return patches, labels, ids, None
+    boot_ids, boot_labels, _ = bootstrap_labels(pool, ids, cfg.bootstrap_low, cfg.bootstrap_high, cfg.bootstrap_max)
+    counts = np.bincount(boot_labels, minlength=2)
+    if counts.min() < 4:
+        raise FilterError(
+            f"{out_dir}: the label-free rules are sure of only {counts[0]} uninformative (score <= "
+            f"{cfg.bootstrap_low:g}) and {counts[1]} informative (score >= {cfg.bootstrap_high:g}) patch(es) without "
+            f"a hand label; label some with `cemcurate label {out_dir}` or widen --bootstrap-low/--bootstrap-high"
+        )
+    summary = {
+        "hand_labels": int(len(ids)),
+        "uninformative": int(counts[0]),
+        "informative": int(counts[1]),
+        "low": cfg.bootstrap_low,
+        "high": cfg.bootstrap_high,
+    }
+    return (
+        np.concatenate([patches, pool.patches(boot_ids)]),
+        np.concatenate([labels, boot_labels]),
+        np.concatenate([ids, boot_ids]),
+        summary,
+    )
+
+
 def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, progress: bool = True) -> dict:
     """Run ``cemcurate filter train OUT``; returns the metrics written to ``metrics.json``."""
     cfg = cfg or FilterTrainConfig()
@@ -154,8 +191,8 @@ def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, prog
     get_arch(cfg.arch)
     device = select_device(cfg.device)
     init = resolve_init(cfg.weights, cfg.arch)
-    patches, labels, ids = load_labelled(out_dir, cfg.labels)
     pool_info = LabelPool(out_dir)
+    patches, labels, ids, bootstrap = _training_labels(out_dir, cfg, pool_info)
     train_idx, test_idx = stratified_split(labels, cfg.test_fraction, cfg.seed)
     input_size = int(cfg.input_size or patches.shape[1])
     mean = init.mean if init.mean is not None else pool_info.mean
@@ -241,6 +278,7 @@ def train_filter(out_dir: str | Path, cfg: FilterTrainConfig | None = None, prog
 
     metrics = {
         "n_labels": int(len(labels)),
+        "bootstrap": bootstrap,
         "n_train": int(len(train_idx)),
         "n_test": int(len(test_idx)),
         "train_informative": int(labels[train_idx].sum()),
