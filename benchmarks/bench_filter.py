@@ -83,6 +83,7 @@ def main() -> None:
     from cemcurate.filtering.features import image_statistics
     from cemcurate.filtering.filters import make_filter
     from cemcurate.filtering.forest import fit_forest, save_forest
+    from cemcurate.filtering.rules import RuleSettings, rule_scores
 
     torch.set_num_threads(args.threads)
     patches = real_patches(args.data, args.patches)
@@ -90,6 +91,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         stats = make_filter("stats")
         rows.append(("`--filter stats` (label-free rules)", "-", timed(stats, patches, args.repeats)))
+        # The reference in the same run: the rules as they were before issue 12 (no relative
+        # noise floor, no structure rule).
+        before = RuleSettings(rel_factor=0, min_structure=0)
+        rows.append(
+            (
+                "the rules before issue 12 (no relative floor, no `unstructured` rule)",
+                "-",
+                timed(lambda p: rule_scores(p, before), patches, args.repeats),
+            )
+        )
         rows.append(
             (
                 "4 image statistics (`image_statistics`)",

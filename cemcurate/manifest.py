@@ -16,7 +16,7 @@ Columns, in the order ``cemcurate build`` writes them (:data:`MANIFEST_SCHEMA` h
 * ``pixel_mean``, ``pixel_std`` (float32): intensity statistics of the patch in [0, 1];
 * ``informative_prob`` (float32): the filter's informative probability, NaN when not stored;
 * ``decided_by`` (str): what gave that score - the label-free rule that fired (``uniform``,
-  ``overlay``, ``low-contrast``), ``rules`` when none did, or ``classifier``, ``forest`` or
+  ``overlay``, ``low-contrast``, ``unstructured``), ``rules`` when none did, or ``classifier``, ``forest`` or
   ``none`` (the ``--filter`` method); '' when not stored;
 * ``kept`` (bool): in the curated store; ``reason`` (str): empty when kept, else
   ``duplicate`` or ``uninformative``.

@@ -205,8 +205,9 @@ LABEL_ORDERS = ("auto", "uncertain", "random")
 
 
 def scores_rank(scores: np.ndarray) -> bool:
-    """Whether informative probabilities rank patches (a classifier's, more than two distinct
-    finite values) rather than only keep or drop them (the rules' 0 and 1)."""
+    """Whether informative probabilities rank patches (more than two distinct finite values: the
+    rules' score or a classifier's) rather than only keep or drop them (0 and 1: ``--filter
+    none``, or the rules of builds before they had a score)."""
     finite = np.asarray(scores, np.float64)
     finite = finite[np.isfinite(finite)]
     return len(np.unique(finite)) > 2
@@ -221,7 +222,7 @@ def labelling_order(
     ``informative_prob`` is to the build's threshold, nearest first - the patches a label
     teaches the classifier most about; ties, and patches without a score, in random order.
     ``random``: a random order. ``auto``: ``uncertain`` when the build's scores rank
-    (:func:`scores_rank`: the build ran ``--filter`` with a classifier), else ``random``.
+    (:func:`scores_rank`), else ``random``.
     Labelled patches follow in random order.
 
     Raises:

@@ -83,7 +83,7 @@ class RuleSettings:
     rel_quantile: float = 5.0
     # The structure rule: a pixel (on the 2x2-binned patch) is oriented structure where the
     # coherence of the local structure tensor exceeds min_coherence; the rule fires when less
-    # than min_structure of the patch is.
+    # than min_structure of the patch is (0 turns it off).
     min_coherence: float = 0.5
     min_structure: float = 0.08
     # Margin units (see the module docstring).
@@ -333,7 +333,10 @@ def rule_margins(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> np
         part[:, 0] = (rules.max_flat - flat) / rules.flat_width
         part[:, 1] = np.where(second >= rules.overlay_minor, (rules.overlay_share - two) / rules.overlay_width, np.inf)
         part[:, 2] = (_range_from_counts(counts, 1.0, 99.0) - rules.min_range) / rules.min_range
-        part[:, 3] = (structure_fraction(chunk, rules) - rules.min_structure) / rules.structure_width
+        if rules.min_structure > 0:
+            part[:, 3] = (structure_fraction(chunk, rules) - rules.min_structure) / rules.structure_width
+        else:  # the rule is off
+            part[:, 3] = np.inf
     return margins
 
 
