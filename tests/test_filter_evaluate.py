@@ -87,10 +87,10 @@ def test_the_default_filter_on_the_labelled_set(labelled):
     groups = np.array([c.group for c in crops])
     probs, reasons = rule_scores(patches)
     built = np.array([min(c.h, c.w) >= 112 for c in crops])
-    # Measured: 0.983 on the 463 build-sized crops, 0.689 on all 554 (the EMDB maps score as tissue,
-    # and 32 of the 36 faint-filament cryo-ET crops, enlarged 2.4-2.7x, as unstructured).
+    # Measured: 0.983 on the 463 build-sized crops, 0.706 on all 554 (the EMDB maps score as tissue,
+    # and 18 of the 36 faint-filament cryo-ET crops, enlarged 2.4-2.7x, as unstructured).
     assert roc_auc_score(labels[built], probs[built]) >= 0.95
-    assert roc_auc_score(labels, probs) > 0.65
+    assert roc_auc_score(labels, probs) > 0.68
     informative = labels == 1
     assert (probs[informative & built] < 0.5).mean() <= 0.02
     for group in ("drosophila_vnc_gerhard", "isbi2012_unet", "neuroproof_flyem", "cem500k_examples"):
@@ -99,7 +99,7 @@ def test_the_default_filter_on_the_labelled_set(labelled):
     tomo = groups == "cryoet_tomo_napari_bio"
     ice, cell = tomo & ~informative, tomo & informative
     assert (probs[ice] < 0.5).mean() >= 0.9 and (reasons[ice & (probs < 0.5)] == "uniform").all()
-    assert (probs[cell] >= 0.5).mean() >= 0.9  # measured: 16 of 17 (a slice at the cell's edge is dropped)
+    assert (probs[cell] >= 0.5).mean() >= 0.9  # measured: all 17
     # The rules before issue 12 (no relative noise floor, no structure rule) kept the ice.
     assert (rule_reasons(patches[ice], RuleSettings(rel_factor=0, min_structure=0)) == "").mean() >= 0.9
 
