@@ -108,7 +108,7 @@ def test_short_real_data_run_beats_the_trivial_baselines(vnc, tmp_path):
     run = tmp_path / "run"
     args = ["train", "--dim", "3d", "--arch", "rsunet", "--images", str(tmp_path / "train.tif")]
     args += ["--masks", str(tmp_path / "train_mito.tif"), "--mask-threshold", "0", "--crop", "64"]
-    args += ["--crop-depth", "8", "--batch-size", "2", "--iters", "60", "--lr", "0.01", "--seed", "0"]
+    args += ["--crop-depth", "8", "--batch-size", "2", "--iters", "35", "--lr", "0.01", "--seed", "0"]
     args += ["--class-weighting", "balanced", "--sampling", "asem", "--workers", "0", "--quiet", "--out", str(run)]
     assert main(args) == 0
     payload = torch.load(run / "model.pth", weights_only=True)
