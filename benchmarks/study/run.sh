@@ -7,7 +7,7 @@
 #   bash benchmarks/study/run.sh transfer    # frozen-encoder transfer, 3 tasks x 3 inits x 3 seeds
 #   bash benchmarks/study/run.sh probe       # linear probe and kNN on frozen features (VNC organelles)
 #   bash benchmarks/study/run.sh analyze     # pretrain analyze (paper Fig. 3), MoCo against random
-#   bash benchmarks/study/run.sh ablation    # raw vs curated corpus at equal steps, scored by the probe
+#   bash benchmarks/study/run.sh ablation    # raw vs curated corpus at equal steps, scored by the probe and a transfer
 #
 # Outputs go to $STUDY (default: study_runs/ in the repository root, ignored by git); the data
 # root is $CEM_DATA (default ../shared/data). Every step resumes or redoes only what is missing.
@@ -71,7 +71,13 @@ case "${1:-}" in
       $BIN/pretrain export "$STUDY/ablation/$corpus/checkpoint.pth" "$STUDY/ablation/$corpus/export"
     done
     probe "raw=$STUDY/ablation/raw/export" "curated=$STUDY/ablation/curated/export" -- \
-      "$STUDY/ablation/probe" mitochondria ;;
+      "$STUDY/ablation/probe" mitochondria
+    # ... and by the frozen transfer to VNC mitochondria, the study's clearest task.
+    mkdir -p "$BENCH_ROOT"
+    ln -sfn "$(realpath "$DATA/drosophila_vnc_gerhard")" "$BENCH_ROOT/drosophila_vnc_gerhard"
+    $BIN/finetune benchmark benchmarks/finetune/vnc_mito.yaml --fractions 1 --seeds 0 1 2 "${TRAIN[@]}" \
+      --inits "raw corpus=$STUDY/ablation/raw/export" "curated corpus=$STUDY/ablation/curated/export" \
+      --out "$STUDY/ablation/transfer" ;;
   *)
     sed -n '2,13p' "$0"; exit 2 ;;
 esac
