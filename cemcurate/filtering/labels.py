@@ -270,19 +270,18 @@ def confident_extremes(scores: np.ndarray, low: float, high: float, limit: int) 
     ``low`` and at or above ``high``, at most ``limit`` each, the most confident first (ties in
     index order)."""
     scores = np.asarray(scores, np.float64)
-    order = np.argsort(scores, kind="stable")
-    low_side = order[scores[order] <= low][:limit]
-    high_side = order[::-1][scores[order[::-1]] >= high]
-    # Reversing a stable ascending sort puts equal scores in reverse index order: restore it.
-    high_side = high_side[np.lexsort((high_side, -scores[high_side]))][:limit]
+    index = np.arange(len(scores))
+    low_side, high_side = index[scores <= low], index[scores >= high]
+    low_side = low_side[np.argsort(scores[low_side], kind="stable")][:limit]
+    high_side = high_side[np.argsort(-scores[high_side], kind="stable")][:limit]
     return low_side, high_side
 
 
 def bootstrap_labels(
     pool: LabelPool, labelled: np.ndarray, low: float, high: float, limit: int, batch: int = 1024
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Labels for the pool's patches the label-free rules are sure of, leaving out ``labelled`` ids:
-    ``(patch_ids int64 (m,), labels int64 (m,), rule scores float32 (m,))``, uninformative first.
+    ``(patch_ids int64 (m,), labels int64 (m,))``, uninformative first.
 
     The rules score the stored pixels here (not the build's ``informative_prob``, which a
     classifier may have written), ``batch`` patches at a time.
@@ -295,7 +294,7 @@ def bootstrap_labels(
     uninformative, informative = confident_extremes(scores, low, high, limit)
     chosen = np.concatenate([uninformative, informative])
     labels = np.concatenate([np.zeros(len(uninformative), np.int64), np.ones(len(informative), np.int64)])
-    return candidates[chosen], labels, scores[chosen]
+    return candidates[chosen], labels
 
 
 # ----------------------------------------------------------------------------- contact sheets

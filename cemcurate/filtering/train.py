@@ -159,7 +159,7 @@ def _training_labels(
         patches, labels, ids = load_labelled(out_dir, cfg.labels)
     if not cfg.bootstrap:
         return patches, labels, ids, None
-    boot_ids, boot_labels, _ = bootstrap_labels(pool, ids, cfg.bootstrap_low, cfg.bootstrap_high, cfg.bootstrap_max)
+    boot_ids, boot_labels = bootstrap_labels(pool, ids, cfg.bootstrap_low, cfg.bootstrap_high, cfg.bootstrap_max)
     counts = np.bincount(boot_labels, minlength=2)
     if counts.min() < 4:
         raise FilterError(
