@@ -286,13 +286,10 @@ def structure_fraction(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES)
     def cells(values: np.ndarray) -> np.ndarray:
         v = values[:, :m, :m]
         summed = v[:, 0::2, 0::2] + v[:, 1::2, 0::2] + v[:, 0::2, 1::2] + v[:, 1::2, 1::2]
-        for axis in (1, 2):  # [1 2 1] / 4 along each axis, edges repeated
-            ends = np.take(summed, [0], axis=axis), np.take(summed, [-1], axis=axis)
-            padded = np.concatenate([ends[0], summed, ends[1]], axis=axis)
-            size = summed.shape[axis]
-            lo, mid, hi = (np.take(padded, np.arange(k, k + size), axis=axis) for k in range(3))
-            summed = (lo + 2 * mid + hi) / 4
-        return summed
+        # [1 2 1] / 4 along each axis, edges repeated.
+        padded = np.pad(summed, ((0, 0), (1, 1), (1, 1)), mode="edge")
+        rows = (padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]) / 4
+        return (rows[:, :, :-2] + 2 * rows[:, :, 1:-1] + rows[:, :, 2:]) / 4
 
     jxx, jyy, jxy = cells(gx * gx), cells(gy * gy), cells(gx * gy)
     spread = np.sqrt((jxx - jyy) ** 2 + 4 * jxy**2)
@@ -305,7 +302,7 @@ RULES = ("uniform", "overlay", "low-contrast", "unstructured")  # the order of :
 
 
 def rule_margins(patches: np.ndarray, rules: RuleSettings = DEFAULT_RULES) -> np.ndarray:
-    """Each rule's margin (see the module docstring): float64 ``(n, 3)``, columns in :data:`RULES`
+    """Each rule's margin (see the module docstring): float64 ``(n, 4)``, columns in :data:`RULES`
     order; a rule fires where its margin is below 0 (``inf``: the overlay rule does not apply)."""
     patches = check_patches(patches)
     margins = np.empty((len(patches), len(RULES)), np.float64)
